@@ -1,0 +1,1 @@
+"""Backend drivers: how a model's server is started, stopped and watched."""

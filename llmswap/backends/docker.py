@@ -1,0 +1,273 @@
+"""Docker container backends (``container_name:`` models), as the original proxy ran them.
+
+The user creates each container once (``docker create --name qwen3-server ... llama-server ...``);
+llmswap only starts and stops it.  The Docker SDK is blocking, so every call runs in a thread
+(``deferToThread``).  While a container runs, a slow inspect loop notices if it exits by itself
+(OOM, crash) and reports its exit code and log tail.  On daemon shutdown the container is left
+running by default, so a restarted llmswap adopts the loaded model instead of reloading it for
+minutes (``docker.stop_on_exit: true`` stops it instead).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import docker
+import docker.errors
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from llmswap import errors
+from llmswap.config import DockerEngine, ModelConfig
+from llmswap.interfaces import IBackend
+
+log = Logger()
+
+WATCH_INTERVAL = 1.0
+_SOCKET_HINT = (
+    "Is dockerd running? When llmswap itself runs in a container, mount the socket with "
+    "-v /var/run/docker.sock:/var/run/docker.sock (or set docker.base_url / DOCKER_HOST)."
+)
+
+
+def _engine_error(engine: DockerEngine, e: Exception) -> errors.APIError:
+    where = engine.base_url or "DOCKER_HOST or the local socket"
+    text = str(e)
+    if "Permission denied" in text or "PermissionError" in text:
+        return errors.backend_unavailable(
+            f"Permission denied on the Docker engine at {where}: run llmswap as a user in the "
+            "'docker' group (or as root)."
+        )
+    return errors.backend_unavailable(
+        f"Cannot reach the Docker engine at {where}: {text}. {_SOCKET_HINT}"
+    )
+
+
+class DockerClientProvider:
+    """One lazily created Docker SDK client shared by all container backends."""
+
+    def __init__(self, engine: DockerEngine) -> None:
+        self.engine = engine
+        self._client: Any = None
+
+    def get(self) -> Any:
+        """Called in a worker thread."""
+        if self._client is None:
+            try:
+                if self.engine.base_url:
+                    client = docker.DockerClient(
+                        base_url=self.engine.base_url, timeout=int(self.engine.timeout)
+                    )
+                else:
+                    client = docker.from_env(timeout=int(self.engine.timeout))
+                client.ping()
+            except docker.errors.DockerException as e:
+                raise _engine_error(self.engine, e) from None
+            self._client = client
+        return self._client
+
+
+@implementer(IBackend)
+class DockerBackend:
+    """A pre-created container, started and stopped by name."""
+
+    def __init__(self, model: ModelConfig, provider: DockerClientProvider, reactor: Any) -> None:
+        assert model.container_name is not None
+        self.name = model.name
+        self._model = model
+        self._container_name: str = model.container_name
+        self._provider = provider
+        self._reactor = reactor
+        self._running = False
+        self._stopping = False
+        self._engine_state: str = "unknown"
+        self._exit_code: int | None = None
+        self._log_tail = ""
+        self._exit_callback: Callable[[str], None] | None = None
+        self._watch: LoopingCall | None = None
+
+    # -- IBackend -------------------------------------------------------------------------
+
+    def start(self) -> Deferred[None]:
+        d = self._in_thread(self._start_sync)
+        d.addCallback(lambda _: self._watch_start())
+        return d
+
+    def stop(self) -> Deferred[None]:
+        self._watch_stop()
+        self._stopping = True
+        d = self._in_thread(self._stop_sync)
+
+        def done(result: Any) -> Any:
+            self._stopping = False
+            if not isinstance(result, Failure):
+                self._running = False
+            return result
+
+        d.addBoth(done)
+        return d
+
+    def adopt(self) -> Deferred[bool]:
+        d: Deferred[bool] = self._in_thread(self._adopt_sync)
+
+        def adopted(running: bool) -> bool:
+            if running:
+                self._watch_start()
+            return running
+
+        d.addCallback(adopted)
+        return d
+
+    def shutdown(self) -> Deferred[None]:
+        if self._provider.engine.stop_on_exit:
+            return self.stop()
+        self._watch_stop()
+        if self._running:
+            log.info(
+                "model {model}: leaving container {c} running for the next llmswap to adopt",
+                model=self.name,
+                c=self._container_name,
+            )
+        return succeed(None)
+
+    def alive(self) -> bool:
+        return self._running
+
+    def on_exit(self, callback: Callable[[str], None]) -> None:
+        self._exit_callback = callback
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "kind": "docker",
+            "container": self._container_name,
+            "container_state": self._engine_state,
+        }
+        if self._exit_code is not None:
+            info["exit_code"] = self._exit_code
+        return info
+
+    def failure_detail(self) -> str:
+        detail = f"container {self._container_name} is {self._engine_state}"
+        if self._exit_code is not None:
+            detail += f" (exit code {self._exit_code})"
+        return f"{detail}; last log lines:\n{self._log_tail}" if self._log_tail else detail
+
+    # -- blocking parts, run in the reactor's thread pool -----------------------------------
+
+    def _in_thread(self, fn: Callable[[], Any]) -> Deferred[Any]:
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), fn)
+
+    def _container(self) -> Any:
+        client = self._provider.get()
+        try:
+            return client.containers.get(self._container_name)
+        except docker.errors.NotFound:
+            raise errors.backend_unavailable(
+                f"Model '{self.name}': container '{self._container_name}' does not exist. Create "
+                f"it first, e.g. `docker create --name {self._container_name} ... llama-server ...`"
+            ) from None
+        except docker.errors.DockerException as e:
+            raise _engine_error(self._provider.engine, e) from None
+
+    def _start_sync(self) -> None:
+        container = self._container()
+        try:
+            container.start()
+            container.reload()
+        except docker.errors.APIError as e:
+            raise errors.backend_unavailable(
+                f"Model '{self.name}': container '{self._container_name}' failed to start: "
+                f"{e.explanation or e}"
+            ) from None
+        self._note(container)
+        self._running = container.status == "running"
+        if not self._running:
+            raise errors.backend_unavailable(
+                f"Model '{self.name}': container '{self._container_name}' exited right after "
+                f"start: {self.failure_detail()}"
+            )
+        log.info("model {model}: started container {c}", model=self.name, c=self._container_name)
+
+    def _stop_sync(self) -> None:
+        container = self._container()
+        timeout = self._model.stop_timeout
+        try:
+            # The engine sends SIGTERM, waits `timeout` s, then SIGKILLs; wait() confirms exit.
+            container.stop(timeout=int(max(1, timeout)))
+            container.wait(timeout=int(timeout) + 30, condition="not-running")
+            container.reload()
+        except docker.errors.APIError as e:
+            raise errors.backend_unavailable(
+                f"Model '{self.name}': could not stop container '{self._container_name}': "
+                f"{e.explanation or e}"
+            ) from None
+        except Exception as e:  # requests' ReadTimeout: the engine did not confirm in time
+            raise errors.backend_unavailable(
+                f"Model '{self.name}': container '{self._container_name}' did not stop: {e}"
+            ) from None
+        self._note(container)
+        if container.status == "running":
+            raise errors.backend_unavailable(
+                f"Model '{self.name}': container '{self._container_name}' still runs after stop"
+            )
+
+    def _adopt_sync(self) -> bool:
+        container = self._container()
+        self._note(container)
+        self._running = container.status == "running"
+        return self._running
+
+    def _inspect_sync(self) -> str:
+        container = self._container()
+        self._note(container)
+        if container.status != "running":
+            tail = container.logs(tail=8).decode("utf-8", "replace").rstrip()
+            self._log_tail = tail
+        return str(container.status)
+
+    def _note(self, container: Any) -> None:
+        self._engine_state = str(container.status)
+        state = container.attrs.get("State", {})
+        if container.status != "running":
+            self._exit_code = state.get("ExitCode")
+        else:
+            self._exit_code = None
+
+    # -- exit watcher -------------------------------------------------------------------------
+
+    def _watch_start(self) -> None:
+        if self._watch is None:
+            self._watch = LoopingCall(self._check)
+            self._watch.clock = self._reactor
+            self._watch.start(WATCH_INTERVAL, now=False).addErrback(
+                lambda f: log.failure("container watcher failed", f)
+            )
+
+    def _watch_stop(self) -> None:
+        if self._watch is not None and self._watch.running:
+            self._watch.stop()
+        self._watch = None
+
+    def _check(self) -> Deferred[None]:
+        d = self._in_thread(self._inspect_sync)
+
+        def checked(status: str) -> None:
+            if status == "running" or self._stopping or not self._running:
+                return
+            self._running = False
+            self._watch_stop()
+            reason = self.failure_detail()
+            log.warn("model {model}: {reason}", model=self.name, reason=reason)
+            if self._exit_callback is not None:
+                self._exit_callback(reason)
+
+        def engine_trouble(f: Failure) -> None:
+            log.warn("model {model}: cannot inspect container: {e}", model=self.name, e=f.value)
+
+        d.addCallbacks(checked, engine_trouble)
+        return d

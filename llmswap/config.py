@@ -1,0 +1,258 @@
+"""Configuration: load and validate ``llmswap.yaml`` into immutable attrs classes.
+
+A file written for the original proxy (top-level ``queue_size`` and ``request_timeout``; per model
+``container_name``, ``backend_url``, ``health_url``, ``startup_timeout``) loads unchanged.  Every
+key is checked: a typo is an error naming the key's full path and the closest valid spelling,
+because a silently ignored ``startup_timout`` costs a user a 180 s mystery.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import shlex
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import attrs
+import yaml
+
+DEFAULT_LISTEN = "tcp:8888"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the offending key."""
+
+
+@attrs.frozen
+class DockerEngine:
+    """Where the Docker engine is: ``None`` means ``DOCKER_HOST`` or the local socket."""
+
+    base_url: str | None = None
+    timeout: float = 60.0
+    stop_on_exit: bool = False
+
+
+@attrs.frozen
+class ModelConfig:
+    """One model: how to reach its OpenAI-compatible server and how to start and stop it."""
+
+    name: str
+    backend_url: str
+    health_url: str
+    startup_timeout: float = 180.0
+    stop_timeout: float = 10.0
+    container_name: str | None = None
+    cmd: tuple[str, ...] | None = None
+    env: Mapping[str, str] = attrs.field(factory=dict)
+    cwd: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "docker" if self.container_name is not None else "process"
+
+
+@attrs.frozen
+class Config:
+    models: Mapping[str, ModelConfig]
+    listen: str = DEFAULT_LISTEN
+    queue_size: int = 50
+    request_timeout: float = 600.0
+    health_interval: float = 0.05
+    max_body_bytes: int = 16 * 1024 * 1024
+    log_dir: str | None = None
+    docker: DockerEngine = DockerEngine()
+    source: str = "<built-in>"
+
+
+_GLOBAL_KEYS = (
+    "models",
+    "listen",
+    "queue_size",
+    "request_timeout",
+    "health_interval",
+    "max_body_bytes",
+    "log_dir",
+    "docker",
+)
+_MODEL_KEYS = (
+    "backend_url",
+    "health_url",
+    "startup_timeout",
+    "stop_timeout",
+    "container_name",
+    "cmd",
+    "env",
+    "cwd",
+)
+_DOCKER_KEYS = ("base_url", "timeout", "stop_on_exit")
+
+
+def _check_keys(mapping: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    for key in mapping:
+        if key not in allowed:
+            path = f"{where}.{key}" if where else str(key)
+            close = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown key '{path}'{hint}; valid keys here: {', '.join(allowed)}")
+
+
+def _number(
+    mapping: Mapping[str, Any],
+    key: str,
+    where: str,
+    default: float,
+    *,
+    minimum: float = 0.0,
+    integer: bool = False,
+) -> Any:
+    value = mapping.get(key, default)
+    path = f"{where}.{key}" if where else key
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"'{path}' must be a number, got {value!r}")
+    if integer and not isinstance(value, int):
+        raise ConfigError(f"'{path}' must be a whole number, got {value!r}")
+    if value <= minimum:
+        raise ConfigError(f"'{path}' must be greater than {minimum:g}, got {value!r}")
+    return value
+
+
+def _flag(mapping: Mapping[str, Any], key: str, where: str) -> bool:
+    value = mapping.get(key, False)
+    if not isinstance(value, bool):
+        raise ConfigError(f"'{where}.{key}' must be true or false, got {value!r}")
+    return value
+
+
+def _string(mapping: Mapping[str, Any], key: str, where: str) -> str | None:
+    value = mapping.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"'{where}.{key}' must be a non-empty string, got {value!r}")
+    return value
+
+
+def _url(value: str, path: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            f"'{path}' must be an http(s) URL like http://127.0.0.1:8081/v1, got {value!r}"
+        )
+    return value.rstrip("/")
+
+
+def derive_health_url(backend_url: str) -> str:
+    """llama-server, vLLM and most OpenAI servers answer ``/health`` beside ``/v1``."""
+    parts = urlsplit(backend_url)
+    path = parts.path.rstrip("/")
+    if path.endswith("/v1"):
+        path = path[: -len("/v1")]
+    return urlunsplit((parts.scheme, parts.netloc, path + "/health", "", ""))
+
+
+def _model(name: str, raw: Any) -> ModelConfig:
+    where = f"models.{name}"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"'{where}' must be a mapping of settings, got {raw!r}")
+    _check_keys(raw, _MODEL_KEYS, where)
+    backend_url = _string(raw, "backend_url", where)
+    if backend_url is None:
+        raise ConfigError(f"'{where}.backend_url' is required (e.g. http://127.0.0.1:8081/v1)")
+    backend_url = _url(backend_url, f"{where}.backend_url")
+    health = _string(raw, "health_url", where)
+    health_url = _url(health, f"{where}.health_url") if health else derive_health_url(backend_url)
+
+    container = _string(raw, "container_name", where)
+    cmd_raw = raw.get("cmd")
+    cmd: tuple[str, ...] | None = None
+    if cmd_raw is not None:
+        if isinstance(cmd_raw, str):
+            cmd = tuple(shlex.split(cmd_raw))
+        elif isinstance(cmd_raw, list) and all(isinstance(a, str | int | float) for a in cmd_raw):
+            cmd = tuple(str(a) for a in cmd_raw)
+        else:
+            raise ConfigError(f"'{where}.cmd' must be a command string or a list of arguments")
+        if not cmd:
+            raise ConfigError(f"'{where}.cmd' is empty")
+    if (container is None) == (cmd is None):
+        raise ConfigError(
+            f"'{where}' needs exactly one of 'container_name' (a Docker container) "
+            "or 'cmd' (a local process)"
+        )
+    env_raw = raw.get("env", {}) or {}
+    if not isinstance(env_raw, Mapping):
+        raise ConfigError(f"'{where}.env' must be a mapping of NAME: value")
+    if container is not None and ("env" in raw or "cwd" in raw):
+        raise ConfigError(f"'{where}': 'env' and 'cwd' apply to 'cmd' models, not containers")
+    return ModelConfig(
+        name=name,
+        backend_url=backend_url,
+        health_url=health_url,
+        startup_timeout=float(_number(raw, "startup_timeout", where, 180.0)),
+        stop_timeout=float(_number(raw, "stop_timeout", where, 10.0)),
+        container_name=container,
+        cmd=cmd,
+        env={str(k): str(v) for k, v in env_raw.items()},
+        cwd=_string(raw, "cwd", where),
+    )
+
+
+def parse(data: Any, source: str = "<string>") -> Config:
+    """Validate an already-parsed YAML document."""
+    if not isinstance(data, Mapping):
+        raise ConfigError("the configuration must be a mapping with a 'models' key")
+    _check_keys(data, _GLOBAL_KEYS, "")
+    models_raw = data.get("models")
+    if not isinstance(models_raw, Mapping) or not models_raw:
+        raise ConfigError("'models' must map at least one model name to its settings")
+    models: dict[str, ModelConfig] = {}
+    for name, raw in models_raw.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"model names must be non-empty strings, got {name!r}")
+        models[name] = _model(name, raw)
+
+    docker_raw = data.get("docker", {}) or {}
+    if not isinstance(docker_raw, Mapping):
+        raise ConfigError("'docker' must be a mapping (base_url, timeout)")
+    _check_keys(docker_raw, _DOCKER_KEYS, "docker")
+    listen = data.get("listen", DEFAULT_LISTEN)
+    if not isinstance(listen, str) or not listen:
+        raise ConfigError(f"'listen' must be a strports endpoint like tcp:8888, got {listen!r}")
+    log_dir = data.get("log_dir")
+    if log_dir is not None and not isinstance(log_dir, str):
+        raise ConfigError(f"'log_dir' must be a directory path, got {log_dir!r}")
+    return Config(
+        models=models,
+        listen=listen,
+        queue_size=_number(data, "queue_size", "", 50, integer=True),
+        request_timeout=float(_number(data, "request_timeout", "", 600.0)),
+        health_interval=float(_number(data, "health_interval", "", 0.05)),
+        max_body_bytes=_number(data, "max_body_bytes", "", 16 * 1024 * 1024, integer=True),
+        log_dir=log_dir,
+        docker=DockerEngine(
+            base_url=_string(docker_raw, "base_url", "docker"),
+            timeout=float(_number(docker_raw, "timeout", "docker", 60.0)),
+            stop_on_exit=_flag(docker_raw, "stop_on_exit", "docker"),
+        ),
+        source=source,
+    )
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a YAML file; every failure is a ConfigError with a readable message."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read {p}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {e}") from None
+    try:
+        return parse(data, source=str(p))
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None

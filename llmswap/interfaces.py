@@ -1,0 +1,50 @@
+"""The contract between the swap manager and a backend driver (process, Docker container).
+
+The manager only ever asks a backend to start, to stop (and to say when it is really gone), and
+whether it is still alive; everything driver-specific (process groups, container ids, log capture)
+stays behind this interface, so a new kind of backend is one new module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
+
+
+class IBackend(Interface):
+    """One model's inference server, which llmswap can start and stop."""
+
+    name: str = Attribute("The model name this backend serves.")
+
+    def start() -> Deferred[None]:
+        """Launch the server; fires once it was launched (not once it is healthy).
+
+        Fails with an :class:`llmswap.errors.APIError` whose message tells the user what to fix.
+        """
+
+    def stop() -> Deferred[None]:
+        """Stop the server; fires only once it is confirmed gone (never fails for 'not running')."""
+
+    def adopt() -> Deferred[bool]:
+        """At daemon start: is the server already running (left by a previous llmswap)?
+
+        If so, track it as running and fire True; the manager then decides to keep or stop it.
+        """
+
+    def shutdown() -> Deferred[None]:
+        """At daemon stop: stop the server, or leave it to be adopted if the driver can."""
+
+    def alive() -> bool:
+        """Whether the server is (as far as the driver knows) running right now."""
+
+    def on_exit(callback: Callable[[str], None]) -> None:
+        """Call ``callback(reason)`` when the server exits without being asked to stop."""
+
+    def describe() -> dict[str, Any]:
+        """Driver-specific facts for ``GET /health`` (pid, container state, last exit...)."""
+
+    def failure_detail() -> str:
+        """A short human explanation of why the server last died (exit code, log tail)."""

@@ -1,0 +1,181 @@
+"""Relay: forward one request to a ready backend and stream its answer back as it arrives.
+
+The body goes out as the exact bytes the client sent (fields llmswap does not know, such as
+``tools`` or vendor parameters, survive untouched) over a persistent connection pool.  The answer
+is written to the client chunk by chunk as the backend produces it, with no parsing, so a
+``"stream": true`` response reaches the client event by event.  The returned Deferred fires only
+after the last byte, which is what keeps the backend's lease (and the one-model guarantee) held
+for the whole stream; cancelling it (the client went away) aborts the backend connection at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import TimeoutError
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IRequest
+
+from llmswap import errors
+
+# Per RFC 9110 these describe one connection, not the message; the rest pass through.
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+_NOT_FORWARDED = _HOP_BY_HOP | {b"host", b"content-length"}
+
+
+class _Pipe(Protocol):
+    """Copies a backend response body to the client request as it arrives."""
+
+    def __init__(self, request: IRequest, clock: IReactorTime, idle_timeout: float) -> None:
+        self.done: Deferred[None] = Deferred()
+        self._request = request
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._timer: IDelayedCall | None = None
+        self.idle = False
+
+    def connectionMade(self) -> None:
+        self._arm()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._arm()
+        self._request.write(data)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            cast(IPushProducer, self.transport).stopProducing()
+
+    def _arm(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._idle_timeout)
+        else:
+            self._timer = self._clock.callLater(self._idle_timeout, self._went_idle)
+
+    def _went_idle(self) -> None:
+        self.idle = True
+        self.abort()
+
+
+def _request_headers(request: IRequest) -> Headers:
+    out = Headers()
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        if name.lower() not in _NOT_FORWARDED:
+            out.setRawHeaders(name, values)
+    return out
+
+
+class Relay:
+    """Sends requests to backends through one treq client (and its connection pool)."""
+
+    def __init__(self, http: Any, clock: IReactorTime, idle_timeout: float) -> None:
+        self._http = http
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+
+    def forward(self, request: IRequest, model: str, url: str, body: bytes) -> Deferred[int]:
+        """Relay ``body`` to ``url``; fires with the backend's status after the last byte.
+
+        Fails with an APIError only while nothing was written to the client yet; once the
+        backend's headers went out, a failure ends the response instead (an error event for an
+        SSE stream, an aborted connection otherwise, so it never looks like a complete answer).
+        """
+        pipe: list[_Pipe] = []
+        sent = self._http.request(
+            request.method.decode("ascii"),
+            url,
+            data=body,
+            headers=_request_headers(request),
+            unbuffered=True,
+        )
+        sent.addTimeout(self._idle_timeout, self._clock)
+
+        def cancel(_: Deferred[int]) -> None:
+            if pipe:
+                pipe[0].abort()
+            else:
+                sent.cancel()
+
+        result: Deferred[int] = Deferred(cancel)
+
+        def got_response(response: Any) -> Deferred[None]:
+            request.setResponseCode(response.code, response.phrase)
+            for name, values in response.headers.getAllRawHeaders():
+                if name.lower() not in _HOP_BY_HOP:
+                    request.responseHeaders.setRawHeaders(name, values)
+            p = _Pipe(request, self._clock, self._idle_timeout)
+            pipe.append(p)
+            response.deliverBody(p)
+            p.done.addCallback(lambda _: response.code)
+            return p.done
+
+        def failed(f: Failure) -> None:
+            if result.called:
+                return
+            if not pipe:
+                result.errback(self._before_headers(f, model, url))
+                return
+            self._mid_body(request, model, pipe[0], f)
+            result.callback(0)
+
+        def finished(code: int) -> None:
+            if not result.called:
+                result.callback(code)
+
+        sent.addCallback(got_response).addCallbacks(finished, failed)
+        return result
+
+    def _before_headers(self, f: Failure, model: str, url: str) -> Failure:
+        if f.check(CancelledError):
+            return f
+        if f.check(TimeoutError):
+            return Failure(
+                errors.gateway_timeout(
+                    f"Model '{model}' sent no response within request_timeout "
+                    f"({self._idle_timeout:g} s)"
+                )
+            )
+        return Failure(
+            errors.backend_error(
+                f"Model '{model}' backend at {url} is unreachable: {f.getErrorMessage()}"
+            )
+        )
+
+    def _mid_body(self, request: IRequest, model: str, pipe: _Pipe, f: Failure) -> None:
+        why = (
+            f"no data for request_timeout ({self._idle_timeout:g} s)"
+            if pipe.idle
+            else "the backend closed the connection"
+        )
+        content_type = request.responseHeaders.getRawHeaders(b"content-type", [b""])[0]
+        if content_type.startswith(b"text/event-stream"):
+            err = errors.backend_error(f"Model '{model}' stream interrupted: {why}")
+            request.write(b"data: " + err.body() + b"\n\n")
+        else:
+            transport = getattr(request, "channel", None)
+            if transport is not None and transport.transport is not None:
+                transport.transport.abortConnection()

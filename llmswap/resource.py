@@ -1,0 +1,168 @@
+"""The HTTP face of llmswap: an OpenAI-compatible Klein resource tree.
+
+Only ``model`` and ``stream`` are read from a request body; the body itself is forwarded as the
+bytes received.  Every error a client can provoke comes back OpenAI-shaped with a fitting status.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from klein import Klein
+from twisted.internet.defer import CancelledError
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from llmswap import errors
+from llmswap.config import Config
+from llmswap.manager import SwapManager
+from llmswap.relay import Relay
+
+log = Logger()
+
+_CLIENT_CLOSED = 499  # nginx's convention for "client went away before the answer"
+
+
+def _json(request: IRequest, status: int, payload: Any) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps(payload).encode()
+
+
+def _error(request: IRequest, err: errors.APIError) -> bytes:
+    request.setResponseCode(err.status)
+    request.setHeader(b"content-type", b"application/json")
+    for name, value in err.headers.items():
+        request.setHeader(name.encode(), value.encode())
+    return err.body()
+
+
+def parse_body(body: bytes, max_bytes: int) -> tuple[str, bool]:
+    """Read ``model`` and ``stream`` from a JSON request body, rejecting anything unusable."""
+    if len(body) > max_bytes:
+        raise errors.APIError(
+            413,
+            f"Request body of {len(body)} bytes exceeds the limit of {max_bytes} bytes "
+            "(max_body_bytes)",
+            "invalid_request_error",
+            "request_too_large",
+        )
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise errors.bad_request(f"Request body is not valid JSON: {e}", "invalid_json") from None
+    if not isinstance(data, dict):
+        raise errors.bad_request("Request body must be a JSON object", "invalid_json")
+    model = data.get("model")
+    if model is None:
+        raise errors.bad_request(
+            "Missing required parameter: 'model'", "missing_required_parameter", "model"
+        )
+    if not isinstance(model, str) or not model:
+        raise errors.bad_request("'model' must be a non-empty string", "invalid_type", "model")
+    return model, data.get("stream") is True
+
+
+class OpenAIResource:
+    """Routes of the OpenAI API, bound to the manager that owns the backends."""
+
+    app = Klein()
+
+    def __init__(
+        self, config: Config, manager: SwapManager, relay: Relay, clock: IReactorTime
+    ) -> None:
+        self._config = config
+        self._manager = manager
+        self._relay = relay
+        self._clock = clock
+
+    def resource(self) -> IResource:
+        return self.app.resource()  # type: ignore[no-any-return]
+
+    @app.route("/health", methods=["GET"])
+    def health(self, request: IRequest) -> bytes:
+        return _json(request, 200, self._manager.health())
+
+    @app.route("/v1/models", methods=["GET"])
+    def models(self, request: IRequest) -> bytes:
+        created = int(self._clock.seconds())
+        data = [
+            {"id": name, "object": "model", "created": created, "owned_by": "local"}
+            for name in self._manager.models()
+        ]
+        return _json(request, 200, {"object": "list", "data": data})
+
+    @app.route("/v1/<path:_endpoint>", methods=["POST"])
+    async def proxy(self, request: IRequest, _endpoint: str) -> bytes | None:
+        started = self._clock.seconds()
+        model, stream, status, waited = "-", False, 0, 0.0
+        try:
+            assert request.content is not None
+            body = request.content.read()
+            model, stream = parse_body(body, self._config.max_body_bytes)
+            if model not in self._config.models:
+                raise errors.model_not_found(model, self._manager.models())
+            lease = await self._manager.acquire(model)
+            waited = lease.waited
+            try:
+                url = lease.backend_url + request.uri[len(b"/v1") :].decode("latin-1")
+                status = await self._relay.forward(request, model, url, body)
+            finally:
+                lease.release()
+            return None
+        except errors.APIError as e:
+            status = e.status
+            return _error(request, e)
+        except CancelledError:
+            status = _CLIENT_CLOSED
+            raise
+        finally:
+            log.info(
+                "{method} {path} model={model} stream={stream} status={status} "
+                "queue_wait={waited:.3f}s duration={duration:.3f}s",
+                method=request.method.decode(),
+                path=request.path.decode("latin-1"),
+                model=model,
+                stream=stream,
+                status=status,
+                waited=waited,
+                duration=self._clock.seconds() - started,
+            )
+
+    @app.handle_errors(NotFound)
+    def not_found(self, request: IRequest, failure: Failure) -> bytes:
+        return _error(
+            request,
+            errors.APIError(
+                404,
+                f"Unknown endpoint {request.method.decode()} {request.path.decode('latin-1')}",
+                "invalid_request_error",
+                "unknown_url",
+            ),
+        )
+
+    @app.handle_errors(MethodNotAllowed)
+    def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
+        allowed = getattr(failure.value, "valid_methods", None) or []
+        err = errors.APIError(
+            405,
+            f"Method {request.method.decode()} is not allowed on "
+            f"{request.path.decode('latin-1')}; use {', '.join(allowed) or 'another method'}",
+            "invalid_request_error",
+            "method_not_allowed",
+            headers={"Allow": ", ".join(allowed)},
+        )
+        return _error(request, err)
+
+    @app.handle_errors(Exception)
+    def internal_error(self, request: IRequest, failure: Failure) -> bytes:
+        log.failure("unexpected error handling {path}", failure, path=request.path)
+        return _error(
+            request,
+            errors.APIError(500, "Internal error in llmswap (logged)", "server_error", "internal"),
+        )

@@ -1,0 +1,124 @@
+"""Assemble the daemon: a MultiService of the swap manager and the HTTP site.
+
+Children start in order and stop in reverse: the site stops listening before the manager stops
+the backends, and the manager stops every backend it started before twistd exits.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from treq.client import HTTPClient
+from twisted.application.service import MultiService, Service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.server import Site
+
+from llmswap.backends.docker import DockerBackend, DockerClientProvider
+from llmswap.backends.process import ProcessBackend
+from llmswap.config import Config
+from llmswap.interfaces import IBackend
+from llmswap.manager import SwapManager
+from llmswap.relay import Relay
+from llmswap.resource import OpenAIResource
+
+
+class _Site(Site):
+    def log(self, request: Any) -> None:
+        """Skip the access log: the resource logs a richer line (model, queue wait)."""
+
+
+class HTTPService(Service):
+    """Listens on a strports endpoint; like strports.service, but it keeps the bound port.
+
+    A failure to listen (port in use) is raised from startService, so ``twistd`` exits with
+    the reason instead of running a daemon nobody can reach.
+    """
+
+    def __init__(self, description: str, site: Site, reactor: Any) -> None:
+        self._endpoint = endpoints.serverFromString(reactor, description)
+        self._site = site
+        self.port: IListeningPort | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        d = self._endpoint.listen(self._site)
+        failures: list[Failure] = []
+        d.addCallbacks(self._listening, failures.append)
+        if failures:
+            failures[0].raiseException()
+
+    def _listening(self, port: IListeningPort) -> None:
+        self.port = port
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self.port is None:
+            return None
+        port, self.port = self.port, None
+        return port.stopListening()  # type: ignore[no-any-return]
+
+
+class _PoolService(Service):
+    """Closes the kept-alive backend connections on shutdown so the reactor stops cleanly."""
+
+    def __init__(self, pool: HTTPConnectionPool) -> None:
+        self._pool = pool
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        d: Deferred[None] = self._pool.closeCachedConnections()
+        return d
+
+
+def default_log_dir() -> Path:
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "llmswap" / "logs"
+
+
+def make_backends(config: Config, reactor: Any) -> dict[str, IBackend]:
+    docker = DockerClientProvider(config.docker)
+    log_dir = Path(config.log_dir) if config.log_dir else default_log_dir()
+    backends: dict[str, IBackend] = {}
+    for name, model in config.models.items():
+        if model.kind == "docker":
+            backends[name] = DockerBackend(model, docker, reactor)
+        else:
+            backends[name] = ProcessBackend(model, reactor, log_dir)
+    return backends
+
+
+class LLMSwapService(MultiService):
+    """The whole daemon; ``manager`` and ``port`` are exposed for tests and tooling."""
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = 32
+        pool.retryAutomatically = False
+        http = HTTPClient(Agent(reactor, pool=pool))
+        self.backends = make_backends(config, reactor)
+        _PoolService(pool).setServiceParent(self)
+        self.manager = SwapManager(config, self.backends, http, reactor)
+        self.manager.setServiceParent(self)
+        relay = Relay(http, reactor, config.request_timeout)
+        api = OpenAIResource(config, self.manager, relay, reactor)
+        site = _Site(api.resource())
+        site.displayTracebacks = False
+        site.noisy = False
+        self.web = HTTPService(config.listen, site, reactor)
+        self.web.setServiceParent(self)
+
+
+def make_service(config: Config, reactor: Any = None) -> LLMSwapService:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    return LLMSwapService(config, reactor)

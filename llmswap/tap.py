@@ -1,0 +1,90 @@
+"""``twistd llmswap``: command-line options and makeService for the twistd plugin."""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+import attrs
+from twisted.application.service import IService, Service
+from twisted.logger import Logger
+from twisted.python import usage
+
+from llmswap.config import Config, ConfigError, load
+from llmswap.service import LLMSwapService, make_service
+
+log = Logger()
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE] [--listen ENDPOINT]"
+    longdesc = (
+        "Serve an OpenAI-compatible API that starts and stops local model backends so that "
+        "only one runs at a time. Without --config, serves built-in llama.cpp models."
+    )
+    optParameters = [
+        ["config", "c", None, "Configuration file (YAML). Default: the built-in llama.cpp models."],
+        ["listen", "l", None, "strports endpoint to listen on (default: the config's, tcp:8888)."],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            config = self._load()
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        if self["listen"]:
+            config = attrs.evolve(config, listen=self["listen"])
+        self["loaded"] = config
+
+    def _load(self) -> Config:
+        if self["config"]:
+            return load(self["config"])
+        from llmswap.defaults import default_config
+
+        return default_config()
+
+
+class _HangupService(Service):
+    """SIGHUP reopens the backends' log files (logrotate's convention) instead of killing us.
+
+    Without a handler SIGHUP's default action ends the process without any cleanup.
+    """
+
+    def __init__(self, daemon: LLMSwapService, reactor: Any) -> None:
+        self._daemon = daemon
+        self._reactor = reactor
+        self._previous: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._previous = signal.signal(signal.SIGHUP, self._hangup)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+
+    def _hangup(self, signum: int, frame: Any) -> None:
+        self._reactor.callFromThread(self._reopen)
+
+    def _reopen(self) -> None:
+        log.info("SIGHUP: reopening backend log files")
+        for backend in self._daemon.backends.values():
+            reopen = getattr(backend, "reopen_log", None)
+            if reopen is not None:
+                reopen()
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor
+
+    config: Config = options["loaded"]
+    daemon = make_service(config, reactor)
+    _HangupService(daemon, reactor).setServiceParent(daemon)
+    log.info(
+        "llmswap: {n} models from {source}, listening on {listen}",
+        n=len(config.models),
+        source=config.source,
+        listen=config.listen,
+    )
+    return daemon

@@ -1,0 +1,249 @@
+"""A fake OpenAI-compatible backend, run as a real process, for fault injection in tests.
+
+It behaves like llama-server where llmswap cares (``/health`` 503 while "loading", 200 when
+ready; SSE streaming; chat, completions, embeddings) and can misbehave on demand: slow start,
+never ready, crash mid-stream, die while idle, ignore SIGTERM, fork a child into its group.
+
+``--ledger FILE`` turns every instance into a witness of the one-model guarantee: each appends
+its start and, while alive, watches /proc; if it ever sees another live fake backend with the
+same ledger, it appends an ``overlap`` line.  Tests read the ledger: the check is made on real
+OS processes, not on llmswap's bookkeeping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+ARGS: argparse.Namespace
+READY_AT = 0.0
+
+
+def _ledger(event: str, **fields: Any) -> None:
+    if ARGS.ledger:
+        line = json.dumps(
+            {"event": event, "name": ARGS.name, "pid": os.getpid(), "t": time.time(), **fields}
+        )
+        with open(ARGS.ledger, "a") as f:
+            f.write(line + "\n")
+
+
+def live_peers(ledger: str) -> list[int]:
+    """PIDs of other live (non-zombie) fake backends writing to ``ledger``."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state == b"Z" or not any(a.endswith(b"fakebackend.py") for a in argv):
+            continue
+        if ledger.encode() in argv:
+            found.append(int(pid))
+    return found
+
+
+def _watch() -> None:
+    while True:
+        peers = live_peers(ARGS.ledger)
+        if peers:
+            _ledger("overlap", peers=peers)
+        time.sleep(0.01)
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        sys.stderr.write("fake %s: %s\n" % (ARGS.name, format % args))
+
+    def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        if self.path == "/health":
+            if ARGS.never_ready or time.time() < READY_AT:
+                self._send(
+                    503,
+                    {
+                        "error": {
+                            "code": 503,
+                            "message": "Loading model",
+                            "type": "unavailable_error",
+                        }
+                    },
+                )
+            else:
+                self._send(200, {"status": "ok"})
+        elif self.path == "/v1/models":
+            self._send(200, {"object": "list", "data": [{"id": ARGS.name, "object": "model"}]})
+        else:
+            self._send(404, {"error": {"message": "not found"}})
+
+    def do_POST(self) -> None:
+        raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        digest = hashlib.sha256(raw).hexdigest()
+        extra = {
+            "X-Body-SHA256": digest,
+            "X-Backend-Name": ARGS.name,
+            "X-Backend-Pid": str(os.getpid()),
+        }
+        req = json.loads(raw)
+        if "fake_status" in req:
+            self._send(
+                req["fake_status"],
+                {"error": {"message": "fake failure", "type": "fake", "code": "teapot"}},
+                extra,
+            )
+            return
+        if req.get("fake_sleep"):
+            time.sleep(req["fake_sleep"])
+        if self.path == "/v1/chat/completions":
+            if req.get("stream"):
+                self._stream(req, extra)
+            else:
+                self._send(
+                    200,
+                    {
+                        "id": "chatcmpl-fake",
+                        "object": "chat.completion",
+                        "created": int(time.time()),
+                        "model": ARGS.name,
+                        "choices": [
+                            {
+                                "index": 0,
+                                "finish_reason": "stop",
+                                "message": {
+                                    "role": "assistant",
+                                    "content": f"Hello from {ARGS.name}",
+                                },
+                            }
+                        ],
+                        "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
+                    },
+                    extra,
+                )
+        elif self.path == "/v1/completions":
+            self._send(
+                200,
+                {
+                    "id": "cmpl-fake",
+                    "object": "text_completion",
+                    "created": int(time.time()),
+                    "model": ARGS.name,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "text": f" completed by {ARGS.name}",
+                            "finish_reason": "stop",
+                            "logprobs": None,
+                        }
+                    ],
+                },
+                extra,
+            )
+        elif self.path == "/v1/embeddings":
+            self._send(
+                200,
+                {
+                    "object": "list",
+                    "model": ARGS.name,
+                    "data": [{"object": "embedding", "index": 0, "embedding": [0.25, 0.5, 0.75]}],
+                    "usage": {"prompt_tokens": 1, "total_tokens": 1},
+                },
+                extra,
+            )
+        else:
+            self._send(200, {"path": self.path, "sha256": digest, "name": ARGS.name}, extra)
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def _stream(self, req: dict[str, Any], extra: dict[str, str]) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        for k, v in extra.items():
+            self.send_header(k, v)
+        self.end_headers()
+        tokens = req.get("max_tokens") or ARGS.tokens
+        for i in range(tokens):
+            if ARGS.crash_after is not None and i >= ARGS.crash_after:
+                os._exit(3)
+            event = {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": ARGS.name,
+                "choices": [{"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}],
+            }
+            self._chunk(b"data: " + json.dumps(event).encode() + b"\n\n")
+            time.sleep(ARGS.token_delay)
+        self._chunk(b"data: [DONE]\n\n")
+        self._chunk(b"")
+
+
+def main() -> None:
+    global ARGS, READY_AT
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--name", default="fake")
+    p.add_argument("--startup-delay", type=float, default=0.0)
+    p.add_argument("--bind-late", action="store_true", help="refuse connections while loading")
+    p.add_argument("--never-ready", action="store_true")
+    p.add_argument("--token-delay", type=float, default=0.0)
+    p.add_argument("--tokens", type=int, default=5)
+    p.add_argument("--crash-after", type=int, default=None)
+    p.add_argument("--exit-after", type=float, default=None, help="die by itself after S seconds")
+    p.add_argument("--ignore-sigterm", action="store_true")
+    p.add_argument("--child", action="store_true", help="fork a child process into our group")
+    p.add_argument("--ledger", default=None)
+    ARGS = p.parse_args()
+    if ARGS.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    else:
+        signal.signal(signal.SIGTERM, lambda *_: (_ledger("sigterm"), os._exit(0)))
+    _ledger("start")
+    if ARGS.ledger:
+        peers = live_peers(ARGS.ledger)
+        if peers:
+            _ledger("overlap", peers=peers)
+        threading.Thread(target=_watch, daemon=True).start()
+    if ARGS.child:
+        subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(1000)", "fake-child", ARGS.ledger or ""]
+        )
+    if ARGS.exit_after is not None:
+        threading.Timer(ARGS.exit_after, lambda: os._exit(7)).start()
+    READY_AT = time.time() + ARGS.startup_delay
+    if ARGS.bind_late:
+        time.sleep(ARGS.startup_delay)
+    server = ThreadingHTTPServer(("127.0.0.1", ARGS.port), Handler)
+    server.daemon_threads = True
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

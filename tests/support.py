@@ -1,0 +1,93 @@
+"""Shared helpers for tests: free ports, fake-backend model entries, an in-process daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import openai
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
+
+from llmswap.config import parse
+from llmswap.service import LLMSwapService, make_service
+
+FAKE = str(Path(__file__).with_name("fakebackend.py"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def fake_model(name: str, ledger: str | None = None, **opts: Any) -> dict[str, Any]:
+    """A config entry running tests/fakebackend.py; ``opts`` become its flags."""
+    port = opts.pop("port", None) or free_port()
+    cmd = [sys.executable, FAKE, "--port", str(port), "--name", name]
+    if ledger:
+        cmd += ["--ledger", ledger]
+    entry: dict[str, Any] = {
+        "backend_url": f"http://127.0.0.1:{port}/v1",
+        "startup_timeout": opts.pop("startup_timeout", 20),
+        "stop_timeout": opts.pop("stop_timeout", 5),
+    }
+    for key, value in opts.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            cmd.append(flag)
+        else:
+            cmd += [flag, str(value)]
+    entry["cmd"] = cmd
+    return entry
+
+
+def read_ledger(path: str) -> list[dict[str, Any]]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Daemon:
+    """llmswap running in this process on a loopback port, on the test's reactor."""
+
+    def __init__(self, models: dict[str, Any], log_dir: str, **globals_: Any) -> None:
+        raw = {"listen": "tcp:0:interface=127.0.0.1", "log_dir": log_dir, "models": models}
+        raw.update(globals_)
+        self.config = parse(raw)
+        self.service: LLMSwapService = make_service(self.config, reactor)
+
+    def start(self) -> None:
+        self.service.startService()
+        assert self.service.web.port is not None
+        self.port = self.service.web.port.getHost().port
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> Deferred[None]:
+        d: Deferred[None] = self.service.stopService()
+        return d
+
+    def client(self, timeout: float = 30.0) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=timeout
+        )
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+@inlineCallbacks
+def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> Any:
+    """Poll ``predicate`` on the reactor until true; fail after ``timeout``."""
+    deadline = reactor.seconds() + timeout
+    while not predicate():
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s: {predicate}")
+        yield sleep(interval)
