@@ -93,6 +93,7 @@ class SwapManager(Service):
         self._lock = DeferredLock()
         self._current: str | None = None
         self._in_flight: Lease | None = None
+        self._serving: _Ticket | None = None
         self._status = {name: ModelStatus(since=clock.seconds()) for name in backends}
         self._worker: Deferred[None] | None = None
         for name, backend in self._backends.items():
@@ -113,6 +114,8 @@ class SwapManager(Service):
         super().stopService()
         while self._queue.pending:
             self._reject(self._queue.pending.pop(0), errors.shutting_down())
+        if self._serving is not None:
+            self._reject(self._serving, errors.shutting_down())
         if self._worker is not None:
             self._worker.cancel()
         if self._in_flight is not None:
@@ -187,6 +190,7 @@ class SwapManager(Service):
             ticket: _Ticket = yield self._queue.get()
             if ticket.dropped:
                 continue
+            self._serving = ticket
             try:
                 yield self._lock.run(self._ensure, ticket.model)
             except CancelledError:
@@ -198,6 +202,8 @@ class SwapManager(Service):
                     self._queue.pending.remove(other)
                     self._reject(other, err)
                 continue
+            finally:
+                self._serving = None
             if ticket.dropped:
                 continue
             lease = Lease(
@@ -249,10 +255,13 @@ class SwapManager(Service):
             )
         except BaseException as e:
             self._current = None
-            detail = self._as_api_error(model, e).message
             if backend.alive():
                 self._set(model, STOPPING)
                 yield backend.stop()
+            if isinstance(e, CancelledError):  # shutting down, not the backend's fault
+                self._set(model, STOPPED)
+                raise
+            detail = self._as_api_error(model, e).message
             self._set(model, FAILED, detail)
             log.error("model {model}: failed to start: {detail}", model=model, detail=detail)
             raise

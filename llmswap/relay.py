@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Any, cast
 
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.error import TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -112,7 +111,7 @@ class Relay:
             headers=_request_headers(request),
             unbuffered=True,
         )
-        sent.addTimeout(self._idle_timeout, self._clock)
+        sent.addTimeout(self._idle_timeout, self._clock, onTimeoutCancel=self._no_answer(model))
 
         def cancel(_: Deferred[int]) -> None:
             if pipe:
@@ -149,16 +148,17 @@ class Relay:
         sent.addCallback(got_response).addCallbacks(finished, failed)
         return result
 
-    def _before_headers(self, f: Failure, model: str, url: str) -> Failure:
-        if f.check(CancelledError):
-            return f
-        if f.check(TimeoutError):
-            return Failure(
-                errors.gateway_timeout(
-                    f"Model '{model}' sent no response within request_timeout "
-                    f"({self._idle_timeout:g} s)"
-                )
+    def _no_answer(self, model: str) -> Any:
+        def timed_out(result: Any, timeout: float) -> Any:
+            raise errors.gateway_timeout(
+                f"Model '{model}' sent no response within request_timeout ({timeout:g} s)"
             )
+
+        return timed_out
+
+    def _before_headers(self, f: Failure, model: str, url: str) -> Failure:
+        if f.check(CancelledError, errors.APIError):
+            return f
         return Failure(
             errors.backend_error(
                 f"Model '{model}' backend at {url} is unreachable: {f.getErrorMessage()}"

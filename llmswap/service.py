@@ -13,8 +13,10 @@ from typing import Any
 from treq.client import HTTPClient
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import deferLater
+from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import Site
@@ -28,9 +30,27 @@ from llmswap.relay import Relay
 from llmswap.resource import OpenAIResource
 
 
+class _Connections(WrappingFactory):
+    """Tracks open client connections so shutdown can hang up idle keep-alive clients."""
+
+    @inlineCallbacks
+    def close_all(self, clock: Any) -> Any:
+        for protocol in list(self.protocols):
+            protocol.transport.loseConnection()
+        deadline = clock.seconds() + _CLOSE_GRACE
+        while self.protocols and clock.seconds() < deadline:
+            yield deferLater(clock, 0.01, lambda: None)
+        for protocol in list(self.protocols):
+            protocol.transport.abortConnection()
+
+
 class _Site(Site):
     def log(self, request: Any) -> None:
         """Skip the access log: the resource logs a richer line (model, queue wait)."""
+
+
+# Responses still being written get this long to finish at shutdown.
+_CLOSE_GRACE = 5.0
 
 
 class HTTPService(Service):
@@ -40,7 +60,7 @@ class HTTPService(Service):
     the reason instead of running a daemon nobody can reach.
     """
 
-    def __init__(self, description: str, site: Site, reactor: Any) -> None:
+    def __init__(self, description: str, site: Any, reactor: Any) -> None:
         self._endpoint = endpoints.serverFromString(reactor, description)
         self._site = site
         self.port: IListeningPort | None = None
@@ -112,8 +132,23 @@ class LLMSwapService(MultiService):
         site = _Site(api.resource())
         site.displayTracebacks = False
         site.noisy = False
-        self.web = HTTPService(config.listen, site, reactor)
+        self._connections = _Connections(site)
+        self._reactor = reactor
+        self.web = HTTPService(config.listen, self._connections, reactor)
         self.web.setServiceParent(self)
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        """Stop children one after another, last started first.
+
+        MultiService would stop them all at once; the order matters here: stop listening, then
+        stop the backends (which answers every waiting request), then hang up idle clients and
+        close the backend connection pool.
+        """
+        Service.stopService(self)
+        for child in reversed(list(self)):
+            yield child.stopService()
+        yield self._connections.close_all(self._reactor)
 
 
 def make_service(config: Config, reactor: Any = None) -> LLMSwapService:

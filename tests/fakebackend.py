@@ -38,23 +38,28 @@ def _ledger(event: str, **fields: Any) -> None:
 
 
 def live_peers(ledger: str) -> list[int]:
-    """PIDs of other live (non-zombie) fake backends writing to ``ledger``."""
-    found = []
+    """Process groups of live (non-zombie) fake backends writing to ``ledger``.
+
+    Each backend is its own process group (llmswap's doing), so one backend with a freshly
+    forked child is still one group.  Our own group is left out when called from a backend.
+    """
+    found = set()
     for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
+        if not pid.isdigit():
             continue
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 argv = f.read().split(b"\0")
             with open(f"/proc/{pid}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
+                fields = f.read().rsplit(b")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if state == b"Z" or not any(a.endswith(b"fakebackend.py") for a in argv):
+        state, pgid = fields[0], int(fields[2])
+        if state == b"Z" or pgid == os.getpgid(0):
             continue
-        if ledger.encode() in argv:
-            found.append(int(pid))
-    return found
+        if any(a.endswith(b"fakebackend.py") for a in argv) and ledger.encode() in argv:
+            found.add(pgid)
+    return sorted(found)
 
 
 def _watch() -> None:

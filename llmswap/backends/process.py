@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import error as ierror
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IProcessTransport, IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
@@ -177,7 +177,7 @@ class ProcessBackend:
         d = self._wait_exit(self._model.stop_timeout)
 
         def escalate(f: Failure) -> Deferred[None]:
-            f.trap(ierror.TimeoutError)
+            f.trap(TimeoutError)
             log.warn(
                 "model {model}: pid {pid} ignored SIGTERM for {t:g} s; sending SIGKILL",
                 model=self.name,

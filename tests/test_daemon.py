@@ -1,0 +1,436 @@
+"""llmswap in-process on real sockets, fake backends as real processes, real OpenAI clients."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from typing import Any
+
+import openai
+import treq
+from twisted.internet import reactor
+from twisted.internet.defer import DeferredList, inlineCallbacks
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+from twisted.trial import unittest
+from twisted.web.client import Agent, HTTPConnectionPool
+
+from tests.fakebackend import live_peers
+from tests.support import Daemon, fake_model, free_port, read_ledger, sleep, wait_for
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+def starts(ledger: str) -> list[str]:
+    return [e["name"] for e in read_ledger(ledger) if e["event"] == "start"]
+
+
+def overlaps(ledger: str) -> list[dict[str, Any]]:
+    return [e for e in read_ledger(ledger) if e["event"] == "overlap"]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+class DaemonTestCase(unittest.TestCase):
+    timeout = 90
+
+    def setUp(self) -> None:
+        # Clients get their own threads: in real life they are other processes, and the
+        # reactor's pool is the daemon's (name resolution, Docker calls).
+        self.client_threads = ThreadPool(minthreads=0, maxthreads=50, name="test-clients")
+        self.client_threads.start()
+        self.addCleanup(self.client_threads.stop)
+        self.ledger = os.path.abspath(self.mktemp())
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.http = treq.client.HTTPClient(Agent(reactor, pool=self.pool))
+
+    def start(self, models: dict[str, Any], **globals_: Any) -> Daemon:
+        daemon = Daemon(models, os.path.abspath(self.mktemp()), **globals_)
+        daemon.start()
+        self.addCleanup(daemon.stop)
+        self.daemon = daemon
+        return daemon
+
+    def fake(self, name: str, **opts: Any) -> dict[str, Any]:
+        return fake_model(name, self.ledger, **opts)
+
+    def post(self, path: str, payload: Any, raw: bytes | None = None, **kw: Any) -> Any:
+        body = raw if raw is not None else json.dumps(payload).encode()
+        return self.http.post(
+            self.daemon.url + path, data=body, headers={"Content-Type": ["application/json"]}, **kw
+        )
+
+    @inlineCallbacks
+    def post_json(self, path: str, payload: Any) -> Any:
+        response = yield self.post(path, payload)
+        body = yield response.json()
+        return response, body
+
+    @inlineCallbacks
+    def health(self) -> Any:
+        response = yield self.http.get(self.daemon.url + "/health")
+        return (yield response.json())
+
+    def in_thread(self, f: Any, *args: Any, **kw: Any) -> Any:
+        return deferToThreadPool(reactor, self.client_threads, f, *args, **kw)
+
+    def chat(self, model: str, **kw: Any) -> Any:
+        client = self.daemon.client()
+        return self.in_thread(client.chat.completions.create, model=model, messages=HI, **kw)
+
+    def assert_one_at_a_time(self) -> None:
+        self.assertEqual(overlaps(self.ledger), [])
+
+
+class OpenAIClientTests(DaemonTestCase):
+    @inlineCallbacks
+    def test_chat_swaps_models_one_at_a_time(self) -> Any:
+        self.start({"alpha": self.fake("alpha"), "beta": self.fake("beta")})
+        first = yield self.chat("alpha")
+        self.assertEqual(first.choices[0].message.content, "Hello from alpha")
+        stream = yield self.chat("beta", stream=True)
+        chunks = yield self.in_thread(list, stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        self.assertEqual(text, "t0 t1 t2 t3 t4 ")
+        again = yield self.chat("alpha")
+        self.assertEqual(again.choices[0].message.content, "Hello from alpha")
+        self.assertEqual(starts(self.ledger), ["alpha", "beta", "alpha"])
+        health = yield self.health()
+        self.assertEqual(health["current_model"], "alpha")
+        self.assertEqual(health["models"]["alpha"]["state"], "ready")
+        self.assertEqual(health["models"]["beta"]["state"], "stopped")
+        self.assert_one_at_a_time()
+
+    @inlineCallbacks
+    def test_completions_embeddings_and_models(self) -> Any:
+        self.start({"alpha": self.fake("alpha"), "beta": self.fake("beta")})
+        client = self.daemon.client()
+        done = yield self.in_thread(client.completions.create, model="alpha", prompt="Say")
+        self.assertEqual(done.choices[0].text, " completed by alpha")
+        emb = yield self.in_thread(client.embeddings.create, model="beta", input="x")
+        self.assertEqual(emb.data[0].embedding, [0.25, 0.5, 0.75])
+        models = yield self.in_thread(client.models.list)
+        self.assertEqual(
+            [(m.id, m.owned_by) for m in models.data], [("alpha", "local"), ("beta", "local")]
+        )
+
+    @inlineCallbacks
+    def test_stream_arrives_event_by_event(self) -> Any:
+        self.start({"slow": self.fake("slow", token_delay=0.4, tokens=4)})
+        stream = yield self.chat("slow", stream=True)
+
+        def arrival_times() -> list[float]:
+            return [time.monotonic() for c in stream if c.choices and c.choices[0].delta.content]
+
+        times = yield self.in_thread(arrival_times)
+        self.assertEqual(len(times), 4)
+        # Buffering the body would deliver all four together; relayed, they keep the backend's pace.
+        self.assertGreater(times[-1] - times[0], 3 * 0.4 * 0.5)
+
+    @inlineCallbacks
+    def test_unknown_model_lists_valid_names(self) -> Any:
+        self.start({"alpha": self.fake("alpha")})
+        with self.assertRaises(openai.NotFoundError) as ctx:
+            yield self.chat("nope")
+        self.assertEqual(ctx.exception.code, "model_not_found")
+        self.assertIn("alpha", ctx.exception.message)
+        self.assertEqual(starts(self.ledger), [])
+
+
+class PassthroughTests(DaemonTestCase):
+    @inlineCallbacks
+    def test_raw_body_bytes_and_unknown_fields_reach_backend_untouched(self) -> Any:
+        self.start({"alpha": self.fake("alpha")})
+        raw = (
+            b'{ "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],\n'
+            b'  "model":"alpha", "response_format": {"type": "json_object"},'
+            b' "vendor_param": 1.50, "messages": [{"role":"user","content":"h\\u00e9"}]}'
+        )
+        response = yield self.post("/v1/chat/completions", None, raw=raw)
+        yield response.content()
+        self.assertEqual(response.code, 200)
+        self.assertEqual(
+            response.headers.getRawHeaders("x-body-sha256"), [hashlib.sha256(raw).hexdigest()]
+        )
+
+    @inlineCallbacks
+    def test_backend_status_and_body_come_back_as_sent(self) -> Any:
+        self.start({"alpha": self.fake("alpha")})
+        response, body = yield self.post_json(
+            "/v1/chat/completions", {"model": "alpha", "fake_status": 418}
+        )
+        self.assertEqual(response.code, 418)
+        self.assertEqual(body["error"]["code"], "teapot")
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/json"])
+
+    @inlineCallbacks
+    def test_any_v1_post_with_model_is_forwarded(self) -> Any:
+        self.start({"alpha": self.fake("alpha")})
+        response, body = yield self.post_json("/v1/rerank?top=2", {"model": "alpha", "q": "x"})
+        self.assertEqual(response.code, 200)
+        self.assertEqual(body["path"], "/v1/rerank?top=2")
+
+    @inlineCallbacks
+    def test_unreachable_backend_is_502(self) -> Any:
+        # Healthy health endpoint, but the API port is closed: the request itself cannot connect.
+        health_port = free_port()
+        model = self.fake("alpha", port=health_port)
+        model["health_url"] = f"http://127.0.0.1:{health_port}/health"
+        model["backend_url"] = f"http://127.0.0.1:{free_port()}/v1"
+        self.start({"alpha": model})
+        response, body = yield self.post_json("/v1/chat/completions", {"model": "alpha"})
+        self.assertEqual(response.code, 502)
+        self.assertEqual(body["error"]["code"], "backend_unreachable")
+        self.assertIn("alpha", body["error"]["message"])
+
+
+class FailureTests(DaemonTestCase):
+    @inlineCallbacks
+    def test_crash_mid_stream_ends_with_error_event_and_model_restarts(self) -> Any:
+        self.start({"crashy": self.fake("crashy", crash_after=2, token_delay=0.05)})
+        stream = yield self.chat("crashy", stream=True)
+        seen: list[str] = []
+
+        def consume() -> None:
+            for chunk in stream:
+                seen.append(chunk.choices[0].delta.content or "")
+
+        with self.assertRaises(openai.APIError) as ctx:
+            yield self.in_thread(consume)
+        self.assertEqual(seen, ["t0 ", "t1 "])
+        self.assertIn("stream interrupted", str(ctx.exception))
+        yield wait_for(lambda: len(starts(self.ledger)) == 1)
+        health = yield self.health()
+        self.assertIn(health["models"]["crashy"]["state"], ("failed", "ready"))
+        answer = yield self.chat("crashy")
+        self.assertEqual(answer.choices[0].message.content, "Hello from crashy")
+        self.assertEqual(starts(self.ledger), ["crashy", "crashy"])
+
+    @inlineCallbacks
+    def test_backend_dying_while_idle_is_reported_and_restarted(self) -> Any:
+        self.start({"alpha": self.fake("alpha", exit_after=1.5)})
+        yield self.chat("alpha")
+        health: dict[str, Any] = {}
+
+        @inlineCallbacks
+        def failed() -> Any:
+            health.update((yield self.health()))
+            return health["models"]["alpha"]["state"] == "failed"
+
+        for _ in range(100):
+            if (yield failed()):
+                break
+            yield sleep(0.1)
+        self.assertEqual(health["models"]["alpha"]["state"], "failed")
+        self.assertIn("exited with code 7", health["models"]["alpha"]["error"])
+        self.assertIsNone(health["current_model"])
+        again = yield self.chat("alpha")
+        self.assertEqual(again.choices[0].message.content, "Hello from alpha")
+        self.assertEqual(starts(self.ledger), ["alpha", "alpha"])
+
+    @inlineCallbacks
+    def test_startup_timeout_answers_all_waiting_and_others_keep_working(self) -> Any:
+        self.start(
+            {
+                "stuck": self.fake("stuck", never_ready=True, startup_timeout=1),
+                "alpha": self.fake("alpha"),
+            }
+        )
+        results = yield DeferredList(
+            [self.post_json("/v1/chat/completions", {"model": "stuck"}) for _ in range(3)],
+            consumeErrors=True,
+        )
+        for ok, (response, body) in results:
+            self.assertTrue(ok)
+            self.assertEqual(response.code, 504)
+            self.assertIn("stuck", body["error"]["message"])
+            self.assertIn("startup_timeout of 1 s", body["error"]["message"])
+        health = yield self.health()
+        self.assertEqual(health["models"]["stuck"]["state"], "failed")
+        self.assertEqual(live_peers(self.ledger), [])
+        answer = yield self.chat("alpha")
+        self.assertEqual(answer.choices[0].message.content, "Hello from alpha")
+        # All three waited on one failed start, not three.
+        self.assertEqual(starts(self.ledger), ["stuck", "alpha"])
+
+    @inlineCallbacks
+    def test_backend_ignoring_sigterm_is_killed_with_its_children(self) -> Any:
+        self.start(
+            {
+                "stubborn": self.fake(
+                    "stubborn", ignore_sigterm=True, child=True, stop_timeout=0.5
+                ),
+                "alpha": self.fake("alpha"),
+            }
+        )
+        response, _ = yield self.post_json("/v1/chat/completions", {"model": "stubborn"})
+        pid = int(response.headers.getRawHeaders("x-backend-pid")[0])
+        yield self.chat("alpha")
+        self.assertFalse(pid_alive(pid))
+        children = [
+            p
+            for p in os.listdir("/proc")
+            if p.isdigit() and self.ledger.encode() in _cmdline(p) and b"fake-child" in _cmdline(p)
+        ]
+        self.assertEqual([p for p in children if pid_alive(int(p))], [])
+        self.assert_one_at_a_time()
+
+    @inlineCallbacks
+    def test_missing_command_is_a_clear_503(self) -> Any:
+        self.start(
+            {"ghost": {"backend_url": "http://127.0.0.1:1/v1", "cmd": ["/nonexistent/llama"]}}
+        )
+        response, body = yield self.post_json("/v1/chat/completions", {"model": "ghost"})
+        self.assertEqual(response.code, 503)
+        self.assertIn("'/nonexistent/llama' not found", body["error"]["message"])
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
+class QueueTests(DaemonTestCase):
+    @inlineCallbacks
+    def test_queue_full_is_503_with_retry_after(self) -> Any:
+        self.start({"alpha": self.fake("alpha")}, queue_size=2)
+        yield self.chat("alpha")  # loaded, so the next one is in flight at once
+        busy = self.post_json("/v1/chat/completions", {"model": "alpha", "fake_sleep": 1.5})
+        yield wait_for(lambda: self.daemon.service.manager.health()["in_flight"] == 1)
+        queued = [self.post_json("/v1/chat/completions", {"model": "alpha"}) for _ in range(2)]
+        yield wait_for(lambda: self.daemon.service.manager.health()["queue_size"] == 2)
+        response, body = yield self.post_json("/v1/chat/completions", {"model": "alpha"})
+        self.assertEqual(response.code, 503)
+        self.assertEqual(response.headers.getRawHeaders("retry-after"), ["5"])
+        self.assertEqual(body["error"]["message"], "Queue full (2 requests). Try again later.")
+        for d in [busy, *queued]:
+            r, _ = yield d
+            self.assertEqual(r.code, 200)
+
+    @inlineCallbacks
+    def test_queued_request_whose_client_left_never_causes_a_swap(self) -> Any:
+        self.start({"alpha": self.fake("alpha"), "beta": self.fake("beta")})
+        yield self.chat("alpha")
+        busy = self.post_json("/v1/chat/completions", {"model": "alpha", "fake_sleep": 1.0})
+        yield wait_for(lambda: self.daemon.service.manager.health()["in_flight"] == 1)
+        leaving = self.post("/v1/chat/completions", {"model": "beta"})
+        yield wait_for(lambda: self.daemon.service.manager.health()["queue_size"] == 1)
+        leaving.cancel()  # closes the client connection while the request waits
+        self.failureResultOf(leaving)
+        yield wait_for(lambda: self.daemon.service.manager.health()["queue_size"] == 0)
+        r, _ = yield busy
+        self.assertEqual(r.code, 200)
+        after = yield self.chat("alpha")
+        self.assertEqual(after.choices[0].message.content, "Hello from alpha")
+        self.assertEqual(starts(self.ledger), ["alpha"])
+
+    @inlineCallbacks
+    def test_client_leaving_mid_stream_releases_the_backend_at_once(self) -> Any:
+        self.start(
+            {"long": self.fake("long", tokens=10000, token_delay=0.05), "beta": self.fake("beta")}
+        )
+        response = yield self.post(
+            "/v1/chat/completions", {"model": "long", "stream": True}, unbuffered=True
+        )
+        got = []
+        collecting = treq.collect(response, got.append)
+        yield wait_for(lambda: len(got) >= 2)
+        response.original._transport.stopProducing()  # hang up mid-stream
+        yield DeferredList([collecting], consumeErrors=True)
+        # The stream would run for 500 s; beta being served proves the lease was released.
+        answer = yield self.chat("beta")
+        self.assertEqual(answer.choices[0].message.content, "Hello from beta")
+        self.assertEqual(starts(self.ledger), ["long", "beta"])
+
+    @inlineCallbacks
+    def test_request_timeout_bounds_waiting_and_backend_silence(self) -> Any:
+        self.start({"slow": self.fake("slow", startup_delay=2.5)}, request_timeout=1)
+        r1, b1 = yield self.post_json("/v1/chat/completions", {"model": "slow"})
+        self.assertEqual(r1.code, 504)
+        self.assertEqual(b1["error"]["code"], "queue_timeout")
+        self.assertIn("waited 1 s (request_timeout)", b1["error"]["message"])
+        yield wait_for(lambda: self.daemon.service.manager.health()["current_model"] == "slow")
+        r2, b2 = yield self.post_json("/v1/chat/completions", {"model": "slow", "fake_sleep": 3})
+        self.assertEqual(r2.code, 504)
+        self.assertIn("sent no response within request_timeout", b2["error"]["message"])
+
+
+class ConcurrencyTests(DaemonTestCase):
+    timeout = 180
+
+    @inlineCallbacks
+    def test_many_concurrent_requests_never_see_two_backends_alive(self) -> Any:
+        names = ["m1", "m2", "m3"]
+        self.start(
+            {n: self.fake(n, startup_delay=0.1, token_delay=0.01) for n in names}, queue_size=100
+        )
+        seen_alive: list[int] = []
+
+        def sample() -> None:
+            # Our own look at the OS, beside each fake's own watchdog.
+            seen_alive.append(len(_fakes_alive(self.ledger)))
+
+        sampler = LoopingCall(sample)
+        sampler.start(0.005)
+        rng = random.Random(1234)
+        calls = []
+        for i in range(40):
+            model = rng.choice(names)
+            if i % 4 == 0:
+                calls.append(
+                    self.chat(model, stream=True).addCallback(lambda s: self.in_thread(list, s))
+                )
+            else:
+                calls.append(
+                    self.post_json("/v1/chat/completions", {"model": model, "stream": False})
+                )
+        results = yield DeferredList(calls, consumeErrors=True)
+        sampler.stop()
+        failures = [r for ok, r in results if not ok]
+        self.assertEqual(failures, [])
+        for ok, r in results:
+            if isinstance(r, tuple):
+                self.assertEqual(r[0].code, 200)
+        self.assertEqual(overlaps(self.ledger), [])
+        self.assertLessEqual(max(seen_alive), 1)
+        self.assertGreater(len(starts(self.ledger)), 3)
+
+
+def _fakes_alive(ledger: str) -> list[int]:
+    """Process groups of live fake backends (the test process's own group is never one)."""
+    return live_peers(ledger)
+
+
+class ShutdownTests(DaemonTestCase):
+    @inlineCallbacks
+    def test_stopping_the_daemon_stops_backends_and_answers_the_queue(self) -> Any:
+        daemon = Daemon(
+            {"alpha": self.fake("alpha"), "beta": self.fake("beta", startup_delay=30)},
+            os.path.abspath(self.mktemp()),
+        )
+        daemon.start()
+        self.daemon = daemon
+        yield self.chat("alpha")
+        loading = self.post_json("/v1/chat/completions", {"model": "beta"})
+        yield wait_for(lambda: starts(self.ledger) == ["alpha", "beta"])
+        queued = self.post_json("/v1/chat/completions", {"model": "alpha"})
+        yield wait_for(lambda: daemon.service.manager.health()["queue_size"] == 1)
+        yield daemon.stop()
+        self.assertEqual(_fakes_alive(self.ledger), [])
+        for d in (loading, queued):
+            r, body = yield d
+            self.assertEqual(r.code, 503)
+            self.assertIn("shutting down", body["error"]["message"])
