@@ -74,7 +74,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:
-        sys.stderr.write("fake %s: %s\n" % (ARGS.name, format % args))
+        sys.stderr.write(f"fake {ARGS.name}: {format % args}\n")
 
     def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
         body = json.dumps(payload).encode()

@@ -401,7 +401,7 @@ class ConcurrencyTests(DaemonTestCase):
         sampler.stop()
         failures = [r for ok, r in results if not ok]
         self.assertEqual(failures, [])
-        for ok, r in results:
+        for _, r in results:
             if isinstance(r, tuple):
                 self.assertEqual(r[0].code, 200)
         self.assertEqual(overlaps(self.ledger), [])

@@ -1,0 +1,126 @@
+"""The resource tree in memory (treq.testing.StubTreq): routing and every client-side error."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+
+from llmswap.config import parse
+from llmswap.manager import SwapManager
+from llmswap.relay import Relay
+from llmswap.resource import OpenAIResource
+from llmswap.service import make_backends
+
+SEED_HEALTH_KEYS = {"status", "current_model", "queue_size", "queue_capacity", "message"}
+
+
+class APITests(unittest.TestCase):
+    def setUp(self) -> None:
+        clock = Clock()
+        self.config = parse(
+            {
+                "max_body_bytes": 200,
+                "queue_size": 7,
+                "models": {
+                    "qwen3": {"backend_url": "http://127.0.0.1:9/v1", "cmd": "true"},
+                    "gemma": {"backend_url": "http://127.0.0.1:9/v1", "cmd": ["true"]},
+                },
+            }
+        )
+        manager = SwapManager(self.config, make_backends(self.config, clock), None, clock)
+        api = OpenAIResource(self.config, manager, Relay(None, clock, 1.0), clock)
+        self.stub = StubTreq(api.resource())
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any, Any]:
+        d = self.stub.request(method, "http://llmswap" + path, data=body)
+        self.stub.flush()
+        response = self.successResultOf(d)
+        payload = self.successResultOf(response.content())
+        return response.code, response.headers, json.loads(payload)
+
+    def assert_error(self, result: tuple[int, Any, Any], status: int, code: str) -> str:
+        got_status, headers, body = result
+        self.assertEqual(got_status, status)
+        self.assertEqual(headers.getRawHeaders("content-type"), ["application/json"])
+        self.assertEqual(set(body["error"]), {"message", "type", "param", "code"})
+        self.assertEqual(body["error"]["code"], code)
+        return str(body["error"]["message"])
+
+    def test_models_lists_configured_names_owned_by_local(self) -> None:
+        status, _, body = self.request("GET", "/v1/models")
+        self.assertEqual(status, 200)
+        self.assertEqual(body["object"], "list")
+        self.assertEqual(
+            [(m["id"], m["owned_by"]) for m in body["data"]],
+            [("qwen3", "local"), ("gemma", "local")],
+        )
+
+    def test_health_keeps_the_seed_keys_and_adds_model_states(self) -> None:
+        status, _, body = self.request("GET", "/health")
+        self.assertEqual(status, 200)
+        self.assertLessEqual(SEED_HEALTH_KEYS, set(body))
+        self.assertEqual(body["queue_capacity"], 7)
+        self.assertEqual(body["queue_size"], 0)
+        self.assertIsNone(body["current_model"])
+        self.assertEqual(
+            {m: s["state"] for m, s in body["models"].items()},
+            {"qwen3": "stopped", "gemma": "stopped"},
+        )
+
+    def test_malformed_json_is_400(self) -> None:
+        message = self.assert_error(
+            self.request("POST", "/v1/chat/completions", b'{"model": "qwen3",'), 400, "invalid_json"
+        )
+        self.assertIn("not valid JSON", message)
+
+    def test_non_object_body_is_400(self) -> None:
+        self.assert_error(
+            self.request("POST", "/v1/chat/completions", b"[1, 2]"), 400, "invalid_json"
+        )
+
+    def test_missing_model_is_400(self) -> None:
+        message = self.assert_error(
+            self.request("POST", "/v1/chat/completions", b'{"messages": []}'),
+            400,
+            "missing_required_parameter",
+        )
+        self.assertIn("'model'", message)
+
+    def test_model_of_wrong_type_is_400(self) -> None:
+        self.assert_error(
+            self.request("POST", "/v1/embeddings", b'{"model": 3}'), 400, "invalid_type"
+        )
+
+    def test_unknown_model_is_404_listing_valid_names(self) -> None:
+        message = self.assert_error(
+            self.request("POST", "/v1/chat/completions", b'{"model": "llama"}'),
+            404,
+            "model_not_found",
+        )
+        self.assertIn("'llama'", message)
+        self.assertIn("gemma, qwen3", message)
+
+    def test_body_over_limit_is_413(self) -> None:
+        body = json.dumps({"model": "qwen3", "prompt": "x" * 300}).encode()
+        message = self.assert_error(
+            self.request("POST", "/v1/completions", body), 413, "request_too_large"
+        )
+        self.assertIn("max_body_bytes", message)
+
+    def test_unknown_endpoint_is_404(self) -> None:
+        self.assert_error(self.request("GET", "/v2/things"), 404, "unknown_url")
+
+    def test_wrong_method_is_405_with_allow(self) -> None:
+        status, headers, body = self.request("GET", "/v1/chat/completions")
+        self.assert_error((status, headers, body), 405, "method_not_allowed")
+        self.assertIn("POST", headers.getRawHeaders("allow")[0])
+
+    def test_request_when_not_running_is_503_not_a_hang(self) -> None:
+        # The manager service was never started: the answer is a clear 503 with Retry-After.
+        status, headers, body = self.request("POST", "/v1/chat/completions", b'{"model": "gemma"}')
+        self.assert_error((status, headers, body), 503, "backend_unavailable")
+        self.assertEqual(headers.getRawHeaders("retry-after"), ["5"])

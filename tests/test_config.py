@@ -1,0 +1,108 @@
+"""Configuration loading: the seed's file unchanged, precise errors, the check-config command."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from llmswap.__main__ import main
+from llmswap.config import ConfigError, load, parse
+
+SEED = textwrap.dedent(
+    """\
+    queue_size: 50
+    request_timeout: 600
+    models:
+      qwen3-coder:
+        container_name: qwen3-server
+        backend_url: http://localhost:8081/v1
+        health_url: http://localhost:8081/health
+        startup_timeout: 120
+      gpt-oss-120b:
+        container_name: gptoss-server
+        backend_url: http://localhost:8082/v1
+        health_url: http://localhost:8082/health
+        startup_timeout: 180
+    """
+)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "llmswap.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_seed_config_loads_unchanged(tmp_path: Path) -> None:
+    config = load(write(tmp_path, SEED))
+    assert (config.queue_size, config.request_timeout) == (50, 600)
+    model = config.models["qwen3-coder"]
+    assert model.kind == "docker"
+    assert model.container_name == "qwen3-server"
+    assert model.health_url == "http://localhost:8081/health"
+    assert model.startup_timeout == 120
+    assert config.listen == "tcp:8888"
+
+
+def test_process_model_with_string_cmd_and_derived_health_url() -> None:
+    config = parse(
+        {"models": {"m": {"backend_url": "http://127.0.0.1:9000/v1/", "cmd": "srv --port '9000'"}}}
+    )
+    m = config.models["m"]
+    assert m.cmd == ("srv", "--port", "9000")
+    assert m.backend_url == "http://127.0.0.1:9000/v1"
+    assert m.health_url == "http://127.0.0.1:9000/health"
+    assert m.startup_timeout == 180
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            SEED.replace("startup_timeout: 120", "startup_timout: 120"),
+            "unknown key 'models.qwen3-coder.startup_timout' (did you mean 'startup_timeout'?)",
+        ),
+        ("queue_sise: 3\nmodels: {}\n", "unknown key 'queue_sise' (did you mean 'queue_size'?)"),
+        ("models:\n  m: {backend_url: 'http://x/v1'}\n", "needs exactly one of 'container_name'"),
+        ("models:\n  m: {cmd: x}\n", "'models.m.backend_url' is required"),
+        ("models:\n  m: {cmd: x, backend_url: 'localhost:8081'}\n", "must be an http(s) URL"),
+        (
+            "queue_size: 0\nmodels:\n  m: {cmd: x, backend_url: 'http://x/v1'}\n",
+            "'queue_size' must be greater than 0",
+        ),
+        (
+            "queue_size: 2.5\nmodels:\n  m: {cmd: x, backend_url: 'http://x/v1'}\n",
+            "'queue_size' must be a whole number",
+        ),
+        (
+            "models:\n  m: {cmd: x, backend_url: 'http://x/v1', startup_timeout: soon}\n",
+            "'models.m.startup_timeout' must be a number",
+        ),
+        ("models: [a, b]\n", "'models' must map"),
+        ("models:\n  m: {cmd: x, backend_url: 'http://x/v1'\n", "not valid YAML"),
+    ],
+)
+def test_invalid_configs_name_the_offending_key(tmp_path: Path, text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load(write(tmp_path, text))
+    assert expected in str(e.value)
+
+
+def test_check_config_prints_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["check-config", str(write(tmp_path, SEED))]) == 0
+    out = capsys.readouterr().out
+    assert "2 models" in out
+    assert "qwen3-coder: http://localhost:8081/v1 (container qwen3-server" in out
+
+
+def test_check_config_fails_with_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, SEED.replace("backend_url", "backend_ur", 1))
+    assert main(["check-config", str(path)]) == 1
+    assert "unknown key 'models.qwen3-coder.backend_ur'" in capsys.readouterr().err
+
+
+def test_example_config_is_valid() -> None:
+    config = load(Path(__file__).parent.parent / "llmswap.yaml")
+    assert config.models

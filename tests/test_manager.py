@@ -1,0 +1,174 @@
+"""The swap manager's timing rules, on a Clock, with an in-memory backend and health endpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
+from twisted.trial import unittest
+from zope.interface import implementer
+
+from llmswap.config import parse
+from llmswap.errors import APIError
+from llmswap.interfaces import IBackend
+from llmswap.manager import SwapManager
+
+
+@implementer(IBackend)
+class MemoryBackend:
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name = name
+        self.running = False
+        self.healthy = True
+        self.log = log
+        self._exit: Callable[[str], None] | None = None
+
+    def start(self) -> Deferred[None]:
+        self.log.append(f"start {self.name}")
+        self.running = True
+        return succeed(None)
+
+    def stop(self) -> Deferred[None]:
+        if self.running:
+            self.log.append(f"stop {self.name}")
+        self.running = False
+        return succeed(None)
+
+    def adopt(self) -> Deferred[bool]:
+        return succeed(False)
+
+    def shutdown(self) -> Deferred[None]:
+        return self.stop()
+
+    def alive(self) -> bool:
+        return self.running
+
+    def on_exit(self, callback: Callable[[str], None]) -> None:
+        self._exit = callback
+
+    def crash(self) -> None:
+        self.running = False
+        assert self._exit is not None
+        self._exit("exited with code 9")
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    def failure_detail(self) -> str:
+        return "exited with code 9"
+
+
+class _Response:
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def collect(self, _: Any) -> Deferred[None]:
+        return succeed(None)
+
+
+class MemoryHTTP:
+    """Answers health polls from the backends' ``healthy`` flags (port = index)."""
+
+    def __init__(self, backends: dict[str, MemoryBackend]) -> None:
+        self.backends = backends
+
+    def get(self, url: str) -> Deferred[_Response]:
+        name = url.split("/")[2].split(":")[0]
+        b = self.backends[name]
+        return succeed(_Response(200 if b.running and b.healthy else 503))
+
+
+class ManagerTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.events: list[str] = []
+        self.config = parse(
+            {
+                "queue_size": 2,
+                "request_timeout": 30,
+                "models": {
+                    n: {"backend_url": f"http://{n}:1/v1", "cmd": "x", "startup_timeout": 10}
+                    for n in ("a", "b")
+                },
+            }
+        )
+        self.backends = {n: MemoryBackend(n, self.events) for n in ("a", "b")}
+        self.manager = SwapManager(
+            self.config, self.backends, MemoryHTTP(self.backends), self.clock
+        )
+        self.manager.startService()
+        self.addCleanup(self.manager.stopService)
+
+    def test_swap_stops_the_old_backend_before_starting_the_new(self) -> None:
+        lease = self.successResultOf(self.manager.acquire("a"))
+        lease.release()
+        lease = self.successResultOf(self.manager.acquire("b"))
+        lease.release()
+        self.assertEqual(self.events, ["start a", "stop a", "start b"])
+
+    def test_next_request_waits_for_the_lease_of_the_current_one(self) -> None:
+        first = self.successResultOf(self.manager.acquire("a"))
+        second = self.manager.acquire("b")
+        self.assertNoResult(second)
+        self.assertEqual(self.events, ["start a"])
+        first.release()
+        self.successResultOf(second)
+        self.assertEqual(self.events, ["start a", "stop a", "start b"])
+
+    def test_startup_timeout_fails_the_request_and_stops_the_backend(self) -> None:
+        self.backends["a"].healthy = False
+        d = self.manager.acquire("a")
+        self.clock.advance(9.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.2)
+        err = self.failureResultOf(d, APIError).value
+        self.assertEqual(err.status, 504)
+        self.assertIn("startup_timeout of 10 s", err.message)
+        self.assertFalse(self.backends["a"].running)
+        self.assertEqual(self.manager.health()["models"]["a"]["state"], "failed")
+
+    def test_queue_wait_times_out_with_504(self) -> None:
+        self.successResultOf(self.manager.acquire("a"))  # held, never released
+        waiting = self.manager.acquire("a")
+        self.clock.advance(30)
+        err = self.failureResultOf(waiting, APIError).value
+        self.assertEqual((err.status, err.code), (504, "queue_timeout"))
+        self.assertEqual(self.manager.health()["queue_size"], 0)
+
+    def test_queue_full_raises_503(self) -> None:
+        self.successResultOf(self.manager.acquire("a"))
+        for model in ("a", "b"):
+            self.manager.acquire(model).addErrback(lambda f: f.trap(APIError))
+        with self.assertRaises(APIError) as ctx:
+            self.manager.acquire("b")
+        self.assertEqual(ctx.exception.status, 503)
+        self.assertEqual(ctx.exception.message, "Queue full (2 requests). Try again later.")
+
+    def test_cancelled_waiting_request_never_causes_a_swap(self) -> None:
+        held = self.successResultOf(self.manager.acquire("a"))
+        leaving = self.manager.acquire("b")
+        leaving.cancel()
+        self.failureResultOf(leaving)
+        held.release()
+        self.assertEqual(self.events, ["start a"])
+        self.assertEqual(self.manager.health()["queue_size"], 0)
+
+    def test_backend_crash_is_reported_and_the_next_request_restarts_it(self) -> None:
+        self.successResultOf(self.manager.acquire("a")).release()
+        self.backends["a"].crash()
+        health = self.manager.health()
+        self.assertEqual(health["models"]["a"]["state"], "failed")
+        self.assertIn("exited with code 9", health["models"]["a"]["error"])
+        self.assertIsNone(health["current_model"])
+        self.successResultOf(self.manager.acquire("a")).release()
+        self.assertEqual(self.events, ["start a", "start a"])
+
+    def test_stop_answers_waiting_requests_with_503(self) -> None:
+        self.successResultOf(self.manager.acquire("a"))
+        waiting = self.manager.acquire("b")
+        self.manager.stopService()
+        err = self.failureResultOf(waiting, APIError).value
+        self.assertEqual(err.status, 503)
+        self.assertFalse(self.backends["a"].running)
