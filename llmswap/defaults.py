@@ -11,8 +11,8 @@ from pathlib import Path
 
 from llmswap.config import Config, ConfigError, ModelConfig
 
-# Beside each other so a user sees them in `ss -ltnp`; only one listens at a time.
-CHAT_PORT, CREATIVE_PORT, EMBED_PORT = 18081, 18082, 18083
+# Three consecutive ports from here; only one of them listens at a time.
+BASE_PORT = 18081
 
 
 def llama_assets(cache_dir: Path | None = None) -> tuple[str, str]:
@@ -43,11 +43,11 @@ def _llama(name: str, binary: str, gguf: str, port: int, *extra: str) -> ModelCo
     )
 
 
-def default_config() -> Config:
+def default_config(base_port: int = BASE_PORT) -> Config:
     binary, gguf = llama_assets()
     models = [
-        _llama("gemma3", binary, gguf, CHAT_PORT, "-c", "4096", "--temp", "0.7"),
-        _llama("gemma3-creative", binary, gguf, CREATIVE_PORT, "-c", "2048", "--temp", "1.2"),
-        _llama("gemma3-embed", binary, gguf, EMBED_PORT, "--embeddings", "--pooling", "mean"),
+        _llama("gemma3", binary, gguf, base_port, "-c", "4096", "--temp", "0.7"),
+        _llama("gemma3-creative", binary, gguf, base_port + 1, "-c", "2048", "--temp", "1.2"),
+        _llama("gemma3-embed", binary, gguf, base_port + 2, "--embeddings", "--pooling", "mean"),
     ]
     return Config(models={m.name: m for m in models}, source="<built-in llama.cpp models>")

@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.server import Site
 
 from llmswap.backends.docker import DockerBackend, DockerClientProvider
@@ -32,6 +32,8 @@ from llmswap.resource import OpenAIResource
 
 class _Connections(WrappingFactory):
     """Tracks open client connections so shutdown can hang up idle keep-alive clients."""
+
+    noisy = False
 
     @inlineCallbacks
     def close_all(self, clock: Any) -> Any:
@@ -84,6 +86,14 @@ class HTTPService(Service):
         return port.stopListening()  # type: ignore[no-any-return]
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):
+    noisy = False  # one log line per backend connection is noise, not information
+
+
+class _QuietPool(HTTPConnectionPool):
+    _factory = _QuietClientFactory
+
+
 class _PoolService(Service):
     """Closes the kept-alive backend connections on shutdown so the reactor stops cleanly."""
 
@@ -119,7 +129,7 @@ class LLMSwapService(MultiService):
     def __init__(self, config: Config, reactor: Any) -> None:
         super().__init__()
         self.config = config
-        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool = _QuietPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 32
         pool.retryAutomatically = False
         http = HTTPClient(Agent(reactor, pool=pool))

@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import attrs
 import openai
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
 
-from llmswap.config import parse
+from llmswap.config import Config, parse
 from llmswap.service import LLMSwapService, make_service
 
 FAKE = str(Path(__file__).with_name("fakebackend.py"))
@@ -62,6 +63,13 @@ class Daemon:
         raw.update(globals_)
         self.config = parse(raw)
         self.service: LLMSwapService = make_service(self.config, reactor)
+
+    @classmethod
+    def from_config(cls, config: Config, log_dir: str) -> Daemon:
+        self = cls.__new__(cls)
+        self.config = attrs.evolve(config, listen="tcp:0:interface=127.0.0.1", log_dir=log_dir)
+        self.service = make_service(self.config, reactor)
+        return self
 
     def start(self) -> None:
         self.service.startService()

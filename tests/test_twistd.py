@@ -1,0 +1,168 @@
+"""llmswap as users launch it: `twistd llmswap` in a real subprocess, signals, packaging."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import yaml
+
+from tests.fakebackend import live_peers
+from tests.support import fake_model, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+TWISTD = str(Path(sys.executable).with_name("twistd"))
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return json.load(r)
+
+
+def wait_listening(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+        try:
+            get_json(url + "/health")
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError("llmswap did not start listening")
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Any:
+    ledger = str(tmp_path / "ledger")
+    config = {
+        "log_dir": str(tmp_path / "logs"),
+        "models": {"alpha": fake_model("alpha", ledger), "beta": fake_model("beta", ledger)},
+    }
+    cfg = tmp_path / "llmswap.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            TWISTD,
+            "-n",
+            "--pidfile=",
+            "llmswap",
+            "--config",
+            str(cfg),
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_listening(url, proc)
+        yield proc, url, ledger
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_twistd_serves_swaps_survives_sighup_and_stops_cleanly_on_sigterm(daemon: Any) -> None:
+    proc, url, ledger = daemon
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
+    first = client.chat.completions.create(
+        model="alpha", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert first.choices[0].message.content == "Hello from alpha"
+    proc.send_signal(signal.SIGHUP)
+    second = client.chat.completions.create(
+        model="beta", messages=[{"role": "user", "content": "hi"}]
+    )
+    assert second.choices[0].message.content == "Hello from beta"
+    assert get_json(url + "/health")["current_model"] == "beta"
+    assert len(live_peers(ledger)) == 1
+
+    proc.send_signal(signal.SIGTERM)
+    # twistd re-raises the signal after a clean shutdown, so the exit status says "SIGTERM".
+    assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    output = proc.stdout.read().decode() if proc.stdout else ""
+    assert "Server Shut Down." in output
+    assert live_peers(ledger) == []
+    assert "swap alpha -> beta: stop" in output
+    assert "model=beta stream=False status=200 queue_wait=" in output
+    assert "SIGHUP: reopening backend log files" in output
+    assert "Traceback" not in output
+
+
+def test_twistd_refuses_a_bad_config_naming_the_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("models:\n  m: {cmd: x, backend_url: 'http://x/v1', startup_timeot: 3}\n")
+    result = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "llmswap", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert result.returncode != 0
+    assert "unknown key 'models.m.startup_timeot' (did you mean 'startup_timeout'?)" in (
+        result.stdout + result.stderr
+    )
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_plugin_is_found_after_a_plain_pip_install(tmp_path: Path) -> None:
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(ROOT),
+        ],
+        check=True,
+        timeout=600,
+    )
+    assert (target / "twisted" / "plugins" / "llmswap_plugin.py").exists()
+    # -S: no .pth processing, so the repository's editable install is invisible; llmswap and
+    # its plugin can only come from the pip-installed copy.
+    env = {**os.environ, "PYTHONPATH": f"{target}:{sysconfig.get_paths()['purelib']}"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-S",
+            "-c",
+            "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()",
+            "llmswap",
+            "--help",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert "--config" in result.stdout, result.stderr
+    where = subprocess.run(
+        [sys.executable, "-S", "-c", "import llmswap; print(llmswap.__file__)"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        check=True,
+    )
+    assert where.stdout.startswith(str(target))
