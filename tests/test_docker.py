@@ -1,0 +1,264 @@
+"""Container backends against a real Docker engine (started by `make docker-up`).
+
+No registry is reachable, so the image is an empty rootfs made with `docker import`; the host's
+system directories, Python and this repository are bind-mounted read-only, and containers share the
+host's network (ports on 127.0.0.1) and PID namespace (so every fake backend's /proc watchdog, and
+ours, sees all of them).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import tarfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+from twisted.trial import unittest
+
+from tests.fakebackend import live_peers
+from tests.support import FAKE, Daemon, free_port, read_ledger, wait_for
+
+pytestmark = pytest.mark.docker
+
+IMAGE = "llmswap-test-rootfs:latest"
+ROOT = Path(__file__).resolve().parent.parent
+HI = [{"role": "user", "content": "hi"}]
+
+
+def docker(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["docker", *args], capture_output=True, text=True, check=check, timeout=120
+    )
+
+
+def ensure_image() -> None:
+    if docker("image", "inspect", IMAGE, check=False).returncode == 0:
+        return
+    empty = io.BytesIO()
+    tarfile.open(fileobj=empty, mode="w").close()
+    subprocess.run(
+        ["docker", "import", "-", IMAGE], input=empty.getvalue(), check=True, capture_output=True
+    )
+
+
+def host_mounts(*extra: str) -> list[str]:
+    dirs = {"/usr", "/lib", "/lib64", "/bin", sys.base_prefix, sys.prefix, str(ROOT), *extra}
+    args: list[str] = []
+    for d in sorted(dirs):
+        if os.path.exists(d):
+            args += ["-v", f"{d}:{d}:ro" if d not in extra else f"{d}:{d}"]
+    return args
+
+
+class DockerTestCase(unittest.TestCase):
+    timeout = 180
+
+    def setUp(self) -> None:
+        ensure_image()
+        self.tmp = os.path.abspath(self.mktemp())
+        os.makedirs(self.tmp)
+        self.ledger = os.path.join(self.tmp, "ledger")
+        self.prefix = f"llmswap-test-{uuid.uuid4().hex[:8]}"
+        self.threads = ThreadPool(minthreads=0, maxthreads=8, name="test-clients")
+        self.threads.start()
+        self.addCleanup(self.threads.stop)
+        self.addCleanup(self.remove_containers)
+
+    def remove_containers(self) -> None:
+        names = docker("ps", "-aq", "--filter", f"name={self.prefix}").stdout.split()
+        if names:
+            docker("rm", "-f", *names, check=False)
+
+    def create(self, name: str, *fake_args: str) -> dict[str, Any]:
+        """`docker create` a fake backend container; return its llmswap model entry."""
+        port = free_port()
+        container = f"{self.prefix}-{name}"
+        docker(
+            "create", "--name", container, "--network", "host", "--pid", "host",
+            *host_mounts(self.tmp), IMAGE,
+            sys.executable, FAKE, "--port", str(port), "--name", name,
+            "--ledger", self.ledger, *fake_args,
+        )  # fmt: skip
+        return {
+            "container_name": container,
+            "backend_url": f"http://127.0.0.1:{port}/v1",
+            "health_url": f"http://127.0.0.1:{port}/health",
+            "startup_timeout": 30,
+            "stop_timeout": 3,
+        }
+
+    def daemon(self, models: dict[str, Any], **globals_: Any) -> Daemon:
+        d = Daemon(models, os.path.join(self.tmp, "logs"), **globals_)
+        d.start()
+        self.addCleanup(d.stop)
+        return d
+
+    def chat(self, daemon: Daemon, model: str) -> Any:
+        client = daemon.client()
+        return deferToThreadPool(
+            reactor, self.threads, client.chat.completions.create, model=model, messages=HI
+        )
+
+    def starts(self) -> list[str]:
+        return [e["name"] for e in read_ledger(self.ledger) if e["event"] == "start"]
+
+    def state(self, container: str) -> str:
+        return docker("inspect", "-f", "{{.State.Status}}", container).stdout.strip()
+
+
+class DockerBackendTests(DockerTestCase):
+    @inlineCallbacks
+    def test_swap_between_two_containers_one_at_a_time(self) -> Any:
+        models = {"alpha": self.create("alpha"), "beta": self.create("beta")}
+        d = self.daemon(models)
+        for name in ("alpha", "beta", "alpha"):
+            r = yield self.chat(d, name)
+            self.assertEqual(r.choices[0].message.content, f"Hello from {name}")
+        self.assertEqual(self.starts(), ["alpha", "beta", "alpha"])
+        self.assertEqual([e for e in read_ledger(self.ledger) if e["event"] == "overlap"], [])
+        self.assertEqual(self.state(models["alpha"]["container_name"]), "running")
+        self.assertEqual(self.state(models["beta"]["container_name"]), "exited")
+        health = d.service.manager.health()["models"]
+        self.assertEqual(health["alpha"]["container_state"], "running")
+        self.assertEqual(health["beta"]["container_state"], "exited")
+
+    @inlineCallbacks
+    def test_missing_container_says_to_create_it(self) -> Any:
+        d = self.daemon(
+            {
+                "ghost": {
+                    "container_name": f"{self.prefix}-nope",
+                    "backend_url": "http://127.0.0.1:9/v1",
+                }
+            }
+        )
+        import openai
+
+        with self.assertRaises(openai.APIStatusError) as ctx:
+            yield self.chat(d, "ghost")
+        self.assertEqual(ctx.exception.status_code, 503)
+        self.assertIn("does not exist. Create it first", ctx.exception.message)
+
+    @inlineCallbacks
+    def test_unreachable_engine_explains_the_socket_mount(self) -> Any:
+        model = {"container_name": "x", "backend_url": "http://127.0.0.1:9/v1"}
+        d = self.daemon({"m": model}, docker={"base_url": "unix:///nonexistent/docker.sock"})
+        import openai
+
+        with self.assertRaises(openai.APIStatusError) as ctx:
+            yield self.chat(d, "m")
+        self.assertEqual(ctx.exception.status_code, 503)
+        self.assertIn("Cannot reach the Docker engine", ctx.exception.message)
+        self.assertIn("/var/run/docker.sock", ctx.exception.message)
+
+    @inlineCallbacks
+    def test_container_crash_is_reported_with_exit_code_and_restarted(self) -> Any:
+        models = {"crashy": self.create("crashy", "--exit-after", "1.5")}
+        d = self.daemon(models)
+        yield self.chat(d, "crashy")
+        manager = d.service.manager
+        yield wait_for(lambda: manager.health()["models"]["crashy"]["state"] == "failed", 20)
+        info = manager.health()["models"]["crashy"]
+        self.assertEqual(info["exit_code"], 7)
+        self.assertIn("exit code 7", info["error"])
+        r = yield self.chat(d, "crashy")
+        self.assertEqual(r.choices[0].message.content, "Hello from crashy")
+        self.assertEqual(self.starts(), ["crashy", "crashy"])
+
+    @inlineCallbacks
+    def test_container_ignoring_sigterm_is_killed_after_stop_timeout(self) -> Any:
+        models = {
+            "stubborn": self.create("stubborn", "--ignore-sigterm"),
+            "beta": self.create("beta"),
+        }
+        models["stubborn"]["stop_timeout"] = 1
+        d = self.daemon(models)
+        yield self.chat(d, "stubborn")
+        r = yield self.chat(d, "beta")
+        self.assertEqual(r.choices[0].message.content, "Hello from beta")
+        name = models["stubborn"]["container_name"]
+        self.assertEqual(self.state(name), "exited")
+        self.assertEqual(docker("inspect", "-f", "{{.State.ExitCode}}", name).stdout.strip(), "137")
+        self.assertEqual([e for e in read_ledger(self.ledger) if e["event"] == "overlap"], [])
+
+
+class ReconciliationTests(DockerTestCase):
+    @inlineCallbacks
+    def test_two_running_at_start_leaves_one_adopted(self) -> Any:
+        models = {"alpha": self.create("alpha"), "beta": self.create("beta")}
+        for m in models.values():
+            docker("start", m["container_name"])
+        yield wait_for(lambda: sorted(self.starts()) == ["alpha", "beta"], 20)
+        d = self.daemon(models)
+        manager = d.service.manager
+        yield wait_for(lambda: manager.health()["current_model"] is not None, 30)
+        kept = manager.health()["current_model"]
+        other = "beta" if kept == "alpha" else "alpha"
+        self.assertEqual(self.state(models[other]["container_name"]), "exited")
+        self.assertEqual(len(live_peers(self.ledger)), 1)
+        r = yield self.chat(d, kept)
+        self.assertEqual(r.choices[0].message.content, f"Hello from {kept}")
+        self.assertEqual(sorted(self.starts()), ["alpha", "beta"])  # nothing restarted
+
+    @inlineCallbacks
+    def test_restarted_daemon_adopts_the_running_container_without_restarting(self) -> Any:
+        models = {"alpha": self.create("alpha"), "beta": self.create("beta")}
+        first = Daemon(models, os.path.join(self.tmp, "logs"))
+        first.start()
+        yield self.chat(first, "alpha")
+        yield first.stop()
+        self.assertEqual(self.state(models["alpha"]["container_name"]), "running")
+        second = self.daemon(models)
+        manager = second.service.manager
+        yield wait_for(lambda: manager.health()["current_model"] == "alpha", 30)
+        r = yield self.chat(second, "alpha")
+        self.assertEqual(r.choices[0].message.content, "Hello from alpha")
+        self.assertEqual(self.starts(), ["alpha"])
+
+
+class LlamaContainerTests(DockerTestCase):
+    timeout = 300
+
+    @inlineCallbacks
+    def test_swap_between_two_llama_server_containers(self) -> Any:
+        from llmswap.defaults import llama_assets
+        from tests.test_llama import llama_server_groups
+
+        binary, gguf = llama_assets()
+        models: dict[str, Any] = {}
+        for name, extra in (
+            ("chat", ["-c", "2048"]),
+            ("creative", ["-c", "1024", "--temp", "1.2"]),
+        ):
+            port = free_port()
+            container = f"{self.prefix}-{name}"
+            docker(
+                "create", "--name", container, "--network", "host", "--pid", "host",
+                *host_mounts(), "-v", f"{os.path.dirname(gguf)}:{os.path.dirname(gguf)}:ro",
+                IMAGE, os.path.realpath(binary), "-m", gguf, "--host", "127.0.0.1",
+                "--port", str(port), *extra,
+            )  # fmt: skip
+            models[name] = {
+                "container_name": container,
+                "backend_url": f"http://127.0.0.1:{port}/v1",
+                "startup_timeout": 120,
+            }
+        d = self.daemon(models)
+        for name in ("chat", "creative", "chat"):
+            client = d.client(timeout=120)
+            r = yield deferToThreadPool(
+                reactor, self.threads, client.chat.completions.create,
+                model=name, messages=HI, max_tokens=8,
+            )  # fmt: skip
+            self.assertEqual(r.object, "chat.completion")
+            self.assertEqual(len(llama_server_groups()), 1)
+        self.assertEqual(self.state(models["creative"]["container_name"]), "exited")
