@@ -29,6 +29,9 @@ from llmswap.manager import SwapManager
 from llmswap.relay import Relay
 from llmswap.resource import OpenAIResource
 
+# Responses still being written get this long to finish at shutdown.
+_CLOSE_GRACE = 5.0
+
 
 class _Connections(WrappingFactory):
     """Tracks open client connections so shutdown can hang up idle keep-alive clients."""
@@ -49,10 +52,6 @@ class _Connections(WrappingFactory):
 class _Site(Site):
     def log(self, request: Any) -> None:
         """Skip the access log: the resource logs a richer line (model, queue wait)."""
-
-
-# Responses still being written get this long to finish at shutdown.
-_CLOSE_GRACE = 5.0
 
 
 class HTTPService(Service):
@@ -152,8 +151,8 @@ class LLMSwapService(MultiService):
         """Stop children one after another, last started first.
 
         MultiService would stop them all at once; the order matters here: stop listening, then
-        stop the backends (which answers every waiting request), then hang up idle clients and
-        close the backend connection pool.
+        stop the backends (which answers every waiting request), then close the backend
+        connection pool, and last hang up idle keep-alive clients.
         """
         Service.stopService(self)
         for child in reversed(list(self)):

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -37,13 +38,11 @@ def _ledger(event: str, **fields: Any) -> None:
             f.write(line + "\n")
 
 
-def live_peers(ledger: str) -> list[int]:
-    """Process groups of live (non-zombie) fake backends writing to ``ledger``.
+def live_processes() -> Iterator[tuple[int, int, list[bytes]]]:
+    """(pid, process group, argv) of every live process; zombies hold nothing and are skipped.
 
-    Each backend is its own process group (llmswap's doing), so one backend with a freshly
-    forked child is still one group.  Our own group is left out when called from a backend.
+    Read straight from /proc (not from llmswap's code), so tests can use it as a witness.
     """
-    found = set()
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -54,12 +53,24 @@ def live_peers(ledger: str) -> list[int]:
                 fields = f.read().rsplit(b")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        state, pgid = fields[0], int(fields[2])
-        if state == b"Z" or pgid == os.getpgid(0):
-            continue
-        if any(a.endswith(b"fakebackend.py") for a in argv) and ledger.encode() in argv:
-            found.add(pgid)
-    return sorted(found)
+        if fields[0] != b"Z":
+            yield int(pid), int(fields[2]), argv
+
+
+def live_peers(ledger: str) -> list[int]:
+    """Process groups of live fake backends writing to ``ledger``.
+
+    Each backend is its own process group (llmswap's doing), so one backend with a freshly
+    forked child is still one group.  Our own group is left out when called from a backend.
+    """
+    own, marker = os.getpgid(0), ledger.encode()
+    return sorted(
+        {
+            pgid
+            for _, pgid, argv in live_processes()
+            if pgid != own and marker in argv and any(a.endswith(b"fakebackend.py") for a in argv)
+        }
+    )
 
 
 def _watch() -> None:

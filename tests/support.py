@@ -12,7 +12,7 @@ from typing import Any
 import attrs
 import openai
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.task import deferLater
 
 from llmswap.config import Config, parse
@@ -93,9 +93,9 @@ def sleep(seconds: float) -> Deferred[None]:
 
 @inlineCallbacks
 def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> Any:
-    """Poll ``predicate`` on the reactor until true; fail after ``timeout``."""
+    """Poll ``predicate`` (plain or returning a Deferred) until true; fail after ``timeout``."""
     deadline = reactor.seconds() + timeout
-    while not predicate():
+    while not (yield maybeDeferred(predicate)):
         if reactor.seconds() > deadline:
             raise AssertionError(f"condition not met within {timeout} s: {predicate}")
         yield sleep(interval)

@@ -19,8 +19,8 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from tests.fakebackend import live_peers
-from tests.support import Daemon, fake_model, free_port, read_ledger, sleep, wait_for
+from tests.fakebackend import live_peers, live_processes
+from tests.support import Daemon, fake_model, free_port, read_ledger, wait_for
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -31,14 +31,6 @@ def starts(ledger: str) -> list[str]:
 
 def overlaps(ledger: str) -> list[dict[str, Any]]:
     return [e for e in read_ledger(ledger) if e["event"] == "overlap"]
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
 
 
 class DaemonTestCase(unittest.TestCase):
@@ -227,10 +219,7 @@ class FailureTests(DaemonTestCase):
             health.update((yield self.health()))
             return health["models"]["alpha"]["state"] == "failed"
 
-        for _ in range(100):
-            if (yield failed()):
-                break
-            yield sleep(0.1)
+        yield wait_for(failed, timeout=10, interval=0.1)
         self.assertEqual(health["models"]["alpha"]["state"], "failed")
         self.assertIn("exited with code 7", health["models"]["alpha"]["error"])
         self.assertIsNone(health["current_model"])
@@ -276,13 +265,11 @@ class FailureTests(DaemonTestCase):
         response, _ = yield self.post_json("/v1/chat/completions", {"model": "stubborn"})
         pid = int(response.headers.getRawHeaders("x-backend-pid")[0])
         yield self.chat("alpha")
-        self.assertFalse(pid_alive(pid))
-        children = [
-            p
-            for p in os.listdir("/proc")
-            if p.isdigit() and self.ledger.encode() in _cmdline(p) and b"fake-child" in _cmdline(p)
-        ]
-        self.assertEqual([p for p in children if pid_alive(int(p))], [])
+        live = list(live_processes())
+        self.assertNotIn(pid, [p for p, _, _ in live])
+        marker = self.ledger.encode()
+        children = [p for p, _, argv in live if marker in argv and b"fake-child" in argv]
+        self.assertEqual(children, [])
         self.assert_one_at_a_time()
 
     @inlineCallbacks
@@ -293,14 +280,6 @@ class FailureTests(DaemonTestCase):
         response, body = yield self.post_json("/v1/chat/completions", {"model": "ghost"})
         self.assertEqual(response.code, 503)
         self.assertIn("'/nonexistent/llama' not found", body["error"]["message"])
-
-
-def _cmdline(pid: str) -> bytes:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read()
-    except OSError:
-        return b""
 
 
 class QueueTests(DaemonTestCase):
@@ -381,7 +360,7 @@ class ConcurrencyTests(DaemonTestCase):
 
         def sample() -> None:
             # Our own look at the OS, beside each fake's own watchdog.
-            seen_alive.append(len(_fakes_alive(self.ledger)))
+            seen_alive.append(len(live_peers(self.ledger)))
 
         sampler = LoopingCall(sample)
         sampler.start(0.005)
@@ -409,11 +388,6 @@ class ConcurrencyTests(DaemonTestCase):
         self.assertGreater(len(starts(self.ledger)), 3)
 
 
-def _fakes_alive(ledger: str) -> list[int]:
-    """Process groups of live fake backends (the test process's own group is never one)."""
-    return live_peers(ledger)
-
-
 class ShutdownTests(DaemonTestCase):
     @inlineCallbacks
     def test_stopping_the_daemon_stops_backends_and_answers_the_queue(self) -> Any:
@@ -429,7 +403,7 @@ class ShutdownTests(DaemonTestCase):
         queued = self.post_json("/v1/chat/completions", {"model": "alpha"})
         yield wait_for(lambda: daemon.service.manager.health()["queue_size"] == 1)
         yield daemon.stop()
-        self.assertEqual(_fakes_alive(self.ledger), [])
+        self.assertEqual(live_peers(self.ledger), [])
         for d in (loading, queued):
             r, body = yield d
             self.assertEqual(r.code, 503)

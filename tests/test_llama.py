@@ -17,6 +17,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
 from llmswap.defaults import default_config, llama_assets
+from tests.fakebackend import live_processes
 from tests.support import Daemon, free_port
 
 HI = [{"role": "user", "content": "Write one short sentence about the sea."}]
@@ -24,20 +25,12 @@ HI = [{"role": "user", "content": "Write one short sentence about the sea."}]
 
 def llama_server_groups() -> set[int]:
     """Process groups of live llama-server processes (each backend is its own group)."""
-    binary = os.path.realpath(llama_assets()[0]).encode()
-    groups = set()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            exe = os.readlink(f"/proc/{pid}/exe").encode()
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if exe == binary and fields[0] != b"Z":
-            groups.add(int(fields[2]))
-    return groups
+    binary = os.path.realpath(llama_assets()[0])
+    return {
+        pgid
+        for _, pgid, argv in live_processes()
+        if argv[0] and os.path.realpath(argv[0].decode()) == binary
+    }
 
 
 class LlamaServerTests(unittest.TestCase):
