@@ -214,6 +214,7 @@ class Handler(BaseHTTPRequestHandler):
                 "created": int(time.time()),
                 "model": ARGS.name,
                 "choices": [{"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}],
+                "generated_at": time.time(),  # lets tests order arrival against generation
             }
             self._chunk(b"data: " + json.dumps(event).encode() + b"\n\n")
             time.sleep(ARGS.token_delay)
