@@ -19,7 +19,24 @@ from urllib.parse import urlsplit, urlunsplit
 import attrs
 import yaml
 
+from llmswap.scheduler import POLICIES, SWAP_AWARE
+
 DEFAULT_LISTEN = "tcp:8888"
+# The device every model occupies in full when no devices are declared: one model at a time.
+IMPLICIT_DEVICE = "default"
+_UNITS = {
+    "": 2**30,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "k": 2**10,
+    "m": 2**20,
+    "g": 2**30,
+}
 
 
 class ConfigError(ValueError):
@@ -48,6 +65,13 @@ class ModelConfig:
     cmd: tuple[str, ...] | None = None
     env: Mapping[str, str] = attrs.field(factory=dict)
     cwd: str | None = None
+    concurrency: int = 1
+    ttl: float | None = None
+    max_wait_before_swap: float = 60.0
+    drain_timeout: float = 600.0
+    device: str = IMPLICIT_DEVICE
+    # Bytes on ``device``; None means the whole device.
+    memory: int | None = None
 
     @property
     def kind(self) -> str:
@@ -64,7 +88,25 @@ class Config:
     max_body_bytes: int = 16 * 1024 * 1024
     log_dir: str | None = None
     docker: DockerEngine = DockerEngine()
+    scheduler: str = SWAP_AWARE
+    priority_header: str | None = None
+    keepalive_interval: float = 5.0
+    preload: tuple[str, ...] = ()
+    # Device name -> memory budget in bytes; empty means one implicit device, one model.
+    devices: Mapping[str, int] = attrs.field(factory=dict)
     source: str = "<built-in>"
+
+    def footprint(self, model: str) -> tuple[str, float]:
+        """The device a model occupies and the share of it, for the scheduler."""
+        m = self.models[model]
+        if not self.devices:
+            return IMPLICIT_DEVICE, 1.0
+        return m.device, float(m.memory if m.memory is not None else self.devices[m.device])
+
+    def capacities(self) -> dict[str, float]:
+        if not self.devices:
+            return {IMPLICIT_DEVICE: 1.0}
+        return {name: float(size) for name, size in self.devices.items()}
 
 
 _GLOBAL_KEYS = (
@@ -76,6 +118,13 @@ _GLOBAL_KEYS = (
     "max_body_bytes",
     "log_dir",
     "docker",
+    "scheduler",
+    "max_wait_before_swap",
+    "drain_timeout",
+    "priority_header",
+    "keepalive_interval",
+    "preload",
+    "devices",
 )
 _MODEL_KEYS = (
     "backend_url",
@@ -86,6 +135,12 @@ _MODEL_KEYS = (
     "cmd",
     "env",
     "cwd",
+    "concurrency",
+    "ttl",
+    "max_wait_before_swap",
+    "drain_timeout",
+    "device",
+    "memory",
 )
 _DOCKER_KEYS = ("base_url", "timeout", "stop_on_exit")
 
@@ -135,6 +190,27 @@ def _string(mapping: Mapping[str, Any], key: str, where: str) -> str | None:
     return value
 
 
+def _size(value: Any, path: str) -> int:
+    """A memory size: ``24GiB``, ``8000MiB``, ``16GB``; a bare number is GiB."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        number, unit = float(value), ""
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        digits = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(digits) :]
+        try:
+            number = float(digits)
+        except ValueError:
+            number, unit = -1.0, unit
+    else:
+        number, unit = -1.0, ""
+    if number <= 0 or unit not in _UNITS:
+        raise ConfigError(
+            f"'{path}' must be a memory size like 24GiB, 8000MiB or 16GB, got {value!r}"
+        )
+    return int(number * _UNITS[unit])
+
+
 def _url(value: str, path: str) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -153,7 +229,7 @@ def derive_health_url(backend_url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, path + "/health", "", ""))
 
 
-def _model(name: str, raw: Any) -> ModelConfig:
+def _model(name: str, raw: Any, defaults: Mapping[str, Any]) -> ModelConfig:
     where = f"models.{name}"
     if not isinstance(raw, Mapping):
         raise ConfigError(f"'{where}' must be a mapping of settings, got {raw!r}")
@@ -187,6 +263,8 @@ def _model(name: str, raw: Any) -> ModelConfig:
         raise ConfigError(f"'{where}.env' must be a mapping of NAME: value")
     if container is not None and ("env" in raw or "cwd" in raw):
         raise ConfigError(f"'{where}': 'env' and 'cwd' apply to 'cmd' models, not containers")
+    ttl = raw.get("ttl")
+    memory = raw.get("memory")
     return ModelConfig(
         name=name,
         backend_url=backend_url,
@@ -197,6 +275,14 @@ def _model(name: str, raw: Any) -> ModelConfig:
         cmd=cmd,
         env={str(k): str(v) for k, v in env_raw.items()},
         cwd=_string(raw, "cwd", where),
+        concurrency=_number(raw, "concurrency", where, 1, integer=True),
+        ttl=None if ttl is None else float(_number(raw, "ttl", where, 0)),
+        max_wait_before_swap=float(
+            _number(raw, "max_wait_before_swap", where, defaults["max_wait_before_swap"])
+        ),
+        drain_timeout=float(_number(raw, "drain_timeout", where, defaults["drain_timeout"])),
+        device=_string(raw, "device", where) or IMPLICIT_DEVICE,
+        memory=None if memory is None else _size(memory, f"{where}.memory"),
     )
 
 
@@ -208,11 +294,21 @@ def parse(data: Any, source: str = "<string>") -> Config:
     models_raw = data.get("models")
     if not isinstance(models_raw, Mapping) or not models_raw:
         raise ConfigError("'models' must map at least one model name to its settings")
+    request_timeout = float(_number(data, "request_timeout", "", 600.0))
+    defaults = {
+        "max_wait_before_swap": float(_number(data, "max_wait_before_swap", "", 60.0)),
+        "drain_timeout": float(_number(data, "drain_timeout", "", request_timeout)),
+    }
     models: dict[str, ModelConfig] = {}
     for name, raw in models_raw.items():
         if not isinstance(name, str) or not name:
             raise ConfigError(f"model names must be non-empty strings, got {name!r}")
-        models[name] = _model(name, raw)
+        models[name] = _model(name, raw, defaults)
+    devices = _devices(data.get("devices"), models)
+    preload = _preload(data.get("preload"), models, devices)
+    policy = data.get("scheduler", SWAP_AWARE)
+    if policy not in POLICIES:
+        raise ConfigError(f"'scheduler' must be one of {', '.join(POLICIES)}, got {policy!r}")
 
     docker_raw = data.get("docker", {}) or {}
     if not isinstance(docker_raw, Mapping):
@@ -228,7 +324,7 @@ def parse(data: Any, source: str = "<string>") -> Config:
         models=models,
         listen=listen,
         queue_size=_number(data, "queue_size", "", 50, integer=True),
-        request_timeout=float(_number(data, "request_timeout", "", 600.0)),
+        request_timeout=request_timeout,
         health_interval=float(_number(data, "health_interval", "", 0.05)),
         max_body_bytes=_number(data, "max_body_bytes", "", 16 * 1024 * 1024, integer=True),
         log_dir=log_dir,
@@ -237,8 +333,82 @@ def parse(data: Any, source: str = "<string>") -> Config:
             timeout=float(_number(docker_raw, "timeout", "docker", 60.0)),
             stop_on_exit=_flag(docker_raw, "stop_on_exit", "docker"),
         ),
+        scheduler=policy,
+        priority_header=_string(data, "priority_header", ""),
+        keepalive_interval=float(_number(data, "keepalive_interval", "", 5.0)),
+        preload=preload,
+        devices=devices,
         source=source,
     )
+
+
+def _devices(raw: Any, models: dict[str, ModelConfig]) -> dict[str, int]:
+    """Validate memory budgets: every model must fit its device on its own."""
+    if raw is None:
+        for m in models.values():
+            if m.memory is not None or m.device != IMPLICIT_DEVICE:
+                raise ConfigError(
+                    f"'models.{m.name}' declares 'memory'/'device' but no 'devices' are declared "
+                    "(e.g. devices: {gpu0: {memory: 24GiB}})"
+                )
+        return {}
+    if not isinstance(raw, Mapping) or not raw:
+        raise ConfigError("'devices' must map device names to {memory: SIZE}")
+    devices: dict[str, int] = {}
+    for name, spec in raw.items():
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"'devices.{name}' must be a mapping like {{memory: 24GiB}}")
+        _check_keys(spec, ("memory",), f"devices.{name}")
+        if "memory" not in spec:
+            raise ConfigError(f"'devices.{name}.memory' is required (e.g. 24GiB)")
+        devices[str(name)] = _size(spec["memory"], f"devices.{name}.memory")
+    only = next(iter(devices)) if len(devices) == 1 else None
+    for name, m in list(models.items()):
+        device = m.device
+        if device == IMPLICIT_DEVICE:
+            if only is None:
+                raise ConfigError(
+                    f"'models.{name}.device' is required when several devices are declared "
+                    f"({', '.join(devices)})"
+                )
+            device = only
+        if device not in devices:
+            raise ConfigError(
+                f"'models.{name}.device' names unknown device {device!r}; "
+                f"declared: {', '.join(devices)}"
+            )
+        if m.memory is not None and m.memory > devices[device]:
+            raise ConfigError(
+                f"'models.{name}.memory' ({m.memory / 2**30:.1f} GiB) exceeds device "
+                f"'{device}' ({devices[device] / 2**30:.1f} GiB): it can never be loaded"
+            )
+        models[name] = attrs.evolve(m, device=device)
+    return devices
+
+
+def _preload(
+    raw: Any, models: Mapping[str, ModelConfig], devices: Mapping[str, int]
+) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
+        raise ConfigError("'preload' must be a list of model names")
+    for name in raw:
+        if name not in models:
+            close = difflib.get_close_matches(name, list(models), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"'preload' names unknown model {name!r}{hint}")
+    used: dict[str, int] = {}
+    for name in dict.fromkeys(raw):
+        m = models[name]
+        size = devices.get(m.device, 1)
+        used[m.device] = used.get(m.device, 0) + (m.memory if m.memory is not None else size)
+        if used[m.device] > size:
+            raise ConfigError(
+                f"'preload' models do not fit together on device '{m.device}' "
+                "(without 'devices' only one model can be loaded at a time)"
+            )
+    return tuple(dict.fromkeys(raw))
 
 
 def load(path: str | os.PathLike[str]) -> Config:

@@ -1,17 +1,20 @@
-"""The swap manager: a bounded queue of requests, one worker, and a lock around every swap.
+"""The swap manager: a bounded queue of requests, a scheduling policy, and a lock around swaps.
 
-Requests enter a bounded :class:`DeferredQueue` as tickets.  One worker takes them in arrival
-order, makes sure the ticket's model is the one loaded (the swap routine, run under a
-:class:`DeferredLock` that also guards shutdown), and hands the request a :class:`Lease` on the
-backend.  The worker takes the next ticket only after the lease is released, i.e. after the last
-byte of the response was relayed: that is how a stream can never overlap the next model's load.
+Requests enter a bounded :class:`DeferredQueue` as tickets; an intake loop moves them to the
+waiting set, and after every event (arrival, release, load finished, a wait bound or TTL expiring)
+the manager asks :func:`llmswap.scheduler.decide` what to do: which waiting tickets get a
+:class:`Lease` on a ready backend, and which model to load or unload.  Loads and unloads run one
+at a time under a :class:`DeferredLock` that also guards shutdown.
 
-A swap stops every other running backend and waits until each is confirmed gone before it starts
-the next one; with one GPU, "stopped" must mean "memory freed", not "signal sent".
+A lease is held until the last byte of the response was relayed, so a stream never overlaps a
+load that needs its memory: an evicted model first drains (no new admissions, in-flight requests
+finish within ``drain_timeout``), then is stopped and confirmed gone ("stopped" must mean "memory
+freed", not "signal sent"), and only then does the next model start.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -23,13 +26,14 @@ from twisted.internet.defer import (
     DeferredLock,
     DeferredQueue,
     QueueOverflow,
+    TimeoutError,
     inlineCallbacks,
 )
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from llmswap import errors
+from llmswap import errors, scheduler
 from llmswap.config import Config
 from llmswap.health import BackendDied, wait_healthy
 from llmswap.interfaces import IBackend
@@ -39,8 +43,10 @@ log = Logger()
 STOPPED = "stopped"
 STARTING = "starting"
 READY = "ready"
+DRAINING = "draining"
 STOPPING = "stopping"
 FAILED = "failed"
+_RESIDENT = (STARTING, READY, DRAINING, STOPPING)
 
 
 @attrs.define(eq=False)
@@ -49,6 +55,9 @@ class ModelStatus:
     error: str | None = None
     since: float = 0.0
     last_load_seconds: float | None = None
+    in_flight: int = 0
+    last_used: float = 0.0
+    idle: list[Deferred[None]] = attrs.field(factory=list)
 
 
 @attrs.define(eq=False)
@@ -58,23 +67,28 @@ class Lease:
     model: str
     backend_url: str
     waited: float
-    _done: Deferred[None] = attrs.field(factory=Deferred)
+    position: int
+    _on_release: Callable[[Lease], None] | None = None
 
     def release(self) -> None:
-        if not self._done.called:
-            self._done.callback(None)
+        callback, self._on_release = self._on_release, None
+        if callback is not None:
+            callback(self)
 
 
 @attrs.define(eq=False)
 class _Ticket:
+    seq: int
     model: str
     enqueued: float
+    priority: int
+    position: int
     waiter: Deferred[Lease]
     dropped: bool = False
 
 
 class SwapManager(Service):
-    """Owns the backends; at most one of them runs at any moment."""
+    """Owns the backends and decides which of them run; never more than the budget allows."""
 
     name = "swap-manager"
 
@@ -90,12 +104,18 @@ class SwapManager(Service):
         self._http = http
         self._clock = clock
         self._queue: DeferredQueue[_Ticket] = DeferredQueue(size=config.queue_size, backlog=1)
+        self._waiting: list[_Ticket] = []
         self._lock = DeferredLock()
-        self._current: str | None = None
-        self._in_flight: Lease | None = None
-        self._serving: _Ticket | None = None
+        self._seq = itertools.count()
+        self._leases: set[Lease] = set()
         self._status = {name: ModelStatus(since=clock.seconds()) for name in backends}
-        self._worker: Deferred[None] | None = None
+        self._intake: Deferred[None] | None = None
+        # The load or unload under way (the policy starts no other meanwhile).
+        self._change: Deferred[None] | None = None
+        self._changing = False
+        self._dispatching = False
+        self._again = False
+        self._recheck: IDelayedCall | None = None
         for name, backend in self._backends.items():
             backend.on_exit(self._exit_handler(name))
 
@@ -103,42 +123,45 @@ class SwapManager(Service):
 
     def startService(self) -> None:
         super().startService()
-        # Reconciliation holds the lock, so the worker's first swap waits for it.
-        self._lock.run(self._reconcile).addErrback(
-            lambda f: log.failure("start-up reconciliation failed", f)
-        )
-        self._worker = self._work()
-        self._worker.addErrback(self._worker_crashed)
+        # Reconciliation and preload run as the first change: nothing loads before they end.
+        self._begin("start-up", self._start_up).addErrback(lambda _: None)
+        self._intake = self._take()
+        self._intake.addErrback(self._crashed, "intake")
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        while self._queue.pending:
-            self._reject(self._queue.pending.pop(0), errors.shutting_down())
-        if self._serving is not None:
-            self._reject(self._serving, errors.shutting_down())
-        if self._worker is not None:
-            self._worker.cancel()
-        if self._in_flight is not None:
-            self._in_flight.release()
+        for ticket in self._waiting + self._queue.pending:
+            self._reject(ticket, errors.shutting_down())
+        self._waiting.clear()
+        self._queue.pending.clear()
+        if self._intake is not None:
+            self._intake.cancel()
+        if self._recheck is not None and self._recheck.active():
+            self._recheck.cancel()
+        if self._change is not None:
+            self._change.cancel()
+        for lease in list(self._leases):
+            lease.release()
         d: Deferred[None] = self._lock.run(self._stop_all)
         return d
 
     # -- what the resource tree uses ----------------------------------------------------------
 
-    def acquire(self, model: str) -> Deferred[Lease]:
-        """Queue a request for ``model``; fires with a Lease once its backend is ready.
+    def acquire(self, model: str, priority: int = 0) -> Deferred[Lease]:
+        """Queue a request for ``model``; fires with a Lease once its backend may take it.
 
         Cancelling the Deferred (the client went away) drops the ticket before it can cause a
         swap.  Raises APIError at once when the queue is full.
         """
         if not self.running:
             raise errors.shutting_down()
+        waiting = len(self._waiting) + len(self._queue.pending)
+        if waiting >= self.config.queue_size:
+            raise errors.queue_full(self.config.queue_size)
         waiter: Deferred[Lease] = Deferred(lambda _: self._drop(ticket))
-        ticket = _Ticket(model, self._clock.seconds(), waiter)
-        try:
-            self._queue.put(ticket)
-        except QueueOverflow:
-            raise errors.queue_full(self.config.queue_size) from None
+        ticket = _Ticket(
+            next(self._seq), model, self._clock.seconds(), priority, waiting + 1, waiter
+        )
         timeout = self.config.request_timeout
 
         def timed_out(result: Any, _timeout: float) -> Any:
@@ -149,30 +172,56 @@ class SwapManager(Service):
             )
 
         waiter.addTimeout(timeout, self._clock, onTimeoutCancel=timed_out)
+        try:
+            self._queue.put(ticket)
+        except QueueOverflow:
+            raise errors.queue_full(self.config.queue_size) from None
         return waiter
 
+    def state(self, model: str) -> str:
+        return self._status[model].state
+
+    def load(self, model: str) -> Deferred[None]:
+        """Admin: load ``model`` now (evicting what it needs room from, after draining)."""
+        return self._admin(lambda: self._load(model))
+
+    def unload(self, model: str | None = None) -> Deferred[None]:
+        """Admin: drain and stop ``model``, or every model when None."""
+        names = [model] if model is not None else list(self._backends)
+        return self._admin(lambda: self._unload(*names))
+
     def health(self) -> dict[str, Any]:
-        loaded = self._current if self._current and self._state(self._current) == READY else None
+        now = self._clock.seconds()
+        ready = [n for n, s in self._status.items() if s.state == READY]
+        loaded = max(ready, key=lambda n: self._status[n].last_used) if ready else None
         starting = [n for n, s in self._status.items() if s.state == STARTING]
         if starting:
             message = f"Loading model {starting[0]}"
         elif loaded:
-            message = f"Model {loaded} is loaded"
+            message = f"Model {', '.join(ready)} loaded"
         else:
             message = "No model loaded"
+        waiting = self._waiting + self._queue.pending
         return {
             "status": "ok" if self.running else "stopping",
             "current_model": loaded,
-            "queue_size": len(self._queue.pending),
+            "loaded_models": ready,
+            "queue_size": len(waiting),
             "queue_capacity": self.config.queue_size,
-            "in_flight": 1 if self._in_flight is not None else 0,
+            "in_flight": len(self._leases),
+            "scheduler": self.config.scheduler,
             "message": message,
+            "queue": [
+                {"model": t.model, "age": round(now - t.enqueued, 3), "priority": t.priority}
+                for t in sorted(waiting, key=lambda t: t.seq)
+            ],
             "models": {
                 name: {
                     "state": st.state,
                     "error": st.error,
                     "last_load_seconds": st.last_load_seconds,
-                    "waiting": sum(1 for t in self._queue.pending if t.model == name),
+                    "waiting": sum(1 for t in waiting if t.model == name),
+                    "in_flight": st.in_flight,
                     **self._backends[name].describe(),
                 }
                 for name, st in self._status.items()
@@ -182,68 +231,252 @@ class SwapManager(Service):
     def models(self) -> list[str]:
         return list(self._backends)
 
-    # -- the worker -------------------------------------------------------------------------
+    # -- scheduling ---------------------------------------------------------------------------
 
     @inlineCallbacks
-    def _work(self) -> Any:
+    def _take(self) -> Any:
         while True:
             ticket: _Ticket = yield self._queue.get()
-            if ticket.dropped:
-                continue
-            self._serving = ticket
-            try:
-                yield self._lock.run(self._ensure, ticket.model)
-            except CancelledError:
-                raise
-            except Exception as e:
-                err = self._as_api_error(ticket.model, e)
-                self._reject(ticket, err)
-                for other in [t for t in self._queue.pending if t.model == ticket.model]:
-                    self._queue.pending.remove(other)
-                    self._reject(other, err)
-                continue
-            finally:
-                self._serving = None
-            if ticket.dropped:
-                continue
-            lease = Lease(
-                ticket.model,
-                self._backend_url(ticket.model),
-                self._clock.seconds() - ticket.enqueued,
+            if not ticket.dropped:
+                self._waiting.append(ticket)
+                self._dispatch()
+
+    def view(self) -> scheduler.View:
+        """The snapshot the policy decides on."""
+        models = {}
+        for name, st in self._status.items():
+            cfg = self.config.models[name]
+            device, memory = self.config.footprint(name)
+            models[name] = scheduler.ModelView(
+                name=name,
+                resident=st.state in _RESIDENT or self._backends[name].alive(),
+                ready=st.state == READY,
+                in_flight=st.in_flight,
+                concurrency=cfg.concurrency,
+                last_used=st.last_used,
+                ready_since=st.since if st.state == READY else 0.0,
+                device=device,
+                memory=memory,
+                max_wait=cfg.max_wait_before_swap,
+                ttl=cfg.ttl,
             )
-            self._in_flight = lease
-            ticket.waiter.callback(lease)
-            try:
-                yield lease._done
-            finally:
-                self._in_flight = None
+        return scheduler.View(
+            now=self._clock.seconds(),
+            models=models,
+            waiting=[
+                scheduler.Waiting(t.seq, t.model, t.enqueued, t.priority) for t in self._waiting
+            ],
+            devices=self.config.capacities(),
+            policy=self.config.scheduler,
+            changing=self._changing,
+        )
 
-    def _worker_crashed(self, failure: Failure) -> None:
-        if not failure.check(CancelledError):
-            log.failure("swap worker crashed", failure)
+    def _dispatch(self) -> None:
+        """Ask the policy what to do and do it; re-entrant calls become one more round."""
+        if self._dispatching:
+            self._again = True
+            return
+        self._dispatching = True
+        try:
+            self._again = True
+            while self._again and self.running:
+                self._again = False
+                decision = scheduler.decide(self.view())
+                by_seq = {t.seq: t for t in self._waiting}
+                for seq in decision.admit:
+                    self._admit(by_seq[seq])
+                change = decision.change
+                if isinstance(change, scheduler.Load):
+                    wanted = self._wanted(change.model)
+                    self._begin("load", self._load, change.model, wanted).addErrback(lambda _: None)
+                elif isinstance(change, scheduler.Unload):
+                    log.info("model {model}: idle for its ttl, unloading", model=change.model)
+                    self._begin("unload", self._unload, change.model).addErrback(lambda _: None)
+                self._arm_recheck(decision.recheck_at)
+        finally:
+            self._dispatching = False
 
-    def _backend_url(self, model: str) -> str:
-        return self.config.models[model].backend_url
+    def _admit(self, ticket: _Ticket) -> None:
+        self._waiting.remove(ticket)
+        if ticket.dropped:
+            return
+        st = self._status[ticket.model]
+        st.in_flight += 1
+        lease = Lease(
+            ticket.model,
+            self.config.models[ticket.model].backend_url,
+            self._clock.seconds() - ticket.enqueued,
+            ticket.position,
+            self._released,
+        )
+        self._leases.add(lease)
+        ticket.waiter.callback(lease)
+
+    def _released(self, lease: Lease) -> None:
+        self._leases.discard(lease)
+        st = self._status[lease.model]
+        st.in_flight -= 1
+        st.last_used = self._clock.seconds()
+        if st.in_flight == 0:
+            idle, st.idle = st.idle, []
+            for d in idle:
+                d.callback(None)
+        self._dispatch()
+
+    def _begin(
+        self, what: str, change: Callable[..., Deferred[None]], *args: Any
+    ) -> Deferred[None]:
+        """Run a load or unload under the lock; the policy starts no other until it ends.
+
+        The returned Deferred carries the change's outcome (an admin call reports it).
+        """
+        self._changing = True
+        d: Deferred[None] = self._lock.run(change, *args)
+        self._change = d
+
+        def ended(result: Any) -> Any:
+            self._changing = False
+            self._change = None
+            if isinstance(result, Failure) and not result.check(CancelledError, errors.APIError):
+                log.failure("{what} failed", result, what=what)
+            self._dispatch()
+            return result
+
+        d.addBoth(ended)
+        return d
+
+    def _arm_recheck(self, when: float | None) -> None:
+        if self._recheck is not None and self._recheck.active():
+            self._recheck.cancel()
+        self._recheck = None
+        if when is not None:
+            delay = max(0.0, when - self._clock.seconds())
+            self._recheck = self._clock.callLater(delay, self._dispatch)
 
     @inlineCallbacks
-    def _ensure(self, model: str) -> Any:
-        """The swap routine (always under the lock): make ``model`` the one ready backend."""
-        backend = self._backends[model]
-        status = self._status[model]
-        if self._current == model and status.state == READY and backend.alive():
+    def _admin(self, change: Callable[[], Deferred[None]]) -> Any:
+        """Run an admin change as soon as no other change is under way."""
+        while self._changing:
+            yield self._change_ended()
+        if not self.running:
+            raise errors.shutting_down()
+        yield self._begin("admin change", change)
+
+    def _wanted(self, model: str) -> Callable[[], bool]:
+        return lambda: any(t.model == model for t in self._waiting)
+
+    def _change_ended(self) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        assert self._change is not None
+
+        def ended(result: Any) -> Any:
+            d.callback(None)
+            return result
+
+        self._change.addBoth(ended)
+        return d
+
+    # -- changes (always under the lock) ------------------------------------------------------
+
+    @inlineCallbacks
+    def _start_up(self) -> Any:
+        yield self._reconcile()
+        for model in self.config.preload:
+            try:
+                yield self._load(model)
+            except errors.APIError as e:
+                log.error("preload of {model} failed: {e}", model=model, e=e.message)
+
+    @inlineCallbacks
+    def _load(self, model: str, wanted: Callable[[], bool] | None = None) -> Any:
+        """Make room for ``model`` (drain, then stop what it evicts) and load it.
+
+        ``wanted`` is asked once the evicted models drained: when the requests that caused the
+        load went away meanwhile, nothing is stopped (a client that left never causes a swap).
+        """
+        st = self._status[model]
+        if st.state == READY and self._backends[model].alive():
             return None
-        previous = self._current
+        view = self.view()
+        busy = frozenset(t.model for t in self._waiting) | {
+            n for n, s in self._status.items() if s.in_flight
+        }
+        evict = scheduler.plan_room(view, model, busy)
         started = self._clock.seconds()
-        for name, other in self._backends.items():
-            if other.alive() or self._status[name].state in (STARTING, READY):
+        yield self._drain(*evict)
+        if wanted is not None and not wanted():
+            for name in evict:
+                if self._status[name].state == DRAINING:
+                    self._set(name, READY)
+            log.info("load of {model} called off: no request waits for it", model=model)
+            return None
+        for name in evict:
+            yield self._stop(name)
+        # Anything still running that the budget does not count (a crashed model's leftover
+        # process, a container started by hand) must go before a load.
+        for name, backend in self._backends.items():
+            if name != model and self._status[name].state not in _RESIDENT and backend.alive():
                 yield self._stop(name)
-        self._current = None
         stopped = self._clock.seconds()
-        self._set(model, STARTING)
+        try:
+            yield self._start(model)
+        except BaseException as e:
+            if not isinstance(e, CancelledError):
+                err = self._as_api_error(model, e)
+                for ticket in [t for t in self._waiting if t.model == model]:
+                    self._waiting.remove(ticket)
+                    self._reject(ticket, err)
+                raise err from None
+            raise
+        loaded = self._clock.seconds()
+        st.last_load_seconds = round(loaded - stopped, 3)
+        log.info(
+            "load {model}: evicted {evicted} in {stop:.2f} s, loaded in {load:.2f} s",
+            model=model,
+            evicted=", ".join(evict) or "nothing",
+            stop=stopped - started,
+            load=loaded - stopped,
+        )
+        return None
+
+    @inlineCallbacks
+    def _unload(self, *names: str) -> Any:
+        yield self._drain(*(n for n in names if self._status[n].state in _RESIDENT))
+        for name in names:
+            if self._backends[name].alive():
+                yield self._stop(name)
+
+    @inlineCallbacks
+    def _drain(self, *names: str) -> Any:
+        """No new admissions for ``names``; wait (bounded) until their requests finished."""
+        for name in names:
+            if self._status[name].state == READY:
+                self._set(name, DRAINING)
+        for name in names:
+            st = self._status[name]
+            if st.in_flight:
+                idle: Deferred[None] = Deferred()
+                st.idle.append(idle)
+                timeout = self.config.models[name].drain_timeout
+                idle.addTimeout(timeout, self._clock)
+                try:
+                    yield idle
+                except TimeoutError:
+                    log.warn(
+                        "model {model}: {n} request(s) still running after drain_timeout "
+                        "({t:g} s); stopping it anyway",
+                        model=name,
+                        n=st.in_flight,
+                        t=timeout,
+                    )
+
+    @inlineCallbacks
+    def _start(self, model: str) -> Any:
+        backend = self._backends[model]
         cfg = self.config.models[model]
+        self._set(model, STARTING)
         try:
             yield backend.start()
-            self._current = model
             yield wait_healthy(
                 self._clock,
                 self._http,
@@ -254,7 +487,6 @@ class SwapManager(Service):
                 backend.alive,
             )
         except BaseException as e:
-            self._current = None
             if backend.alive():
                 self._set(model, STOPPING)
                 yield backend.stop()
@@ -265,25 +497,14 @@ class SwapManager(Service):
             self._set(model, FAILED, detail)
             log.error("model {model}: failed to start: {detail}", model=model, detail=detail)
             raise
-        loaded = self._clock.seconds()
-        status.last_load_seconds = round(loaded - stopped, 3)
+        self._status[model].last_used = self._clock.seconds()
         self._set(model, READY)
-        log.info(
-            "swap {previous} -> {model}: stop {stop:.2f} s, load {load:.2f} s",
-            previous=previous or "(none)",
-            model=model,
-            stop=stopped - started,
-            load=loaded - stopped,
-        )
-        return None
 
     @inlineCallbacks
     def _stop(self, name: str) -> Any:
         self._set(name, STOPPING)
         yield self._backends[name].stop()
         self._set(name, STOPPED)
-        if self._current == name:
-            self._current = None
 
     @inlineCallbacks
     def _stop_all(self) -> Any:
@@ -292,13 +513,13 @@ class SwapManager(Service):
                 yield backend.shutdown()
             except Exception as e:
                 log.error("model {model}: stop failed: {e}", model=name, e=e)
-        self._current = None
 
     @inlineCallbacks
     def _reconcile(self) -> Any:
-        """Restore the one-model guarantee over backends left running by an earlier daemon.
+        """Restore the memory budget over backends left running by an earlier daemon.
 
-        Keep (adopt) the first running one that is healthy right now; stop all the others.
+        Adopt running backends that answer healthy right now while they fit the budget (without
+        declared devices: the first one); stop all the others.
         """
         running: list[str] = []
         for name, backend in self._backends.items():
@@ -310,19 +531,18 @@ class SwapManager(Service):
         if not running:
             return None
         log.info("start-up: found running: {names}", names=", ".join(running))
-        keep = None
+        free = self.config.capacities()
         for name in running:
+            device, memory = self.config.footprint(name)
             url = self.config.models[name].health_url
-            if keep is None and (yield self._healthy_now(url)):
-                keep = name
-        for name in running:
-            if name != keep:
+            if memory <= free[device] and (yield self._healthy_now(url)):
+                free[device] -= memory
+                self._status[name].last_used = self._clock.seconds()
+                self._set(name, READY)
+                log.info("start-up: adopted {model} as loaded", model=name)
+            else:
                 log.info("start-up: stopping {model}", model=name)
                 yield self._stop(name)
-        if keep is not None:
-            self._current = keep
-            self._set(keep, READY)
-            log.info("start-up: adopted {model} as the loaded model", model=keep)
         return None
 
     @inlineCallbacks
@@ -338,9 +558,6 @@ class SwapManager(Service):
 
     # -- bookkeeping --------------------------------------------------------------------------
 
-    def _state(self, model: str) -> str:
-        return self._status[model].state
-
     def _set(self, model: str, state: str, error: str | None = None) -> None:
         st = self._status[model]
         st.state, st.error, st.since = state, error, self._clock.seconds()
@@ -348,10 +565,9 @@ class SwapManager(Service):
     def _exit_handler(self, model: str) -> Callable[[str], None]:
         def exited(reason: str) -> None:
             """A backend died on its own: report it; the next request for it restarts it."""
-            if self._current == model:
-                self._current = None
-            if self._state(model) != STARTING:
+            if self._status[model].state in (READY, DRAINING):
                 self._set(model, FAILED, f"backend {self._backends[model].failure_detail()}")
+                self._dispatch()
 
         return exited
 
@@ -364,9 +580,15 @@ class SwapManager(Service):
             )
         return errors.backend_unavailable(f"Model '{model}' could not be started: {e}")
 
+    def _crashed(self, failure: Failure, what: str) -> None:
+        if not failure.check(CancelledError):
+            log.failure("swap manager {what} crashed", failure, what=what)
+
     def _drop(self, ticket: _Ticket) -> None:
         ticket.dropped = True
-        if ticket in self._queue.pending:
+        if ticket in self._waiting:
+            self._waiting.remove(ticket)
+        elif ticket in self._queue.pending:
             self._queue.pending.remove(ticket)
 
     @staticmethod

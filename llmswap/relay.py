@@ -10,6 +10,7 @@ for the whole stream; cancelling it (the client went away) aborts the backend co
 
 from __future__ import annotations
 
+import json
 from typing import Any, cast
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -88,6 +89,24 @@ def _request_headers(request: IRequest) -> Headers:
     return out
 
 
+def started_writing(request: IRequest) -> bool:
+    """Whether the status line and headers already went out (Request has it; IRequest not)."""
+    return bool(getattr(request, "startedWriting", False))
+
+
+def _error_event(model: str, code: int, body: bytes) -> bytes:
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and "error" in parsed:
+        payload = json.dumps(parsed).encode()
+    else:
+        text = body[:200].decode("utf-8", "replace")
+        payload = errors.backend_error(f"Model '{model}' answered {code}: {text}").body()
+    return b"data: " + payload + b"\n\n"
+
+
 class Relay:
     """Sends requests to backends through one treq client (and its connection pool)."""
 
@@ -121,11 +140,20 @@ class Relay:
 
         result: Deferred[int] = Deferred(cancel)
 
-        def got_response(response: Any) -> Deferred[None]:
-            request.setResponseCode(response.code, response.phrase)
-            for name, values in response.headers.getAllRawHeaders():
-                if name.lower() not in _HOP_BY_HOP:
-                    request.responseHeaders.setRawHeaders(name, values)
+        committed = started_writing(request)
+
+        def got_response(response: Any) -> Deferred[Any]:
+            if committed and response.code >= 300:
+                # A 200 event stream already went out (queue keep-alive comments): the
+                # backend's error can only travel as an error event.
+                body: Deferred[bytes] = response.content()
+                body.addCallback(lambda b: request.write(_error_event(model, response.code, b)))
+                return body.addCallback(lambda _: response.code)
+            if not committed:
+                request.setResponseCode(response.code, response.phrase)
+                for name, values in response.headers.getAllRawHeaders():
+                    if name.lower() not in _HOP_BY_HOP:
+                        request.responseHeaders.setRawHeaders(name, values)
             p = _Pipe(request, self._clock, self._idle_timeout)
             pipe.append(p)
             response.deliverBody(p)

@@ -12,6 +12,7 @@ from typing import Any
 from klein import Klein
 from twisted.internet.defer import CancelledError
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -20,8 +21,8 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from llmswap import errors
 from llmswap.config import Config
-from llmswap.manager import SwapManager
-from llmswap.relay import Relay
+from llmswap.manager import STARTING, SwapManager
+from llmswap.relay import Relay, started_writing
 
 log = Logger()
 
@@ -97,6 +98,33 @@ class OpenAIResource:
         ]
         return _json(request, 200, {"object": "list", "data": data})
 
+    @app.route("/admin/models/<model>/load", methods=["POST"])
+    async def admin_load(self, request: IRequest, model: str) -> bytes:
+        return await self._admin(request, model, self._manager.load)
+
+    @app.route("/admin/models/<model>/unload", methods=["POST"])
+    async def admin_unload(self, request: IRequest, model: str) -> bytes:
+        return await self._admin(request, model, self._manager.unload)
+
+    @app.route("/admin/unload", methods=["POST"])
+    async def admin_unload_all(self, request: IRequest) -> bytes:
+        try:
+            await self._manager.unload()
+        except errors.APIError as e:
+            return _error(request, e)
+        states = {name: self._manager.state(name) for name in self._manager.models()}
+        return _json(request, 200, {"models": states})
+
+    async def _admin(self, request: IRequest, model: str, change: Any) -> bytes:
+        try:
+            if model not in self._config.models:
+                raise errors.model_not_found(model, self._manager.models())
+            await change(model)
+        except errors.APIError as e:
+            return _error(request, e)
+        log.info("admin: {path} done", path=request.path.decode("latin-1"))
+        return _json(request, 200, {"model": model, "state": self._manager.state(model)})
+
     @app.route("/v1/<path:_endpoint>", methods=["POST"])
     async def proxy(self, request: IRequest, _endpoint: str) -> bytes | None:
         started = self._clock.seconds()
@@ -107,9 +135,22 @@ class OpenAIResource:
             model, stream = parse_body(body, self._config.max_body_bytes)
             if model not in self._config.models:
                 raise errors.model_not_found(model, self._manager.models())
-            lease = await self._manager.acquire(model)
+            waiting = self._manager.acquire(model, self._priority(request))
+            keepalive = None
+            if stream and not waiting.called:
+                keepalive = LoopingCall(self._still_waiting, request, model, started)
+                keepalive.clock = self._clock
+                keepalive.start(self._config.keepalive_interval, now=False)
+            try:
+                lease = await waiting
+            finally:
+                if keepalive is not None:
+                    keepalive.stop()
             waited = lease.waited
             try:
+                if not started_writing(request):
+                    request.setHeader(b"x-llmswap-queue-position", str(lease.position).encode())
+                    request.setHeader(b"x-llmswap-queue-wait", f"{waited:.3f}".encode())
                 url = lease.backend_url + request.uri[len(b"/v1") :].decode("latin-1")
                 status = await self._relay.forward(request, model, url, body)
             finally:
@@ -117,6 +158,9 @@ class OpenAIResource:
             return None
         except errors.APIError as e:
             status = e.status
+            if started_writing(request):  # a stream already committed by "loading" comments
+                request.write(b"data: " + e.body() + b"\n\n")
+                return None
             return _error(request, e)
         except CancelledError:
             status = _CLIENT_CLOSED
@@ -133,6 +177,32 @@ class OpenAIResource:
                 waited=waited,
                 duration=self._clock.seconds() - started,
             )
+
+    def _priority(self, request: IRequest) -> int:
+        header = self._config.priority_header
+        if header is None:
+            return 0
+        value = request.getHeader(header)
+        if value is None:
+            return 0
+        try:
+            return int(value)
+        except ValueError:
+            raise errors.bad_request(
+                f"Header {header} must be an integer priority, got {value!r}",
+                "invalid_priority",
+                header,
+            ) from None
+
+    def _still_waiting(self, request: IRequest, model: str, started: float) -> None:
+        """An SSE comment while a stream waits, so clients and proxies keep the connection."""
+        if not started_writing(request):
+            request.setResponseCode(200)
+            request.setHeader(b"content-type", b"text/event-stream")
+            request.setHeader(b"cache-control", b"no-cache")
+        what = "loading" if self._manager.state(model) == STARTING else "queued for"
+        waited = self._clock.seconds() - started
+        request.write(f": {what} {model}, {waited:.0f} s\n\n".encode())
 
     @app.handle_errors(NotFound)
     def not_found(self, request: IRequest, failure: Failure) -> bytes:

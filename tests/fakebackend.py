@@ -76,7 +76,7 @@ def live_peers(ledger: str) -> list[int]:
 def _watch() -> None:
     while True:
         peers = live_peers(ARGS.ledger)
-        if peers:
+        if len(peers) >= ARGS.max_peers:
             _ledger("overlap", peers=peers)
         time.sleep(0.01)
 
@@ -118,6 +118,13 @@ class Handler(BaseHTTPRequestHandler):
             self._send(404, {"error": {"message": "not found"}})
 
     def do_POST(self) -> None:
+        begin = time.time()
+        try:
+            self._post()
+        finally:
+            _ledger("served", begin=begin, end=time.time())
+
+    def _post(self) -> None:
         raw = self.rfile.read(int(self.headers.get("Content-Length", "0")))
         digest = hashlib.sha256(raw).hexdigest()
         extra = {
@@ -237,6 +244,9 @@ def main() -> None:
     p.add_argument("--ignore-sigterm", action="store_true")
     p.add_argument("--child", action="store_true", help="fork a child process into our group")
     p.add_argument("--ledger", default=None)
+    p.add_argument(
+        "--max-peers", type=int, default=1, help="how many other backends may live beside us"
+    )
     ARGS = p.parse_args()
     if ARGS.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -245,7 +255,7 @@ def main() -> None:
     _ledger("start")
     if ARGS.ledger:
         peers = live_peers(ARGS.ledger)
-        if peers:
+        if len(peers) >= ARGS.max_peers:
             _ledger("overlap", peers=peers)
         threading.Thread(target=_watch, daemon=True).start()
     if ARGS.child:

@@ -27,8 +27,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# fake_model options that are llmswap model settings rather than fakebackend.py flags.
+_SETTINGS = ("concurrency", "ttl", "memory", "device", "max_wait_before_swap", "drain_timeout")
+
+
 def fake_model(name: str, ledger: str | None = None, **opts: Any) -> dict[str, Any]:
-    """A config entry running tests/fakebackend.py; ``opts`` become its flags."""
+    """A config entry running tests/fakebackend.py; other ``opts`` become its flags."""
     port = opts.pop("port", None) or free_port()
     cmd = [sys.executable, FAKE, "--port", str(port), "--name", name]
     if ledger:
@@ -38,6 +42,7 @@ def fake_model(name: str, ledger: str | None = None, **opts: Any) -> dict[str, A
         "startup_timeout": opts.pop("startup_timeout", 20),
         "stop_timeout": opts.pop("stop_timeout", 5),
     }
+    entry.update({key: opts.pop(key) for key in _SETTINGS if key in opts})
     for key, value in opts.items():
         flag = "--" + key.replace("_", "-")
         if value is True:

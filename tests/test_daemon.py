@@ -58,9 +58,8 @@ class DaemonTestCase(unittest.TestCase):
 
     def post(self, path: str, payload: Any, raw: bytes | None = None, **kw: Any) -> Any:
         body = raw if raw is not None else json.dumps(payload).encode()
-        return self.http.post(
-            self.daemon.url + path, data=body, headers={"Content-Type": ["application/json"]}, **kw
-        )
+        headers = {"Content-Type": ["application/json"], **kw.pop("headers", {})}
+        return self.http.post(self.daemon.url + path, data=body, headers=headers, **kw)
 
     @inlineCallbacks
     def post_json(self, path: str, payload: Any) -> Any:
@@ -358,8 +357,11 @@ class ConcurrencyTests(DaemonTestCase):
     @inlineCallbacks
     def test_many_concurrent_requests_never_see_two_backends_alive(self) -> Any:
         names = ["m1", "m2", "m3"]
+        # fifo swaps on nearly every request: the most load/stop transitions to catch an overlap.
         self.start(
-            {n: self.fake(n, startup_delay=0.1, token_delay=0.01) for n in names}, queue_size=100
+            {n: self.fake(n, startup_delay=0.1, token_delay=0.01) for n in names},
+            queue_size=100,
+            scheduler="fifo",
         )
         seen_alive: list[int] = []
 

@@ -172,3 +172,53 @@ class ManagerTests(unittest.TestCase):
         err = self.failureResultOf(waiting, APIError).value
         self.assertEqual(err.status, 503)
         self.assertFalse(self.backends["a"].running)
+
+
+class SwapAwareTimingTests(unittest.TestCase):
+    """The fairness bound on a Clock: the loaded model keeps its turn until another waited."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.events: list[str] = []
+        config = parse(
+            {
+                "max_wait_before_swap": 20,
+                "request_timeout": 300,
+                "models": {
+                    n: {"backend_url": f"http://{n}:1/v1", "cmd": "x", "ttl": 100}
+                    for n in ("a", "b")
+                },
+            }
+        )
+        self.backends = {n: MemoryBackend(n, self.events) for n in ("a", "b")}
+        self.manager = SwapManager(config, self.backends, MemoryHTTP(self.backends), self.clock)
+        self.manager.startService()
+        self.addCleanup(self.manager.stopService)
+
+    def test_requests_for_the_loaded_model_go_first_until_the_bound(self) -> None:
+        lease = self.successResultOf(self.manager.acquire("a"))
+        b = self.manager.acquire("b")
+        served_a = 0
+        # A steady stream of requests for a, one every 5 s, each taking 5 s.
+        for _ in range(3):
+            nxt = self.manager.acquire("a")
+            self.clock.advance(5)
+            lease.release()
+            lease = self.successResultOf(nxt)
+            served_a += 1
+        self.assertNoResult(b)
+        nxt = self.manager.acquire("a")
+        self.clock.advance(5)  # b has now waited 20 s
+        lease.release()
+        self.successResultOf(b)
+        self.assertEqual(self.events, ["start a", "stop a", "start b"])
+        self.assertNoResult(nxt)  # a's latest request now waits for b's turn to end
+        self.assertEqual(served_a, 3)
+
+    def test_idle_model_is_unloaded_after_its_ttl(self) -> None:
+        self.successResultOf(self.manager.acquire("a")).release()
+        self.clock.advance(99)
+        self.assertTrue(self.backends["a"].running)
+        self.clock.advance(1)
+        self.assertFalse(self.backends["a"].running)
+        self.assertEqual(self.manager.state("a"), "stopped")

@@ -1,0 +1,205 @@
+"""The scheduling policy: which waiting request runs next, which model to load, which to evict.
+
+A pure function of a snapshot (:class:`View`) to a :class:`Decision`.  It reads no clock and does
+no I/O, so every rule is tested table-driven and by property tests, and the swap manager only
+carries decisions out.  A load of a large model costs minutes, so the policy's job is to load
+rarely without letting any request wait unboundedly:
+
+- ``fifo`` (the original proxy): requests run strictly in arrival order; a request for another
+  model swaps at once.
+- ``swap-aware``: while a model is loaded its waiting requests go first (priority, then age).  The
+  scheduler switches when none wait for it or run on it any more, or when a request for another
+  model has
+  waited ``max_wait_before_swap`` and the loaded model has served its batch (the requests that
+  waited through its load: evicting it before would pay a load for one request, and under
+  overload that degenerates into fifo's swap per request).  Overdue requests are served oldest
+  first whatever their priority, which is what bounds every wait: at most the bound, plus one
+  batch and one load per model.
+
+Memory is accounted per device: a model occupies ``memory`` on its ``device`` from the moment its
+load starts until it is stopped.  Without declared devices every model fills the one implicit
+device, i.e. exactly one model at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import attrs
+
+FIFO = "fifo"
+SWAP_AWARE = "swap-aware"
+POLICIES = (SWAP_AWARE, FIFO)
+
+
+@attrs.frozen
+class Waiting:
+    """A request waiting for its model; ``seq`` is its arrival number."""
+
+    seq: int
+    model: str
+    enqueued: float
+    priority: int = 0
+
+
+@attrs.frozen
+class ModelView:
+    name: str
+    # Occupies device memory: loading, loaded, or being drained/stopped.
+    resident: bool = False
+    # Loaded, healthy and not being evicted: may take requests.
+    ready: bool = False
+    in_flight: int = 0
+    concurrency: int = 1
+    last_used: float = 0.0
+    # When it became ready: requests enqueued before then are its batch.
+    ready_since: float = 0.0
+    device: str = "default"
+    memory: float = 1.0
+    max_wait: float = 60.0
+    ttl: float | None = None
+
+
+@attrs.frozen
+class View:
+    now: float
+    models: Mapping[str, ModelView]
+    waiting: Sequence[Waiting]
+    devices: Mapping[str, float] = attrs.field(factory=lambda: {"default": 1.0})
+    policy: str = SWAP_AWARE
+    # A load or unload is under way: no other may start until it ends.
+    changing: bool = False
+
+
+@attrs.frozen
+class Load:
+    model: str
+    evict: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class Unload:
+    model: str
+
+
+@attrs.frozen
+class Decision:
+    admit: tuple[int, ...] = ()
+    change: Load | Unload | None = None
+    # When to decide again even if nothing happens (a wait bound or an idle TTL expires).
+    recheck_at: float | None = None
+
+
+def decide(view: View) -> Decision:
+    if view.policy == FIFO:
+        return _fifo(view)
+    return _swap_aware(view)
+
+
+def plan_room(view: View, target: str, busy: frozenset[str] = frozenset()) -> tuple[str, ...]:
+    """Which resident models to evict so ``target`` fits on its device.
+
+    Least recently used first, idle models (not in ``busy``) before busy ones.  Config validation
+    guarantees a model fits its device on its own, so a plan always exists.
+    """
+    model = view.models[target]
+    capacity = view.devices[model.device]
+    others = [
+        m
+        for m in view.models.values()
+        if m.resident and m.device == model.device and m.name != target
+    ]
+    used = sum(m.memory for m in others)
+    evict: list[str] = []
+    for m in sorted(others, key=lambda m: (m.name in busy, m.last_used, m.name)):
+        if used + model.memory <= capacity:
+            break
+        evict.append(m.name)
+        used -= m.memory
+    return tuple(evict)
+
+
+def _free_slots(view: View) -> dict[str, int]:
+    return {
+        name: (m.concurrency - m.in_flight if m.ready else 0) for name, m in view.models.items()
+    }
+
+
+def _fifo(view: View) -> Decision:
+    free = _free_slots(view)
+    admit: list[int] = []
+    change: Load | None = None
+    for w in sorted(view.waiting, key=lambda w: w.seq):
+        if free[w.model] > 0:
+            admit.append(w.seq)
+            free[w.model] -= 1
+            continue
+        if not view.models[w.model].resident and not view.changing:
+            change = Load(w.model, plan_room(view, w.model))
+        break  # strict arrival order: nobody overtakes the head
+    if change is None and not view.waiting:
+        return _idle_unload(view, tuple(admit), frozenset())
+    return Decision(tuple(admit), change)
+
+
+def _swap_aware(view: View) -> Decision:
+    def overdue(w: Waiting) -> bool:
+        return view.now - w.enqueued >= view.models[w.model].max_wait
+
+    def urgency(w: Waiting) -> tuple[float, ...]:
+        # Overdue requests by age alone (the starvation bound); the rest by priority, then age.
+        if overdue(w):
+            return (0, w.enqueued, w.seq)
+        return (1, -w.priority, w.enqueued, w.seq)
+
+    free = _free_slots(view)
+    admit: list[int] = []
+    remaining: dict[str, list[Waiting]] = {}
+    for w in sorted(view.waiting, key=urgency):
+        if free[w.model] > 0:
+            admit.append(w.seq)
+            free[w.model] -= 1
+        else:
+            remaining.setdefault(w.model, []).append(w)
+    if not remaining:
+        return _idle_unload(view, tuple(admit), frozenset(w.model for w in view.waiting))
+    if view.changing:
+        return Decision(tuple(admit))
+
+    def batch_pending(name: str) -> bool:
+        since = view.models[name].ready_since
+        return any(w.enqueued <= since for w in remaining.get(name, ()))
+
+    # A model still running requests is only evicted for an overdue request: until then more
+    # requests for it may arrive and be served without paying for two loads.
+    busy = (
+        frozenset(remaining)
+        | {n for n, m in view.models.items() if m.in_flight}
+        | {w.model for w in view.waiting if w.seq in admit}
+    )
+    recheck: float | None = None
+    candidates = [ws[0] for name, ws in remaining.items() if not view.models[name].resident]
+    for w in sorted(candidates, key=urgency):
+        evict = plan_room(view, w.model, busy)
+        blockers = [e for e in evict if e in busy]
+        if not blockers or (overdue(w) and not any(batch_pending(e) for e in blockers)):
+            return Decision(tuple(admit), Load(w.model, evict))
+        if not overdue(w):  # an overdue one waits for a batch to finish: releases wake us
+            due = w.enqueued + view.models[w.model].max_wait
+            recheck = due if recheck is None else min(recheck, due)
+    return Decision(tuple(admit), None, recheck)
+
+
+def _idle_unload(view: View, admit: tuple[int, ...], admitted: frozenset[str]) -> Decision:
+    """Nothing waits: unload a model idle for its ``ttl``, or say when to look again."""
+    if view.changing:
+        return Decision(admit)
+    recheck: float | None = None
+    for m in sorted(view.models.values(), key=lambda m: m.last_used):
+        if m.ttl is None or not m.ready or m.in_flight or m.name in admitted:
+            continue
+        due = m.last_used + m.ttl
+        if view.now >= due:
+            return Decision(admit, Unload(m.name))
+        recheck = due if recheck is None else min(recheck, due)
+    return Decision(admit, None, recheck)

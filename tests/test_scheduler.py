@@ -1,0 +1,378 @@
+"""The scheduling policy alone: table-driven rules, properties, and a simulated workload.
+
+The policy is a pure function, so its guarantees are checked here exhaustively rather than
+through sockets: budget never exceeded, fifo equals arrival order, no starvation beyond the
+bound, LRU eviction.  The manager tests check that the decisions are carried out.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+
+import attrs
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmswap.scheduler import (
+    FIFO,
+    SWAP_AWARE,
+    Decision,
+    Load,
+    ModelView,
+    Unload,
+    View,
+    Waiting,
+    decide,
+    plan_room,
+)
+
+
+def view(
+    now: float,
+    models: Sequence[ModelView],
+    waiting: Sequence[tuple[str, float] | tuple[str, float, int]],
+    **kw: object,
+) -> View:
+    queue = [Waiting(i, w[0], w[1], w[2] if len(w) > 2 else 0) for i, w in enumerate(waiting)]
+    return View(now=now, models={m.name: m for m in models}, waiting=queue, **kw)  # type: ignore[arg-type]
+
+
+def ready(name: str, **kw: object) -> ModelView:
+    return ModelView(name, resident=True, ready=True, **kw)  # type: ignore[arg-type]
+
+
+def idle(name: str, **kw: object) -> ModelView:
+    return ModelView(name, **kw)  # type: ignore[arg-type]
+
+
+# -- rules ---------------------------------------------------------------------------------------
+
+
+def test_fifo_swaps_for_the_head_even_with_requests_for_the_loaded_model_behind_it() -> None:
+    v = view(10, [ready("a"), idle("b")], [("b", 0), ("a", 1)], policy=FIFO)
+    assert decide(v) == Decision((), Load("b", ("a",)))
+
+
+def test_fifo_admits_only_a_prefix_of_arrival_order() -> None:
+    v = view(
+        10, [ready("a", concurrency=2), idle("b")], [("a", 0), ("b", 1), ("a", 2)], policy=FIFO
+    )
+    assert decide(v) == Decision((0,), Load("b", ("a",)))
+
+
+def test_swap_aware_serves_the_loaded_model_first_within_the_bound() -> None:
+    models = [ready("a", in_flight=1, max_wait=60), idle("b", max_wait=60)]
+    v = view(10, models, [("b", 0), ("a", 1)])
+    assert decide(v) == Decision((), None, recheck_at=60)
+
+
+def test_swap_aware_switches_once_the_other_model_waited_its_bound() -> None:
+    models = [ready("a", in_flight=1, max_wait=60), idle("b", max_wait=60)]
+    v = view(60, models, [("b", 0), ("a", 1)])
+    assert decide(v) == Decision((), Load("b", ("a",)))
+
+
+def test_swap_aware_switches_when_nothing_waits_for_or_runs_on_the_loaded_model() -> None:
+    v = view(10, [ready("a"), idle("b")], [("b", 0), ("a", 1)])
+    # a's request is admitted now; b loads once a is idle (or b waited its bound).
+    assert decide(v) == Decision((1,), None, recheck_at=60)
+    v = view(10, [ready("a", in_flight=1), idle("b")], [("b", 0)])
+    assert decide(v) == Decision((), None, recheck_at=60)
+    v = view(10, [ready("a"), idle("b")], [("b", 0)])
+    assert decide(v) == Decision((), Load("b", ("a",)))
+
+
+def test_priority_picks_the_next_model_and_the_order_within_a_model() -> None:
+    models = [ready("a", concurrency=1), idle("b"), idle("c")]
+    v = view(10, models, [("a", 0, 0), ("a", 1, 5), ("b", 2, 0), ("c", 3, 9)])
+    assert decide(v) == Decision((1,), None, recheck_at=62)
+    v = view(10, [ready("a"), idle("b"), idle("c")], [("b", 2, 0), ("c", 3, 9)])
+    assert decide(v).change == Load("c", ("a",))
+
+
+def test_overdue_requests_go_by_age_whatever_their_priority() -> None:
+    v = view(100, [ready("a"), idle("b"), idle("c")], [("b", 0, 0), ("c", 50, 9)])
+    assert decide(v).change == Load("b", ("a",))
+
+
+def test_concurrency_admits_up_to_the_free_slots() -> None:
+    v = view(0, [ready("a", concurrency=3, in_flight=1)], [("a", 0), ("a", 0), ("a", 0)])
+    assert decide(v).admit == (0, 1)
+
+
+def test_no_second_change_while_one_is_under_way_but_admissions_go_on() -> None:
+    v = view(100, [ready("a"), idle("b")], [("a", 0), ("b", 0)], changing=True)
+    assert decide(v) == Decision((0,), None)
+
+
+def test_draining_or_loading_models_take_no_requests() -> None:
+    loading = ModelView("a", resident=True, ready=False)
+    v = view(100, [loading, idle("b")], [("a", 0), ("a", 1)])
+    assert decide(v) == Decision((), None)
+
+
+def test_idle_ttl_unloads_and_otherwise_says_when_to_look_again() -> None:
+    a = ready("a", ttl=30, last_used=5)
+    assert decide(view(10, [a], [])) == Decision((), None, recheck_at=35)
+    assert decide(view(35, [a], [])) == Decision((), Unload("a"))
+    busy = ready("a", ttl=30, last_used=5, in_flight=1)
+    assert decide(view(99, [busy], [])) == Decision()
+
+
+def test_budget_co_residency_and_lru_eviction() -> None:
+    gib = 2.0**30
+    devices = {"gpu": 24 * gib}
+    a = ready("a", device="gpu", memory=10 * gib, last_used=5)
+    b = ready("b", device="gpu", memory=10 * gib, last_used=3)
+    c = idle("c", device="gpu", memory=10 * gib)
+    # c fits next to a alone: loads at once, evicting nothing, although a has waiters.
+    v = view(0, [a, attrs.evolve(b, resident=False, ready=False), c], [("c", 0)], devices=devices)
+    assert decide(v).change == Load("c", ())
+    # With a and b loaded, the least recently used idle one (b) makes room.
+    v = view(0, [a, b, c], [("c", 0)], devices=devices)
+    assert decide(v).change == Load("c", ("b",))
+    # A busy model is evicted only after idle ones.
+    v = view(0, [a, attrs.evolve(b, in_flight=1), c], [("c", 0)], devices=devices)
+    assert decide(v).change == Load("c", ("a",))
+
+
+def test_devices_are_accounted_separately() -> None:
+    devices = {"gpu0": 8.0, "gpu1": 8.0}
+    a = ready("a", device="gpu0", memory=8.0)
+    b = idle("b", device="gpu1", memory=8.0)
+    assert plan_room(view(0, [a, b], [], devices=devices), "b") == ()
+
+
+# -- properties -----------------------------------------------------------------------------------
+
+NAMES = ("a", "b", "c")
+
+
+@st.composite
+def views(draw: st.DrawFn) -> View:
+    capacity = 24.0
+    models = []
+    used = 0.0
+    for name in NAMES:
+        memory = float(draw(st.integers(4, 24)))
+        resident = draw(st.booleans()) and used + memory <= capacity
+        used += memory if resident else 0
+        is_ready = resident and draw(st.booleans())
+        concurrency = draw(st.integers(1, 3))
+        models.append(
+            ModelView(
+                name,
+                resident=resident,
+                ready=is_ready,
+                in_flight=draw(st.integers(0, concurrency)) if is_ready else 0,
+                concurrency=concurrency,
+                last_used=float(draw(st.integers(0, 50))),
+                device="gpu",
+                memory=memory,
+                max_wait=float(draw(st.integers(1, 60))),
+                ttl=draw(st.one_of(st.none(), st.integers(1, 30).map(float))),
+            )
+        )
+    n = draw(st.integers(0, 8))
+    waiting = [
+        Waiting(
+            i,
+            draw(st.sampled_from(NAMES)),
+            float(draw(st.integers(0, 100))),
+            draw(st.integers(0, 3)),
+        )
+        for i in range(n)
+    ]
+    return View(
+        now=100.0,
+        models={m.name: m for m in models},
+        waiting=waiting,
+        devices={"gpu": capacity},
+        policy=draw(st.sampled_from((FIFO, SWAP_AWARE))),
+        changing=draw(st.booleans()),
+    )
+
+
+@settings(max_examples=400, deadline=None)
+@given(views())
+def test_decisions_respect_slots_budget_and_order(v: View) -> None:
+    d = decide(v)
+    by_seq = {w.seq: w for w in v.waiting}
+    assert len(set(d.admit)) == len(d.admit)
+    for name, m in v.models.items():
+        admitted = [s for s in d.admit if by_seq[s].model == name]
+        assert not admitted or m.ready
+        assert len(admitted) <= m.concurrency - m.in_flight
+    if v.changing:
+        assert d.change is None
+    if isinstance(d.change, Load):
+        target = v.models[d.change.model]
+        assert not target.resident
+        kept = sum(
+            m.memory for m in v.models.values() if m.resident and m.name not in d.change.evict
+        )
+        assert kept + target.memory <= v.devices["gpu"]
+    if v.policy == FIFO:
+        arrival = sorted(by_seq)
+        assert list(d.admit) == arrival[: len(d.admit)]
+
+
+# -- a simulated workload: no starvation beyond the bound ------------------------------------------
+
+
+@attrs.define
+class _Model:
+    ready: bool = False
+    resident: bool = False
+    finishes: list[float] = attrs.field(factory=list)
+    last_used: float = 0.0
+    ready_since: float = 0.0
+
+
+@attrs.frozen
+class Served:
+    enqueued: float
+    started: float
+    order: int  # admission order
+    batch: bool  # waited through its model's load
+
+
+def simulate(
+    arrivals: Sequence[tuple[float, str, int]],
+    policy: str,
+    swap: float,
+    service: float,
+    bound: float,
+) -> tuple[list[Served], int]:
+    """Run the policy against a workload; return how each request (by arrival) was served and
+    the number of loads."""
+    state = {name: _Model() for name in NAMES}
+    waiting: list[Waiting] = []
+    events: list[tuple[float, int, str, object]] = []
+    order = 0
+
+    def push(at: float, kind: str, data: object) -> None:
+        nonlocal order
+        order += 1
+        heapq.heappush(events, (at, order, kind, data))
+
+    for i, (t, model, prio) in enumerate(arrivals):
+        push(t, "arrive", Waiting(i, model, t, prio))
+    served: dict[int, Served] = {}
+    loads = 0
+    changing = False
+    while events:
+        now, _, kind, data = heapq.heappop(events)
+        if kind == "arrive":
+            assert isinstance(data, Waiting)
+            waiting.append(data)
+        elif kind == "finish":
+            m = state[str(data)]
+            m.finishes.remove(now)
+            m.last_used = now
+        elif kind == "loaded":
+            target, evict = data  # type: ignore[misc]
+            for e in evict:
+                state[e].resident = False
+            state[target].ready = True
+            state[target].last_used = state[target].ready_since = now
+            changing = False
+        while True:
+            v = View(
+                now=now,
+                models={
+                    n: ModelView(
+                        n,
+                        resident=m.resident,
+                        ready=m.ready,
+                        in_flight=len(m.finishes),
+                        last_used=m.last_used,
+                        ready_since=m.ready_since,
+                        max_wait=bound,
+                    )
+                    for n, m in state.items()
+                },
+                waiting=list(waiting),
+                policy=policy,
+                changing=changing,
+            )
+            d = decide(v)
+            for seq in d.admit:
+                w = next(w for w in waiting if w.seq == seq)
+                waiting.remove(w)
+                batch = w.enqueued <= state[w.model].ready_since
+                served[w.seq] = Served(w.enqueued, now, len(served), batch)
+                state[w.model].finishes.append(now + service)
+                push(now + service, "finish", w.model)
+            if isinstance(d.change, Load):
+                loads += 1
+                changing = True
+                for e in d.change.evict:
+                    state[e].ready = False
+                drained = max([now] + [f for e in d.change.evict for f in state[e].finishes])
+                state[d.change.model].resident = True
+                push(drained + swap, "loaded", (d.change.model, d.change.evict))
+            if d.recheck_at is not None:
+                push(d.recheck_at, "recheck", None)
+            if not d.admit and d.change is None:
+                break
+    assert not waiting
+    return [served[i] for i in range(len(arrivals))], loads
+
+
+def _median_wait(served: list[Served]) -> float:
+    ordered = sorted(s.started - s.enqueued for s in served)
+    return ordered[len(ordered) // 2]
+
+
+arrivals_strategy = st.lists(
+    st.tuples(st.integers(0, 600).map(float), st.sampled_from(NAMES), st.integers(0, 3)),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrivals_strategy)
+def test_once_overdue_a_request_is_overtaken_only_by_older_ones_or_batches(
+    arrivals: list[tuple[float, str, int]],
+) -> None:
+    """No starvation: whatever the load and the priorities, once a request has waited its bound,
+    a younger request starts before it only if it waited through its own model's load (its
+    batch, bounded by the queue), or held the one slot a model being evicted still gave out."""
+    bound = 60.0
+    served = simulate(sorted(arrivals), SWAP_AWARE, 20.0, 3.0, bound)[0]
+    for r in served:
+        overtakers = [
+            w
+            for w in served
+            if w.enqueued > r.enqueued
+            and w.order < r.order
+            and w.started >= r.enqueued + bound
+            and not w.batch
+        ]
+        assert len(overtakers) <= len(NAMES)
+
+
+def test_under_moderate_load_every_wait_stays_within_the_bound_plus_swaps() -> None:
+    swap, service, bound = 20.0, 1.0, 60.0
+    arrivals = [(7.0 * i, NAMES[(i * i) % 3], i % 4) for i in range(120)]
+    served = simulate(arrivals, SWAP_AWARE, swap, service, bound)[0]
+    assert max(s.started - s.enqueued for s in served) <= bound + len(NAMES) * (swap + service)
+
+
+@settings(max_examples=30, deadline=None)
+@given(arrivals_strategy)
+def test_fifo_serves_in_arrival_order(arrivals: list[tuple[float, str, int]]) -> None:
+    served = simulate(sorted(arrivals), FIFO, 20.0, 3.0, 60.0)[0]
+    assert [s.order for s in served] == list(range(len(served)))
+
+
+def test_interleaved_clients_swap_far_less_than_fifo() -> None:
+    # Three clients each alternating among models, a request every 2 s from someone.
+    arrivals = [(2.0 * i, NAMES[i % 3], 0) for i in range(90)]
+    fifo, fifo_loads = simulate(arrivals, FIFO, 20.0, 1.0, 60.0)
+    aware, aware_loads = simulate(arrivals, SWAP_AWARE, 20.0, 1.0, 60.0)
+    assert aware_loads * 3 <= fifo_loads
+    assert _median_wait(aware) * 2 <= _median_wait(fifo)
