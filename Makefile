@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint docker-up clean
+.PHONY: venv run test lint docker-up bench clean
 
 venv: $(STAMP)
 
@@ -26,8 +26,8 @@ run: venv
 	$(BIN)/twistd -n --pidfile= llmswap $(if $(CONFIG),--config $(CONFIG))
 
 lint: venv
-	$(BIN)/ruff check llmswap tests twisted
-	$(BIN)/ruff format --check llmswap tests twisted
+	$(BIN)/ruff check llmswap tests twisted bench
+	$(BIN)/ruff format --check llmswap tests twisted bench
 	$(BIN)/mypy
 
 # Installs and starts a Docker engine when none answers (the Docker-backend tests need one).
@@ -36,6 +36,10 @@ docker-up:
 
 test: venv lint docker-up
 	$(BIN)/pytest
+
+# Benchmarks are scripts, not tests: results go to docs/benchmarks.md by hand, with this command.
+bench: venv
+	$(BIN)/python -m bench.scheduler
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache _trial_temp

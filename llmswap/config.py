@@ -91,6 +91,7 @@ class Config:
     scheduler: str = SWAP_AWARE
     priority_header: str | None = None
     keepalive_interval: float = 5.0
+    linger: float = 2.0
     preload: tuple[str, ...] = ()
     # Device name -> memory budget in bytes; empty means one implicit device, one model.
     devices: Mapping[str, int] = attrs.field(factory=dict)
@@ -123,6 +124,7 @@ _GLOBAL_KEYS = (
     "drain_timeout",
     "priority_header",
     "keepalive_interval",
+    "linger",
     "preload",
     "devices",
 )
@@ -336,6 +338,7 @@ def parse(data: Any, source: str = "<string>") -> Config:
         scheduler=policy,
         priority_header=_string(data, "priority_header", ""),
         keepalive_interval=float(_number(data, "keepalive_interval", "", 5.0)),
+        linger=float(_number(data, "linger", "", 2.0, minimum=-1e-9)),
         preload=preload,
         devices=devices,
         source=source,

@@ -269,6 +269,7 @@ class SwapManager(Service):
             devices=self.config.capacities(),
             policy=self.config.scheduler,
             changing=self._changing,
+            linger=self.config.linger,
         )
 
     def _dispatch(self) -> None:
@@ -431,9 +432,9 @@ class SwapManager(Service):
         loaded = self._clock.seconds()
         st.last_load_seconds = round(loaded - stopped, 3)
         log.info(
-            "load {model}: evicted {evicted} in {stop:.2f} s, loaded in {load:.2f} s",
+            "swap {evicted} -> {model}: stop {stop:.2f} s, load {load:.2f} s",
             model=model,
-            evicted=", ".join(evict) or "nothing",
+            evicted=", ".join(evict) or "(none)",
             stop=stopped - started,
             load=loaded - stopped,
         )
@@ -532,17 +533,21 @@ class SwapManager(Service):
             return None
         log.info("start-up: found running: {names}", names=", ".join(running))
         free = self.config.capacities()
+        adopted = []
         for name in running:
             device, memory = self.config.footprint(name)
             url = self.config.models[name].health_url
             if memory <= free[device] and (yield self._healthy_now(url)):
                 free[device] -= memory
-                self._status[name].last_used = self._clock.seconds()
-                self._set(name, READY)
-                log.info("start-up: adopted {model} as loaded", model=name)
+                adopted.append(name)
             else:
                 log.info("start-up: stopping {model}", model=name)
                 yield self._stop(name)
+        # Reported loaded only once the others are gone.
+        for name in adopted:
+            self._status[name].last_used = self._clock.seconds()
+            self._set(name, READY)
+            log.info("start-up: adopted {model} as loaded", model=name)
         return None
 
     @inlineCallbacks

@@ -8,8 +8,8 @@ rarely without letting any request wait unboundedly:
 - ``fifo`` (the original proxy): requests run strictly in arrival order; a request for another
   model swaps at once.
 - ``swap-aware``: while a model is loaded its waiting requests go first (priority, then age).  The
-  scheduler switches when none wait for it or run on it any more, or when a request for another
-  model has
+  scheduler switches when none wait for it or run on it any more (nor finished within ``linger``
+  seconds), or when a request for another model has
   waited ``max_wait_before_swap`` and the loaded model has served its batch (the requests that
   waited through its load: evicting it before would pay a load for one request, and under
   overload that degenerates into fifo's swap per request).  Overdue requests are served oldest
@@ -69,6 +69,10 @@ class View:
     policy: str = SWAP_AWARE
     # A load or unload is under way: no other may start until it ends.
     changing: bool = False
+    # Seconds a model that just finished a request stays as busy as one that runs requests: a
+    # client's follow-up request comes a moment after its answer, and must not find its model
+    # evicted for a request that could well have waited.
+    linger: float = 0.0
 
 
 @attrs.frozen
@@ -172,12 +176,16 @@ def _swap_aware(view: View) -> Decision:
 
     # A model still running requests is only evicted for an overdue request: until then more
     # requests for it may arrive and be served without paying for two loads.
+    lingering = {
+        n for n, m in view.models.items() if m.ready and view.now < m.last_used + view.linger
+    }
     busy = (
         frozenset(remaining)
         | {n for n, m in view.models.items() if m.in_flight}
         | {w.model for w in view.waiting if w.seq in admit}
+        | lingering
     )
-    recheck: float | None = None
+    recheck = min((view.models[n].last_used + view.linger for n in lingering), default=None)
     candidates = [ws[0] for name, ws in remaining.items() if not view.models[name].resident]
     for w in sorted(candidates, key=urgency):
         evict = plan_room(view, w.model, busy)

@@ -106,3 +106,65 @@ def test_check_config_fails_with_exit_1(tmp_path: Path, capsys: pytest.CaptureFi
 def test_example_config_is_valid() -> None:
     config = load(Path(__file__).parent.parent / "llmswap.yaml")
     assert config.models
+
+
+def _models(**extra: object) -> dict[str, object]:
+    return {
+        n: {"cmd": "x", "backend_url": f"http://127.0.0.1:{8081 + i}/v1", **extra.get(n, {})}  # type: ignore[dict-item]
+        for i, n in enumerate(("a", "b", "c"))
+    }
+
+
+def test_scheduler_settings_and_memory_budget() -> None:
+    config = parse(
+        {
+            "scheduler": "fifo",
+            "max_wait_before_swap": 30,
+            "preload": ["a", "b"],
+            "devices": {"gpu0": {"memory": "24GiB"}},
+            "models": _models(
+                a={"memory": "8GiB", "concurrency": 4, "ttl": 600},
+                b={"memory": "16000MiB", "max_wait_before_swap": 5},
+                c={},
+            ),
+        }
+    )
+    a, b = config.models["a"], config.models["b"]
+    assert config.scheduler == "fifo" and config.preload == ("a", "b")
+    assert (a.concurrency, a.ttl, a.max_wait_before_swap) == (4, 600.0, 30.0)
+    assert b.max_wait_before_swap == 5.0
+    assert config.footprint("a") == ("gpu0", 8 * 2**30)
+    assert config.footprint("b") == ("gpu0", 16000 * 2**20)
+    assert config.footprint("c") == ("gpu0", 24 * 2**30)  # no memory: the whole device
+    plain = parse({"models": _models()})
+    assert plain.capacities() == {"default": 1.0}
+    assert {plain.footprint(n) for n in "abc"} == {("default", 1.0)}
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({"scheduler": "lifo"}, "'scheduler' must be one of swap-aware, fifo"),
+        ({"preload": ["a", "b"]}, "'preload' models do not fit together on device 'default'"),
+        ({"preload": ["aa"]}, "'preload' names unknown model 'aa' (did you mean 'a'?)"),
+        ({"devices": {"gpu0": {"memory": "lots"}}}, "'devices.gpu0.memory' must be a memory size"),
+        (
+            {"devices": {"gpu0": {"memory": "8GiB"}}, "models": _models(a={"memory": "9GiB"})},
+            "'models.a.memory' (9.0 GiB) exceeds device 'gpu0' (8.0 GiB)",
+        ),
+        (
+            {"devices": {"g0": {"memory": 8}, "g1": {"memory": 8}}},
+            "'models.a.device' is required when several devices are declared",
+        ),
+        ({"models": _models(a={"memory": "2GiB"})}, "declares 'memory'/'device' but no 'devices'"),
+        (
+            {"models": _models(a={"concurrency": 0})},
+            "'models.a.concurrency' must be greater than 0",
+        ),
+        ({"models": _models(a={"concurency": 2})}, "did you mean 'concurrency'?"),
+    ],
+)
+def test_invalid_scheduler_settings(extra: dict[str, object], expected: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse({"models": _models(), **extra})
+    assert expected in str(e.value)

@@ -408,7 +408,8 @@ class ShutdownTests(DaemonTestCase):
         loading = self.post_json("/v1/chat/completions", {"model": "beta"})
         yield wait_for(lambda: starts(self.ledger) == ["alpha", "beta"])
         queued = self.post_json("/v1/chat/completions", {"model": "alpha"})
-        yield wait_for(lambda: daemon.service.manager.health()["queue_size"] == 1)
+        # Both wait: beta for its load to end, alpha behind it.
+        yield wait_for(lambda: daemon.service.manager.health()["queue_size"] == 2)
         yield daemon.stop()
         self.assertEqual(live_peers(self.ledger), [])
         for d in (loading, queued):

@@ -88,6 +88,7 @@ class ManagerTests(unittest.TestCase):
             {
                 "queue_size": 2,
                 "request_timeout": 30,
+                "linger": 0,
                 "models": {
                     n: {"backend_url": f"http://{n}:1/v1", "cmd": "x", "startup_timeout": 10}
                     for n in ("a", "b")

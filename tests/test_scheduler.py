@@ -83,6 +83,13 @@ def test_swap_aware_switches_when_nothing_waits_for_or_runs_on_the_loaded_model(
     assert decide(v) == Decision((), Load("b", ("a",)))
 
 
+def test_a_model_that_just_answered_lingers_for_the_follow_up_request() -> None:
+    models = [ready("a", last_used=9), idle("b")]
+    assert decide(view(10, models, [("b", 0)], linger=2)) == Decision((), None, recheck_at=11)
+    assert decide(view(11, models, [("b", 0)], linger=2)).change == Load("b", ("a",))
+    assert decide(view(60, models, [("b", 0)], linger=99)).change == Load("b", ("a",))
+
+
 def test_priority_picks_the_next_model_and_the_order_within_a_model() -> None:
     models = [ready("a", concurrency=1), idle("b"), idle("c")]
     v = view(10, models, [("a", 0, 0), ("a", 1, 5), ("b", 2, 0), ("c", 3, 9)])
@@ -127,13 +134,13 @@ def test_budget_co_residency_and_lru_eviction() -> None:
     b = ready("b", device="gpu", memory=10 * gib, last_used=3)
     c = idle("c", device="gpu", memory=10 * gib)
     # c fits next to a alone: loads at once, evicting nothing, although a has waiters.
-    v = view(0, [a, attrs.evolve(b, resident=False, ready=False), c], [("c", 0)], devices=devices)
+    v = view(10, [a, attrs.evolve(b, resident=False, ready=False), c], [("c", 0)], devices=devices)
     assert decide(v).change == Load("c", ())
     # With a and b loaded, the least recently used idle one (b) makes room.
-    v = view(0, [a, b, c], [("c", 0)], devices=devices)
+    v = view(10, [a, b, c], [("c", 0)], devices=devices)
     assert decide(v).change == Load("c", ("b",))
     # A busy model is evicted only after idle ones.
-    v = view(0, [a, attrs.evolve(b, in_flight=1), c], [("c", 0)], devices=devices)
+    v = view(10, [a, attrs.evolve(b, in_flight=1), c], [("c", 0)], devices=devices)
     assert decide(v).change == Load("c", ("a",))
 
 
