@@ -1,12 +1,18 @@
 # llmswap itself in a container: it drives the host's Docker engine through the mounted socket.
-# Build: docker build -t llmswap .    Run: see docker-compose.yml
-FROM python:3.11-slim
-WORKDIR /app
-COPY setup.cfg pyproject.toml README.md ./
-COPY llmswap ./llmswap
-COPY twisted ./twisted
-RUN pip install --no-cache-dir . && twistd --help | grep -q llmswap
-COPY llmswap.yaml /etc/llmswap/llmswap.yaml
+# Build: docker build -t llmswap .    Run: docker compose up -d (see docker-compose.yml)
+# BASE: any Debian-like image with python3 >= 3.11 and its venv module.
+ARG BASE=python:3.11-slim
+FROM ${BASE}
+# Extra pip options, e.g. "--no-index --find-links /src/wheels" for an offline build.
+ARG PIP_INSTALL_ARGS=""
+COPY . /src
+RUN python3 -m venv /opt/llmswap \
+ && /opt/llmswap/bin/pip install --no-cache-dir ${PIP_INSTALL_ARGS} /src \
+ && /opt/llmswap/bin/twistd --help | grep -q llmswap \
+ && mkdir -p /etc/llmswap \
+ && cp /src/llmswap.yaml /etc/llmswap/llmswap.yaml \
+ && rm -rf /src
+ENV PATH=/opt/llmswap/bin:$PATH PYTHONUNBUFFERED=1
 EXPOSE 8888
 # -n: stay in the foreground and log to stdout, so `docker logs -f llmswap` shows everything.
 ENTRYPOINT ["twistd", "-n", "--pidfile=", "llmswap"]

@@ -30,9 +30,11 @@ lint: venv
 	$(BIN)/ruff format --check llmswap tests twisted bench
 	$(BIN)/mypy
 
-# Installs and starts a Docker engine when none answers (the Docker-backend tests need one).
+# Installs and starts a Docker engine when none answers (the Docker-backend tests need one),
+# and builds the Python base image the Dockerfile test builds on.
 docker-up:
 	tests/tools/docker-up.sh
+	tests/tools/python-base-image.sh
 
 test: venv lint docker-up
 	$(BIN)/pytest

@@ -9,15 +9,20 @@ ours, sees all of them).
 from __future__ import annotations
 
 import io
+import json
 import os
+import socket
 import subprocess
 import sys
 import tarfile
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThreadPool
@@ -26,6 +31,7 @@ from twisted.trial import unittest
 
 from tests.fakebackend import live_peers
 from tests.support import FAKE, Daemon, free_port, read_ledger, wait_for
+from tests.test_twistd import TWISTD, wait_listening
 
 pytestmark = pytest.mark.docker
 
@@ -262,3 +268,79 @@ class LlamaContainerTests(DockerTestCase):
             self.assertEqual(r.object, "chat.completion")
             self.assertEqual(len(llama_server_groups()), 1)
         self.assertEqual(self.state(models["creative"]["container_name"]), "exited")
+
+
+class EngineErrorTests(DockerTestCase):
+    @inlineCallbacks
+    def test_container_that_fails_to_start_passes_the_engine_message_through(self) -> Any:
+        # The host port the container publishes is taken: the engine refuses to start it.
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        self.addCleanup(taken.close)
+        port = taken.getsockname()[1]
+        container = f"{self.prefix}-busy"
+        docker(
+            "create", "--name", container, "-p", f"127.0.0.1:{port}:8081",
+            *host_mounts(self.tmp), IMAGE, sys.executable, FAKE, "--port", "8081",
+        )  # fmt: skip
+        d = self.daemon(
+            {"busy": {"container_name": container, "backend_url": f"http://127.0.0.1:{port}/v1"}}
+        )
+        client = d.client()
+        with self.assertRaises(Exception) as ctx:
+            yield deferToThreadPool(
+                reactor, self.threads, client.chat.completions.create, model="busy", messages=HI
+            )
+        error = ctx.exception
+        self.assertEqual(getattr(error, "status_code", None), 503)
+        message = str(error)
+        self.assertIn(f"container '{container}' failed to start", message)
+        self.assertIn("address already in use", message)
+        health = d.service.manager.health()["models"]["busy"]
+        self.assertEqual(health["state"], "failed")
+
+
+def test_permission_denied_on_the_socket_says_how_to_fix_it(tmp_path: Path) -> None:
+    """A user outside the socket's group: here root without CAP_DAC_OVERRIDE on a socket that
+    only its owner's mode bits (none) would admit, which the kernel refuses alike."""
+    sock_path = tmp_path / "docker.sock"
+    engine = socket.socket(socket.AF_UNIX)
+    engine.bind(str(sock_path))
+    engine.listen()
+    os.chmod(sock_path, 0)
+    config = tmp_path / "llmswap.yaml"
+    port = free_port()
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "listen": f"tcp:{port}:interface=127.0.0.1",
+                "log_dir": str(tmp_path),
+                "docker": {"base_url": f"unix://{sock_path}"},
+                "models": {"m": {"container_name": "m", "backend_url": "http://127.0.0.1:9/v1"}},
+            }
+        )
+    )
+    proc = subprocess.Popen(
+        ["setpriv", "--bounding-set", "-dac_override,-dac_read_search",
+         TWISTD, "-n", "--pidfile=", "llmswap", "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_listening(url, proc)
+        request = urllib.request.Request(
+            url + "/v1/chat/completions", data=json.dumps({"model": "m"}).encode(), method="POST"
+        )
+        with pytest.raises(urllib.error.HTTPError) as ctx:
+            urllib.request.urlopen(request, timeout=30)
+        assert ctx.value.code == 503
+        error = json.load(ctx.value)["error"]
+        assert error["code"] == "backend_unavailable"
+        assert "Permission denied on the Docker engine socket" in error["message"]
+        assert "--group-add" in error["message"]
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=30)[0].decode()
+        engine.close()
+    assert "Traceback" not in output

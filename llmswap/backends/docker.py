@@ -40,8 +40,10 @@ def _engine_error(engine: DockerEngine, e: Exception) -> errors.APIError:
     text = str(e)
     if "Permission denied" in text or "PermissionError" in text:
         return errors.backend_unavailable(
-            f"Permission denied on the Docker engine at {where}: run llmswap as a user in the "
-            "'docker' group (or as root)."
+            f"Permission denied on the Docker engine socket at {where}: run llmswap as root or "
+            "as a user in the socket's group (usually 'docker'); in a container, mount "
+            "-v /var/run/docker.sock:/var/run/docker.sock and add "
+            "--group-add $(stat -c %g /var/run/docker.sock)."
         )
     return errors.backend_unavailable(
         f"Cannot reach the Docker engine at {where}: {text}. {_SOCKET_HINT}"
