@@ -53,6 +53,26 @@ class DockerEngine:
 
 
 @attrs.frozen
+class APIKey:
+    """A client's key: who it is (``name``, what logs show), what it may do, its limits."""
+
+    name: str
+    secret: str = attrs.field(repr=False)
+    models: frozenset[str] | None = None
+    priority: int = 0
+    rpm: int | None = None
+    max_concurrent: int | None = None
+    admin: bool = False
+
+
+@attrs.frozen
+class Auth:
+    keys: tuple[APIKey, ...]
+    # /health and /metrics answer without a key (monitoring, load balancers).
+    open_health: bool = True
+
+
+@attrs.frozen
 class ModelConfig:
     """One model: how to reach its OpenAI-compatible server and how to start and stop it."""
 
@@ -95,6 +115,7 @@ class Config:
     preload: tuple[str, ...] = ()
     # Device name -> memory budget in bytes; empty means one implicit device, one model.
     devices: Mapping[str, int] = attrs.field(factory=dict)
+    auth: Auth | None = None
     source: str = "<built-in>"
 
     def footprint(self, model: str) -> tuple[str, float]:
@@ -127,6 +148,7 @@ _GLOBAL_KEYS = (
     "linger",
     "preload",
     "devices",
+    "auth",
 )
 _MODEL_KEYS = (
     "backend_url",
@@ -341,6 +363,7 @@ def parse(data: Any, source: str = "<string>") -> Config:
         linger=float(_number(data, "linger", "", 2.0, minimum=-1e-9)),
         preload=preload,
         devices=devices,
+        auth=_auth(data.get("auth"), models),
         source=source,
     )
 
@@ -412,6 +435,122 @@ def _preload(
                 "(without 'devices' only one model can be loaded at a time)"
             )
     return tuple(dict.fromkeys(raw))
+
+
+_KEY_KEYS = (
+    "name",
+    "key",
+    "key_env",
+    "key_file",
+    "models",
+    "priority",
+    "rpm",
+    "max_concurrent",
+    "admin",
+)
+_EXAMPLE_KEYS = (
+    "sk-1234",
+    "changeme",
+    "change-me",
+    "password",
+    "secret",
+    "example",
+    "your-api-key",
+    "your_api_key",
+    "xxxx",
+    "sk-xxx",
+    "test",
+    "unused",
+)
+_GENERATE = (
+    "generate one with: python3 -c 'import secrets; print(\"sk-\" + secrets.token_urlsafe(32))'"
+)
+
+
+def _secret(raw: Mapping[str, Any], where: str) -> str:
+    sources = [k for k in ("key", "key_env", "key_file") if k in raw]
+    if len(sources) != 1:
+        raise ConfigError(f"'{where}' needs exactly one of 'key', 'key_env' or 'key_file'")
+    source = sources[0]
+    value = raw[source]
+    if not isinstance(value, str):
+        raise ConfigError(f"'{where}.{source}' must be a string")
+    if source == "key_env":
+        secret = os.environ.get(value, "")
+        origin = f"environment variable {value}"
+    elif source == "key_file":
+        try:
+            secret = Path(value).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"'{where}.key_file': cannot read {value}: {e.strerror}") from None
+        origin = f"file {value}"
+    else:
+        secret, origin = value, "the configuration"
+    secret = secret.strip()
+    lowered = secret.lower()
+    if not secret:
+        raise ConfigError(f"'{where}': the key from {origin} is empty; {_GENERATE}")
+    if len(secret) < 16 or any(example in lowered for example in _EXAMPLE_KEYS):
+        raise ConfigError(
+            f"'{where}': the key from {origin} is too short or a well-known example value; "
+            + _GENERATE
+        )
+    return secret
+
+
+def _auth(raw: Any, models: Mapping[str, ModelConfig]) -> Auth | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise ConfigError("'auth' must be a mapping with 'keys'")
+    _check_keys(raw, ("keys", "open_health"), "auth")
+    keys_raw = raw.get("keys")
+    if not isinstance(keys_raw, list) or not keys_raw:
+        raise ConfigError("'auth.keys' must list at least one key ({name: ..., key_env: ...})")
+    keys: list[APIKey] = []
+    for i, entry in enumerate(keys_raw):
+        where = f"auth.keys[{i}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"'{where}' must be a mapping with 'name' and a key source")
+        _check_keys(entry, _KEY_KEYS, where)
+        name = entry.get("name")
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"'{where}.name' is required (what logs show instead of the key)")
+        where = f"auth.keys[{name}]"
+        allowed = entry.get("models")
+        if allowed is not None:
+            if not isinstance(allowed, list) or not all(isinstance(m, str) for m in allowed):
+                raise ConfigError(f"'{where}.models' must be a list of model names")
+            for m in allowed:
+                if m not in models:
+                    raise ConfigError(f"'{where}.models' names unknown model {m!r}")
+        priority = entry.get("priority", 0)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ConfigError(f"'{where}.priority' must be a whole number, got {priority!r}")
+        rpm = entry.get("rpm")
+        concurrent = entry.get("max_concurrent")
+        keys.append(
+            APIKey(
+                name=name,
+                secret=_secret(entry, where),
+                models=None if allowed is None else frozenset(allowed),
+                priority=priority,
+                rpm=None if rpm is None else _number(entry, "rpm", where, 0, integer=True),
+                max_concurrent=None
+                if concurrent is None
+                else _number(entry, "max_concurrent", where, 0, integer=True),
+                admin=_flag(entry, "admin", where),
+            )
+        )
+    names = [k.name for k in keys]
+    if len(set(names)) != len(names):
+        raise ConfigError("'auth.keys': every key needs its own name")
+    if len({k.secret for k in keys}) != len(keys):
+        raise ConfigError("'auth.keys': two entries have the same key")
+    open_health = raw.get("open_health", True)
+    if not isinstance(open_health, bool):
+        raise ConfigError(f"'auth.open_health' must be true or false, got {open_health!r}")
+    return Auth(tuple(keys), open_health)
 
 
 def load(path: str | os.PathLike[str]) -> Config:

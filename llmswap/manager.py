@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application.service import Service
@@ -37,6 +37,9 @@ from llmswap import errors, scheduler
 from llmswap.config import Config
 from llmswap.health import BackendDied, wait_healthy
 from llmswap.interfaces import IBackend
+
+if TYPE_CHECKING:
+    from llmswap.metrics import Metrics
 
 log = Logger()
 
@@ -116,6 +119,7 @@ class SwapManager(Service):
         self._dispatching = False
         self._again = False
         self._recheck: IDelayedCall | None = None
+        self.metrics: Metrics | None = None
         for name, backend in self._backends.items():
             backend.on_exit(self._exit_handler(name))
 
@@ -190,6 +194,14 @@ class SwapManager(Service):
         names = [model] if model is not None else list(self._backends)
         return self._admin(lambda: self._unload(*names))
 
+    def reconfigure(self, config: Config, fresh: Mapping[str, IBackend]) -> Deferred[Any]:
+        """Apply a reloaded configuration; ``fresh`` has backends for added and changed models.
+
+        Removed and changed models that are loaded drain first (in-flight requests finish),
+        then stop; requests waiting for a removed model get 404.  Fires with what changed.
+        """
+        return self._admin(lambda: self._reconfigure(config, fresh))
+
     def health(self) -> dict[str, Any]:
         now = self._clock.seconds()
         ready = [n for n, s in self._status.items() if s.state == READY]
@@ -230,6 +242,10 @@ class SwapManager(Service):
 
     def models(self) -> list[str]:
         return list(self._backends)
+
+    @property
+    def backends(self) -> Mapping[str, IBackend]:
+        return self._backends
 
     # -- scheduling ---------------------------------------------------------------------------
 
@@ -324,15 +340,13 @@ class SwapManager(Service):
                 d.callback(None)
         self._dispatch()
 
-    def _begin(
-        self, what: str, change: Callable[..., Deferred[None]], *args: Any
-    ) -> Deferred[None]:
+    def _begin(self, what: str, change: Callable[..., Deferred[Any]], *args: Any) -> Deferred[Any]:
         """Run a load or unload under the lock; the policy starts no other until it ends.
 
         The returned Deferred carries the change's outcome (an admin call reports it).
         """
         self._changing = True
-        d: Deferred[None] = self._lock.run(change, *args)
+        d: Deferred[Any] = self._lock.run(change, *args)
         self._change = d
 
         def ended(result: Any) -> Any:
@@ -355,13 +369,13 @@ class SwapManager(Service):
             self._recheck = self._clock.callLater(delay, self._dispatch)
 
     @inlineCallbacks
-    def _admin(self, change: Callable[[], Deferred[None]]) -> Any:
+    def _admin(self, change: Callable[[], Deferred[Any]]) -> Any:
         """Run an admin change as soon as no other change is under way."""
         while self._changing:
             yield self._change_ended()
         if not self.running:
             raise errors.shutting_down()
-        yield self._begin("admin change", change)
+        return (yield self._begin("admin change", change))
 
     def _wanted(self, model: str) -> Callable[[], bool]:
         return lambda: any(t.model == model for t in self._waiting)
@@ -431,6 +445,8 @@ class SwapManager(Service):
             raise
         loaded = self._clock.seconds()
         st.last_load_seconds = round(loaded - stopped, 3)
+        if self.metrics is not None:
+            self.metrics.swapped(evict, model, loaded - stopped)
         log.info(
             "swap {evicted} -> {model}: stop {stop:.2f} s, load {load:.2f} s",
             model=model,
@@ -439,6 +455,34 @@ class SwapManager(Service):
             load=loaded - stopped,
         )
         return None
+
+    @inlineCallbacks
+    def _reconfigure(self, config: Config, fresh: Mapping[str, IBackend]) -> Any:
+        old = self.config.models
+        removed = [n for n in old if n not in config.models]
+        changed = [n for n in old if n in config.models and config.models[n] != old[n]]
+        added = [n for n in config.models if n not in old]
+        yield self._unload(*removed, *changed)
+        for name in removed:
+            err = errors.model_not_found(name, list(config.models))
+            for ticket in [t for t in self._waiting if t.model == name]:
+                self._waiting.remove(ticket)
+                self._reject(ticket, err)
+            del self._backends[name], self._status[name]
+        for name in changed + added:
+            self._backends[name] = fresh[name]
+            fresh[name].on_exit(self._exit_handler(name))
+            self._status[name] = ModelStatus(since=self._clock.seconds())
+        self.config = config
+        self._queue.size = config.queue_size
+        summary = {"added": added, "removed": removed, "changed": changed}
+        log.info(
+            "configuration reloaded from {source}: added {added}, removed {removed}, "
+            "changed {changed}",
+            source=config.source,
+            **{k: ", ".join(v) or "none" for k, v in summary.items()},
+        )
+        return summary
 
     @inlineCallbacks
     def _unload(self, *names: str) -> Any:

@@ -11,8 +11,10 @@ for the whole stream; cancelling it (the client went away) aborts the backend co
 from __future__ import annotations
 
 import json
+from collections import deque
 from typing import Any, cast
 
+import attrs
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -50,12 +52,18 @@ class _Pipe(Protocol):
         self._idle_timeout = idle_timeout
         self._timer: IDelayedCall | None = None
         self.idle = False
+        self.first_at: float | None = None
+        # The last chunks, for the usage object at the end: kept, not parsed, per chunk.
+        self.tail: deque[bytes] = deque(maxlen=4)
 
     def connectionMade(self) -> None:
         self._arm()
 
     def dataReceived(self, data: bytes) -> None:
         self._arm()
+        if self.first_at is None:
+            self.first_at = self._clock.seconds()
+        self.tail.append(data)
         self._request.write(data)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
@@ -81,10 +89,20 @@ class _Pipe(Protocol):
         self.abort()
 
 
-def _request_headers(request: IRequest) -> Headers:
+@attrs.frozen
+class Relayed:
+    """How a relay ended: the backend's status (0: cut off mid-body), when its first body
+    bytes went out, and the body's last chunks."""
+
+    status: int
+    first_byte_at: float | None = None
+    tail: bytes = b""
+
+
+def _request_headers(request: IRequest, drop: frozenset[bytes]) -> Headers:
     out = Headers()
     for name, values in request.requestHeaders.getAllRawHeaders():
-        if name.lower() not in _NOT_FORWARDED:
+        if name.lower() not in _NOT_FORWARDED and name.lower() not in drop:
             out.setRawHeaders(name, values)
     return out
 
@@ -113,10 +131,19 @@ class Relay:
     def __init__(self, http: Any, clock: IReactorTime, idle_timeout: float) -> None:
         self._http = http
         self._clock = clock
-        self._idle_timeout = idle_timeout
+        self.idle_timeout = idle_timeout
 
-    def forward(self, request: IRequest, model: str, url: str, body: bytes) -> Deferred[int]:
-        """Relay ``body`` to ``url``; fires with the backend's status after the last byte.
+    def forward(
+        self,
+        request: IRequest,
+        model: str,
+        url: str,
+        body: bytes,
+        drop: frozenset[bytes] = frozenset(),
+    ) -> Deferred[Relayed]:
+        """Relay ``body`` to ``url``; fires with how it went after the last byte.
+
+        ``drop`` names request headers not to forward (llmswap's own API keys).
 
         Fails with an APIError only while nothing was written to the client yet; once the
         backend's headers went out, a failure ends the response instead (an error event for an
@@ -127,18 +154,18 @@ class Relay:
             request.method.decode("ascii"),
             url,
             data=body,
-            headers=_request_headers(request),
+            headers=_request_headers(request, drop),
             unbuffered=True,
         )
-        sent.addTimeout(self._idle_timeout, self._clock, onTimeoutCancel=self._no_answer(model))
+        sent.addTimeout(self.idle_timeout, self._clock, onTimeoutCancel=self._no_answer(model))
 
-        def cancel(_: Deferred[int]) -> None:
+        def cancel(_: Deferred[Relayed]) -> None:
             if pipe:
                 pipe[0].abort()
             else:
                 sent.cancel()
 
-        result: Deferred[int] = Deferred(cancel)
+        result: Deferred[Relayed] = Deferred(cancel)
 
         committed = started_writing(request)
 
@@ -148,17 +175,18 @@ class Relay:
                 # backend's error can only travel as an error event.
                 body: Deferred[bytes] = response.content()
                 body.addCallback(lambda b: request.write(_error_event(model, response.code, b)))
-                return body.addCallback(lambda _: response.code)
+                return body.addCallback(lambda _: Relayed(response.code))
             if not committed:
                 request.setResponseCode(response.code, response.phrase)
                 for name, values in response.headers.getAllRawHeaders():
                     if name.lower() not in _HOP_BY_HOP:
                         request.responseHeaders.setRawHeaders(name, values)
-            p = _Pipe(request, self._clock, self._idle_timeout)
+            p = _Pipe(request, self._clock, self.idle_timeout)
             pipe.append(p)
             response.deliverBody(p)
-            p.done.addCallback(lambda _: response.code)
-            return p.done
+            return p.done.addCallback(
+                lambda _: Relayed(response.code, p.first_at, b"".join(p.tail))
+            )
 
         def failed(f: Failure) -> None:
             if result.called:
@@ -167,11 +195,11 @@ class Relay:
                 result.errback(self._before_headers(f, model, url))
                 return
             self._mid_body(request, model, pipe[0], f)
-            result.callback(0)
+            result.callback(Relayed(0, pipe[0].first_at))
 
-        def finished(code: int) -> None:
+        def finished(relayed: Relayed) -> None:
             if not result.called:
-                result.callback(code)
+                result.callback(relayed)
 
         sent.addCallback(got_response).addCallbacks(finished, failed)
         return result
@@ -195,7 +223,7 @@ class Relay:
 
     def _mid_body(self, request: IRequest, model: str, pipe: _Pipe, f: Failure) -> None:
         why = (
-            f"no data for request_timeout ({self._idle_timeout:g} s)"
+            f"no data for request_timeout ({self.idle_timeout:g} s)"
             if pipe.idle
             else "the backend closed the connection"
         )

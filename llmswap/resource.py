@@ -7,10 +7,11 @@ bytes received.  Every error a client can provoke comes back OpenAI-shaped with 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 from klein import Klein
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -20,13 +21,17 @@ from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from llmswap import errors
+from llmswap.access import Gate
 from llmswap.config import Config
 from llmswap.manager import STARTING, SwapManager
-from llmswap.relay import Relay, started_writing
+from llmswap.metrics import Metrics
+from llmswap.relay import Relay, Relayed, started_writing
 
 log = Logger()
 
 _CLIENT_CLOSED = 499  # nginx's convention for "client went away before the answer"
+# llmswap's own keys are not the backend's business.
+_KEY_HEADERS = frozenset({b"authorization", b"x-api-key"})
 
 
 def _json(request: IRequest, status: int, payload: Any) -> bytes:
@@ -70,31 +75,62 @@ def parse_body(body: bytes, max_bytes: int) -> tuple[str, bool]:
 
 
 class OpenAIResource:
-    """Routes of the OpenAI API, bound to the manager that owns the backends."""
+    """Routes of the OpenAI API, bound to the manager that owns the backends.
+
+    The configuration is the manager's (it changes on reload); the gate checks keys and limits.
+    """
 
     app = Klein()
 
     def __init__(
-        self, config: Config, manager: SwapManager, relay: Relay, clock: IReactorTime
+        self,
+        manager: SwapManager,
+        relay: Relay,
+        gate: Gate,
+        metrics: Metrics,
+        clock: IReactorTime,
+        reload: Callable[[], Deferred[str]] | None = None,
     ) -> None:
-        self._config = config
         self._manager = manager
         self._relay = relay
+        self._gate = gate
+        self._metrics = metrics
         self._clock = clock
+        self._reload = reload
+
+    @property
+    def _config(self) -> Config:
+        return self._manager.config
 
     def resource(self) -> IResource:
         return self.app.resource()  # type: ignore[no-any-return]
 
     @app.route("/health", methods=["GET"])
     def health(self, request: IRequest) -> bytes:
+        try:
+            self._gate.protect_health(request)
+        except errors.APIError as e:
+            return _error(request, e)
         return _json(request, 200, self._manager.health())
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request: IRequest) -> Any:
+        try:
+            self._gate.protect_health(request)
+        except errors.APIError as e:
+            return _error(request, e)
+        return self._metrics.resource()
 
     @app.route("/v1/models", methods=["GET"])
     def models(self, request: IRequest) -> bytes:
+        try:
+            key = self._gate.identify(request)
+        except errors.APIError as e:
+            return _error(request, e)
         created = int(self._clock.seconds())
         data = [
             {"id": name, "object": "model", "created": created, "owned_by": "local"}
-            for name in self._manager.models()
+            for name in self._gate.visible(key, self._manager.models())
         ]
         return _json(request, 200, {"object": "list", "data": data})
 
@@ -109,14 +145,27 @@ class OpenAIResource:
     @app.route("/admin/unload", methods=["POST"])
     async def admin_unload_all(self, request: IRequest) -> bytes:
         try:
+            self._gate.require_admin(request)
             await self._manager.unload()
         except errors.APIError as e:
             return _error(request, e)
         states = {name: self._manager.state(name) for name in self._manager.models()}
         return _json(request, 200, {"models": states})
 
+    @app.route("/admin/reload", methods=["POST"])
+    async def admin_reload(self, request: IRequest) -> bytes:
+        try:
+            self._gate.require_admin(request)
+            if self._reload is None:
+                raise errors.bad_request("This daemon has no configuration file to reload")
+            summary = await self._reload()
+        except errors.APIError as e:
+            return _error(request, e)
+        return _json(request, 200, {"reloaded": True, "changes": summary})
+
     async def _admin(self, request: IRequest, model: str, change: Any) -> bytes:
         try:
+            self._gate.require_admin(request)
             if model not in self._config.models:
                 raise errors.model_not_found(model, self._manager.models())
             await change(model)
@@ -128,14 +177,22 @@ class OpenAIResource:
     @app.route("/v1/<path:_endpoint>", methods=["POST"])
     async def proxy(self, request: IRequest, _endpoint: str) -> bytes | None:
         started = self._clock.seconds()
-        model, stream, status, waited = "-", False, 0, 0.0
+        model, stream, status, key_name = "-", False, 0, "-"
+        waited: float | None = None
+        relayed = Relayed(0)
+        done: Callable[[], None] | None = None
         try:
+            key = self._gate.identify(request)
+            key_name = key.name if key is not None else "-"
             assert request.content is not None
             body = request.content.read()
             model, stream = parse_body(body, self._config.max_body_bytes)
             if model not in self._config.models:
-                raise errors.model_not_found(model, self._manager.models())
-            waiting = self._manager.acquire(model, self._priority(request))
+                raise errors.model_not_found(model, self._gate.visible(key, self._manager.models()))
+            self._gate.check_model(key, model)
+            priority = key.priority if key is not None else self._priority(request)
+            done = self._gate.admit(key)
+            waiting = self._manager.acquire(model, priority)
             keepalive = None
             if stream and not waiting.called:
                 keepalive = LoopingCall(self._still_waiting, request, model, started)
@@ -152,7 +209,9 @@ class OpenAIResource:
                     request.setHeader(b"x-llmswap-queue-position", str(lease.position).encode())
                     request.setHeader(b"x-llmswap-queue-wait", f"{waited:.3f}".encode())
                 url = lease.backend_url + request.uri[len(b"/v1") :].decode("latin-1")
-                status = await self._relay.forward(request, model, url, body)
+                drop = _KEY_HEADERS if self._gate.enabled else frozenset()
+                relayed = await self._relay.forward(request, model, url, body, drop)
+                status = relayed.status
             finally:
                 lease.release()
             return None
@@ -166,16 +225,23 @@ class OpenAIResource:
             status = _CLIENT_CLOSED
             raise
         finally:
+            if done is not None:
+                done()
+            duration = self._clock.seconds() - started
+            known = model if model in self._config.models else "-"
+            first = relayed.first_byte_at - started if stream and relayed.first_byte_at else None
+            self._metrics.answered(known, status, key_name, waited, duration, first, relayed.tail)
             log.info(
-                "{method} {path} model={model} stream={stream} status={status} "
+                "{method} {path} model={model} key={key} stream={stream} status={status} "
                 "queue_wait={waited:.3f}s duration={duration:.3f}s",
                 method=request.method.decode(),
                 path=request.path.decode("latin-1"),
                 model=model,
+                key=key_name,
                 stream=stream,
                 status=status,
-                waited=waited,
-                duration=self._clock.seconds() - started,
+                waited=waited or 0.0,
+                duration=duration,
             )
 
     def _priority(self, request: IRequest) -> int:

@@ -10,24 +10,31 @@ import os
 from pathlib import Path
 from typing import Any
 
+import attrs
 from treq.client import HTTPClient
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
+from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.server import Site
 
+from llmswap import errors
+from llmswap.access import Gate
 from llmswap.backends.docker import DockerBackend, DockerClientProvider
 from llmswap.backends.process import ProcessBackend
-from llmswap.config import Config
+from llmswap.config import Config, ConfigError, load
 from llmswap.interfaces import IBackend
 from llmswap.manager import SwapManager
+from llmswap.metrics import Metrics
 from llmswap.relay import Relay
 from llmswap.resource import OpenAIResource
+
+log = Logger()
 
 # Responses still being written get this long to finish at shutdown.
 _CLOSE_GRACE = 5.0
@@ -110,11 +117,15 @@ def default_log_dir() -> Path:
     return Path(state) / "llmswap" / "logs"
 
 
-def make_backends(config: Config, reactor: Any) -> dict[str, IBackend]:
+def make_backends(
+    config: Config, reactor: Any, only: list[str] | None = None
+) -> dict[str, IBackend]:
     docker = DockerClientProvider(config.docker)
     log_dir = Path(config.log_dir) if config.log_dir else default_log_dir()
     backends: dict[str, IBackend] = {}
     for name, model in config.models.items():
+        if only is not None and name not in only:
+            continue
         if model.kind == "docker":
             backends[name] = DockerBackend(model, docker, reactor)
         else:
@@ -136,8 +147,14 @@ class LLMSwapService(MultiService):
         _PoolService(pool).setServiceParent(self)
         self.manager = SwapManager(config, self.backends, http, reactor)
         self.manager.setServiceParent(self)
-        relay = Relay(http, reactor, config.request_timeout)
-        api = OpenAIResource(config, self.manager, relay, reactor)
+        self.metrics = Metrics()
+        self.metrics.watch(self.manager)
+        self.manager.metrics = self.metrics
+        self.gate = Gate(config.auth, reactor)
+        self.relay = Relay(http, reactor, config.request_timeout)
+        api = OpenAIResource(
+            self.manager, self.relay, self.gate, self.metrics, reactor, self.reload
+        )
         site = _Site(api.resource())
         site.displayTracebacks = False
         site.noisy = False
@@ -145,6 +162,37 @@ class LLMSwapService(MultiService):
         self._reactor = reactor
         self.web = HTTPService(config.listen, self._connections, reactor)
         self.web.setServiceParent(self)
+
+    @inlineCallbacks
+    def reload(self) -> Any:
+        """Re-read the configuration file and apply it without dropping a request.
+
+        A configuration that does not validate is refused with its error; the running one keeps
+        serving.  The listening endpoint stays (changing it needs a restart).
+        """
+        if self.config.source.startswith("<"):
+            raise errors.bad_request(
+                f"Nothing to reload: this daemon runs the {self.config.source} configuration"
+            )
+        try:
+            new = load(self.config.source)
+        except ConfigError as e:
+            log.error("reload refused, the running configuration stays: {e}", e=str(e))
+            raise errors.bad_request(
+                f"Configuration not reloaded, the running one stays: {e}", "invalid_config"
+            ) from None
+        if new.listen != self.config.listen:
+            log.warn("reload: 'listen' changed; it applies at the next restart")
+        new = attrs.evolve(new, listen=self.config.listen)
+        old = self.config.models
+        fresh = [n for n in new.models if n not in old or new.models[n] != old[n]]
+        backends = make_backends(new, self._reactor, fresh)
+        summary = yield self.manager.reconfigure(new, backends)
+        self.backends = dict(self.manager.backends)
+        self.gate.configure(new.auth)
+        self.relay.idle_timeout = new.request_timeout
+        self.config = new
+        return summary
 
     @inlineCallbacks
     def stopService(self) -> Any:

@@ -11,6 +11,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from llmswap.config import Config, ConfigError, load
+from llmswap.errors import APIError
 from llmswap.service import LLMSwapService, make_service
 
 log = Logger()
@@ -45,7 +46,8 @@ class Options(usage.Options):
 
 
 class _HangupService(Service):
-    """SIGHUP reopens the backends' log files (logrotate's convention) instead of killing us.
+    """SIGHUP reloads the configuration (systemd's ExecReload) and reopens the backends' log
+    files (logrotate's convention) instead of killing us.
 
     Without a handler SIGHUP's default action ends the process without any cleanup.
     """
@@ -65,14 +67,17 @@ class _HangupService(Service):
             signal.signal(signal.SIGHUP, self._previous)
 
     def _hangup(self, signum: int, frame: Any) -> None:
-        self._reactor.callFromThread(self._reopen)
+        self._reactor.callFromThread(self._reload)
 
-    def _reopen(self) -> None:
-        log.info("SIGHUP: reopening backend log files")
+    def _reload(self) -> None:
+        log.info("SIGHUP: reopening backend log files and reloading the configuration")
         for backend in self._daemon.backends.values():
             reopen = getattr(backend, "reopen_log", None)
             if reopen is not None:
                 reopen()
+        if not self._daemon.config.source.startswith("<"):
+            # A refused reload was logged with its reason; nothing else to do with it here.
+            self._daemon.reload().addErrback(lambda f: f.trap(APIError))
 
 
 def makeService(options: Options) -> IService:

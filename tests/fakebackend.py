@@ -131,6 +131,9 @@ class Handler(BaseHTTPRequestHandler):
             "X-Body-SHA256": digest,
             "X-Backend-Name": ARGS.name,
             "X-Backend-Pid": str(os.getpid()),
+            "X-Got-Api-Key": "yes"
+            if self.headers.get("Authorization") or self.headers.get("x-api-key")
+            else "no",
         }
         req = json.loads(raw)
         if "fake_status" in req:

@@ -9,8 +9,10 @@ from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from llmswap.config import parse
+from llmswap.access import Gate
+from llmswap.config import Config, parse
 from llmswap.manager import SwapManager
+from llmswap.metrics import Metrics
 from llmswap.relay import Relay
 from llmswap.resource import OpenAIResource
 from llmswap.service import make_backends
@@ -18,25 +20,23 @@ from llmswap.service import make_backends
 SEED_HEALTH_KEYS = {"status", "current_model", "queue_size", "queue_capacity", "message"}
 
 
-class APITests(unittest.TestCase):
-    def setUp(self) -> None:
-        clock = Clock()
-        self.config = parse(
-            {
-                "max_body_bytes": 200,
-                "queue_size": 7,
-                "models": {
-                    "qwen3": {"backend_url": "http://127.0.0.1:9/v1", "cmd": "true"},
-                    "gemma": {"backend_url": "http://127.0.0.1:9/v1", "cmd": ["true"]},
-                },
-            }
-        )
-        manager = SwapManager(self.config, make_backends(self.config, clock), None, clock)
-        api = OpenAIResource(self.config, manager, Relay(None, clock, 1.0), clock)
-        self.stub = StubTreq(api.resource())
+def stub_api(config: Config, clock: Clock) -> StubTreq:
+    """The daemon's resource tree over a manager that was never started (no backend runs)."""
+    manager = SwapManager(config, make_backends(config, clock), None, clock)
+    api = OpenAIResource(
+        manager, Relay(None, clock, 1.0), Gate(config.auth, clock), Metrics(), clock
+    )
+    return StubTreq(api.resource())
 
-    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, Any, Any]:
-        d = self.stub.request(method, "http://llmswap" + path, data=body)
+
+class StubCase(unittest.TestCase):
+    stub: StubTreq
+
+    def request(
+        self, method: str, path: str, body: bytes | None = None, key: str | None = None
+    ) -> tuple[int, Any, Any]:
+        headers = {"Authorization": [f"Bearer {key}"]} if key else {}
+        d = self.stub.request(method, "http://llmswap" + path, data=body, headers=headers)
         self.stub.flush()
         response = self.successResultOf(d)
         payload = self.successResultOf(response.content())
@@ -49,6 +49,22 @@ class APITests(unittest.TestCase):
         self.assertEqual(set(body["error"]), {"message", "type", "param", "code"})
         self.assertEqual(body["error"]["code"], code)
         return str(body["error"]["message"])
+
+
+class APITests(StubCase):
+    def setUp(self) -> None:
+        clock = Clock()
+        self.config = parse(
+            {
+                "max_body_bytes": 200,
+                "queue_size": 7,
+                "models": {
+                    "qwen3": {"backend_url": "http://127.0.0.1:9/v1", "cmd": "true"},
+                    "gemma": {"backend_url": "http://127.0.0.1:9/v1", "cmd": ["true"]},
+                },
+            }
+        )
+        self.stub = stub_api(self.config, clock)
 
     def test_models_lists_configured_names_owned_by_local(self) -> None:
         status, _, body = self.request("GET", "/v1/models")
@@ -124,3 +140,77 @@ class APITests(unittest.TestCase):
         status, headers, body = self.request("POST", "/v1/chat/completions", b'{"model": "gemma"}')
         self.assert_error((status, headers, body), 503, "backend_unavailable")
         self.assertEqual(headers.getRawHeaders("retry-after"), ["5"])
+
+
+ALICE = "sk-alice-0123456789abcdefghij"
+ROOT_KEY = "sk-root-0123456789abcdefghijk"
+
+
+class AccessTests(StubCase):
+    """Keys, models per key, admin rights and rate limits, as clients see them."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.config = parse(
+            {
+                "models": {
+                    "qwen3": {"backend_url": "http://127.0.0.1:9/v1", "cmd": "true"},
+                    "gemma": {"backend_url": "http://127.0.0.1:9/v1", "cmd": "true"},
+                },
+                "auth": {
+                    "open_health": False,
+                    "keys": [
+                        {"name": "alice", "key": ALICE, "models": ["gemma"], "rpm": 2},
+                        {"name": "root", "key": ROOT_KEY, "admin": True},
+                    ],
+                },
+            }
+        )
+        self.stub = stub_api(self.config, self.clock)
+
+    def chat(self, key: str | None, model: str = "gemma") -> tuple[int, Any, Any]:
+        return self.request(
+            "POST", "/v1/chat/completions", json.dumps({"model": model}).encode(), key
+        )
+
+    def test_missing_or_wrong_key_is_401_and_never_echoed(self) -> None:
+        message = self.assert_error(self.chat(None), 401, "invalid_api_key")
+        self.assertIn("Authorization: Bearer", message)
+        wrong = "sk-wrong-0123456789abcdefghij"
+        message = self.assert_error(self.chat(wrong), 401, "invalid_api_key")
+        self.assertNotIn(wrong, message)
+        d = self.stub.post(
+            "http://llmswap/v1/chat/completions", data=b'{"model": "gemma"}',
+            headers={"x-api-key": [ALICE]},
+        )  # fmt: skip
+        self.stub.flush()
+        self.assertNotEqual(self.successResultOf(d).code, 401)
+
+    def test_model_outside_the_keys_list_is_403_and_hidden_from_models(self) -> None:
+        self.assert_error(self.chat(ALICE, "qwen3"), 403, "model_not_allowed")
+        _, _, body = self.request("GET", "/v1/models", key=ALICE)
+        self.assertEqual([m["id"] for m in body["data"]], ["gemma"])
+        _, _, body = self.request("GET", "/v1/models", key=ROOT_KEY)
+        self.assertEqual([m["id"] for m in body["data"]], ["qwen3", "gemma"])
+
+    def test_admin_routes_need_an_admin_key(self) -> None:
+        self.assert_error(self.request("POST", "/admin/unload"), 401, "invalid_api_key")
+        self.assert_error(self.request("POST", "/admin/unload", key=ALICE), 403, "admin_required")
+        self.assert_error(
+            self.request("POST", "/admin/models/gemma/load", key=ALICE), 403, "admin_required"
+        )
+
+    def test_health_can_require_a_key(self) -> None:
+        self.assert_error(self.request("GET", "/health"), 401, "invalid_api_key")
+        status, _, _ = self.request("GET", "/health", key=ALICE)
+        self.assertEqual(status, 200)
+
+    def test_requests_per_minute_get_429_with_retry_after(self) -> None:
+        for _ in range(2):  # the bucket allows the burst (the manager is not running: 503)
+            self.assertEqual(self.chat(ALICE)[0], 503)
+        result = self.chat(ALICE)
+        self.assert_error(result, 429, "rate_limit_exceeded")
+        self.assertEqual(result[1].getRawHeaders("retry-after"), ["30"])
+        self.clock.advance(30)
+        self.assertEqual(self.chat(ALICE)[0], 503)
+        self.assertEqual(self.chat(ROOT_KEY)[0], 503)  # other keys are not affected

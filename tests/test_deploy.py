@@ -114,7 +114,7 @@ class DeployTests(DockerTestCase):
         self.assertIn(exit_code, ("0", "143"))  # twistd re-raises SIGTERM after a clean stop
         logs = docker("logs", name)
         output = logs.stdout + logs.stderr
-        self.assertIn("model=beta stream=False status=200", output)
+        self.assertIn("model=beta key=- stream=False status=200", output)
         self.assertIn("swap alpha -> beta", output)
         self.assertIn("Server Shut Down.", output)
         self.assertNotIn("Traceback", output)

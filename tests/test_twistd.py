@@ -69,7 +69,7 @@ def daemon(tmp_path: Path) -> Any:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_listening(url, proc)
-        yield proc, url, ledger
+        yield proc, url, ledger, cfg
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -77,13 +77,21 @@ def daemon(tmp_path: Path) -> Any:
 
 
 def test_twistd_serves_swaps_survives_sighup_and_stops_cleanly_on_sigterm(daemon: Any) -> None:
-    proc, url, ledger = daemon
+    proc, url, ledger, cfg = daemon
     client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
     first = client.chat.completions.create(
         model="alpha", messages=[{"role": "user", "content": "hi"}]
     )
     assert first.choices[0].message.content == "Hello from alpha"
+    # systemd's ExecReload: SIGHUP re-reads the file; a model added there becomes usable.
+    config = yaml.safe_load(cfg.read_text())
+    config["models"]["gamma"] = fake_model("gamma", ledger)
+    cfg.write_text(yaml.safe_dump(config))
     proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while "gamma" not in [m.id for m in client.models.list().data]:
+        assert time.monotonic() < deadline, "SIGHUP did not reload the configuration"
+        time.sleep(0.1)
     second = client.chat.completions.create(
         model="beta", messages=[{"role": "user", "content": "hi"}]
     )
@@ -98,8 +106,9 @@ def test_twistd_serves_swaps_survives_sighup_and_stops_cleanly_on_sigterm(daemon
     assert "Server Shut Down." in output
     assert live_peers(ledger) == []
     assert "swap alpha -> beta: stop" in output
-    assert "model=beta stream=False status=200 queue_wait=" in output
-    assert "SIGHUP: reopening backend log files" in output
+    assert "model=beta key=- stream=False status=200 queue_wait=" in output
+    assert "SIGHUP: reopening backend log files and reloading the configuration" in output
+    assert "added gamma, removed none, changed none" in output
     assert "Traceback" not in output
 
 

@@ -1,0 +1,163 @@
+"""Access control and per-key rate limits.
+
+Without an ``auth`` section llmswap is open, as the original proxy was.  With one, every API call
+names a key (``Authorization: Bearer KEY`` or ``x-api-key: KEY``); the key decides which models
+the caller may use, its scheduling priority and its limits.  Keys are compared in constant time
+(all of them, every time) and never logged: logs and metrics carry the key's name.
+
+The limits protect the shared queue: requests per minute (a token bucket, so short bursts are
+fine) and requests queued or running at once, so one client at its limit gets 429 with
+``Retry-After`` instead of filling the queue and locking everybody else out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+from collections.abc import Callable, Iterable
+
+import attrs
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.iweb import IRequest
+
+from llmswap import errors
+from llmswap.config import APIKey, Auth
+
+
+def _digest(secret: str | bytes) -> bytes:
+    raw = secret.encode() if isinstance(secret, str) else secret
+    return hashlib.sha256(raw).digest()
+
+
+def unauthorized(message: str) -> errors.APIError:
+    return errors.APIError(
+        401, message, "invalid_request_error", "invalid_api_key", {"WWW-Authenticate": "Bearer"}
+    )
+
+
+def rate_limited(message: str, retry_after: float, code: str) -> errors.APIError:
+    return errors.APIError(
+        429, message, "requests", code, {"Retry-After": str(max(1, math.ceil(retry_after)))}
+    )
+
+
+@attrs.define
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class Gate:
+    """Who is calling, and may they do this now?  One per configuration."""
+
+    def __init__(self, auth: Auth | None, clock: IReactorTime) -> None:
+        self._clock = clock
+        self._buckets: dict[str, _Bucket] = {}
+        self._active: dict[str, int] = {}
+        self.configure(auth)
+
+    def configure(self, auth: Auth | None) -> None:
+        """New keys (a reload); counts of requests under way and token buckets carry over."""
+        self.auth = auth
+        self._keys = [(_digest(k.secret), k) for k in auth.keys] if auth else []
+
+    @property
+    def enabled(self) -> bool:
+        return self.auth is not None
+
+    def identify(self, request: IRequest) -> APIKey | None:
+        """The caller's key (None when auth is off); 401 when it is missing or unknown."""
+        if self.auth is None:
+            return None
+        presented = _presented(request)
+        if presented is None:
+            raise unauthorized(
+                "Missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
+            )
+        digest = _digest(presented)
+        found: APIKey | None = None
+        for candidate, key in self._keys:  # no early exit: timing says nothing about the keys
+            if hmac.compare_digest(candidate, digest):
+                found = key
+        if found is None:
+            raise unauthorized("Invalid API key")
+        return found
+
+    def require_admin(self, request: IRequest) -> None:
+        key = self.identify(request)
+        if key is not None and not key.admin:
+            raise errors.APIError(
+                403,
+                f"API key '{key.name}' may not use admin endpoints",
+                "invalid_request_error",
+                "admin_required",
+            )
+
+    def protect_health(self, request: IRequest) -> None:
+        if self.auth is not None and not self.auth.open_health:
+            self.identify(request)
+
+    def check_model(self, key: APIKey | None, model: str) -> None:
+        if key is not None and key.models is not None and model not in key.models:
+            raise errors.APIError(
+                403,
+                f"API key '{key.name}' may not use model '{model}'",
+                "invalid_request_error",
+                "model_not_allowed",
+                param="model",
+            )
+
+    def visible(self, key: APIKey | None, models: Iterable[str]) -> list[str]:
+        return [m for m in models if key is None or key.models is None or m in key.models]
+
+    def admit(self, key: APIKey | None) -> Callable[[], None]:
+        """Count a request against the key's limits; call the result when it is done."""
+        if key is None:
+            return lambda: None
+        if key.max_concurrent is not None and self._active.get(key.name, 0) >= key.max_concurrent:
+            raise rate_limited(
+                f"API key '{key.name}' already has {key.max_concurrent} requests queued or "
+                "running (max_concurrent)",
+                1,
+                "too_many_concurrent_requests",
+            )
+        if key.rpm is not None:
+            self._take_token(key)
+        self._active[key.name] = self._active.get(key.name, 0) + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._active[key.name] -= 1
+
+        return release
+
+    def _take_token(self, key: APIKey) -> None:
+        assert key.rpm is not None
+        now = self._clock.seconds()
+        rate = key.rpm / 60.0
+        bucket = self._buckets.setdefault(key.name, _Bucket(float(key.rpm), now))
+        bucket.tokens = min(float(key.rpm), bucket.tokens + (now - bucket.updated) * rate)
+        bucket.updated = now
+        if bucket.tokens < 1.0:
+            raise rate_limited(
+                f"API key '{key.name}' exceeded its limit of {key.rpm} requests per minute",
+                (1.0 - bucket.tokens) / rate,
+                "rate_limit_exceeded",
+            )
+        bucket.tokens -= 1.0
+
+
+def _presented(request: IRequest) -> bytes | None:
+    auth = request.getHeader(b"authorization")
+    if auth is not None:
+        scheme, _, value = auth.partition(b" ")
+        if scheme.lower() == b"bearer" and value.strip():
+            return bytes(value.strip())
+    key = request.getHeader(b"x-api-key")
+    if key is not None and key.strip():
+        return bytes(key.strip())
+    return None
