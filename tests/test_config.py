@@ -168,3 +168,58 @@ def test_invalid_scheduler_settings(extra: dict[str, object], expected: str) -> 
     with pytest.raises(ConfigError) as e:
         parse({"models": _models(), **extra})
     assert expected in str(e.value)
+
+
+GOOD_KEY = "sk-0123456789abcdefghijklmnop"
+
+
+def test_api_keys_from_config_environment_and_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BOB_KEY", "sk-bob-0123456789abcdefghijkl")
+    (tmp_path / "carol.key").write_text("sk-carol-0123456789abcdefghij\n")
+    config = parse(
+        {
+            "models": _models(),
+            "auth": {
+                "open_health": False,
+                "keys": [
+                    {"name": "alice", "key": GOOD_KEY, "models": ["a"], "priority": 3},
+                    {"name": "bob", "key_env": "BOB_KEY", "rpm": 30, "max_concurrent": 2},
+                    {"name": "carol", "key_file": str(tmp_path / "carol.key"), "admin": True},
+                ],
+            },
+        }
+    )
+    assert config.auth is not None and not config.auth.open_health
+    alice, bob, carol = config.auth.keys
+    assert (alice.models, alice.priority) == (frozenset({"a"}), 3)
+    assert (bob.secret, bob.rpm, bob.max_concurrent) == ("sk-bob-0123456789abcdefghijkl", 30, 2)
+    assert (carol.secret, carol.admin) == ("sk-carol-0123456789abcdefghij", True)
+    assert "sk-" not in repr(config.auth)  # secrets stay out of reprs and logs
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ({"key": "sk-1234"}, "too short or a well-known example value; generate one with"),
+        ({"key": "changeme-changeme-changeme"}, "well-known example value"),
+        ({"key_env": "LLMSWAP_UNSET_VARIABLE"}, "the key from environment variable"),
+        ({"key_file": "/nonexistent/key"}, "cannot read /nonexistent/key"),
+        ({}, "needs exactly one of 'key', 'key_env' or 'key_file'"),
+        ({"key": GOOD_KEY, "models": ["zz"]}, "names unknown model 'zz'"),
+    ],
+)
+def test_weak_or_missing_keys_are_refused_at_start_up(
+    key: dict[str, object], expected: str
+) -> None:
+    with pytest.raises(ConfigError) as e:
+        parse({"models": _models(), "auth": {"keys": [{"name": "k", **key}]}})
+    assert expected in str(e.value)
+    assert "sk-1234" not in str(e.value)
+
+
+def test_duplicate_keys_are_refused() -> None:
+    keys = [{"name": "a", "key": GOOD_KEY}, {"name": "b", "key": GOOD_KEY}]
+    with pytest.raises(ConfigError, match="two entries have the same key"):
+        parse({"models": _models(), "auth": {"keys": keys}})
