@@ -253,8 +253,19 @@ class SwapManager(Service):
     def _take(self) -> Any:
         while True:
             ticket: _Ticket = yield self._queue.get()
-            if not ticket.dropped:
-                self._waiting.append(ticket)
+            if ticket.dropped:
+                continue
+            self._waiting.append(ticket)
+            st = self._status[ticket.model]
+            if (
+                len(self._waiting) == 1
+                and st.state == READY
+                and st.in_flight < self.config.models[ticket.model].concurrency
+            ):
+                # The hot path: nobody else waits and the model has a free slot; every policy
+                # admits it, so the full decision is skipped.
+                self._admit(ticket)
+            else:
                 self._dispatch()
 
     def view(self) -> scheduler.View:
@@ -338,7 +349,9 @@ class SwapManager(Service):
             idle, st.idle = st.idle, []
             for d in idle:
                 d.callback(None)
-        self._dispatch()
+        # With nothing waiting, only an idle TTL can call for action.
+        if self._waiting or any(m.ttl is not None for m in self.config.models.values()):
+            self._dispatch()
 
     def _begin(self, what: str, change: Callable[..., Deferred[Any]], *args: Any) -> Deferred[Any]:
         """Run a load or unload under the lock; the policy starts no other until it ends.

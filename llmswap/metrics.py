@@ -118,6 +118,10 @@ class Metrics:
             ["model", "direction"],
             registry=r,
         )
+        # labels() takes a lock and builds a key on every call; the hot path looks children up
+        # once per model and (model, status, key).
+        self._per_model: dict[str, tuple[Any, ...]] = {}
+        self._per_outcome: dict[tuple[str, int, str], Any] = {}
 
     def watch(self, manager: SwapManager) -> None:
         self.registry.register(_ManagerState(manager))
@@ -140,13 +144,28 @@ class Metrics:
         first_byte: float | None,
         tail: bytes,
     ) -> None:
-        self.requests.labels(model, str(status), key).inc()
-        self.duration.labels(model).observe(duration)
+        outcome = self._per_outcome.get((model, status, key))
+        if outcome is None:
+            outcome = self._per_outcome[model, status, key] = self.requests.labels(
+                model, str(status), key
+            )
+        outcome.inc()
+        children = self._per_model.get(model)
+        if children is None:
+            children = self._per_model[model] = (
+                self.duration.labels(model),
+                self.queue_wait.labels(model),
+                self.ttft.labels(model),
+                self.tokens.labels(model, "prompt"),
+                self.tokens.labels(model, "completion"),
+            )
+        duration_h, wait_h, ttft_h, prompt_c, completion_c = children
+        duration_h.observe(duration)
         if waited is not None:
-            self.queue_wait.labels(model).observe(waited)
+            wait_h.observe(waited)
         if first_byte is not None:
-            self.ttft.labels(model).observe(first_byte)
+            ttft_h.observe(first_byte)
         usage = usage_from(tail) if tail else None
         if usage is not None:
-            self.tokens.labels(model, "prompt").inc(usage[0])
-            self.tokens.labels(model, "completion").inc(usage[1])
+            prompt_c.inc(usage[0])
+            completion_c.inc(usage[1])

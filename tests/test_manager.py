@@ -215,6 +215,8 @@ class SwapAwareTimingTests(unittest.TestCase):
         self.assertEqual(self.events, ["start a", "stop a", "start b"])
         self.assertNoResult(nxt)  # a's latest request now waits for b's turn to end
         self.assertEqual(served_a, 3)
+        self.manager.stopService()
+        self.assertEqual(self.failureResultOf(nxt, APIError).value.status, 503)
 
     def test_idle_model_is_unloaded_after_its_ttl(self) -> None:
         self.successResultOf(self.manager.acquire("a")).release()

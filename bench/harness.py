@@ -1,0 +1,123 @@
+"""What every benchmark needs: ports, processes it starts and always stops, llmswap under twistd."""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+TWISTD = str(Path(sys.executable).with_name("twistd"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def post(port: int, path: str, body: bytes, timeout: float = 60.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("POST", path, body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], path: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise SystemExit(f"{proc.args!r} exited with {proc.returncode}")
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            status, _ = get(port, path, timeout=2)
+            if status < 500:
+                return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{proc.args!r} did not answer on port {port}")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def process(args: list[str], port: int, path: str = "/health", **kw: Any) -> Iterator[Any]:
+    """Start a server process, wait until ``path`` answers, stop it (and its group) after."""
+    log = tempfile.NamedTemporaryFile(prefix="llmswap-bench-", suffix=".log", delete=False)
+    proc = subprocess.Popen(
+        args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **kw
+    )
+    try:
+        wait_port(port, proc, path)
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+@contextlib.contextmanager
+def llmswap(models: dict[str, Any], **settings: Any) -> Iterator[tuple[int, Any]]:
+    """llmswap as users run it (``twistd -n llmswap --config``); yields (port, process)."""
+    workdir = tempfile.mkdtemp(prefix="llmswap-bench-")
+    port = free_port()
+    config = {
+        "listen": f"tcp:{port}:interface=127.0.0.1",
+        "log_dir": workdir,
+        "models": models,
+        **settings,
+    }
+    path = Path(workdir) / "llmswap.yaml"
+    path.write_text(yaml.safe_dump(config))
+    args = [TWISTD, "-n", "--pidfile=", "--logfile", f"{workdir}/llmswap.log", "llmswap",
+            "--config", str(path)]  # fmt: skip
+    with process(args, port, cwd=workdir) as proc:
+        yield port, proc
+
+
+def fast_backend_model(port: int, **settings: Any) -> dict[str, Any]:
+    return {
+        "cmd": [PYTHON, "-m", "bench.backend", "--port", str(port)],
+        "cwd": str(ROOT),
+        "backend_url": f"http://127.0.0.1:{port}/v1",
+        **settings,
+    }
+
+
+def rss_bytes(pid: int) -> int:
+    text = Path(f"/proc/{pid}/status").read_text()
+    found = re.search(r"VmRSS:\s+(\d+) kB", text)
+    return int(found.group(1)) * 1024 if found else 0
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else float("nan")

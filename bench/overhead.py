@@ -1,0 +1,130 @@
+"""Benchmark: what a proxy adds to a non-streaming request, side by side in one run.
+
+One fast backend (bench/backend.py, answers at once) is reached directly, through llmswap, through
+the two bare floors (Klein + treq, aiohttp) and through LiteLLM's proxy when ``--litellm`` names
+its executable (installed by ``make bench`` into its own venv).  ``wrk`` drives each at
+concurrency 1 (latency) and 32 (throughput); added latency is each proxy's p50 minus the direct
+p50, and the ratios are what to read.
+
+    python -m bench.overhead [--seconds 5] [--litellm .bench/litellm/bin/litellm]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.harness import PYTHON, ROOT, fast_backend_model, free_port, llmswap, post, process
+
+BODY = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}]})
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+
+
+def wrk(port: int, connections: int, seconds: float) -> dict[str, float]:
+    script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
+    script.write(
+        f"wrk.method = 'POST'\nwrk.body = '{BODY}'\n"
+        "wrk.headers['Content-Type'] = 'application/json'\n"
+    )
+    script.close()
+    out = subprocess.run(
+        ["wrk", "-t", "1" if connections == 1 else "2", "-c", str(connections),
+         "-d", f"{max(1, round(seconds))}s", "--latency", "-s", script.name,
+         f"http://127.0.0.1:{port}/v1/chat/completions"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
+    for pct in ("50", "99"):
+        value, unit = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+        result[f"p{pct}_ms"] = float(value) * _UNITS[unit]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    result["errors"] = float(errors.group(1)) if errors else 0.0
+    return result
+
+
+@contextlib.contextmanager
+def litellm(executable: str, backend: int) -> Iterator[int]:
+    port = free_port()
+    config = Path(tempfile.mkdtemp(prefix="llmswap-bench-litellm-")) / "config.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model_list": [
+                    {
+                        "model_name": "bench",
+                        "litellm_params": {
+                            "model": "openai/bench",
+                            "api_base": f"http://127.0.0.1:{backend}/v1",
+                            "api_key": "unused",
+                        },
+                    }
+                ],
+                "litellm_settings": {"telemetry": False},
+            }
+        )
+    )
+    args = [executable, "--config", str(config), "--port", str(port), "--host", "127.0.0.1"]
+    with process(args, port, path="/health/liveliness"):
+        yield port
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--seconds", type=float, default=5.0, help="per measurement")
+    p.add_argument("--litellm", help="LiteLLM's `litellm` executable (skipped when absent)")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    backend = free_port()
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    model = fast_backend_model(backend, concurrency=64)
+    with contextlib.ExitStack() as stack:
+        proxy, _ = stack.enter_context(llmswap({"bench": model}, queue_size=1000))
+        post(proxy, "/v1/chat/completions", BODY.encode())  # loads the backend
+        targets = {"direct": backend, "llmswap": proxy}
+        for kind in ("klein", "aiohttp"):
+            port = free_port()
+            args_ = [PYTHON, "-m", "bench.floors", kind, "--port", str(port),
+                     "--backend", f"http://127.0.0.1:{backend}"]  # fmt: skip
+            stack.enter_context(process(args_, port, path="/none", cwd=ROOT))
+            targets[f"floor {kind}+" + ("treq" if kind == "klein" else "client")] = port
+        if args.litellm:
+            targets["LiteLLM proxy"] = stack.enter_context(litellm(args.litellm, backend))
+        for name, port in targets.items():
+            post(port, "/v1/chat/completions", BODY.encode())  # warm connections
+            results[name] = {
+                "c1": wrk(port, 1, args.seconds),
+                "c32": wrk(port, 32, args.seconds),
+            }
+    direct = results["direct"]["c1"]["p50_ms"]
+    ours = results["llmswap"]["c1"]["p50_ms"] - direct
+    print(f"Non-streaming overhead, wrk {args.seconds:g} s per cell, fast backend")
+    print(
+        "| target | p50 c=1 ms | added p50 ms | p99 c=1 ms | p50 c=32 ms | p99 c=32 ms "
+        "| req/s c=32 | added / llmswap's |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        added = r["c1"]["p50_ms"] - direct
+        ratio = "" if name == "direct" else f"{added / ours:.1f}x" if ours > 0 else ""
+        print(f"| {name} | {r['c1']['p50_ms']:.3f} | {added:.3f} | {r['c1']['p99_ms']:.3f} "
+              f"| {r['c32']['p50_ms']:.3f} | {r['c32']['p99_ms']:.3f} | {r['c32']['rps']:.0f} "
+              f"| {ratio} |")  # fmt: skip
+        if r["c1"]["errors"] or r["c32"]["errors"]:
+            print(f"  ({name}: {r['c1']['errors'] + r['c32']['errors']:.0f} non-2xx responses)")
+    out = {"args": vars(args), "results": results}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()
