@@ -2,7 +2,8 @@
 
 Plain asyncio (no framework) so it is never the bottleneck.  ``POST /v1/...`` answers a small
 chat completion, or with ``"stream": true`` a chunked SSE stream of ``"events"`` events (default 8)
-each carrying the time it was generated (``"t"``), then ``data: [DONE]``.  ``"hold": S`` makes the
+each carrying the time it was generated (``"t"``), ``"interval"`` seconds apart (default: as fast
+as possible), then ``data: [DONE]``.  ``"hold": S`` makes the
 answer wait S seconds (to keep a model busy while requests queue).  ``GET /health`` answers 200.
 
     python -m bench.backend --port 9000
@@ -30,6 +31,7 @@ _CHAT = json.dumps(
 _HEALTH = b'{"status":"ok"}'
 _EVENTS = re.compile(rb'"events"\s*:\s*(\d+)')
 _HOLD = re.compile(rb'"hold"\s*:\s*([0-9.]+)')
+_INTERVAL = re.compile(rb'"interval"\s*:\s*([0-9.]+)')
 _STREAM = re.compile(rb'"stream"\s*:\s*true')
 
 
@@ -80,20 +82,25 @@ class Backend(asyncio.Protocol):
             await asyncio.sleep(float(hold.group(1)))
         if _STREAM.search(body):
             found = _EVENTS.search(body)
-            await self._stream(int(found.group(1)) if found else 8)
+            interval = _INTERVAL.search(body)
+            await self._stream(
+                int(found.group(1)) if found else 8, float(interval.group(1)) if interval else 0.0
+            )
         else:
             self.transport.write(_response(b"200 OK", _CHAT))
         self.busy = False
         self._next()
 
-    async def _stream(self, events: int) -> None:
+    async def _stream(self, events: int, interval: float) -> None:
         w = self.transport.write
         w(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n")
         w(b"transfer-encoding: chunked\r\n\r\n")
         for i in range(events):
             event = b'data: {"i": %d, "t": %.6f}\n\n' % (i, time.time())
             w(b"%x\r\n%s\r\n" % (len(event), event))
-            if i % 64 == 63:  # let the loop flush and serve others now and then
+            if interval:
+                await asyncio.sleep(interval)
+            elif i % 64 == 63:  # let the loop flush and serve others now and then
                 await asyncio.sleep(0)
         done = b"data: [DONE]\n\n"
         w(b"%x\r\n%s\r\n0\r\n\r\n" % (len(done), done))

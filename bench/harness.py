@@ -90,7 +90,8 @@ def llmswap(models: dict[str, Any], **settings: Any) -> Iterator[tuple[int, Any]
     workdir = tempfile.mkdtemp(prefix="llmswap-bench-")
     port = free_port()
     config = {
-        "listen": f"tcp:{port}:interface=127.0.0.1",
+        # A deep accept backlog: the scale benchmark opens thousands of connections at once.
+        "listen": f"tcp:{port}:interface=127.0.0.1:backlog=4096",
         "log_dir": workdir,
         "models": models,
         **settings,

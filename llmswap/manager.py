@@ -14,8 +14,10 @@ freed", not "signal sent"), and only then does the next model start.
 
 from __future__ import annotations
 
+import heapq
 import itertools
-from collections.abc import Callable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -42,6 +44,9 @@ if TYPE_CHECKING:
     from llmswap.metrics import Metrics
 
 log = Logger()
+
+# /health lists this many waiting requests (the counts per model cover all of them).
+_QUEUE_SHOWN = 100
 
 STOPPED = "stopped"
 STARTING = "starting"
@@ -90,6 +95,69 @@ class _Ticket:
     dropped: bool = False
 
 
+class _WaitingRoom:
+    """Waiting tickets in arrival order, overall and per model: O(1) to add and remove.
+
+    The policy never needs all of them: per model, the oldest few and the few of highest
+    priority decide everything it does (see :meth:`sample`), so a decision costs the same with
+    ten thousand waiting requests as with ten.
+    """
+
+    def __init__(self) -> None:
+        self._all: dict[int, _Ticket] = {}
+        self._per: dict[str, dict[int, _Ticket]] = {}
+        self._priorities: dict[str, Counter[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def __iter__(self) -> Iterator[_Ticket]:
+        return iter(list(self._all.values()))
+
+    def add(self, ticket: _Ticket) -> None:
+        self._all[ticket.seq] = ticket
+        self._per.setdefault(ticket.model, {})[ticket.seq] = ticket
+        self._priorities.setdefault(ticket.model, Counter())[ticket.priority] += 1
+
+    def remove(self, ticket: _Ticket) -> bool:
+        if self._all.pop(ticket.seq, None) is None:
+            return False
+        del self._per[ticket.model][ticket.seq]
+        priorities = self._priorities[ticket.model]
+        priorities[ticket.priority] -= 1
+        if not priorities[ticket.priority]:
+            del priorities[ticket.priority]
+        return True
+
+    def get(self, seq: int) -> _Ticket | None:
+        return self._all.get(seq)
+
+    def count(self, model: str) -> int:
+        return len(self._per.get(model, ()))
+
+    def take(self, model: str) -> list[_Ticket]:
+        tickets = list(self._per.get(model, {}).values())
+        for ticket in tickets:
+            self.remove(ticket)
+        return tickets
+
+    def models(self) -> list[str]:
+        return [model for model, tickets in self._per.items() if tickets]
+
+    def sample(self, model: str, n: int) -> list[_Ticket]:
+        """The ``n`` oldest and the ``n`` most urgent by priority: what the policy can use when
+        the model has ``n - 1`` free slots (it admits at most that many, by age or priority,
+        and looks at the best of the rest)."""
+        tickets = self._per.get(model, {})
+        chosen = {t.seq: t for t in itertools.islice(tickets.values(), n)}
+        if len(self._priorities.get(model, ())) > 1:
+            urgent = heapq.nsmallest(
+                n, tickets.values(), key=lambda t: (-t.priority, t.enqueued, t.seq)
+            )
+            chosen.update((t.seq, t) for t in urgent)
+        return list(chosen.values())
+
+
 class SwapManager(Service):
     """Owns the backends and decides which of them run; never more than the budget allows."""
 
@@ -107,7 +175,7 @@ class SwapManager(Service):
         self._http = http
         self._clock = clock
         self._queue: DeferredQueue[_Ticket] = DeferredQueue(size=config.queue_size, backlog=1)
-        self._waiting: list[_Ticket] = []
+        self._waiting = _WaitingRoom()
         self._lock = DeferredLock()
         self._seq = itertools.count()
         self._leases: set[Lease] = set()
@@ -134,9 +202,9 @@ class SwapManager(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
-        for ticket in self._waiting + self._queue.pending:
+        for ticket in [*self._waiting, *self._queue.pending]:
             self._reject(ticket, errors.shutting_down())
-        self._waiting.clear()
+        self._waiting = _WaitingRoom()
         self._queue.pending.clear()
         if self._intake is not None:
             self._intake.cancel()
@@ -213,7 +281,7 @@ class SwapManager(Service):
             message = f"Model {', '.join(ready)} loaded"
         else:
             message = "No model loaded"
-        waiting = self._waiting + self._queue.pending
+        waiting = [*self._waiting, *self._queue.pending]
         return {
             "status": "ok" if self.running else "stopping",
             "current_model": loaded,
@@ -225,14 +293,15 @@ class SwapManager(Service):
             "message": message,
             "queue": [
                 {"model": t.model, "age": round(now - t.enqueued, 3), "priority": t.priority}
-                for t in sorted(waiting, key=lambda t: t.seq)
+                for t in sorted(waiting, key=lambda t: t.seq)[:_QUEUE_SHOWN]
             ],
             "models": {
                 name: {
                     "state": st.state,
                     "error": st.error,
                     "last_load_seconds": st.last_load_seconds,
-                    "waiting": sum(1 for t in waiting if t.model == name),
+                    "waiting": self._waiting.count(name)
+                    + sum(1 for t in self._queue.pending if t.model == name),
                     "in_flight": st.in_flight,
                     **self._backends[name].describe(),
                 }
@@ -255,22 +324,24 @@ class SwapManager(Service):
             ticket: _Ticket = yield self._queue.get()
             if ticket.dropped:
                 continue
-            self._waiting.append(ticket)
+            self._waiting.add(ticket)
             st = self._status[ticket.model]
-            if (
-                len(self._waiting) == 1
-                and st.state == READY
-                and st.in_flight < self.config.models[ticket.model].concurrency
-            ):
+            full = st.in_flight >= self.config.models[ticket.model].concurrency
+            if len(self._waiting) == 1 and st.state == READY and not full:
                 # The hot path: nobody else waits and the model has a free slot; every policy
                 # admits it, so the full decision is skipped.
                 self._admit(ticket)
+            elif st.state in _RESIDENT and (full or st.state != READY):
+                # Its model is loaded and busy, or loading: a new waiter for it can neither be
+                # admitted nor make anything load, so there is nothing to decide.
+                pass
             else:
                 self._dispatch()
 
     def view(self) -> scheduler.View:
         """The snapshot the policy decides on."""
         models = {}
+        sampled: list[_Ticket] = []
         for name, st in self._status.items():
             cfg = self.config.models[name]
             device, memory = self.config.footprint(name)
@@ -287,12 +358,12 @@ class SwapManager(Service):
                 max_wait=cfg.max_wait_before_swap,
                 ttl=cfg.ttl,
             )
+            free = cfg.concurrency - st.in_flight if st.state == READY else 0
+            sampled += self._waiting.sample(name, max(0, free) + 1)
         return scheduler.View(
             now=self._clock.seconds(),
             models=models,
-            waiting=[
-                scheduler.Waiting(t.seq, t.model, t.enqueued, t.priority) for t in self._waiting
-            ],
+            waiting=[scheduler.Waiting(t.seq, t.model, t.enqueued, t.priority) for t in sampled],
             devices=self.config.capacities(),
             policy=self.config.scheduler,
             changing=self._changing,
@@ -310,9 +381,10 @@ class SwapManager(Service):
             while self._again and self.running:
                 self._again = False
                 decision = scheduler.decide(self.view())
-                by_seq = {t.seq: t for t in self._waiting}
                 for seq in decision.admit:
-                    self._admit(by_seq[seq])
+                    ticket = self._waiting.get(seq)
+                    if ticket is not None:
+                        self._admit(ticket)
                 change = decision.change
                 if isinstance(change, scheduler.Load):
                     wanted = self._wanted(change.model)
@@ -350,7 +422,7 @@ class SwapManager(Service):
             for d in idle:
                 d.callback(None)
         # With nothing waiting, only an idle TTL can call for action.
-        if self._waiting or any(m.ttl is not None for m in self.config.models.values()):
+        if len(self._waiting) or any(m.ttl is not None for m in self.config.models.values()):
             self._dispatch()
 
     def _begin(self, what: str, change: Callable[..., Deferred[Any]], *args: Any) -> Deferred[Any]:
@@ -391,7 +463,7 @@ class SwapManager(Service):
         return (yield self._begin("admin change", change))
 
     def _wanted(self, model: str) -> Callable[[], bool]:
-        return lambda: any(t.model == model for t in self._waiting)
+        return lambda: self._waiting.count(model) > 0
 
     def _change_ended(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
@@ -426,7 +498,7 @@ class SwapManager(Service):
         if st.state == READY and self._backends[model].alive():
             return None
         view = self.view()
-        busy = frozenset(t.model for t in self._waiting) | {
+        busy = frozenset(self._waiting.models()) | {
             n for n, s in self._status.items() if s.in_flight
         }
         evict = scheduler.plan_room(view, model, busy)
@@ -451,8 +523,7 @@ class SwapManager(Service):
         except BaseException as e:
             if not isinstance(e, CancelledError):
                 err = self._as_api_error(model, e)
-                for ticket in [t for t in self._waiting if t.model == model]:
-                    self._waiting.remove(ticket)
+                for ticket in self._waiting.take(model):
                     self._reject(ticket, err)
                 raise err from None
             raise
@@ -478,8 +549,7 @@ class SwapManager(Service):
         yield self._unload(*removed, *changed)
         for name in removed:
             err = errors.model_not_found(name, list(config.models))
-            for ticket in [t for t in self._waiting if t.model == name]:
-                self._waiting.remove(ticket)
+            for ticket in self._waiting.take(name):
                 self._reject(ticket, err)
             del self._backends[name], self._status[name]
         for name in changed + added:
@@ -648,9 +718,9 @@ class SwapManager(Service):
 
     def _drop(self, ticket: _Ticket) -> None:
         ticket.dropped = True
-        if ticket in self._waiting:
-            self._waiting.remove(ticket)
-        elif ticket in self._queue.pending:
+        if self._waiting.remove(ticket):
+            return
+        if ticket in self._queue.pending:
             self._queue.pending.remove(ticket)
 
     @staticmethod

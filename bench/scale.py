@@ -1,0 +1,120 @@
+"""Benchmark: many waiting requests and many concurrent streams.
+
+1. Queue: one request holds the only slot of the model (the backend is "paused" on it), then
+   ``--waiting`` more requests arrive and wait in llmswap's queue.  Measured: llmswap's resident
+   memory per waiting request, and ``/health`` latency while they all wait (is the event loop
+   still responsive?).  Then the holding client hangs up, the queue drains, and every waiting
+   request must get its 200.
+2. Streams: ``--streams`` concurrent SSE streams relayed at once; no error, no event lost.
+
+    python -m bench.scale [--waiting 10000] [--streams 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from bench.harness import fast_backend_model, free_port, get, llmswap, percentile, post, rss_bytes
+from bench.streaming import run as run_streams
+
+
+def raise_fd_limit(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, needed), hard))
+
+
+async def queue_case(port: int, pid: int, waiting: int) -> dict[str, float]:
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=1800)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        before = rss_bytes(pid)
+        hold = asyncio.ensure_future(session.post(url, json={"model": "bench", "hold": 3600}))
+
+        async def queued() -> int:
+            async with session.post(url, json={"model": "bench"}) as r:
+                await r.read()
+                return r.status
+
+        async def health() -> Any:
+            return json.loads((await asyncio.to_thread(get, port, "/health", 60))[1])
+
+        while (await health())["in_flight"] != 1:
+            await asyncio.sleep(0.05)
+        started = time.monotonic()
+        calls = [asyncio.ensure_future(queued()) for _ in range(waiting)]
+        while (await health())["queue_size"] < waiting:
+            await asyncio.sleep(0.2)
+        enqueued = time.monotonic() - started
+        await asyncio.sleep(1)
+        during = rss_bytes(pid)
+        latencies = []
+        for _ in range(50):
+            t = time.monotonic()
+            await asyncio.to_thread(get, port, "/health", 30)
+            latencies.append(time.monotonic() - t)
+        hold.cancel()  # the holding client hangs up: llmswap releases the slot at once
+        drained_from = time.monotonic()
+        statuses = await asyncio.gather(*calls, return_exceptions=True)
+        drained = time.monotonic() - drained_from
+    return {
+        "waiting": waiting,
+        "enqueue_s": enqueued,
+        "rss_before_mb": before / 2**20,
+        "rss_waiting_mb": during / 2**20,
+        "bytes_per_waiting_request": (during - before) / waiting,
+        "health_p50_ms": percentile(latencies, 0.5) * 1e3,
+        "health_max_ms": max(latencies) * 1e3,
+        "answered_200": sum(1 for s in statuses if s == 200),
+        "drain_s": drained,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--waiting", type=int, default=10000)
+    p.add_argument("--streams", type=int, default=1000)
+    p.add_argument("--events", type=int, default=50, help="per stream")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    raise_fd_limit(2 * (args.waiting + args.streams) + 1000)  # llmswap inherits it
+    backend = free_port()
+    model = fast_backend_model(backend, concurrency=1)
+    settings = {"queue_size": args.waiting + 10, "request_timeout": 1800}
+    with llmswap({"bench": model}, **settings) as (port, proc):
+        post(port, "/v1/chat/completions", b'{"model": "bench"}')
+        queue = asyncio.run(queue_case(port, proc.pid, args.waiting))
+    model = fast_backend_model(backend, concurrency=args.streams)
+    with llmswap({"bench": model}, queue_size=args.streams + 10) as (port, _):
+        post(port, "/v1/chat/completions", b'{"model": "bench"}')
+        streams = asyncio.run(run_streams(port, args.streams, args.events))
+    print(f"Queue: {queue['waiting']} requests waiting behind one held request")
+    print(
+        "| RSS before MB | RSS waiting MB | bytes per waiting request | /health p50 ms "
+        "| /health max ms | answered 200 | drain s |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {queue['rss_before_mb']:.1f} | {queue['rss_waiting_mb']:.1f} "
+          f"| {queue['bytes_per_waiting_request']:.0f} | {queue['health_p50_ms']:.1f} "
+          f"| {queue['health_max_ms']:.1f} | {queue['answered_200']}/{queue['waiting']} "
+          f"| {queue['drain_s']:.1f} |")  # fmt: skip
+    print(f"Streams: {streams['streams']:.0f} concurrent x {streams['events_per_stream']:.0f} "
+          f"events: {streams['complete_streams']:.0f} complete, {streams['events_lost']:.0f} "
+          f"events lost, {streams['events_per_s']:.0f} events/s")  # fmt: skip
+    out = {"args": vars(args), "queue": queue, "streams": streams}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()
