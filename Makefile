@@ -6,7 +6,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint docker-up bench clean
+.PHONY: venv run test lint docker-up bench-tools bench clean
+BENCH_VENV ?= .bench/litellm
 
 venv: $(STAMP)
 
@@ -36,11 +37,23 @@ docker-up:
 	tests/tools/docker-up.sh
 	tests/tools/python-base-image.sh
 
-test: venv lint docker-up
+bench-tools:
+	tests/tools/bench-tools.sh
+
+test: venv lint docker-up bench-tools
 	$(BIN)/pytest
 
-# Benchmarks are scripts, not tests: results go to docs/benchmarks.md by hand, with this command.
-bench: venv
+# LiteLLM's proxy, the reference the overhead benchmark compares with, in its own environment.
+$(BENCH_VENV)/bin/litellm:
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q 'litellm[proxy]'
+
+# Benchmarks are scripts, not tests (docs/benchmarks.md has their results and these commands).
+bench: venv bench-tools $(BENCH_VENV)/bin/litellm
+	$(BIN)/python -m bench.overhead --litellm $(BENCH_VENV)/bin/litellm
+	$(BIN)/python -m bench.streaming
+	$(BIN)/python -m bench.scale
+	$(BIN)/python -m bench.swap
 	$(BIN)/python -m bench.scheduler
 
 clean:

@@ -104,7 +104,7 @@ class Config:
     listen: str = DEFAULT_LISTEN
     queue_size: int = 50
     request_timeout: float = 600.0
-    health_interval: float = 0.05
+    health_interval: float = 0.01
     max_body_bytes: int = 16 * 1024 * 1024
     log_dir: str | None = None
     docker: DockerEngine = DockerEngine()
@@ -349,7 +349,7 @@ def parse(data: Any, source: str = "<string>") -> Config:
         listen=listen,
         queue_size=_number(data, "queue_size", "", 50, integer=True),
         request_timeout=request_timeout,
-        health_interval=float(_number(data, "health_interval", "", 0.05)),
+        health_interval=float(_number(data, "health_interval", "", 0.01)),
         max_body_bytes=_number(data, "max_body_bytes", "", 16 * 1024 * 1024, integer=True),
         log_dir=log_dir,
         docker=DockerEngine(

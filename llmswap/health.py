@@ -2,7 +2,7 @@
 
 llama-server answers 503 while it loads the model and 200 once it can serve; vLLM and most other
 OpenAI servers refuse connections until ready.  Both look the same here: anything but a 2xx is
-"not yet".  The poll interval is short (50 ms by default) because every poll of delay is added to
+"not yet".  The poll interval is short (10 ms by default) because every poll of delay is added to
 every swap; a single poll is also bounded, so a backend that accepts the connection and then says
 nothing cannot stall the swap past its ``startup_timeout``.
 """

@@ -2,27 +2,44 @@
 
 from __future__ import annotations
 
-from bench import scheduler
+import pytest
+
+from bench import overhead, scale, scheduler, streaming, swap
 
 
 def test_scheduler_benchmark_runs_both_policies() -> None:
     out = scheduler.main(
-        [
-            "--clients",
-            "2",
-            "--requests",
-            "2",
-            "--startup-delay",
-            "0.1",
-            "--service",
-            "0.01",
-            "--think",
-            "0.01",
-            "--max-wait",
-            "1",
-        ]
-    )
+        ["--clients", "2", "--requests", "2", "--startup-delay", "0.1", "--service", "0.01",
+         "--think", "0.01", "--max-wait", "1"]
+    )  # fmt: skip
     for policy in ("fifo", "swap-aware"):
         result = out["results"][policy]
         assert (result["requests"], result["failures"]) == (4, 0)
         assert result["loads"] >= 1
+
+
+def test_overhead_benchmark_measures_every_target() -> None:
+    out = overhead.main(["--seconds", "1"])
+    assert set(out["results"]) == {"direct", "llmswap", "floor klein+treq", "floor aiohttp+client"}
+    for result in out["results"].values():
+        assert result["c1"]["rps"] > 0 and result["c32"]["errors"] == 0
+
+
+def test_streaming_benchmark_loses_nothing() -> None:
+    out = streaming.main(["--events", "200", "--streams", "8", "--per-stream", "20"])
+    for cases in out["results"].values():
+        for r in cases.values():
+            assert (r["complete_streams"], r["events_lost"]) == (r["streams"], 0)
+
+
+def test_scale_benchmark_answers_every_waiting_request() -> None:
+    out = scale.main(["--waiting", "50", "--streams", "20", "--events", "5"])
+    assert out["queue"]["answered_200"] == 50
+    assert out["streams"]["events_lost"] == 0
+
+
+@pytest.mark.llama
+def test_swap_benchmark_decomposes_real_swaps() -> None:
+    out = swap.main(["--swaps", "1"])
+    assert len(out["swaps"]) == 1
+    assert all(v >= 0 for v in out["swaps"][0].values())
