@@ -69,6 +69,8 @@ def litellm(executable: str, backend: int) -> Iterator[int]:
                     }
                 ],
                 "litellm_settings": {"telemetry": False},
+                # Like llmswap without an auth section: no key checks on either side.
+                "general_settings": {"dangerously_permit_weak_or_unset_master_key": True},
             }
         )
     )

@@ -231,16 +231,18 @@ class OpenAIResource:
             known = model if model in self._config.models else "-"
             first = relayed.first_byte_at - started if stream and relayed.first_byte_at else None
             self._metrics.answered(known, status, key_name, waited, duration, first, relayed.tail)
+            # Formatted here, once: the logger then only substitutes one field, while the
+            # fields stay in the event for structured (JSON) observers.
+            path = request.path.decode("latin-1")
             log.info(
-                "{method} {path} model={model} key={key} stream={stream} status={status} "
-                "queue_wait={waited:.3f}s duration={duration:.3f}s",
-                method=request.method.decode(),
-                path=request.path.decode("latin-1"),
+                "{access}",
+                access=f"{request.method.decode()} {path} model={model} key={key_name} "
+                f"stream={stream} status={status} queue_wait={waited or 0.0:.3f}s "
+                f"duration={duration:.3f}s",
                 model=model,
                 key=key_name,
-                stream=stream,
                 status=status,
-                waited=waited or 0.0,
+                queue_wait=waited,
                 duration=duration,
             )
 
