@@ -98,8 +98,9 @@ def llmswap(models: dict[str, Any], **settings: Any) -> Iterator[tuple[int, Any]
     }
     path = Path(workdir) / "llmswap.yaml"
     path.write_text(yaml.safe_dump(config))
-    args = [TWISTD, "-n", "--pidfile=", "--logfile", f"{workdir}/llmswap.log", "llmswap",
-            "--config", str(path)]  # fmt: skip
+    reactor = ["--reactor", os.environ["BENCH_REACTOR"]] if os.environ.get("BENCH_REACTOR") else []
+    args = [TWISTD, "-n", "--pidfile=", "--logfile", f"{workdir}/llmswap.log", *reactor,
+            "llmswap", "--config", str(path)]  # fmt: skip
     with process(args, port, cwd=workdir) as proc:
         yield port, proc
 
