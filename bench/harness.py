@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import re
 import signal
@@ -118,6 +119,13 @@ def rss_bytes(pid: int) -> int:
     text = Path(f"/proc/{pid}/status").read_text()
     found = re.search(r"VmRSS:\s+(\d+) kB", text)
     return int(found.group(1)) * 1024 if found else 0
+
+
+def save(out: dict[str, Any], path: str | None) -> dict[str, Any]:
+    """Write a benchmark's results as JSON when asked (``--json``); return them."""
+    if path:
+        Path(path).write_text(json.dumps(out, indent=2))
+    return out
 
 
 def percentile(values: list[float], p: float) -> float:

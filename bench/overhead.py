@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from bench.harness import PYTHON, ROOT, fast_backend_model, free_port, llmswap, post, process
+from bench.harness import PYTHON, ROOT, fast_backend_model, free_port, llmswap, post, process, save
 
 BODY = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}]})
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -123,9 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if r["c1"]["errors"] or r["c32"]["errors"]:
             print(f"  ({name}: {r['c1']['errors'] + r['c32']['errors']:.0f} non-2xx responses)")
     out = {"args": vars(args), "results": results}
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
-    return out
+    return save(out, args.json)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,20 @@ import asyncio
 import json
 import resource
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from bench.harness import fast_backend_model, free_port, get, llmswap, percentile, post, rss_bytes
+from bench.harness import (
+    fast_backend_model,
+    free_port,
+    get,
+    llmswap,
+    percentile,
+    post,
+    rss_bytes,
+    save,
+)
 from bench.streaming import run as run_streams
 
 
@@ -111,9 +119,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"events: {streams['complete_streams']:.0f} complete, {streams['events_lost']:.0f} "
           f"events lost, {streams['events_per_s']:.0f} events/s")  # fmt: skip
     out = {"args": vars(args), "queue": queue, "streams": streams}
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
-    return out
+    return save(out, args.json)
 
 
 if __name__ == "__main__":

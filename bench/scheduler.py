@@ -18,63 +18,34 @@ import http.client
 import json
 import os
 import random
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import yaml
+from bench.harness import PYTHON, ROOT, free_port, llmswap, percentile, save
 
-ROOT = Path(__file__).resolve().parent.parent
 FAKE = ROOT / "tests" / "fakebackend.py"
 MODELS = ("alpha", "beta", "gamma")
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def config(policy: str, args: argparse.Namespace, ledger: str, port: int) -> dict[str, Any]:
+def fake_models(args: argparse.Namespace, ledger: str) -> dict[str, Any]:
     models = {}
     for name in MODELS:
         backend = free_port()
         models[name] = {
-            "cmd": [
-                sys.executable,
-                str(FAKE),
-                "--port",
-                str(backend),
-                "--name",
-                name,
-                "--startup-delay",
-                str(args.startup_delay),
-                "--ledger",
-                ledger,
-            ],
+            "cmd": [PYTHON, str(FAKE), "--port", str(backend), "--name", name,
+                    "--startup-delay", str(args.startup_delay), "--ledger", ledger],
             "backend_url": f"http://127.0.0.1:{backend}/v1",
             "startup_timeout": 60,
-        }
-    return {
-        "listen": f"tcp:{port}:interface=127.0.0.1",
-        "scheduler": policy,
-        "max_wait_before_swap": args.max_wait,
-        "linger": args.linger,
-        "queue_size": 1000,
-        "request_timeout": 3600,
-        "models": models,
-    }
+        }  # fmt: skip
+    return models
 
 
-def post(port: int, model: str, service: float) -> tuple[int, float]:
+def chat(port: int, model: str, service: float) -> tuple[int, float]:
+    """One request; returns its status and llmswap's queue wait for it."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
     body = json.dumps(
         {"model": model, "messages": [{"role": "user", "content": "hi"}], "fake_sleep": service}
@@ -88,42 +59,18 @@ def post(port: int, model: str, service: float) -> tuple[int, float]:
 
 
 def run(policy: str, args: argparse.Namespace) -> dict[str, Any]:
-    workdir = tempfile.mkdtemp(prefix=f"llmswap-bench-{policy}-")
-    ledger = os.path.join(workdir, "ledger")
-    port = free_port()
-    path = os.path.join(workdir, "llmswap.yaml")
-    cfg = config(policy, args, ledger, port)
-    cfg["log_dir"] = workdir
-    Path(path).write_text(yaml.safe_dump(cfg))
-    twistd = Path(sys.executable).with_name("twistd")
-    daemon = subprocess.Popen(
-        [
-            str(twistd),
-            "-n",
-            "--pidfile=",
-            "--logfile",
-            os.path.join(workdir, "llmswap.log"),
-            "llmswap",
-            "--config",
-            path,
-        ],
-        cwd=workdir,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-                c.request("GET", "/health")
-                c.getresponse().read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or daemon.poll() is not None:
-                    raise SystemExit(f"llmswap did not start; see {workdir}/llmswap.log") from None
-                time.sleep(0.1)
-        waits: list[float] = []
-        failures: list[int] = []
-        lock = threading.Lock()
+    ledger = os.path.join(tempfile.mkdtemp(prefix=f"llmswap-bench-{policy}-"), "ledger")
+    settings = {
+        "scheduler": policy,
+        "max_wait_before_swap": args.max_wait,
+        "linger": args.linger,
+        "queue_size": 1000,
+        "request_timeout": 3600,
+    }
+    waits: list[float] = []
+    failures: list[int] = []
+    lock = threading.Lock()
+    with llmswap(fake_models(args, ledger), **settings) as (port, _):
 
         def client(seed: int) -> None:
             rng = random.Random(seed)
@@ -132,7 +79,7 @@ def run(policy: str, args: argparse.Namespace) -> dict[str, Any]:
                 if left == 0:
                     model, left = rng.choice(MODELS), rng.randint(1, 2 * args.session - 1)
                 left -= 1
-                status, wait = post(port, model, args.service)
+                status, wait = chat(port, model, args.service)
                 with lock:
                     if status == 200:
                         waits.append(wait)
@@ -150,13 +97,9 @@ def run(policy: str, args: argparse.Namespace) -> dict[str, Any]:
         for t in threads:
             t.join()
         total = time.monotonic() - started
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(60)
     loads = sum(
         1 for line in Path(ledger).read_text().splitlines() if json.loads(line)["event"] == "start"
     )
-    waits.sort()
     return {
         "policy": policy,
         "requests": len(waits) + len(failures),
@@ -164,8 +107,8 @@ def run(policy: str, args: argparse.Namespace) -> dict[str, Any]:
         "loads": loads,
         "total_s": total,
         "p50_wait_s": statistics.median(waits),
-        "p95_wait_s": waits[min(len(waits) - 1, int(0.95 * len(waits)))],
-        "max_wait_s": waits[-1],
+        "p95_wait_s": percentile(waits, 0.95),
+        "max_wait_s": max(waits),
     }
 
 
@@ -211,9 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{bound:.1f} s"
     )
     out = {"args": vars(args), "results": results, "ratios": ratios}
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
-    return out
+    return save(out, args.json)
 
 
 if __name__ == "__main__":

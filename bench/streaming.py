@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from bench.harness import fast_backend_model, free_port, llmswap, percentile, post
+from bench.harness import fast_backend_model, free_port, llmswap, percentile, post, save
 
 
 async def one_stream(
@@ -115,9 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     print(f"delay an event gains through llmswap (paced, p50): {gained:.2f} ms")
     out = {"args": vars(args), "results": results}
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
-    return out
+    return save(out, args.json)
 
 
 if __name__ == "__main__":

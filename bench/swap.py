@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.harness import free_port, get, llmswap, post
+from bench.harness import free_port, get, llmswap, post, save
 
 
 class Poller(threading.Thread):
@@ -143,9 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("| " + " | ".join(f"{summary[k]:.1f}" for k in keys) + " |")
     print("max detection ms: " + f"{max(r['detection_ms'] for r in rows):.1f}")
     out = {"args": vars(args), "swaps": rows, "median": summary}
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=2))
-    return out
+    return save(out, args.json)
 
 
 if __name__ == "__main__":

@@ -80,27 +80,23 @@ class MemoryHTTP:
         return succeed(_Response(200 if b.running and b.healthy else 503))
 
 
-class ManagerTests(unittest.TestCase):
-    def setUp(self) -> None:
+class ManagerCase(unittest.TestCase):
+    """A started manager of models a and b on a Clock, with in-memory backends."""
+
+    def start(self, model: dict[str, Any], **settings: Any) -> None:
         self.clock = Clock()
         self.events: list[str] = []
-        self.config = parse(
-            {
-                "queue_size": 2,
-                "request_timeout": 30,
-                "linger": 0,
-                "models": {
-                    n: {"backend_url": f"http://{n}:1/v1", "cmd": "x", "startup_timeout": 10}
-                    for n in ("a", "b")
-                },
-            }
-        )
-        self.backends = {n: MemoryBackend(n, self.events) for n in ("a", "b")}
-        self.manager = SwapManager(
-            self.config, self.backends, MemoryHTTP(self.backends), self.clock
-        )
+        models = {n: {"backend_url": f"http://{n}:1/v1", "cmd": "x", **model} for n in "ab"}
+        config = parse({"models": models, **settings})
+        self.backends = {n: MemoryBackend(n, self.events) for n in "ab"}
+        self.manager = SwapManager(config, self.backends, MemoryHTTP(self.backends), self.clock)
         self.manager.startService()
         self.addCleanup(self.manager.stopService)
+
+
+class ManagerTests(ManagerCase):
+    def setUp(self) -> None:
+        self.start({"startup_timeout": 10}, queue_size=2, request_timeout=30, linger=0)
 
     def test_swap_stops_the_old_backend_before_starting_the_new(self) -> None:
         lease = self.successResultOf(self.manager.acquire("a"))
@@ -175,26 +171,11 @@ class ManagerTests(unittest.TestCase):
         self.assertFalse(self.backends["a"].running)
 
 
-class SwapAwareTimingTests(unittest.TestCase):
+class SwapAwareTimingTests(ManagerCase):
     """The fairness bound on a Clock: the loaded model keeps its turn until another waited."""
 
     def setUp(self) -> None:
-        self.clock = Clock()
-        self.events: list[str] = []
-        config = parse(
-            {
-                "max_wait_before_swap": 20,
-                "request_timeout": 300,
-                "models": {
-                    n: {"backend_url": f"http://{n}:1/v1", "cmd": "x", "ttl": 100}
-                    for n in ("a", "b")
-                },
-            }
-        )
-        self.backends = {n: MemoryBackend(n, self.events) for n in ("a", "b")}
-        self.manager = SwapManager(config, self.backends, MemoryHTTP(self.backends), self.clock)
-        self.manager.startService()
-        self.addCleanup(self.manager.stopService)
+        self.start({"ttl": 100}, max_wait_before_swap=20, request_timeout=300)
 
     def test_requests_for_the_loaded_model_go_first_until_the_bound(self) -> None:
         lease = self.successResultOf(self.manager.acquire("a"))
