@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -175,3 +176,48 @@ def test_plugin_is_found_after_a_plain_pip_install(tmp_path: Path) -> None:
         check=True,
     )
     assert where.stdout.startswith(str(target))
+
+
+def test_systemd_unit_verifies_and_its_commands_run(tmp_path: Path) -> None:
+    """deploy/llmswap.service: systemd accepts it, and the daemon it describes starts, reloads on
+    its ExecReload signal and stops on its KillSignal (systemd itself does not run here)."""
+    unit = (ROOT / "deploy" / "llmswap.service").read_text()
+    fields = dict(
+        line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#")
+    )
+    assert fields["Type"] == "simple"
+    assert fields["Restart"] == "on-failure"
+    assert fields["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert fields["KillSignal"] == "SIGTERM"
+    argv = fields["ExecStart"].split()
+    assert argv[1:5] == ["-n", "--pidfile=", "llmswap", "--config"]
+    if shutil.which("systemd-analyze"):
+        local = tmp_path / "llmswap.service"
+        local.write_text(unit.replace(argv[0], TWISTD))
+        verify = subprocess.run(
+            ["systemd-analyze", "verify", str(local)], capture_output=True, text=True, timeout=60
+        )
+        assert verify.returncode == 0, verify.stderr
+
+    config = tmp_path / "llmswap.yaml"
+    port = free_port()
+    models = {"alpha": fake_model("alpha", str(tmp_path / "ledger"))}
+    config.write_text(yaml.safe_dump({"listen": f"tcp:{port}:interface=127.0.0.1",
+                                      "log_dir": str(tmp_path), "models": models}))  # fmt: skip
+    proc = subprocess.Popen(
+        [TWISTD, *argv[1:5], str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        wait_listening(f"http://127.0.0.1:{port}", proc)
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = proc.stdout.read().decode() if proc.stdout else ""
+    assert "reloading the configuration" in output
+    assert "Server Shut Down." in output
