@@ -76,12 +76,14 @@ class Lease:
     backend_url: str
     waited: float
     position: int
-    _on_release: Callable[[Lease], None] | None = None
+    _on_release: Callable[[Lease, ModelStatus], None] | None = None
+    # The status it counts against: a reload may replace the model's entry meanwhile.
+    _status: ModelStatus | None = None
 
     def release(self) -> None:
         callback, self._on_release = self._on_release, None
-        if callback is not None:
-            callback(self)
+        if callback is not None and self._status is not None:
+            callback(self, self._status)
 
 
 @attrs.define(eq=False)
@@ -408,13 +410,13 @@ class SwapManager(Service):
             self._clock.seconds() - ticket.enqueued,
             ticket.position,
             self._released,
+            st,
         )
         self._leases.add(lease)
         ticket.waiter.callback(lease)
 
-    def _released(self, lease: Lease) -> None:
+    def _released(self, lease: Lease, st: ModelStatus) -> None:
         self._leases.discard(lease)
-        st = self._status[lease.model]
         st.in_flight -= 1
         st.last_used = self._clock.seconds()
         if st.in_flight == 0:

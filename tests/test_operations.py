@@ -215,3 +215,27 @@ class ReloadTests(DaemonTestCase):
         codes = [r[1][0].code for r in results]
         self.assertEqual(codes, [200] * 21)
         self.assertEqual(overlaps(self.ledger), [])
+
+    @inlineCallbacks
+    def test_reload_removing_a_model_whose_request_outlives_the_drain(self) -> Any:
+        self.path = Path(self.mktemp() + ".yaml")
+        self.logs = os.path.abspath(self.mktemp())
+        a = self.fake("a", drain_timeout=0.3)
+        self.write({"a": a})
+        self.daemon = Daemon.from_config(load(self.path), self.logs)
+        self.daemon.start()
+        self.addCleanup(self.daemon.stop)
+        stuck = self.post("/v1/chat/completions", {"model": "a", "fake_sleep": 30})
+        manager = self.daemon.service.manager
+        yield wait_for(lambda: manager.health()["in_flight"] == 1)
+        self.write({"c": self.fake("c")})
+        r, body = yield self.post_json("/admin/reload", {})
+        self.assertEqual((r.code, body["changes"]["removed"]), (200, ["a"]))
+        # The request that outlived the drain was cut off with its backend, and the books
+        # balance: nothing counts as in flight for the model that is gone.
+        yield stuck.addCallbacks(lambda r: r.text(), lambda f: None)
+        yield wait_for(lambda: manager.health()["in_flight"] == 0)
+        self.assertEqual(list(manager.health()["models"]), ["c"])
+        r, _ = yield self.post_json("/v1/chat/completions", {"model": "c"})
+        self.assertEqual(r.code, 200)
+        self.assertEqual(overlaps(self.ledger), [])
