@@ -239,3 +239,28 @@ class ReloadTests(DaemonTestCase):
         r, _ = yield self.post_json("/v1/chat/completions", {"model": "c"})
         self.assertEqual(r.code, 200)
         self.assertEqual(overlaps(self.ledger), [])
+
+    @inlineCallbacks
+    def test_reload_turns_access_control_on(self) -> Any:
+        self.path = Path(self.mktemp() + ".yaml")
+        self.logs = os.path.abspath(self.mktemp())
+        a = self.fake("a")
+        self.write({"a": a})
+        self.daemon = Daemon.from_config(load(self.path), self.logs)
+        self.daemon.start()
+        self.addCleanup(self.daemon.stop)
+        r, _ = yield self.post_json("/v1/chat/completions", {"model": "a"})
+        self.assertEqual(r.code, 200)
+        self.write({"a": a}, auth={"keys": [{"name": "ops", "key": ADMIN, "admin": True}]})
+        r, body = yield self.post_json("/admin/reload", {})
+        self.assertEqual((r.code, body["changes"]["changed"]), (200, []))
+        r, body = yield self.post_json("/v1/chat/completions", {"model": "a"})
+        self.assertEqual((r.code, body["error"]["code"]), (401, "invalid_api_key"))
+        # From now on even the reload needs the admin key.
+        r, _ = yield self.post_json("/admin/reload", {})
+        self.assertEqual(r.code, 401)
+        response = yield self.post(
+            "/admin/reload", {}, headers={"Authorization": [f"Bearer {ADMIN}"]}
+        )
+        self.assertEqual(response.code, 200)
+        yield response.text()
