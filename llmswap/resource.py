@@ -2,6 +2,8 @@
 
 Only ``model`` and ``stream`` are read from a request body; the body itself is forwarded as the
 bytes received.  Every error a client can provoke comes back OpenAI-shaped with a fitting status.
+A request passes the gate (key, model, limits), waits for a lease from the swap manager (a stream
+gets keep-alive comments meanwhile), is relayed, and is counted in the metrics and the log.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Assemble the daemon: a MultiService of the swap manager and the HTTP site.
 
 Children start in order and stop in reverse: the site stops listening before the manager stops
-the backends, and the manager stops every backend it started before twistd exits.
+the backends, and the manager stops every backend it started before twistd exits.  The service
+also owns what a configuration reload replaces: backends, keys (the gate), relay timeout.
 """
 
 from __future__ import annotations
