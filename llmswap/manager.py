@@ -245,11 +245,12 @@ class SwapManager(Service):
                 code="queue_timeout",
             )
 
-        waiter.addTimeout(timeout, self._clock, onTimeoutCancel=timed_out)
         try:
             self._queue.put(ticket)
         except QueueOverflow:
             raise errors.queue_full(self.config.queue_size) from None
+        if not waiter.called:  # admitted at once (the common case) needs no timer
+            waiter.addTimeout(timeout, self._clock, onTimeoutCancel=timed_out)
         return waiter
 
     def state(self, model: str) -> str:

@@ -22,7 +22,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from llmswap import errors
 from llmswap.access import Gate
@@ -41,6 +41,15 @@ log = Logger()
 _CLOSE_GRACE = 5.0
 
 
+class _Request(Request):
+    """Bodies are relayed as bytes, never read as HTML forms: skip Twisted's form parsing, which
+    runs every POST's content type through ``email.message`` (about 14% of the CPU at
+    saturation, profiled)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, parsePOSTFormSubmission=False, **kwargs)
+
+
 class _Site(Site):
     """The HTTP site; it remembers its connections so shutdown can hang up idle keep-alive
     clients.  A weak set rather than a wrapping factory: no extra layer on every read and
@@ -50,7 +59,7 @@ class _Site(Site):
     displayTracebacks = False
 
     def __init__(self, resource: Any) -> None:
-        super().__init__(resource)
+        super().__init__(resource, requestFactory=_Request)
         self._open: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def buildProtocol(self, addr: Any) -> Any:
