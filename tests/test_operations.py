@@ -153,18 +153,25 @@ class AccessAndMetricsTests(DaemonTestCase):
 class ReloadTests(DaemonTestCase):
     timeout = 120
 
+    def setUp(self) -> None:
+        super().setUp()
+        self.path = Path(self.mktemp() + ".yaml")
+        self.logs = os.path.abspath(self.mktemp())
+
     def write(self, models: dict[str, Any], **extra: Any) -> None:
         self.path.write_text(yaml.safe_dump({"models": models, "log_dir": self.logs, **extra}))
 
-    @inlineCallbacks
-    def test_reload_under_load_applies_changes_and_refuses_a_bad_file(self) -> Any:
-        self.path = Path(self.mktemp() + ".yaml")
-        self.logs = os.path.abspath(self.mktemp())
-        a, b = self.fake("a"), self.fake("b")
-        self.write({"a": a, "b": b})
+    def serve(self, models: dict[str, Any], **extra: Any) -> None:
+        """Write the configuration file and run a daemon from it (so it can reload it)."""
+        self.write(models, **extra)
         self.daemon = Daemon.from_config(load(self.path), self.logs)
         self.daemon.start()
         self.addCleanup(self.daemon.stop)
+
+    @inlineCallbacks
+    def test_reload_under_load_applies_changes_and_refuses_a_bad_file(self) -> Any:
+        a, b = self.fake("a"), self.fake("b")
+        self.serve({"a": a, "b": b})
         # Two requests for a run while the file changes under them: a is changed, b removed,
         # c added.
         running = [
@@ -198,13 +205,8 @@ class ReloadTests(DaemonTestCase):
 
     @inlineCallbacks
     def test_concurrent_requests_during_reload_all_get_an_answer(self) -> Any:
-        self.path = Path(self.mktemp() + ".yaml")
-        self.logs = os.path.abspath(self.mktemp())
         a = self.fake("a")
-        self.write({"a": a}, queue_size=40)
-        self.daemon = Daemon.from_config(load(self.path), self.logs)
-        self.daemon.start()
-        self.addCleanup(self.daemon.stop)
+        self.serve({"a": a}, queue_size=40)
         calls = [
             self.post_json("/v1/chat/completions", {"model": "a", "fake_sleep": 0.05})
             for _ in range(20)
@@ -218,13 +220,8 @@ class ReloadTests(DaemonTestCase):
 
     @inlineCallbacks
     def test_reload_removing_a_model_whose_request_outlives_the_drain(self) -> Any:
-        self.path = Path(self.mktemp() + ".yaml")
-        self.logs = os.path.abspath(self.mktemp())
         a = self.fake("a", drain_timeout=0.3)
-        self.write({"a": a})
-        self.daemon = Daemon.from_config(load(self.path), self.logs)
-        self.daemon.start()
-        self.addCleanup(self.daemon.stop)
+        self.serve({"a": a})
         stuck = self.post("/v1/chat/completions", {"model": "a", "fake_sleep": 30})
         manager = self.daemon.service.manager
         yield wait_for(lambda: manager.health()["in_flight"] == 1)
@@ -242,13 +239,8 @@ class ReloadTests(DaemonTestCase):
 
     @inlineCallbacks
     def test_reload_turns_access_control_on(self) -> Any:
-        self.path = Path(self.mktemp() + ".yaml")
-        self.logs = os.path.abspath(self.mktemp())
         a = self.fake("a")
-        self.write({"a": a})
-        self.daemon = Daemon.from_config(load(self.path), self.logs)
-        self.daemon.start()
-        self.addCleanup(self.daemon.stop)
+        self.serve({"a": a})
         r, _ = yield self.post_json("/v1/chat/completions", {"model": "a"})
         self.assertEqual(r.code, 200)
         self.write({"a": a}, auth={"keys": [{"name": "ops", "key": ADMIN, "admin": True}]})
