@@ -329,7 +329,7 @@ def parse(data: Any, source: str = "<string>") -> Config:
             raise ConfigError(f"model names must be non-empty strings, got {name!r}")
         models[name] = _model(name, raw, defaults)
     devices = _devices(data.get("devices"), models)
-    preload = _preload(data.get("preload"), models, devices)
+    preload = _preload(data.get("preload"), models)
     policy = data.get("scheduler", SWAP_AWARE)
     if policy not in POLICIES:
         raise ConfigError(f"'scheduler' must be one of {', '.join(POLICIES)}, got {policy!r}")
@@ -344,7 +344,7 @@ def parse(data: Any, source: str = "<string>") -> Config:
     log_dir = data.get("log_dir")
     if log_dir is not None and not isinstance(log_dir, str):
         raise ConfigError(f"'log_dir' must be a directory path, got {log_dir!r}")
-    return Config(
+    config = Config(
         models=models,
         listen=listen,
         queue_size=_number(data, "queue_size", "", 50, integer=True),
@@ -366,6 +366,8 @@ def parse(data: Any, source: str = "<string>") -> Config:
         auth=_auth(data.get("auth"), models),
         source=source,
     )
+    _check_preload_fits(config)
+    return config
 
 
 def _devices(raw: Any, models: dict[str, ModelConfig]) -> dict[str, int]:
@@ -412,29 +414,34 @@ def _devices(raw: Any, models: dict[str, ModelConfig]) -> dict[str, int]:
     return devices
 
 
-def _preload(
-    raw: Any, models: Mapping[str, ModelConfig], devices: Mapping[str, int]
-) -> tuple[str, ...]:
+def _known_model(name: str, models: Mapping[str, ModelConfig], where: str) -> None:
+    if name not in models:
+        close = difflib.get_close_matches(name, list(models), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"'{where}' names unknown model {name!r}{hint}")
+
+
+def _preload(raw: Any, models: Mapping[str, ModelConfig]) -> tuple[str, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
         raise ConfigError("'preload' must be a list of model names")
     for name in raw:
-        if name not in models:
-            close = difflib.get_close_matches(name, list(models), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise ConfigError(f"'preload' names unknown model {name!r}{hint}")
-    used: dict[str, int] = {}
-    for name in dict.fromkeys(raw):
-        m = models[name]
-        size = devices.get(m.device, 1)
-        used[m.device] = used.get(m.device, 0) + (m.memory if m.memory is not None else size)
-        if used[m.device] > size:
+        _known_model(name, models, "preload")
+    return tuple(dict.fromkeys(raw))
+
+
+def _check_preload_fits(config: Config) -> None:
+    """The preloaded models must fit together, by the same accounting the scheduler uses."""
+    free = config.capacities()
+    for name in config.preload:
+        device, memory = config.footprint(name)
+        free[device] -= memory
+        if free[device] < 0:
             raise ConfigError(
-                f"'preload' models do not fit together on device '{m.device}' "
+                f"'preload' models do not fit together on device '{device}' "
                 "(without 'devices' only one model can be loaded at a time)"
             )
-    return tuple(dict.fromkeys(raw))
 
 
 _KEY_KEYS = (
@@ -522,8 +529,7 @@ def _auth(raw: Any, models: Mapping[str, ModelConfig]) -> Auth | None:
             if not isinstance(allowed, list) or not all(isinstance(m, str) for m in allowed):
                 raise ConfigError(f"'{where}.models' must be a list of model names")
             for m in allowed:
-                if m not in models:
-                    raise ConfigError(f"'{where}.models' names unknown model {m!r}")
+                _known_model(m, models, f"{where}.models")
         priority = entry.get("priority", 0)
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ConfigError(f"'{where}.priority' must be a whole number, got {priority!r}")

@@ -27,7 +27,6 @@ from twisted.internet.defer import (
     Deferred,
     DeferredLock,
     DeferredQueue,
-    QueueOverflow,
     TimeoutError,
     inlineCallbacks,
 )
@@ -176,7 +175,9 @@ class SwapManager(Service):
         self._backends = dict(backends)
         self._http = http
         self._clock = clock
-        self._queue: DeferredQueue[_Ticket] = DeferredQueue(size=config.queue_size, backlog=1)
+        # The intake: bounded by acquire, which counts it together with the waiting room (the
+        # intake loop empties it at once), so the bound follows queue_size across reloads.
+        self._queue: DeferredQueue[_Ticket] = DeferredQueue(backlog=1)
         self._waiting = _WaitingRoom()
         self._lock = DeferredLock()
         self._seq = itertools.count()
@@ -245,10 +246,7 @@ class SwapManager(Service):
                 code="queue_timeout",
             )
 
-        try:
-            self._queue.put(ticket)
-        except QueueOverflow:
-            raise errors.queue_full(self.config.queue_size) from None
+        self._queue.put(ticket)
         if not waiter.called:  # admitted at once (the common case) needs no timer
             waiter.addTimeout(timeout, self._clock, onTimeoutCancel=timed_out)
         return waiter
@@ -560,7 +558,6 @@ class SwapManager(Service):
             fresh[name].on_exit(self._exit_handler(name))
             self._status[name] = ModelStatus(since=self._clock.seconds())
         self.config = config
-        self._queue.size = config.queue_size
         summary = {"added": added, "removed": removed, "changed": changed}
         log.info(
             "configuration reloaded from {source}: added {added}, removed {removed}, "

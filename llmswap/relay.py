@@ -114,6 +114,11 @@ def started_writing(request: IRequest) -> bool:
     return bool(getattr(request, "startedWriting", False))
 
 
+def sse_event(payload: bytes) -> bytes:
+    """One SSE event: how an error reaches a stream whose 200 already went out."""
+    return b"data: " + payload + b"\n\n"
+
+
 def _error_event(model: str, code: int, body: bytes) -> bytes:
     try:
         parsed = json.loads(body)
@@ -124,7 +129,7 @@ def _error_event(model: str, code: int, body: bytes) -> bytes:
     else:
         text = body[:200].decode("utf-8", "replace")
         payload = errors.backend_error(f"Model '{model}' answered {code}: {text}").body()
-    return b"data: " + payload + b"\n\n"
+    return sse_event(payload)
 
 
 @implementer(IBodyProducer)
@@ -259,7 +264,7 @@ class Relay:
         content_type = request.responseHeaders.getRawHeaders(b"content-type", [b""])[0]
         if content_type.startswith(b"text/event-stream"):
             err = errors.backend_error(f"Model '{model}' stream interrupted: {why}")
-            request.write(b"data: " + err.body() + b"\n\n")
+            request.write(sse_event(err.body()))
         else:
             transport = getattr(request, "channel", None)
             if transport is not None and transport.transport is not None:

@@ -27,7 +27,7 @@ from llmswap.access import Gate
 from llmswap.config import Config
 from llmswap.manager import STARTING, SwapManager
 from llmswap.metrics import Metrics
-from llmswap.relay import Relay, Relayed, started_writing
+from llmswap.relay import Relay, Relayed, sse_event, started_writing
 
 log = Logger()
 
@@ -91,7 +91,7 @@ class OpenAIResource:
         gate: Gate,
         metrics: Metrics,
         clock: IReactorTime,
-        reload: Callable[[], Deferred[str]] | None = None,
+        reload: Callable[[], Deferred[Any]] | None = None,
     ) -> None:
         self._manager = manager
         self._relay = relay
@@ -220,7 +220,7 @@ class OpenAIResource:
         except errors.APIError as e:
             status = e.status
             if started_writing(request):  # a stream already committed by "loading" comments
-                request.write(b"data: " + e.body() + b"\n\n")
+                request.write(sse_event(e.body()))
                 return None
             return _error(request, e)
         except CancelledError:

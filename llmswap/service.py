@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -163,15 +164,13 @@ class LLMSwapService(MultiService):
 
     def __init__(self, config: Config, reactor: Any) -> None:
         super().__init__()
-        self.config = config
         pool = _QuietPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 32
         pool.retryAutomatically = False
         agent = Agent(reactor, pool=pool)
         http = HTTPClient(agent)
-        self.backends = make_backends(config, reactor)
         _PoolService(pool).setServiceParent(self)
-        self.manager = SwapManager(config, self.backends, http, reactor)
+        self.manager = SwapManager(config, make_backends(config, reactor), http, reactor)
         self.manager.setServiceParent(self)
         self.metrics = Metrics()
         self.metrics.watch(self.manager)
@@ -185,6 +184,15 @@ class LLMSwapService(MultiService):
         self._reactor = reactor
         self.web = HTTPService(config.listen, self._site, reactor)
         self.web.setServiceParent(self)
+
+    @property
+    def config(self) -> Config:
+        """The running configuration: the manager's, which a reload replaces."""
+        return self.manager.config
+
+    @property
+    def backends(self) -> Mapping[str, IBackend]:
+        return self.manager.backends
 
     @inlineCallbacks
     def reload(self) -> Any:
@@ -211,10 +219,8 @@ class LLMSwapService(MultiService):
         fresh = [n for n in new.models if n not in old or new.models[n] != old[n]]
         backends = make_backends(new, self._reactor, fresh)
         summary = yield self.manager.reconfigure(new, backends)
-        self.backends = dict(self.manager.backends)
         self.gate.configure(new.auth)
         self.relay.idle_timeout = new.request_timeout
-        self.config = new
         return summary
 
     @inlineCallbacks

@@ -75,9 +75,9 @@ class _HangupService(Service):
             reopen = getattr(backend, "reopen_log", None)
             if reopen is not None:
                 reopen()
-        if not self._daemon.config.source.startswith("<"):
-            # A refused reload was logged with its reason; nothing else to do with it here.
-            self._daemon.reload().addErrback(lambda f: f.trap(APIError))
+        # A refused reload (a bad file, or no file: the built-in models) answers APIError with
+        # its reason; a bad file's is logged by reload itself.
+        self._daemon.reload().addErrback(lambda f: f.trap(APIError))
 
 
 def makeService(options: Options) -> IService:
