@@ -109,7 +109,9 @@ class AccessAndMetricsTests(DaemonTestCase):
         second = yield self.keyed_post(BOB, {"model": "b"})
         self.assertEqual(second.code, 429)
         retry = int(second.headers.getRawHeaders("retry-after")[0])
-        self.assertTrue(30 < retry <= 60, retry)  # the token refills a minute after the first
+        # The token refills within the minute (the exact value is checked on a Clock in
+        # test_api; real time has passed here).
+        self.assertTrue(1 <= retry <= 60, retry)
         self.assertEqual((yield second.json())["error"]["code"], "rate_limit_exceeded")
         self.assertEqual(first.code, 200)
         yield first.text()
