@@ -5,7 +5,10 @@
    memory per waiting request, and ``/health`` latency while they all wait (is the event loop
    still responsive?).  Then the holding client hangs up, the queue drains, and every waiting
    request must get its 200.
-2. Streams: ``--streams`` concurrent SSE streams relayed at once; no error, no event lost.
+2. Open requests, side by side: as many requests relayed at once while the backend holds them,
+   through llmswap and through the two bare floors (bench/floors.py): each one's memory per open
+   request, i.e. what the HTTP stack alone costs to hold a request.
+3. Streams: ``--streams`` concurrent SSE streams relayed at once; no error, no event lost.
 
     python -m bench.scale [--waiting 10000] [--streams 1000]
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import resource
 import time
@@ -22,12 +26,15 @@ from typing import Any
 import aiohttp
 
 from bench.harness import (
+    PYTHON,
+    ROOT,
     fast_backend_model,
     free_port,
     get,
     llmswap,
     percentile,
     post,
+    process,
     rss_bytes,
     save,
 )
@@ -87,20 +94,80 @@ async def queue_case(port: int, pid: int, waiting: int) -> dict[str, float]:
     }
 
 
+def _connections_to(port: int) -> int:
+    """Established TCP connections whose local end is ``port`` (the backend's side)."""
+    local = f":{port:04X}"
+    with open("/proc/net/tcp") as table:
+        next(table)
+        return sum(1 for row in table if row.split()[1].endswith(local) and row.split()[3] == "01")
+
+
+async def held_case(port: int, pid: int, held: int, backend: int) -> float:
+    """Bytes of resident memory per request relayed while the backend holds it.
+
+    All are under way once the backend has that many connections (one may be the idle one the
+    warm-up request left in the proxy's pool: one in thousands, noise).
+    """
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=1800)
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        before = rss_bytes(pid)
+        calls = [
+            asyncio.ensure_future(session.post(url, json={"model": "bench", "hold": 3600}))
+            for _ in range(held)
+        ]
+        deadline = time.monotonic() + 600
+        while _connections_to(backend) < held:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"port {port}: {held} requests never all reached the backend")
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(1)
+        during = rss_bytes(pid)
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+    return (during - before) / held
+
+
+def held_everywhere(backend: int, held: int) -> dict[str, float]:
+    """Memory per held request through llmswap and through each floor, one after another."""
+    out = {}
+    model = fast_backend_model(backend, concurrency=held)
+    with llmswap({"bench": model}, queue_size=held + 10, request_timeout=1800) as (port, proc):
+        post(port, "/v1/chat/completions", b'{"model": "bench"}')
+        out["llmswap"] = asyncio.run(held_case(port, proc.pid, held, backend))
+    with contextlib.ExitStack() as stack:
+        # The floors reach the backend llmswap started; a standalone one while they run.
+        stack.enter_context(
+            process([PYTHON, "-m", "bench.backend", "--port", str(backend)], backend, cwd=ROOT)
+        )
+        for kind, name in (("klein", "floor klein+treq"), ("aiohttp", "floor aiohttp+client")):
+            port = free_port()
+            args = [PYTHON, "-m", "bench.floors", kind, "--port", str(port),
+                    "--backend", f"http://127.0.0.1:{backend}"]  # fmt: skip
+            with process(args, port, path="/none", cwd=ROOT) as proc:
+                post(port, "/v1/chat/completions", b'{"model": "bench"}')
+                out[name] = asyncio.run(held_case(port, proc.pid, held, backend))
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--waiting", type=int, default=10000)
+    p.add_argument("--held", type=int, default=2000, help="open requests per server in part 2")
     p.add_argument("--streams", type=int, default=1000)
     p.add_argument("--events", type=int, default=50, help="per stream")
     p.add_argument("--json")
     args = p.parse_args(argv)
-    raise_fd_limit(2 * (args.waiting + args.streams) + 1000)  # llmswap inherits it
+    raise_fd_limit(2 * max(args.waiting, args.held, args.streams) + 1000)  # children inherit it
     backend = free_port()
     model = fast_backend_model(backend, concurrency=1)
     settings = {"queue_size": args.waiting + 10, "request_timeout": 1800}
     with llmswap({"bench": model}, **settings) as (port, proc):
         post(port, "/v1/chat/completions", b'{"model": "bench"}')
         queue = asyncio.run(queue_case(port, proc.pid, args.waiting))
+    held = held_everywhere(backend, args.held)
     model = fast_backend_model(backend, concurrency=args.streams)
     with llmswap({"bench": model}, queue_size=args.streams + 10) as (port, _):
         post(port, "/v1/chat/completions", b'{"model": "bench"}')
@@ -115,10 +182,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"| {queue['bytes_per_waiting_request']:.0f} | {queue['health_p50_ms']:.1f} "
           f"| {queue['health_max_ms']:.1f} | {queue['answered_200']}/{queue['waiting']} "
           f"| {queue['drain_s']:.1f} |")  # fmt: skip
+    print(f"Open requests: {args.held} relayed at once while the backend holds them")
+    print("| server | bytes per open request |")
+    print("|---|---|")
+    for name, per in held.items():
+        print(f"| {name} | {per:.0f} |")
     print(f"Streams: {streams['streams']:.0f} concurrent x {streams['events_per_stream']:.0f} "
           f"events: {streams['complete_streams']:.0f} complete, {streams['events_lost']:.0f} "
           f"events lost, {streams['events_per_s']:.0f} events/s")  # fmt: skip
-    out = {"args": vars(args), "queue": queue, "streams": streams}
+    out = {"args": vars(args), "queue": queue, "held": held, "streams": streams}
     return save(out, args.json)
 
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 _STATES = ("stopped", "starting", "ready", "draining", "stopping", "failed")
 _FAST = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _LOADS = (0.5, 1, 2, 5, 10, 20, 30, 60, 90, 120, 180, 300, 600)
+_DECODER = json.JSONDecoder()
 
 
 def usage_from(tail: bytes) -> tuple[int, int] | None:
@@ -35,7 +36,7 @@ def usage_from(tail: bytes) -> tuple[int, int] | None:
     if start < 0:
         return None
     try:
-        usage, _ = json.JSONDecoder().raw_decode(tail[start:].decode("utf-8", "replace"))
+        usage, _ = _DECODER.raw_decode(tail[start:].decode("utf-8", "replace"))
     except ValueError:
         return None
     if not isinstance(usage, dict):

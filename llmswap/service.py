@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.server import Request, Site
 
 from llmswap import errors
@@ -33,7 +33,7 @@ from llmswap.config import Config, ConfigError, load
 from llmswap.interfaces import IBackend
 from llmswap.manager import SwapManager
 from llmswap.metrics import Metrics
-from llmswap.relay import Relay
+from llmswap.relay import Relay, backend_agent
 from llmswap.resource import OpenAIResource
 
 log = Logger()
@@ -167,7 +167,7 @@ class LLMSwapService(MultiService):
         pool = _QuietPool(reactor, persistent=True)
         pool.maxPersistentPerHost = 32
         pool.retryAutomatically = False
-        agent = Agent(reactor, pool=pool)
+        agent = backend_agent(reactor, pool)
         http = HTTPClient(agent)
         _PoolService(pool).setServiceParent(self)
         self.manager = SwapManager(config, make_backends(config, reactor), http, reactor)

@@ -350,6 +350,22 @@ class QueueTests(DaemonTestCase):
         self.assertEqual(r2.code, 504)
         self.assertIn("sent no response within request_timeout", b2["error"]["message"])
 
+    @inlineCallbacks
+    def test_stream_going_silent_ends_with_error_event(self) -> Any:
+        # Each event comes 3 s after the last: past request_timeout after the first one.
+        self.start({"stalls": self.fake("stalls", token_delay=3, tokens=3)}, request_timeout=1)
+        stream = yield self.chat("stalls", stream=True)
+        seen: list[str] = []
+
+        def consume() -> None:
+            for chunk in stream:
+                seen.append(chunk.choices[0].delta.content or "")
+
+        with self.assertRaises(openai.APIError) as ctx:
+            yield self.in_thread(consume)
+        self.assertEqual(seen, ["t0 "])
+        self.assertIn("stream interrupted: no data for request_timeout (1 s)", str(ctx.exception))
+
 
 class ConcurrencyTests(DaemonTestCase):
     timeout = 180
