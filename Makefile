@@ -53,6 +53,7 @@ bench: venv bench-tools $(BENCH_VENV)/bin/litellm
 	$(BIN)/python -m bench.overhead --litellm $(BENCH_VENV)/bin/litellm
 	$(BIN)/python -m bench.streaming
 	$(BIN)/python -m bench.scale
+	$(BIN)/python -m bench.memory
 	$(BIN)/python -m bench.swap
 	$(BIN)/python -m bench.scheduler
 

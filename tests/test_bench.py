@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import overhead, scale, scheduler, streaming, swap
+from bench import memory, overhead, scale, scheduler, streaming, swap
 
 
 def test_scheduler_benchmark_runs_both_policies() -> None:
@@ -37,6 +37,12 @@ def test_scale_benchmark_answers_every_waiting_request() -> None:
     assert out["queue"]["answered_200"] == 50
     assert set(out["held"]) == {"llmswap", "floor klein+treq", "floor aiohttp+client"}
     assert out["streams"]["events_lost"] == 0
+
+
+def test_memory_benchmark_measures_every_layer() -> None:
+    out = memory.main(["--pending", "20"])
+    assert list(out["results"]) == list(memory.LAYERS)
+    assert all(per > 0 for per in out["results"].values())
 
 
 @pytest.mark.llama
