@@ -1,8 +1,9 @@
 """Benchmark: what a proxy adds to a non-streaming request, side by side in one run.
 
-One fast backend (bench/backend.py, answers at once) is reached directly, through llmswap, through
-the two bare floors (Klein + treq, aiohttp) and through LiteLLM's proxy when ``--litellm`` names
-its executable (installed by ``make bench`` into its own venv).  ``wrk`` drives each at
+One fast backend (bench/backend.py, answers at once) is reached directly, through llmswap (also
+with ``access_log: false``, on an identical backend of its own), through the two bare floors
+(Klein + treq, aiohttp) and through LiteLLM's proxy when ``--litellm`` names its executable
+(installed by ``make bench`` into its own venv).  ``wrk`` drives each at
 concurrency 1 (latency) and 32 (throughput); added latency is each proxy's p50 minus the direct
 p50, and the ratios are what to read.
 
@@ -91,7 +92,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         proxy, _ = stack.enter_context(llmswap({"bench": model}, queue_size=1000))
         post(proxy, "/v1/chat/completions", BODY.encode())  # loads the backend
-        targets = {"direct": backend, "llmswap": proxy}
+        # The same with its one optional per-request cost off (its own, identical backend).
+        quiet_model = fast_backend_model(free_port(), concurrency=64)
+        quiet, _ = stack.enter_context(
+            llmswap({"bench": quiet_model}, queue_size=1000, access_log=False)
+        )
+        post(quiet, "/v1/chat/completions", BODY.encode())
+        targets = {"direct": backend, "llmswap": proxy, "llmswap, access_log: false": quiet}
         for kind in ("klein", "aiohttp"):
             port = free_port()
             args_ = [PYTHON, "-m", "bench.floors", kind, "--port", str(port),

@@ -116,6 +116,7 @@ class Config:
     # Device name -> memory budget in bytes; empty means one implicit device, one model.
     devices: Mapping[str, int] = attrs.field(factory=dict)
     auth: Auth | None = None
+    access_log: bool = True
     source: str = "<built-in>"
 
     def footprint(self, model: str) -> tuple[str, float]:
@@ -149,6 +150,7 @@ _GLOBAL_KEYS = (
     "preload",
     "devices",
     "auth",
+    "access_log",
 )
 _MODEL_KEYS = (
     "backend_url",
@@ -198,10 +200,11 @@ def _number(
     return value
 
 
-def _flag(mapping: Mapping[str, Any], key: str, where: str) -> bool:
-    value = mapping.get(key, False)
+def _flag(mapping: Mapping[str, Any], key: str, where: str, default: bool = False) -> bool:
+    value = mapping.get(key, default)
     if not isinstance(value, bool):
-        raise ConfigError(f"'{where}.{key}' must be true or false, got {value!r}")
+        path = f"{where}.{key}" if where else key
+        raise ConfigError(f"'{path}' must be true or false, got {value!r}")
     return value
 
 
@@ -364,6 +367,7 @@ def parse(data: Any, source: str = "<string>") -> Config:
         preload=preload,
         devices=devices,
         auth=_auth(data.get("auth"), models),
+        access_log=_flag(data, "access_log", "", default=True),
         source=source,
     )
     _check_preload_fits(config)

@@ -233,20 +233,33 @@ class OpenAIResource:
             known = model if model in self._config.models else "-"
             first = relayed.first_byte_at - started if stream and relayed.first_byte_at else None
             self._metrics.answered(known, status, key_name, waited, duration, first, relayed.tail)
-            # Formatted here, once: the logger then only substitutes one field, while the
-            # fields stay in the event for structured (JSON) observers.
-            path = request.path.decode("latin-1")
-            log.info(
-                "{access}",
-                access=f"{request.method.decode()} {path} model={model} key={key_name} "
-                f"stream={stream} status={status} queue_wait={waited or 0.0:.3f}s "
-                f"duration={duration:.3f}s",
-                model=model,
-                key=key_name,
-                status=status,
-                queue_wait=waited,
-                duration=duration,
-            )
+            if self._config.access_log:
+                self._log_access(request, model, key_name, stream, status, waited, duration)
+
+    def _log_access(
+        self,
+        request: IRequest,
+        model: str,
+        key_name: str,
+        stream: bool,
+        status: int,
+        waited: float | None,
+        duration: float,
+    ) -> None:
+        # Formatted here, once: the logger then only substitutes one field, while the fields
+        # stay in the event for structured (JSON) observers.
+        path = request.path.decode("latin-1")
+        log.info(
+            "{access}",
+            access=f"{request.method.decode()} {path} model={model} key={key_name} "
+            f"stream={stream} status={status} queue_wait={waited or 0.0:.3f}s "
+            f"duration={duration:.3f}s",
+            model=model,
+            key=key_name,
+            status=status,
+            queue_wait=waited,
+            duration=duration,
+        )
 
     def _priority(self, request: IRequest) -> int:
         header = self._config.priority_header

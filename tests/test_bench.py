@@ -20,7 +20,13 @@ def test_scheduler_benchmark_runs_both_policies() -> None:
 
 def test_overhead_benchmark_measures_every_target() -> None:
     out = overhead.main(["--seconds", "1"])
-    assert set(out["results"]) == {"direct", "llmswap", "floor klein+treq", "floor aiohttp+client"}
+    assert set(out["results"]) == {
+        "direct",
+        "llmswap",
+        "llmswap, access_log: false",
+        "floor klein+treq",
+        "floor aiohttp+client",
+    }
     for result in out["results"].values():
         assert result["c1"]["rps"] > 0 and result["c32"]["errors"] == 0
 

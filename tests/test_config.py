@@ -162,6 +162,7 @@ def test_scheduler_settings_and_memory_budget() -> None:
             "'models.a.concurrency' must be greater than 0",
         ),
         ({"models": _models(a={"concurency": 2})}, "did you mean 'concurrency'?"),
+        ({"access_log": "no"}, "'access_log' must be true or false, got 'no'"),
     ],
 )
 def test_invalid_scheduler_settings(extra: dict[str, object], expected: str) -> None:

@@ -88,9 +88,22 @@ class AccessAndMetricsTests(DaemonTestCase):
         self.assertEqual(response.headers.getRawHeaders("x-got-api-key"), ["no"])
         yield response.text()
         text = "\n".join(self.logged)
-        self.assertIn("key=alice", text)
+        self.assertIn("POST /v1/chat/completions model=a key=alice", text)
         for secret in (ALICE, BOB, ADMIN, "sk-nobody"):
             self.assertNotIn(secret, text)
+
+    @inlineCallbacks
+    def test_access_log_can_be_turned_off_while_metrics_still_count(self) -> Any:
+        self.start({"a": self.fake("a")}, access_log=False)
+        response = yield self.post("/v1/chat/completions", {"model": "a"})
+        self.assertEqual(response.code, 200)
+        yield response.text()
+        # The default logs this line (test_keys_with_the_official_client_and_nothing_leaks).
+        self.assertNotIn("POST /v1/chat/completions model=a", "\n".join(self.logged))
+        metrics = yield self.http.get(self.daemon.url + "/metrics")
+        got = samples((yield metrics.text()))
+        answered = ("llmswap_requests_total", (("key", "-"), ("model", "a"), ("status", "200")))
+        self.assertEqual(got[answered], 1.0)
 
     @inlineCallbacks
     def test_a_key_at_its_limits_gets_429_and_others_still_get_through(self) -> Any:
