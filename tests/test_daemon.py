@@ -190,21 +190,28 @@ class PassthroughTests(DaemonTestCase):
         self.assertIn("alpha", body["error"]["message"])
 
 
+@inlineCallbacks
+def broken_stream(case: DaemonTestCase, model: str) -> Any:
+    """Read a stream that must end in an error: (the deltas seen, the client's error text)."""
+    stream = yield case.chat(model, stream=True)
+    seen: list[str] = []
+
+    def consume() -> None:
+        for chunk in stream:
+            seen.append(chunk.choices[0].delta.content or "")
+
+    with case.assertRaises(openai.APIError) as ctx:
+        yield case.in_thread(consume)
+    return seen, str(ctx.exception)
+
+
 class FailureTests(DaemonTestCase):
     @inlineCallbacks
     def test_crash_mid_stream_ends_with_error_event_and_model_restarts(self) -> Any:
         self.start({"crashy": self.fake("crashy", crash_after=2, token_delay=0.05)})
-        stream = yield self.chat("crashy", stream=True)
-        seen: list[str] = []
-
-        def consume() -> None:
-            for chunk in stream:
-                seen.append(chunk.choices[0].delta.content or "")
-
-        with self.assertRaises(openai.APIError) as ctx:
-            yield self.in_thread(consume)
+        seen, error = yield broken_stream(self, "crashy")
         self.assertEqual(seen, ["t0 ", "t1 "])
-        self.assertIn("stream interrupted", str(ctx.exception))
+        self.assertIn("stream interrupted", error)
         yield wait_for(lambda: len(starts(self.ledger)) == 1)
         health = yield self.health()
         self.assertIn(health["models"]["crashy"]["state"], ("failed", "ready"))
@@ -354,17 +361,9 @@ class QueueTests(DaemonTestCase):
     def test_stream_going_silent_ends_with_error_event(self) -> Any:
         # Each event comes 3 s after the last: past request_timeout after the first one.
         self.start({"stalls": self.fake("stalls", token_delay=3, tokens=3)}, request_timeout=1)
-        stream = yield self.chat("stalls", stream=True)
-        seen: list[str] = []
-
-        def consume() -> None:
-            for chunk in stream:
-                seen.append(chunk.choices[0].delta.content or "")
-
-        with self.assertRaises(openai.APIError) as ctx:
-            yield self.in_thread(consume)
+        seen, error = yield broken_stream(self, "stalls")
         self.assertEqual(seen, ["t0 "])
-        self.assertIn("stream interrupted: no data for request_timeout (1 s)", str(ctx.exception))
+        self.assertIn("stream interrupted: no data for request_timeout (1 s)", error)
 
 
 class ConcurrencyTests(DaemonTestCase):
