@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,9 +65,19 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], path: str, timeout: floa
         time.sleep(0.05)
 
 
+def _unwind_on_sigterm() -> None:
+    """Let SIGTERM (``timeout``, a CI cancel) unwind like an exception, so the ``finally`` below
+    stops every server started: they run in sessions of their own and would outlive us."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 @contextlib.contextmanager
 def process(args: list[str], port: int, path: str = "/health", **kw: Any) -> Iterator[Any]:
     """Start a server process, wait until ``path`` answers, stop it (and its group) after."""
+    _unwind_on_sigterm()
     log = tempfile.NamedTemporaryFile(prefix="llmswap-bench-", suffix=".log", delete=False)
     proc = subprocess.Popen(
         args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **kw

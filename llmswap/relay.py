@@ -257,6 +257,7 @@ class Relay:
                 # backend's error can only travel as an error event.
                 pipe.stop_timer()
                 body: Deferred[bytes] = treq.content(response)
+                body.addTimeout(self.idle_timeout, self._clock)
                 body.addCallback(lambda b: request.write(_error_event(model, response.code, b)))
                 return body.addCallback(lambda _: Relayed(response.code))
             if not committed:

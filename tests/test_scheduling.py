@@ -155,6 +155,18 @@ class SchedulingTests(DaemonTestCase):
         self.assertTrue(any(c.choices and c.choices[0].delta.content for c in chunks))
 
     @inlineCallbacks
+    def test_waiting_stream_whose_backend_answers_an_error_gets_it_as_an_event(self) -> Any:
+        self.start({"slow": self.fake("slow", startup_delay=1.0)}, keepalive_interval=0.2)
+        payload = {"model": "slow", "stream": True, "fake_status": 400}
+        response = yield self.post("/v1/chat/completions", payload)
+        self.assertEqual(response.code, 200)  # committed by the loading comments
+        text = yield response.text()
+        event = [t for t in text.split("\n\n") if t.startswith("data: ")]
+        self.assertEqual(len(event), 1, text)
+        error = json.loads(event[0][len("data: ") :])["error"]
+        self.assertEqual((error["message"], error["code"]), ("fake failure", "teapot"))
+
+    @inlineCallbacks
     def test_waiting_stream_whose_model_fails_gets_an_error_event(self) -> Any:
         self.start(
             {"bad": self.fake("bad", never_ready=True, startup_timeout=1)}, keepalive_interval=0.2
