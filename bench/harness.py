@@ -117,6 +117,20 @@ def llmswap(models: dict[str, Any], **settings: Any) -> Iterator[tuple[int, Any]
         yield port, proc
 
 
+# The bare passthroughs of bench/floors.py, by kind, under the names the tables give them.
+FLOORS = {"klein": "floor klein+treq", "aiohttp": "floor aiohttp+client"}
+
+
+@contextlib.contextmanager
+def floor(kind: str, backend: int) -> Iterator[tuple[int, Any]]:
+    """One bare passthrough to the backend on ``backend``; yields (port, process)."""
+    port = free_port()
+    args = [PYTHON, "-m", "bench.floors", kind, "--port", str(port),
+            "--backend", f"http://127.0.0.1:{backend}"]  # fmt: skip
+    with process(args, port, path="/none", cwd=ROOT) as proc:
+        yield port, proc
+
+
 def fast_backend_model(port: int, **settings: Any) -> dict[str, Any]:
     return {
         "cmd": [PYTHON, "-m", "bench.backend", "--port", str(port)],

@@ -24,7 +24,16 @@ from typing import Any
 
 import yaml
 
-from bench.harness import PYTHON, ROOT, fast_backend_model, free_port, llmswap, post, process, save
+from bench.harness import (
+    FLOORS,
+    fast_backend_model,
+    floor,
+    free_port,
+    llmswap,
+    post,
+    process,
+    save,
+)
 
 BODY = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}]})
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -99,12 +108,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         post(quiet, "/v1/chat/completions", BODY.encode())
         targets = {"direct": backend, "llmswap": proxy, "llmswap, access_log: false": quiet}
-        for kind in ("klein", "aiohttp"):
-            port = free_port()
-            args_ = [PYTHON, "-m", "bench.floors", kind, "--port", str(port),
-                     "--backend", f"http://127.0.0.1:{backend}"]  # fmt: skip
-            stack.enter_context(process(args_, port, path="/none", cwd=ROOT))
-            targets[f"floor {kind}+" + ("treq" if kind == "klein" else "client")] = port
+        for kind, name in FLOORS.items():
+            targets[name], _ = stack.enter_context(floor(kind, backend))
         if args.litellm:
             targets["LiteLLM proxy"] = stack.enter_context(litellm(args.litellm, backend))
         for name, port in targets.items():

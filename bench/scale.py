@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import resource
 import time
@@ -26,9 +25,11 @@ from typing import Any
 import aiohttp
 
 from bench.harness import (
+    FLOORS,
     PYTHON,
     ROOT,
     fast_backend_model,
+    floor,
     free_port,
     get,
     llmswap,
@@ -41,6 +42,13 @@ from bench.harness import (
 from bench.streaming import run as run_streams
 
 
+def _client() -> aiohttp.ClientSession:
+    """A client for thousands of requests at once, each allowed to wait long."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(total=1800)
+    )
+
+
 def raise_fd_limit(needed: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < needed:
@@ -48,10 +56,8 @@ def raise_fd_limit(needed: int) -> None:
 
 
 async def queue_case(port: int, pid: int, waiting: int) -> dict[str, float]:
-    connector = aiohttp.TCPConnector(limit=0)
-    timeout = aiohttp.ClientTimeout(total=1800)
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with _client() as session:
         before = rss_bytes(pid)
         hold = asyncio.ensure_future(session.post(url, json={"model": "bench", "hold": 3600}))
 
@@ -99,7 +105,8 @@ def _connections_to(port: int) -> int:
     local = f":{port:04X}"
     with open("/proc/net/tcp") as table:
         next(table)
-        return sum(1 for row in table if row.split()[1].endswith(local) and row.split()[3] == "01")
+        rows = (row.split() for row in table)
+        return sum(1 for row in rows if row[1].endswith(local) and row[3] == "01")
 
 
 async def held_case(port: int, pid: int, held: int, backend: int) -> float:
@@ -108,10 +115,8 @@ async def held_case(port: int, pid: int, held: int, backend: int) -> float:
     All are under way once the backend has that many connections (one may be the idle one the
     warm-up request left in the proxy's pool: one in thousands, noise).
     """
-    connector = aiohttp.TCPConnector(limit=0)
-    timeout = aiohttp.ClientTimeout(total=1800)
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with _client() as session:
         before = rss_bytes(pid)
         calls = [
             asyncio.ensure_future(session.post(url, json={"model": "bench", "hold": 3600}))
@@ -137,16 +142,11 @@ def held_everywhere(backend: int, held: int) -> dict[str, float]:
     with llmswap({"bench": model}, queue_size=held + 10, request_timeout=1800) as (port, proc):
         post(port, "/v1/chat/completions", b'{"model": "bench"}')
         out["llmswap"] = asyncio.run(held_case(port, proc.pid, held, backend))
-    with contextlib.ExitStack() as stack:
-        # The floors reach the backend llmswap started; a standalone one while they run.
-        stack.enter_context(
-            process([PYTHON, "-m", "bench.backend", "--port", str(backend)], backend, cwd=ROOT)
-        )
-        for kind, name in (("klein", "floor klein+treq"), ("aiohttp", "floor aiohttp+client")):
-            port = free_port()
-            args = [PYTHON, "-m", "bench.floors", kind, "--port", str(port),
-                    "--backend", f"http://127.0.0.1:{backend}"]  # fmt: skip
-            with process(args, port, path="/none", cwd=ROOT) as proc:
+    # llmswap stopped the backend it started; the floors get one of their own, same port.
+    backend_args = [PYTHON, "-m", "bench.backend", "--port", str(backend)]
+    with process(backend_args, backend, cwd=ROOT):
+        for kind, name in FLOORS.items():
+            with floor(kind, backend) as (port, proc):
                 post(port, "/v1/chat/completions", b'{"model": "bench"}')
                 out[name] = asyncio.run(held_case(port, proc.pid, held, backend))
     return out

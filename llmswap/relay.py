@@ -64,12 +64,7 @@ class _Pipe(Protocol):
     (no response headers, or no body bytes, for ``idle_timeout``) across the whole exchange.
     """
 
-    def __init__(
-        self,
-        request: IRequest,
-        clock: IReactorTime,
-        idle_timeout: float,
-    ) -> None:
+    def __init__(self, request: IRequest, clock: IReactorTime, idle_timeout: float) -> None:
         self.done: Deferred[None] = Deferred()
         self._request = request
         self._clock = clock
@@ -274,7 +269,7 @@ class Relay:
             pipe.stop_timer()
             if result.called:
                 return
-            if pipe.unanswered is not None or not pipe.transport:
+            if pipe.transport is None:  # no body was being relayed: nothing reached the client
                 result.errback(self._before_headers(f, pipe, model, url))
                 return
             self._mid_body(request, model, pipe, f)
