@@ -5,11 +5,13 @@ child process sends them) and reports what tracemalloc counts per pending reques
 
 - ``twisted.web``: a bare resource that returns NOT_DONE_YET (the server alone);
 - ``klein``: a Klein route returning a Deferred that has not fired;
-- ``klein async``: a Klein ``async def`` route awaiting such a Deferred (llmswap's route shape);
+- ``klein async``: a Klein ``async def`` route awaiting such a Deferred;
+- ``klein, answered later``: a Klein route that returns at once with a resource rendering
+  NOT_DONE_YET, the request answered later by callbacks (llmswap's route shape);
 - ``llmswap``: requests waiting in llmswap's queue behind one that holds the model's only slot.
 
-The differences say what each layer costs, and so what a memory target per waiting request can
-still be met with which stack.
+Each row also says what it holds above the bare server, so what a route shape costs, and what
+llmswap adds to the shape it uses.
 
     python -m bench.memory [--pending 2000]
 """
@@ -27,7 +29,7 @@ from typing import Any
 from bench.harness import PYTHON, ROOT, fast_backend_model, free_port, save
 from bench.scale import raise_fd_limit
 
-LAYERS = ("twisted.web", "klein", "klein async", "llmswap")
+LAYERS = ("twisted.web", "klein", "klein async", "klein, answered later", "llmswap")
 
 # The client: one warm-up request, then (on a line from stdin) ``pending`` requests left open.
 _CLIENT = """
@@ -74,6 +76,23 @@ def measure(layer: str, pending: int) -> float:
             held.append(Deferred())
             return held[-1]  # type: ignore[no-any-return]
 
+    class Later(Resource):
+        isLeaf = True
+
+        def render(self, request: Any) -> int:
+            return NOT_DONE_YET  # type: ignore[no-any-return]
+
+    later = Later()
+
+    class LaterRoutes:
+        app = Klein()
+
+        @app.route("/v1/<path:_p>", methods=["POST"])
+        def answered_later(self, request: Any, _p: str) -> Resource:
+            request.content.read()
+            held.append(request)
+            return later
+
     class AsyncRoutes:
         app = Klein()
 
@@ -110,6 +129,7 @@ def measure(layer: str, pending: int) -> float:
             "twisted.web": Bare,
             "klein": lambda: Routes().app.resource(),
             "klein async": lambda: AsyncRoutes().app.resource(),
+            "klein, answered later": lambda: LaterRoutes().app.resource(),
         }[layer]()
         listening = reactor.listenTCP(  # type: ignore[attr-defined]
             0,
@@ -177,12 +197,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ).stdout  # fmt: skip
         results[layer] = float(out.strip().splitlines()[-1])
     print(f"Python heap per pending request ({args.pending} pending, tracemalloc)")
-    print("| layer | bytes per pending request | added by the layer |")
+    print("| layer | bytes per pending request | above twisted.web |")
     print("|---|---|---|")
-    previous = 0.0
     for layer, per in results.items():
-        print(f"| {layer} | {per:.0f} | {per - previous:+.0f} |")
-        previous = per
+        print(f"| {layer} | {per:.0f} | {per - results['twisted.web']:+.0f} |")
     return save({"args": vars(args), "results": results}, args.json)
 
 

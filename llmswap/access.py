@@ -114,7 +114,7 @@ class Gate:
     def admit(self, key: APIKey | None) -> Callable[[], None]:
         """Count a request against the key's limits; call the result when it is done."""
         if key is None:
-            return _nothing_to_release
+            return nothing_to_release
         if key.max_concurrent is not None and self._active.get(key.name, 0) >= key.max_concurrent:
             raise rate_limited(
                 f"API key '{key.name}' already has {key.max_concurrent} requests queued or "
@@ -151,7 +151,7 @@ class Gate:
         bucket.tokens -= 1.0
 
 
-def _nothing_to_release() -> None:
+def nothing_to_release() -> None:
     """What an open daemon's (no keys) admission returns: no per-request closure to allocate."""
 
 

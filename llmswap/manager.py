@@ -92,8 +92,17 @@ class _Ticket:
     enqueued: float
     priority: int
     position: int
-    waiter: Deferred[Lease]
+    # Called when the waiter is cancelled (the client went away): the manager's one bound
+    # method, so a waiting request holds no closure of its own.
+    on_cancel: Callable[[_Ticket], None]
+    waiter: Deferred[Lease] = attrs.field(init=False)
     dropped: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        self.waiter = Deferred(self._cancelled)
+
+    def _cancelled(self, _: Deferred[Lease]) -> None:
+        self.on_cancel(self)
 
 
 class _WaitingRoom:
@@ -129,6 +138,9 @@ class _WaitingRoom:
         if not priorities[ticket.priority]:
             del priorities[ticket.priority]
         return True
+
+    def oldest(self) -> _Ticket | None:
+        return next(iter(self._all.values()), None)
 
     def get(self, seq: int) -> _Ticket | None:
         return self._all.get(seq)
@@ -190,6 +202,9 @@ class SwapManager(Service):
         self._dispatching = False
         self._again = False
         self._recheck: IDelayedCall | None = None
+        self._drop_cancelled = self._drop  # bound once: every ticket shares it
+        # Fires when the oldest waiting request reaches request_timeout (see _expire).
+        self._expiry: IDelayedCall | None = None
         self.metrics: Metrics | None = None
         for name, backend in self._backends.items():
             backend.on_exit(self._exit_handler(name))
@@ -211,8 +226,9 @@ class SwapManager(Service):
         self._queue.pending.clear()
         if self._intake is not None:
             self._intake.cancel()
-        if self._recheck is not None and self._recheck.active():
-            self._recheck.cancel()
+        for timer in (self._recheck, self._expiry):
+            if timer is not None and timer.active():
+                timer.cancel()
         if self._change is not None:
             self._change.cancel()
         for lease in list(self._leases):
@@ -233,22 +249,14 @@ class SwapManager(Service):
         waiting = len(self._waiting) + len(self._queue.pending)
         if waiting >= self.config.queue_size:
             raise errors.queue_full(self.config.queue_size)
-        waiter: Deferred[Lease] = Deferred(lambda _: self._drop(ticket))
-        ticket = _Ticket(
-            next(self._seq), model, self._clock.seconds(), priority, waiting + 1, waiter
-        )
-        timeout = self.config.request_timeout
-
-        def timed_out(result: Any, _timeout: float) -> Any:
-            raise errors.gateway_timeout(
-                f"Request for model '{model}' waited {timeout:g} s (request_timeout) for its "
-                "backend and was dropped",
-                code="queue_timeout",
-            )
-
+        seq, now = next(self._seq), self._clock.seconds()
+        ticket = _Ticket(seq, model, now, priority, waiting + 1, self._drop_cancelled)
+        waiter = ticket.waiter
         self._queue.put(ticket)
-        if not waiter.called:  # admitted at once (the common case) needs no timer
-            waiter.addTimeout(timeout, self._clock, onTimeoutCancel=timed_out)
+        # Admitted at once (the common case) needs no timer; a waiting one is watched by the
+        # one timer that serves every waiting request.
+        if not waiter.called and self._expiry is None:
+            self._expiry = self._clock.callLater(self.config.request_timeout, self._expire)
         return waiter
 
     def state(self, model: str) -> str:
@@ -454,6 +462,36 @@ class SwapManager(Service):
             delay = max(0.0, when - self._clock.seconds())
             self._recheck = self._clock.callLater(delay, self._dispatch)
 
+    def _expire(self) -> None:
+        """Answer 504 to the requests that waited ``request_timeout``, and re-arm for the next.
+
+        Waiting tickets are kept in arrival order and share one timeout, so the oldest expires
+        first: one timer serves them all, where a timer per request would cost a delayed call
+        and its closures for each of thousands of waiting requests.  A reload's new
+        ``request_timeout`` applies to the requests already waiting.
+        """
+        self._expiry = None
+        timeout = self.config.request_timeout
+        now = self._clock.seconds()
+        expired = False
+        while (ticket := self._waiting.oldest()) is not None:
+            if ticket.enqueued + timeout > now:
+                delay = ticket.enqueued + timeout - now
+                self._expiry = self._clock.callLater(delay, self._expire)
+                break
+            self._waiting.remove(ticket)
+            self._reject(
+                ticket,
+                errors.gateway_timeout(
+                    f"Request for model '{ticket.model}' waited {timeout:g} s (request_timeout) "
+                    "for its backend and was dropped",
+                    code="queue_timeout",
+                ),
+            )
+            expired = True
+        if expired:
+            self._dispatch()
+
     @inlineCallbacks
     def _admin(self, change: Callable[[], Deferred[Any]]) -> Any:
         """Run an admin change as soon as no other change is under way."""
@@ -558,6 +596,9 @@ class SwapManager(Service):
             fresh[name].on_exit(self._exit_handler(name))
             self._status[name] = ModelStatus(since=self._clock.seconds())
         self.config = config
+        if self._expiry is not None:  # the new request_timeout applies to who waits now
+            self._expiry.cancel()
+            self._expire()
         summary = {"added": added, "removed": removed, "changed": changed}
         log.info(
             "configuration reloaded from {source}: added {added}, removed {removed}, "

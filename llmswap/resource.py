@@ -12,20 +12,28 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 from klein import Klein
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    inlineCallbacks,
+    maybeDeferred,
+    passthru,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from llmswap import errors
-from llmswap.access import Gate
+from llmswap.access import Gate, nothing_to_release
 from llmswap.config import Config
-from llmswap.manager import STARTING, SwapManager
+from llmswap.manager import STARTING, Lease, SwapManager
 from llmswap.metrics import Metrics
 from llmswap.relay import Relay, Relayed, sse_event, started_writing
 
@@ -177,87 +185,115 @@ class OpenAIResource:
         return _json(request, 200, {"model": model, "state": self._manager.state(model)})
 
     @app.route("/v1/<path:_endpoint>", methods=["POST"])
-    async def proxy(self, request: IRequest, _endpoint: str) -> bytes | None:
-        started = self._clock.seconds()
-        model, stream, status, key_name = "-", False, 0, "-"
-        waited: float | None = None
-        relayed = Relayed(0)
-        done: Callable[[], None] | None = None
-        try:
-            key = self._gate.identify(request)
-            key_name = key.name if key is not None else "-"
-            assert request.content is not None
-            body = request.content.read()
-            model, stream = parse_body(body, self._config.max_body_bytes)
-            if model not in self._config.models:
-                raise errors.model_not_found(model, self._gate.visible(key, self._manager.models()))
-            self._gate.check_model(key, model)
-            priority = key.priority if key is not None else self._priority(request)
-            done = self._gate.admit(key)
-            waiting = self._manager.acquire(model, priority)
-            keepalive = None
-            if stream and not waiting.called:
-                keepalive = LoopingCall(self._still_waiting, request, model, started)
-                keepalive.clock = self._clock
-                keepalive.start(self._config.keepalive_interval, now=False)
-            try:
-                lease = await waiting
-            finally:
-                if keepalive is not None:
-                    keepalive.stop()
-            waited = lease.waited
-            try:
-                if not started_writing(request):
-                    request.setHeader(b"x-llmswap-queue-position", str(lease.position).encode())
-                    request.setHeader(b"x-llmswap-queue-wait", f"{waited:.3f}".encode())
-                url = lease.backend_url + request.uri[len(b"/v1") :].decode("latin-1")
-                drop = _KEY_HEADERS if self._gate.enabled else frozenset()
-                relayed = await self._relay.forward(request, model, url, body, drop)
-                status = relayed.status
-            finally:
-                lease.release()
-            return None
-        except errors.APIError as e:
-            status = e.status
-            if started_writing(request):  # a stream already committed by "loading" comments
-                request.write(sse_event(e.body()))
-                return None
-            return _error(request, e)
-        except CancelledError:
-            status = _CLIENT_CLOSED
-            raise
-        finally:
-            if done is not None:
-                done()
-            duration = self._clock.seconds() - started
-            known = model if model in self._config.models else "-"
-            first = relayed.first_byte_at - started if stream and relayed.first_byte_at else None
-            self._metrics.answered(known, status, key_name, waited, duration, first, relayed.tail)
-            if self._config.access_log:
-                self._log_access(request, model, key_name, stream, status, waited, duration)
+    def proxy(self, request: IRequest, _endpoint: str) -> IResource:
+        # The route returns at once and the request's life goes on as callbacks on its queue
+        # ticket's Deferred: a request waiting in the queue then holds its ticket and one
+        # callback, not a suspended route (Klein keeps about 4 KB of render state per pending
+        # route, an ``async def`` route 1.5 KB more).
+        x = _Exchange(request, self._clock.seconds())
+        d: Deferred[Any] = maybeDeferred(self._admit, x)
+        if x.stream and not d.called:
+            keepalive = LoopingCall(self._still_waiting, request, x.model, x.started)
+            keepalive.clock = self._clock
+            keepalive.start(self._config.keepalive_interval, now=False)
+            d.addBoth(_stopping, keepalive)
+        d.addCallbacks(self._serve, self._ended, callbackArgs=(x,), errbackArgs=(x,))
+        x.answering = d
+        finished = request.notifyFinish()  # type: ignore[attr-defined]
+        finished.addCallbacks(passthru, _hung_up, errbackArgs=(x,))  # no kwargs dicts to hold
+        return _ANSWERED_LATER
 
-    def _log_access(
-        self,
-        request: IRequest,
-        model: str,
-        key_name: str,
-        stream: bool,
-        status: int,
-        waited: float | None,
-        duration: float,
-    ) -> None:
+    def _admit(self, x: _Exchange) -> Deferred[Lease]:
+        """Check the request and queue it; fires with a lease on the model's backend."""
+        request = x.request
+        key = self._gate.identify(request)
+        x.key_name = key.name if key is not None else "-"
+        content = request.content
+        assert content is not None
+        x.body = content.read()
+        # Kept as bytes from here; the request's own copy (a temporary file, open, above 100
+        # KB) goes now rather than when the answer ends, maybe minutes of queueing later.
+        content.close()
+        request.content = None
+        x.model, x.stream = parse_body(x.body, self._config.max_body_bytes)
+        if x.model not in self._config.models:
+            raise errors.model_not_found(x.model, self._gate.visible(key, self._manager.models()))
+        self._gate.check_model(key, x.model)
+        priority = key.priority if key is not None else self._priority(request)
+        x.release_key = self._gate.admit(key)
+        return self._manager.acquire(x.model, priority)
+
+    @inlineCallbacks
+    def _serve(self, lease: Lease, x: _Exchange) -> Any:
+        """Relay the request to the backend its lease names; release the lease after it."""
+        request = x.request
+        x.waited = lease.waited
+        failure = None
+        try:
+            if not started_writing(request):
+                request.setHeader(b"x-llmswap-queue-position", str(lease.position).encode())
+                request.setHeader(b"x-llmswap-queue-wait", f"{lease.waited:.3f}".encode())
+            url = lease.backend_url + request.uri[len(b"/v1") :].decode("latin-1")
+            drop = _KEY_HEADERS if self._gate.enabled else frozenset()
+            x.relayed = yield self._relay.forward(request, x.model, url, x.body, drop)
+            x.status = x.relayed.status
+        except Exception:  # CancelledError included: the client went away
+            failure = Failure()
+        finally:
+            lease.release()
+        self._ended(failure, x)
+
+    def _ended(self, failure: Failure | None, x: _Exchange) -> None:
+        """Answer what stopped the request, if anything; finish it; count and log it.
+
+        The end of every request's chain, so it logs what it cannot handle rather than raise.
+        """
+        request = x.request
+        try:
+            if failure is not None:
+                self._answer_failure(failure, x)
+            if not x.gone:
+                request.finish()
+        except Exception:
+            _internal_error(Failure(), request)
+        x.release_key()
+        duration = self._clock.seconds() - x.started
+        known = x.model if x.model in self._config.models else "-"
+        relayed = x.relayed
+        first = relayed.first_byte_at - x.started if x.stream and relayed.first_byte_at else None
+        self._metrics.answered(known, x.status, x.key_name, x.waited, duration, first, relayed.tail)
+        if self._config.access_log:
+            self._log_access(x, duration)
+
+    def _answer_failure(self, failure: Failure, x: _Exchange) -> None:
+        """OpenAI-shaped, or an event in a stream already committed by "loading" comments."""
+        if x.gone and failure.check(CancelledError):  # nobody is left to answer
+            x.status = _CLIENT_CLOSED
+            return
+        if isinstance(failure.value, errors.APIError):
+            err = failure.value
+        else:
+            err = _internal_error(failure, x.request)
+        x.status = err.status
+        if started_writing(x.request):
+            x.request.write(sse_event(err.body()))
+        else:
+            x.request.write(_error(x.request, err))
+
+    def _log_access(self, x: _Exchange, duration: float) -> None:
         # Formatted here, once: the logger then only substitutes one field, while the fields
         # stay in the event for structured (JSON) observers.
+        request = x.request
         path = request.path.decode("latin-1")
         log.info(
             "{access}",
-            access=f"{request.method.decode()} {path} model={model} key={key_name} "
-            f"stream={stream} status={status} queue_wait={waited or 0.0:.3f}s "
+            access=f"{request.method.decode()} {path} model={x.model} key={x.key_name} "
+            f"stream={x.stream} status={x.status} queue_wait={x.waited or 0.0:.3f}s "
             f"duration={duration:.3f}s",
-            model=model,
-            key=key_name,
-            status=status,
-            queue_wait=waited,
+            model=x.model,
+            key=x.key_name,
+            status=x.status,
+            queue_wait=x.waited,
             duration=duration,
         )
 
@@ -314,8 +350,54 @@ class OpenAIResource:
 
     @app.handle_errors(Exception)
     def internal_error(self, request: IRequest, failure: Failure) -> bytes:
-        log.failure("unexpected error handling {path}", failure, path=request.path)
-        return _error(
-            request,
-            errors.APIError(500, "Internal error in llmswap (logged)", "server_error", "internal"),
-        )
+        return _error(request, _internal_error(failure, request))
+
+
+def _internal_error(failure: Failure, request: IRequest) -> errors.APIError:
+    log.failure("unexpected error handling {path}", failure, path=request.path)
+    return errors.APIError(500, "Internal error in llmswap (logged)", "server_error", "internal")
+
+
+_NOT_RELAYED = Relayed(0)
+
+
+@attrs.define(eq=False)
+class _Exchange:
+    """One proxied request, from admission to its metrics and access-log line."""
+
+    request: IRequest
+    started: float
+    body: bytes = b""
+    model: str = "-"
+    stream: bool = False
+    key_name: str = "-"
+    release_key: Callable[[], None] = nothing_to_release
+    waited: float | None = None
+    relayed: Relayed = _NOT_RELAYED
+    status: int = 0
+    gone: bool = False  # the client hung up
+    answering: Deferred[Any] | None = None  # the chain that answers it
+
+
+def _hung_up(failure: Failure, x: _Exchange) -> None:
+    x.gone = True
+    if x.answering is not None:
+        x.answering.cancel()  # drops a waiting ticket, or aborts the backend request
+
+
+def _stopping(result: Any, keepalive: LoopingCall) -> Any:
+    keepalive.stop()
+    return result
+
+
+class _AnsweredLater(Resource):
+    """What the proxy route returns: Klein renders it, and twisted.web leaves the request open
+    (NOT_DONE_YET) for the exchange's callbacks to answer and finish."""
+
+    isLeaf = True
+
+    def render(self, request: IRequest) -> object:
+        return NOT_DONE_YET
+
+
+_ANSWERED_LATER = _AnsweredLater()

@@ -11,6 +11,7 @@ from typing import Any
 
 import attrs
 import openai
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.task import deferLater
@@ -104,3 +105,12 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> A
         if reactor.seconds() > deadline:
             raise AssertionError(f"condition not met within {timeout} s: {predicate}")
         yield sleep(interval)
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of an exposition, keyed by name and sorted labels."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out

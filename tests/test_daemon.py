@@ -20,7 +20,7 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from tests.fakebackend import live_peers, live_processes
-from tests.support import Daemon, fake_model, free_port, read_ledger, wait_for
+from tests.support import Daemon, fake_model, free_port, read_ledger, samples, wait_for
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -326,6 +326,9 @@ class QueueTests(DaemonTestCase):
         after = yield self.chat("alpha")
         self.assertEqual(after.choices[0].message.content, "Hello from alpha")
         self.assertEqual(starts(self.ledger), ["alpha"])
+        metrics = yield self.http.get(self.daemon.url + "/metrics")
+        left = ("llmswap_requests_total", (("key", "-"), ("model", "beta"), ("status", "499")))
+        self.assertEqual(samples((yield metrics.text())).get(left), 1.0)
 
     @inlineCallbacks
     def test_client_leaving_mid_stream_releases_the_backend_at_once(self) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial import unittest
@@ -133,6 +134,29 @@ class ManagerTests(ManagerCase):
         err = self.failureResultOf(waiting, APIError).value
         self.assertEqual((err.status, err.code), (504, "queue_timeout"))
         self.assertEqual(self.manager.health()["queue_size"], 0)
+
+    def test_each_waiting_request_times_out_request_timeout_after_it_arrived(self) -> None:
+        self.successResultOf(self.manager.acquire("a"))  # held, never released
+        first = self.manager.acquire("a")
+        self.clock.advance(10)
+        second = self.manager.acquire("a")
+        self.clock.advance(20)  # t=30: the first waited 30 s, the second 20 s
+        self.assertEqual(self.failureResultOf(first, APIError).value.code, "queue_timeout")
+        self.assertNoResult(second)
+        self.clock.advance(9.9)
+        self.assertNoResult(second)
+        self.clock.advance(0.1)
+        self.assertEqual(self.failureResultOf(second, APIError).value.code, "queue_timeout")
+
+    def test_a_reloaded_request_timeout_applies_to_requests_already_waiting(self) -> None:
+        self.successResultOf(self.manager.acquire("a"))
+        waiting = self.manager.acquire("a")
+        self.clock.advance(10)
+        shorter = attrs.evolve(self.manager.config, request_timeout=5)
+        self.successResultOf(self.manager.reconfigure(shorter, {}))
+        err = self.failureResultOf(waiting, APIError).value
+        self.assertEqual(err.code, "queue_timeout")
+        self.assertIn("waited 5 s (request_timeout)", err.message)
 
     def test_queue_full_raises_503(self) -> None:
         self.successResultOf(self.manager.acquire("a"))

@@ -10,27 +10,17 @@ from typing import Any
 
 import openai
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.logger import globalLogPublisher
 
 from llmswap.config import load
 from tests.fakebackend import live_peers
-from tests.support import Daemon, wait_for
+from tests.support import Daemon, samples, wait_for
 from tests.test_daemon import DaemonTestCase, overlaps, starts
 
 ALICE = "sk-alice-0123456789abcdefghij"
 BOB = "sk-bob-0123456789abcdefghijkl"
 ADMIN = "sk-admin-0123456789abcdefghij"
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of an exposition, keyed by name and sorted labels."""
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
 
 
 class AccessAndMetricsTests(DaemonTestCase):
