@@ -4,7 +4,8 @@
    ``--waiting`` more requests arrive and wait in llmswap's queue.  Measured: llmswap's resident
    memory per waiting request, and ``/health`` latency while they all wait (is the event loop
    still responsive?).  Then the holding client hangs up, the queue drains, and every waiting
-   request must get its 200.
+   request must get its 200.  Once with plain requests, once with streams (which get
+   keep-alive comments while they wait), each in a fresh llmswap.
 2. Open requests, side by side: as many requests relayed at once while the backend holds them,
    through llmswap and through the two bare floors (bench/floors.py): each one's memory per open
    request, i.e. what the HTTP stack alone costs to hold a request.
@@ -55,14 +56,14 @@ def raise_fd_limit(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, needed), hard))
 
 
-async def queue_case(port: int, pid: int, waiting: int) -> dict[str, float]:
+async def queue_case(port: int, pid: int, waiting: int, stream: bool) -> dict[str, float]:
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     async with _client() as session:
         before = rss_bytes(pid)
         hold = asyncio.ensure_future(session.post(url, json={"model": "bench", "hold": 3600}))
 
         async def queued() -> int:
-            async with session.post(url, json={"model": "bench"}) as r:
+            async with session.post(url, json={"model": "bench", "stream": stream}) as r:
                 await r.read()
                 return r.status
 
@@ -164,24 +165,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     backend = free_port()
     model = fast_backend_model(backend, concurrency=1)
     settings = {"queue_size": args.waiting + 10, "request_timeout": 1800}
-    with llmswap({"bench": model}, **settings) as (port, proc):
-        post(port, "/v1/chat/completions", b'{"model": "bench"}')
-        queue = asyncio.run(queue_case(port, proc.pid, args.waiting))
+    queue = {}
+    for kind in ("plain", "stream"):
+        with llmswap({"bench": model}, **settings) as (port, proc):
+            post(port, "/v1/chat/completions", b'{"model": "bench"}')
+            queue[kind] = asyncio.run(queue_case(port, proc.pid, args.waiting, kind == "stream"))
     held = held_everywhere(backend, args.held)
     model = fast_backend_model(backend, concurrency=args.streams)
     with llmswap({"bench": model}, queue_size=args.streams + 10) as (port, _):
         post(port, "/v1/chat/completions", b'{"model": "bench"}')
         streams = asyncio.run(run_streams(port, args.streams, args.events))
-    print(f"Queue: {queue['waiting']} requests waiting behind one held request")
+    print(f"Queue: {args.waiting} requests waiting behind one held request")
     print(
-        "| RSS before MB | RSS waiting MB | bytes per waiting request | /health p50 ms "
-        "| /health max ms | answered 200 | drain s |"
+        "| requests | RSS before MB | RSS waiting MB | bytes per waiting request "
+        "| /health p50 ms | /health max ms | answered 200 | drain s |"
     )
-    print("|---|---|---|---|---|---|---|")
-    print(f"| {queue['rss_before_mb']:.1f} | {queue['rss_waiting_mb']:.1f} "
-          f"| {queue['bytes_per_waiting_request']:.0f} | {queue['health_p50_ms']:.1f} "
-          f"| {queue['health_max_ms']:.1f} | {queue['answered_200']}/{queue['waiting']} "
-          f"| {queue['drain_s']:.1f} |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for kind, q in queue.items():
+        print(f"| {kind} | {q['rss_before_mb']:.1f} | {q['rss_waiting_mb']:.1f} "
+              f"| {q['bytes_per_waiting_request']:.0f} | {q['health_p50_ms']:.1f} "
+              f"| {q['health_max_ms']:.1f} | {q['answered_200']}/{q['waiting']} "
+              f"| {q['drain_s']:.1f} |")  # fmt: skip
     print(f"Open requests: {args.held} relayed at once while the backend holds them")
     print("| server | bytes per open request |")
     print("|---|---|")

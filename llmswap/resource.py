@@ -22,7 +22,6 @@ from twisted.internet.defer import (
     passthru,
 )
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -33,6 +32,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from llmswap import errors
 from llmswap.access import Gate, nothing_to_release
 from llmswap.config import Config
+from llmswap.keepalive import KeepAlive
 from llmswap.manager import STARTING, Lease, SwapManager
 from llmswap.metrics import Metrics
 from llmswap.relay import Relay, Relayed, sse_event, started_writing
@@ -107,6 +107,10 @@ class OpenAIResource:
         self._metrics = metrics
         self._clock = clock
         self._reload = reload
+        # A service: the daemon's service tree stops its timer.
+        self.keepalive: KeepAlive[_Exchange] = KeepAlive(
+            clock, lambda: self._config.keepalive_interval, self._still_waiting
+        )
 
     @property
     def _config(self) -> Config:
@@ -193,10 +197,7 @@ class OpenAIResource:
         x = _Exchange(request, self._clock.seconds())
         d: Deferred[Any] = maybeDeferred(self._admit, x)
         if x.stream and not d.called:
-            keepalive = LoopingCall(self._still_waiting, request, x.model, x.started)
-            keepalive.clock = self._clock
-            keepalive.start(self._config.keepalive_interval, now=False)
-            d.addBoth(_stopping, keepalive)
+            self.keepalive.add(x)  # until _serve or _ended
         d.addCallbacks(self._serve, self._ended, callbackArgs=(x,), errbackArgs=(x,))
         x.answering = d
         finished = request.notifyFinish()  # type: ignore[attr-defined]
@@ -226,6 +227,7 @@ class OpenAIResource:
     @inlineCallbacks
     def _serve(self, lease: Lease, x: _Exchange) -> Any:
         """Relay the request to the backend its lease names; release the lease after it."""
+        self.keepalive.discard(x)
         request = x.request
         x.waited = lease.waited
         failure = None
@@ -248,6 +250,7 @@ class OpenAIResource:
 
         The end of every request's chain, so it logs what it cannot handle rather than raise.
         """
+        self.keepalive.discard(x)
         request = x.request
         try:
             if failure is not None:
@@ -313,15 +316,16 @@ class OpenAIResource:
                 header,
             ) from None
 
-    def _still_waiting(self, request: IRequest, model: str, started: float) -> None:
+    def _still_waiting(self, x: _Exchange) -> None:
         """An SSE comment while a stream waits, so clients and proxies keep the connection."""
+        request = x.request
         if not started_writing(request):
             request.setResponseCode(200)
             request.setHeader(b"content-type", b"text/event-stream")
             request.setHeader(b"cache-control", b"no-cache")
-        what = "loading" if self._manager.state(model) == STARTING else "queued for"
-        waited = self._clock.seconds() - started
-        request.write(f": {what} {model}, {waited:.0f} s\n\n".encode())
+        what = "loading" if self._manager.state(x.model) == STARTING else "queued for"
+        waited = self._clock.seconds() - x.started
+        request.write(f": {what} {x.model}, {waited:.0f} s\n\n".encode())
 
     @app.handle_errors(NotFound)
     def not_found(self, request: IRequest, failure: Failure) -> bytes:
@@ -383,11 +387,6 @@ def _hung_up(failure: Failure, x: _Exchange) -> None:
     x.gone = True
     if x.answering is not None:
         x.answering.cancel()  # drops a waiting ticket, or aborts the backend request
-
-
-def _stopping(result: Any, keepalive: LoopingCall) -> Any:
-    keepalive.stop()
-    return result
 
 
 class _AnsweredLater(Resource):

@@ -1,0 +1,74 @@
+"""Keep-alive for streams waiting in the queue: one timer for all of them.
+
+A client whose stream waits minutes for a model to load must keep seeing bytes, or it (or a
+proxy in between) gives up.  Every ``interval`` one LoopingCall says something to each waiting
+stream, and it runs only while some stream waits: ten thousand waiting streams cost one timer
+and a set entry each, not a timer, a LoopingCall and their Deferreds each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from twisted.application.service import Service
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+log = Logger()
+
+T = TypeVar("T")
+
+
+class KeepAlive(Service, Generic[T]):
+    """Calls ``say(item)`` every ``interval()`` seconds for each item added and not discarded.
+
+    The first call for an item comes within one interval of its arrival (the tick is shared).
+    """
+
+    name = "keepalive"
+
+    def __init__(
+        self, clock: IReactorTime, interval: Callable[[], float], say: Callable[[T], None]
+    ) -> None:
+        self._clock = clock
+        self._interval = interval  # read at each start: a reload may change it
+        self._say = say
+        self._waiting: set[T] = set()
+        self._loop: LoopingCall | None = None
+
+    def add(self, item: T) -> None:
+        self._waiting.add(item)
+        if self._loop is None:
+            self._loop = LoopingCall(self._tick)
+            self._loop.clock = self._clock
+            self._loop.start(self._interval(), now=False).addErrback(self._failed)
+
+    def discard(self, item: T) -> None:
+        self._waiting.discard(item)
+        if not self._waiting:
+            self._stop()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self._waiting.clear()
+        self._stop()
+
+    def _tick(self) -> None:
+        for item in list(self._waiting):
+            try:
+                self._say(item)
+            except Exception:  # one broken stream must not silence the others
+                log.failure("keep-alive comment failed; that stream gets no more")
+                self._waiting.discard(item)
+
+    def _failed(self, failure: Failure) -> None:
+        log.failure("keep-alive timer failed; the next waiting stream restarts it", failure)
+        self._loop = None
+
+    def _stop(self) -> None:
+        if self._loop is not None:
+            loop, self._loop = self._loop, None
+            loop.stop()
