@@ -227,11 +227,11 @@ class OpenAIResource:
     @inlineCallbacks
     def _serve(self, lease: Lease, x: _Exchange) -> Any:
         """Relay the request to the backend its lease names; release the lease after it."""
-        self.keepalive.discard(x)
-        request = x.request
-        x.waited = lease.waited
         failure = None
         try:
+            self.keepalive.discard(x)
+            request = x.request
+            x.waited = lease.waited
             if not started_writing(request):
                 request.setHeader(b"x-llmswap-queue-position", str(lease.position).encode())
                 request.setHeader(b"x-llmswap-queue-wait", f"{lease.waited:.3f}".encode())
