@@ -31,6 +31,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from llmswap import errors
 from llmswap.access import Gate, nothing_to_release
+from llmswap.accesslog import AccessLog
 from llmswap.config import Config
 from llmswap.keepalive import KeepAlive
 from llmswap.manager import STARTING, Lease, SwapManager
@@ -107,10 +108,11 @@ class OpenAIResource:
         self._metrics = metrics
         self._clock = clock
         self._reload = reload
-        # A service: the daemon's service tree stops its timer.
+        # Services: the daemon's service tree stops their timers.
         self.keepalive: KeepAlive[_Exchange] = KeepAlive(
             clock, lambda: self._config.keepalive_interval, self._still_waiting
         )
+        self.access_log = AccessLog(clock)
 
     @property
     def _config(self) -> Config:
@@ -261,6 +263,13 @@ class OpenAIResource:
             _internal_error(Failure(), request)
         x.release_key()
         duration = self._clock.seconds() - x.started
+        # The answer leaves on the reactor's next poll (Twisted buffers writes until then), so
+        # counting and logging now would hold it back by their cost.  A callLater(0) still runs
+        # before that poll; the call it schedules runs after it.
+        self._clock.callLater(0, self._clock.callLater, 0, self._account, x, duration)
+
+    def _account(self, x: _Exchange, duration: float) -> None:
+        """Count an ended request in the metrics and write its access log line."""
         known = x.model if x.model in self._config.models else "-"
         relayed = x.relayed
         first = relayed.first_byte_at - x.started if x.stream and relayed.first_byte_at else None
@@ -284,15 +293,17 @@ class OpenAIResource:
             x.request.write(_error(x.request, err))
 
     def _log_access(self, x: _Exchange, duration: float) -> None:
-        # Formatted here, once: the logger then only substitutes one field, while the fields
+        # The line, formatted here once, is the event's format string (braces escaped: the model
+        # name is the client's text), so the log observer has no field to look up; the fields
         # stay in the event for structured (JSON) observers.
         request = x.request
-        path = request.path.decode("latin-1")
-        log.info(
-            "{access}",
-            access=f"{request.method.decode()} {path} model={x.model} key={x.key_name} "
-            f"stream={x.stream} status={x.status} queue_wait={x.waited or 0.0:.3f}s "
-            f"duration={duration:.3f}s",
+        line = (
+            f"{request.method.decode()} {request.path.decode('latin-1')} model={x.model} "
+            f"key={x.key_name} stream={x.stream} status={x.status} "
+            f"queue_wait={x.waited or 0.0:.3f}s duration={duration:.3f}s"
+        )
+        self.access_log.logger.info(
+            line.replace("{", "{{").replace("}", "}}"),
             model=x.model,
             key=x.key_name,
             status=x.status,

@@ -181,6 +181,7 @@ class LLMSwapService(MultiService):
             self.manager, self.relay, self.gate, self.metrics, reactor, self.reload
         )
         api.keepalive.setServiceParent(self)
+        api.access_log.setServiceParent(self)
         self._site = _Site(api.resource())
         self._reactor = reactor
         self.web = HTTPService(config.listen, self._site, reactor)

@@ -7,6 +7,7 @@ from typing import Any
 
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial import unittest
 
 from llmswap.access import Gate
@@ -53,7 +54,7 @@ class StubCase(unittest.TestCase):
 
 class APITests(StubCase):
     def setUp(self) -> None:
-        clock = Clock()
+        self.clock = clock = Clock()
         self.config = parse(
             {
                 "max_body_bytes": 200,
@@ -119,6 +120,19 @@ class APITests(StubCase):
         )
         self.assertIn("'llama'", message)
         self.assertIn("gemma, qwen3", message)
+
+    def test_access_line_shows_the_clients_model_name_as_sent(self) -> None:
+        with capturedLogs() as events:
+            self.request("POST", "/v1/chat/completions", b'{"model": "{x} {0} }{"}')
+            self.clock.advance(0)  # the line is written after the answer has gone out
+            self.clock.advance(0)
+        (line,) = [e for e in events if e["log_namespace"] == "llmswap.access"]
+        self.assertEqual(
+            formatEvent(line),
+            "POST /v1/chat/completions model={x} {0} }{ key=- stream=False status=404 "
+            "queue_wait=0.000s duration=0.000s",
+        )
+        self.assertEqual((line["model"], line["status"]), ("{x} {0} }{", 404))
 
     def test_body_over_limit_is_413(self) -> None:
         body = json.dumps({"model": "qwen3", "prompt": "x" * 300}).encode()

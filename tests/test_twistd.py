@@ -107,7 +107,10 @@ def test_twistd_serves_swaps_survives_sighup_and_stops_cleanly_on_sigterm(daemon
     assert "Server Shut Down." in output
     assert live_peers(ledger) == []
     assert "swap alpha -> beta: stop" in output
-    assert "model=beta key=- stream=False status=200 queue_wait=" in output
+    assert (
+        "[llmswap.access#info] POST /v1/chat/completions model=beta key=- stream=False "
+        "status=200 queue_wait="
+    ) in output
     assert "SIGHUP: reopening backend log files and reloading the configuration" in output
     assert "added gamma, removed none, changed none" in output
     assert "Traceback" not in output
