@@ -89,7 +89,7 @@ def makeService(options: Options) -> IService:
     _HangupService(daemon, reactor).setServiceParent(daemon)
     # What exists once the daemon runs (modules, configuration) lives as long as the process.
     # Frozen, it is no longer re-scanned by every full garbage collection: those pauses were
-    # the p99 latency at concurrency 32 (37 ms, 19 ms frozen; docs/benchmarks.md).
+    # the p99 latency at concurrency 32 (38 ms, 19 ms frozen; docs/benchmarks.md).
     reactor.callWhenRunning(gc.freeze)
     log.info(
         "llmswap: {n} models from {source}, listening on {listen}",
