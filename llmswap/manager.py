@@ -475,9 +475,9 @@ class SwapManager(Service):
         now = self._clock.seconds()
         expired = False
         while (ticket := self._waiting.oldest()) is not None:
-            if ticket.enqueued + timeout > now:
-                delay = ticket.enqueued + timeout - now
-                self._expiry = self._clock.callLater(delay, self._expire)
+            deadline = ticket.enqueued + timeout
+            if deadline > now:
+                self._expiry = self._clock.callLater(deadline - now, self._expire)
                 break
             self._waiting.remove(ticket)
             self._reject(
