@@ -89,6 +89,16 @@ def litellm(executable: str, backend: int) -> Iterator[int]:
         yield port
 
 
+def litellm_version(executable: str) -> str:
+    """The installed LiteLLM's version: ``make bench`` installs the newest, and its overhead
+    moves between releases, so a result names the one it measured."""
+    python = Path(executable).with_name("python")
+    return subprocess.run(
+        [str(python), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seconds", type=float, default=5.0, help="per measurement")
@@ -111,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for kind, name in FLOORS.items():
             targets[name], _ = stack.enter_context(floor(kind, backend))
         if args.litellm:
-            targets["LiteLLM proxy"] = stack.enter_context(litellm(args.litellm, backend))
+            name = f"LiteLLM proxy {litellm_version(args.litellm)}"
+            targets[name] = stack.enter_context(litellm(args.litellm, backend))
         for name, port in targets.items():
             post(port, "/v1/chat/completions", BODY.encode())  # warm connections
             results[name] = {
