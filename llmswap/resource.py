@@ -8,6 +8,7 @@ gets keep-alive comments meanwhile), is relayed, and is counted in the metrics a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Callable
@@ -410,7 +411,8 @@ def _forget_routing(request: IRequest) -> None:
     URL's parts, about 0.6 KB): nothing reads it once the route has returned, and a request may
     wait in the queue for minutes."""
     if isinstance(request, Componentized):
-        request.unsetComponent(IKleinRequest)
+        with contextlib.suppress(KeyError):  # a Klein that keeps nothing there
+            request.unsetComponent(IKleinRequest)
 
 
 def _hung_up(failure: Failure, x: _Exchange) -> None:
