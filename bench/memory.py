@@ -121,7 +121,7 @@ def measure(layer: str, pending: int) -> float:
         service.startService()
 
         def count() -> int:
-            health = service.manager.health()
+            health = service.health()
             return int(health["queue_size"]) + int(health["in_flight"]) - 1
 
     else:

@@ -70,8 +70,17 @@ async def queue_case(port: int, pid: int, waiting: int, stream: bool) -> dict[st
         async def health() -> Any:
             return json.loads((await asyncio.to_thread(get, port, "/health", 60))[1])
 
+        async def latencies(path: str, n: int = 50) -> list[float]:
+            out = []
+            for _ in range(n):
+                t = time.monotonic()
+                await asyncio.to_thread(get, port, path, 30)
+                out.append(time.monotonic() - t)
+            return out
+
         while (await health())["in_flight"] != 1:
             await asyncio.sleep(0.05)
+        scrape_idle = await latencies("/metrics")
         started = time.monotonic()
         calls = [asyncio.ensure_future(queued()) for _ in range(waiting)]
         while (await health())["queue_size"] < waiting:
@@ -79,11 +88,8 @@ async def queue_case(port: int, pid: int, waiting: int, stream: bool) -> dict[st
         enqueued = time.monotonic() - started
         await asyncio.sleep(1)
         during = rss_bytes(pid)
-        latencies = []
-        for _ in range(50):
-            t = time.monotonic()
-            await asyncio.to_thread(get, port, "/health", 30)
-            latencies.append(time.monotonic() - t)
+        health_waiting = await latencies("/health")
+        scrape_waiting = await latencies("/metrics")
         hold.cancel()  # the holding client hangs up: llmswap releases the slot at once
         drained_from = time.monotonic()
         statuses = await asyncio.gather(*calls, return_exceptions=True)
@@ -94,8 +100,10 @@ async def queue_case(port: int, pid: int, waiting: int, stream: bool) -> dict[st
         "rss_before_mb": before / 2**20,
         "rss_waiting_mb": during / 2**20,
         "bytes_per_waiting_request": (during - before) / waiting,
-        "health_p50_ms": percentile(latencies, 0.5) * 1e3,
-        "health_max_ms": max(latencies) * 1e3,
+        "health_p50_ms": percentile(health_waiting, 0.5) * 1e3,
+        "health_max_ms": max(health_waiting) * 1e3,
+        "metrics_idle_p50_ms": percentile(scrape_idle, 0.5) * 1e3,
+        "metrics_waiting_p50_ms": percentile(scrape_waiting, 0.5) * 1e3,
         "answered_200": sum(1 for s in statuses if s == 200),
         "drain_s": drained,
     }
@@ -178,13 +186,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"Queue: {args.waiting} requests waiting behind one held request")
     print(
         "| requests | RSS before MB | RSS waiting MB | bytes per waiting request "
-        "| /health p50 ms | /health max ms | answered 200 | drain s |"
+        "| /health p50 ms | /health max ms | /metrics p50 ms, none waiting | /metrics p50 ms, "
+        "all waiting | answered 200 | drain s |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for kind, q in queue.items():
         print(f"| {kind} | {q['rss_before_mb']:.1f} | {q['rss_waiting_mb']:.1f} "
               f"| {q['bytes_per_waiting_request']:.0f} | {q['health_p50_ms']:.1f} "
-              f"| {q['health_max_ms']:.1f} | {q['answered_200']}/{q['waiting']} "
+              f"| {q['health_max_ms']:.1f} | {q['metrics_idle_p50_ms']:.2f} "
+              f"| {q['metrics_waiting_p50_ms']:.2f} | {q['answered_200']}/{q['waiting']} "
               f"| {q['drain_s']:.1f} |")  # fmt: skip
     print(f"Open requests: {args.held} relayed at once while the backend holds them")
     print("| server | bytes per open request |")

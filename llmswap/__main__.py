@@ -1,11 +1,60 @@
-"""``python -m llmswap check-config FILE``: validate a configuration without starting anything."""
+"""``python -m llmswap``: validate a configuration, or print the table of settings.
+
+- ``check-config FILE``: validate without starting anything; list the effective settings (those
+  not at their default) and every model with its own; exit 1 with the error otherwise.
+- ``settings``: the Markdown table of every setting, as the README shows it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
-from llmswap.config import ConfigError, load
+from llmswap import schema
+from llmswap.config import IMPLICIT_DEVICE, Config, ConfigError, derive_health_url, load
+
+
+def _changed(section: schema.Section, obj: Any, defaults: dict[str, Any]) -> list[str]:
+    """``key value unit`` for each setting of ``obj`` not at its default (``defaults`` holds
+    those that derive from other settings)."""
+    out = []
+    for s in section.settings:
+        if s.kind in ("section", "list") or not hasattr(obj, s.key):
+            continue
+        value = getattr(obj, s.key)
+        if value not in (None, {}) and value != defaults.get(s.key, s.default):
+            out.append(f"{s.key} {schema.show(value)} {s.unit}".rstrip())
+    return out
+
+
+def describe(config: Config, path: str) -> list[str]:
+    lines = [f"{path}: OK, {len(config.models)} models, listen {config.listen}"]
+    changed = _changed(schema.GLOBAL, config, {"listen": config.listen})
+    if changed:
+        lines.append(f"  settings: {'; '.join(changed)}")
+    for name, m in config.models.items():
+        how = (
+            f"container {m.container_name}" if m.container_name else f"cmd {' '.join(m.cmd or ())}"
+        )
+        derived = _changed(
+            schema.MODEL,
+            m,
+            {
+                # Shown already, or derived from other settings.
+                "backend_url": m.backend_url,
+                "cmd": m.cmd,
+                "container_name": m.container_name,
+                "startup_timeout": m.startup_timeout,
+                "health_url": derive_health_url(m.backend_url),
+                "max_wait_before_swap": schema.GLOBAL["max_wait_before_swap"].default,
+                "drain_timeout": config.request_timeout,
+                "device": IMPLICIT_DEVICE,
+            },
+        )
+        own = "; ".join([f"startup_timeout {m.startup_timeout:g} s", *derived])
+        lines.append(f"  {name}: {m.backend_url} ({how}; {own})")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -13,21 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check-config", help="validate a config file and list its models")
     check.add_argument("path")
+    sub.add_parser("settings", help="print the table of every setting (Markdown)")
     args = parser.parse_args(argv)
 
+    if args.command == "settings":
+        print(schema.markdown_table())
+        return 0
     try:
         config = load(args.path)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"{args.path}: OK, {len(config.models)} models, listen {config.listen}")
-    for name, model in config.models.items():
-        how = (
-            f"container {model.container_name}"
-            if model.container_name
-            else f"cmd {' '.join(model.cmd or ())}"
-        )
-        print(f"  {name}: {model.backend_url} ({how}; startup_timeout {model.startup_timeout:g} s)")
+    print("\n".join(describe(config, args.path)))
     return 0
 
 

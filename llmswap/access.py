@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 from collections.abc import Callable, Iterable
 
 import attrs
@@ -28,18 +27,6 @@ from llmswap.config import APIKey, Auth
 def _digest(secret: str | bytes) -> bytes:
     raw = secret.encode() if isinstance(secret, str) else secret
     return hashlib.sha256(raw).digest()
-
-
-def unauthorized(message: str) -> errors.APIError:
-    return errors.APIError(
-        401, message, "invalid_request_error", "invalid_api_key", {"WWW-Authenticate": "Bearer"}
-    )
-
-
-def rate_limited(message: str, retry_after: float, code: str) -> errors.APIError:
-    return errors.APIError(
-        429, message, "requests", code, {"Retry-After": str(max(1, math.ceil(retry_after)))}
-    )
 
 
 @attrs.define
@@ -72,7 +59,7 @@ class Gate:
             return None
         presented = _presented(request)
         if presented is None:
-            raise unauthorized(
+            raise errors.unauthorized(
                 "Missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
             )
         digest = _digest(presented)
@@ -81,18 +68,13 @@ class Gate:
             if hmac.compare_digest(candidate, digest):
                 found = key
         if found is None:
-            raise unauthorized("Invalid API key")
+            raise errors.unauthorized("Invalid API key")
         return found
 
     def require_admin(self, request: IRequest) -> None:
         key = self.identify(request)
         if key is not None and not key.admin:
-            raise errors.APIError(
-                403,
-                f"API key '{key.name}' may not use admin endpoints",
-                "invalid_request_error",
-                "admin_required",
-            )
+            raise errors.admin_required(key.name)
 
     def protect_health(self, request: IRequest) -> None:
         if self.auth is not None and not self.auth.open_health:
@@ -100,13 +82,7 @@ class Gate:
 
     def check_model(self, key: APIKey | None, model: str) -> None:
         if key is not None and key.models is not None and model not in key.models:
-            raise errors.APIError(
-                403,
-                f"API key '{key.name}' may not use model '{model}'",
-                "invalid_request_error",
-                "model_not_allowed",
-                param="model",
-            )
+            raise errors.model_not_allowed(key.name, model)
 
     def visible(self, key: APIKey | None, models: Iterable[str]) -> list[str]:
         return [m for m in models if key is None or key.models is None or m in key.models]
@@ -116,7 +92,7 @@ class Gate:
         if key is None:
             return nothing_to_release
         if key.max_concurrent is not None and self._active.get(key.name, 0) >= key.max_concurrent:
-            raise rate_limited(
+            raise errors.rate_limited(
                 f"API key '{key.name}' already has {key.max_concurrent} requests queued or "
                 "running (max_concurrent)",
                 1,
@@ -143,7 +119,7 @@ class Gate:
         bucket.tokens = min(float(key.rpm), bucket.tokens + (now - bucket.updated) * rate)
         bucket.updated = now
         if bucket.tokens < 1.0:
-            raise rate_limited(
+            raise errors.rate_limited(
                 f"API key '{key.name}' exceeded its limit of {key.rpm} requests per minute",
                 (1.0 - bucket.tokens) / rate,
                 "rate_limit_exceeded",

@@ -3,6 +3,14 @@
 Three models from the one small Gemma 3 270M GGUF (from PyPI, see the ``llama`` extra): a chat
 model, a second chat model with different sampling and context (so swapping between two names is
 a real stop and load), and an embedding model.  All are ``llama-server`` processes on loopback.
+
+Each is started with:
+- ``--alias NAME``: llama-server reports the model by this name in its answers (``"model"``)
+  and ``/v1/models``; without it, clients such as Open WebUI show the GGUF's file path.
+- ``--chat-template gemma``: the bundled GGUF carries no chat template, and llama-server's
+  fallback (ChatML) leaks ``<|im_end|>`` tokens into Gemma's answers.
+- ``-n 256``: it is a small base model that rarely stops by itself; without a cap a chat request
+  without ``max_tokens`` generates until its context is full (4,096 tokens).
 """
 
 from __future__ import annotations
@@ -13,6 +21,8 @@ from llmswap.config import Config, ConfigError, ModelConfig
 
 # Three consecutive ports from here; only one of them listens at a time.
 BASE_PORT = 18081
+# Tokens a demo model generates at most per request, unless the request asks for fewer.
+MAX_TOKENS = 256
 
 
 def llama_assets(cache_dir: Path | None = None) -> tuple[str, str]:
@@ -39,7 +49,11 @@ def _llama(name: str, binary: str, gguf: str, port: int, *extra: str) -> ModelCo
         backend_url=f"http://127.0.0.1:{port}/v1",
         health_url=f"http://127.0.0.1:{port}/health",
         startup_timeout=120.0,
-        cmd=(binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), *extra),
+        cmd=(
+            binary,
+            *("-m", gguf, "--alias", name, "--host", "127.0.0.1", "--port", str(port)),
+            *("--chat-template", "gemma", "-n", str(MAX_TOKENS), *extra),
+        ),
     )
 
 

@@ -1,15 +1,30 @@
-"""OpenAI-shaped errors.
+"""OpenAI-shaped errors, all built here.
 
 Every failure a client can see is an :class:`APIError`; the resource tree renders it as
-``{"error": {"message", "type", "code"}}`` with its HTTP status, so the ``openai`` SDK raises the
-matching exception class and shows the message instead of a traceback or a hang.
+``{"error": {"message", "type", "param", "code"}}`` with its HTTP status, so the ``openai`` SDK
+raises the matching exception class and shows the message instead of a traceback or a hang.
+Client text quoted in a message (a model name, a header) goes through :func:`quote`, so a 200 KB
+"model name" is not echoed back whole.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from typing import Any
 
 import attrs
+from twisted.web.iweb import IRequest
+
+# Characters of client text an error message quotes at most.
+QUOTE_LIMIT = 200
+
+
+def quote(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """Client text as an error message may show it: at most ``limit`` characters."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 @attrs.define(eq=False)
@@ -37,56 +52,111 @@ class APIError(Exception):
         ).encode()
 
 
+def render(request: IRequest, err: APIError) -> bytes:
+    """Set ``err``'s status and headers on ``request``; the body to write."""
+    request.setResponseCode(err.status)
+    request.setHeader(b"content-type", b"application/json")
+    for name, value in err.headers.items():
+        request.setHeader(name.encode(), value.encode())
+    return err.body()
+
+
+# -- 4xx: the request --------------------------------------------------------------------------
+
+
+def _client(status: int, message: str, code: str, **kw: Any) -> APIError:
+    return APIError(status, message, "invalid_request_error", code, **kw)
+
+
+def _server(status: int, message: str, code: str, **kw: Any) -> APIError:
+    return APIError(status, message, "server_error", code, **kw)
+
+
 def bad_request(message: str, code: str = "invalid_request", param: str | None = None) -> APIError:
-    return APIError(400, message, "invalid_request_error", code, param=param)
+    return _client(400, message, code, param=param)
+
+
+def too_large(size: int, limit: int) -> APIError:
+    message = f"Request body of {size} bytes exceeds the limit of {limit} bytes (max_body_bytes)"
+    return _client(413, message, "request_too_large")
+
+
+def invalid_json(detail: str) -> APIError:
+    return bad_request(f"Request body is not valid JSON: {quote(detail)}", "invalid_json")
+
+
+def invalid_priority(header: str, value: bytes) -> APIError:
+    message = f"Header {header} must be an integer priority, got {quote(repr(value))}"
+    return bad_request(message, "invalid_priority", header)
 
 
 def model_not_found(model: str, known: list[str]) -> APIError:
-    return APIError(
-        404,
-        f"The model '{model}' does not exist. Available models: {', '.join(sorted(known))}",
-        "invalid_request_error",
-        "model_not_found",
-        param="model",
-    )
+    message = f"The model '{quote(model)}' does not exist. Available models: "
+    return _client(404, message + ", ".join(sorted(known)), "model_not_found", param="model")
 
 
-def queue_full(capacity: int, retry_after: int = 5) -> APIError:
-    return APIError(
-        503,
-        f"Queue full ({capacity} requests). Try again later.",
-        "server_error",
-        "queue_full",
-        headers={"Retry-After": str(retry_after)},
+def unknown_url(method: str, path: str) -> APIError:
+    return _client(404, f"Unknown endpoint {quote(method)} {quote(path)}", "unknown_url")
+
+
+def method_not_allowed(method: str, path: str, allowed: list[str]) -> APIError:
+    message = (
+        f"Method {quote(method)} is not allowed on {quote(path)}; "
+        f"use {', '.join(allowed) or 'another method'}"
     )
+    return _client(405, message, "method_not_allowed", headers={"Allow": ", ".join(allowed)})
+
+
+# -- 401/403/429: the key ------------------------------------------------------------------------
+
+
+def unauthorized(message: str) -> APIError:
+    return _client(401, message, "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def admin_required(key: str) -> APIError:
+    return _client(403, f"API key '{key}' may not use admin endpoints", "admin_required")
+
+
+def model_not_allowed(key: str, model: str) -> APIError:
+    message = f"API key '{key}' may not use model '{quote(model)}'"
+    return _client(403, message, "model_not_allowed", param="model")
+
+
+def rate_limited(message: str, retry_after: float, code: str) -> APIError:
+    retry = str(max(1, math.ceil(retry_after)))
+    return APIError(429, message, "requests", code, {"Retry-After": retry})
+
+
+# -- 5xx: llmswap and the backends ---------------------------------------------------------------
 
 
 def backend_unavailable(message: str, retry_after: int = 5) -> APIError:
-    return APIError(
-        503,
-        message,
-        "server_error",
-        "backend_unavailable",
-        headers={"Retry-After": str(retry_after)},
-    )
+    retry = {"Retry-After": str(retry_after)}
+    return _server(503, message, "backend_unavailable", headers=retry)
+
+
+def queue_full(capacity: int, retry_after: int = 5) -> APIError:
+    message = f"Queue full ({capacity} requests). Try again later."
+    return _server(503, message, "queue_full", headers={"Retry-After": str(retry_after)})
 
 
 def startup_timeout(model: str, timeout: float) -> APIError:
-    return APIError(
-        504,
-        f"Model '{model}' did not become ready within its startup_timeout of {timeout:g} s",
-        "server_error",
-        "model_startup_timeout",
-    )
+    message = f"Model '{model}' did not become ready within its startup_timeout of {timeout:g} s"
+    return _server(504, message, "model_startup_timeout")
 
 
 def backend_error(message: str) -> APIError:
-    return APIError(502, message, "server_error", "backend_unreachable")
+    return _server(502, message, "backend_unreachable")
 
 
 def gateway_timeout(message: str, code: str = "timeout") -> APIError:
-    return APIError(504, message, "server_error", code)
+    return _server(504, message, code)
 
 
 def shutting_down() -> APIError:
     return backend_unavailable("llmswap is shutting down; retry against the restarted daemon")
+
+
+def internal() -> APIError:
+    return _server(500, "Internal error in llmswap (logged)", "internal")

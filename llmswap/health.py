@@ -1,63 +1,48 @@
-"""Readiness polling: wait until a backend's health URL answers 2xx.
+"""The ``GET /health`` document, from a snapshot.
 
-llama-server answers 503 while it loads the model and 200 once it can serve; vLLM and most other
-OpenAI servers refuse connections until ready.  Both look the same here: anything but a 2xx is
-"not yet".  The poll interval is short (10 ms by default) because every poll of delay is added to
-every swap; a single poll is also bounded, so a backend that accepts the connection and then says
-nothing cannot stall the swap past its ``startup_timeout``.
+Its first keys are the original proxy's (``status``, ``current_model``, ``queue_size``,
+``message``), which users' monitoring reads; the rest say what every model is doing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
+from llmswap.swap.snapshot import Snapshot
+from llmswap.swap.state import ModelState
 
-from llmswap import errors
-
-_POLL_REQUEST_TIMEOUT = 5.0
+# /health lists this many waiting requests (the counts per model cover all of them).
+QUEUE_SHOWN = 100
 
 
-class BackendDied(Exception):
-    """The backend process/container exited while we waited for it to become ready."""
-
-
-@inlineCallbacks
-def wait_healthy(
-    clock: IReactorTime,
-    http: Any,
-    model: str,
-    url: str,
-    timeout: float,
-    interval: float,
-    alive: Callable[[], bool],
-) -> Any:
-    """Poll ``url`` until 2xx; fail fast if ``alive()`` turns false; give up after ``timeout``.
-
-    ``http`` is a treq ``HTTPClient``.  Fails with :class:`BackendDied` or a 504 APIError.
-    """
-    deadline = clock.seconds() + timeout
-    while True:
-        if not alive():
-            raise BackendDied(model)
-        remaining = deadline - clock.seconds()
-        if remaining <= 0:
-            raise errors.startup_timeout(model, timeout)
-        d = http.get(url)
-        d.addTimeout(min(_POLL_REQUEST_TIMEOUT, remaining), clock)
-        try:
-            response = yield d
-            yield response.collect(lambda _: None)
-        except CancelledError:
-            raise
-        except Exception:
-            # Refused, timed out, or garbage from a half-started server: not ready yet.
-            pass
-        else:
-            if 200 <= response.code < 300:
-                return None
-        wait: Deferred[None] = deferLater(clock, min(interval, max(remaining, 0.0)), lambda: None)
-        yield wait
+def document(snap: Snapshot) -> dict[str, Any]:
+    ready = snap.ready()
+    starting = [n for n, m in snap.models.items() if m.state is ModelState.STARTING]
+    if starting:
+        message = f"Loading model {starting[0]}"
+    elif ready:
+        message = f"Model {', '.join(ready)} loaded"
+    else:
+        message = "No model loaded"
+    return {
+        "status": "ok" if snap.running else "stopping",
+        "current_model": snap.current(),
+        "loaded_models": ready,
+        "queue_size": snap.waiting,
+        "queue_capacity": snap.queue_capacity,
+        "in_flight": snap.in_flight,
+        "scheduler": snap.scheduler,
+        "message": message,
+        "queue": [{"model": w.model, "age": w.age, "priority": w.priority} for w in snap.queue],
+        "models": {
+            name: {
+                "state": m.state.value,
+                "error": m.error,
+                "last_load_seconds": m.last_load_seconds,
+                "waiting": m.waiting,
+                "in_flight": m.in_flight,
+                **m.backend,
+            }
+            for name, m in snap.models.items()
+        },
+    }

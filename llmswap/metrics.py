@@ -1,58 +1,34 @@
 """Prometheus metrics, served at ``GET /metrics`` by ``prometheus_client``'s Twisted resource.
 
-Counters and histograms are updated as requests finish and swaps happen; queue depth, in-flight
-requests and model states are read from the swap manager when Prometheus scrapes, so they are
-never stale.  Each daemon has its own registry (several can run in one process, as in tests).
-Token counts come from the ``usage`` object backends put at the end of a response (or in the last
-event of a stream): only the response's tail is kept and parsed, once, after the last byte.
+Counters and histograms follow the event stream (requests ended, swaps); queue depth, in-flight
+requests and model states are read from a snapshot when Prometheus scrapes, so they are never
+stale, and a scrape costs the same with ten thousand waiting requests as with none.  Each daemon
+has its own registry (several can run in one process, as in tests).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.twisted import MetricsResource
 
-if TYPE_CHECKING:
-    from llmswap.manager import SwapManager
+from llmswap.events import EventBus, RequestEnded, Swap
+from llmswap.swap.snapshot import Snapshot
+from llmswap.swap.state import ModelState
 
-_STATES = ("stopped", "starting", "ready", "draining", "stopping", "failed")
 _FAST = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _LOADS = (0.5, 1, 2, 5, 10, 20, 30, 60, 90, 120, 180, 300, 600)
-_DECODER = json.JSONDecoder()
 
 
-def usage_from(tail: bytes) -> tuple[int, int] | None:
-    """(prompt_tokens, completion_tokens) from the last ``"usage"`` object in ``tail``."""
-    at = tail.rfind(b'"usage"')
-    if at < 0:
-        return None
-    start = tail.find(b"{", at)
-    if start < 0:
-        return None
-    try:
-        usage, _ = _DECODER.raw_decode(tail[start:].decode("utf-8", "replace"))
-    except ValueError:
-        return None
-    if not isinstance(usage, dict):
-        return None
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        return None
-    return prompt, completion
-
-
-class _ManagerState(Collector):
-    def __init__(self, manager: SwapManager) -> None:
-        self._manager = manager
+class _State(Collector):
+    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+        self._snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
-        health = self._manager.health()
         depth = GaugeMetricFamily(
             "llmswap_queue_depth", "Requests waiting for a model", labels=["model"]
         )
@@ -62,18 +38,18 @@ class _ManagerState(Collector):
         state = GaugeMetricFamily(
             "llmswap_model_state", "1 for the state each model is in", labels=["model", "state"]
         )
-        for name, model in health["models"].items():
-            depth.add_metric([name], model["waiting"])
-            running.add_metric([name], model["in_flight"])
-            for s in _STATES:
-                state.add_metric([name, s], 1.0 if model["state"] == s else 0.0)
+        for name, model in self._snapshot().models.items():
+            depth.add_metric([name], model.waiting)
+            running.add_metric([name], model.in_flight)
+            for s in ModelState:
+                state.add_metric([name, s.value], 1.0 if model.state is s else 0.0)
         yield depth
         yield running
         yield state
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, bus: EventBus, snapshot: Callable[[], Snapshot]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -123,32 +99,26 @@ class Metrics:
         # once per model and (model, status, key).
         self._per_model: dict[str, tuple[Any, ...]] = {}
         self._per_outcome: dict[tuple[str, int, str], Any] = {}
-
-    def watch(self, manager: SwapManager) -> None:
-        self.registry.register(_ManagerState(manager))
+        self.registry.register(_State(snapshot))
+        bus.subscribe(RequestEnded, self._answered)
+        bus.subscribe(Swap, self._swapped)
 
     def resource(self) -> Any:
         return MetricsResource(registry=self.registry)
 
-    def swapped(self, evicted: tuple[str, ...], model: str, load_seconds: float) -> None:
-        for old in evicted or ("none",):
-            self.swaps.labels(old, model).inc()
-        self.load.labels(model).observe(load_seconds)
+    def _swapped(self, swap: Swap) -> None:
+        if swap.loaded is None or swap.load_seconds is None:
+            return
+        for old in swap.unloaded or ("none",):
+            self.swaps.labels(old, swap.loaded).inc()
+        self.load.labels(swap.loaded).observe(swap.load_seconds)
 
-    def answered(
-        self,
-        model: str,
-        status: int,
-        key: str,
-        waited: float | None,
-        duration: float,
-        first_byte: float | None,
-        tail: bytes,
-    ) -> None:
-        outcome = self._per_outcome.get((model, status, key))
+    def _answered(self, e: RequestEnded) -> None:
+        model = e.model if e.configured else "-"  # client text must not become a label
+        outcome = self._per_outcome.get((model, e.status, e.key))
         if outcome is None:
-            outcome = self._per_outcome[model, status, key] = self.requests.labels(
-                model, str(status), key
+            outcome = self._per_outcome[model, e.status, e.key] = self.requests.labels(
+                model, str(e.status), e.key
             )
         outcome.inc()
         children = self._per_model.get(model)
@@ -161,12 +131,11 @@ class Metrics:
                 self.tokens.labels(model, "completion"),
             )
         duration_h, wait_h, ttft_h, prompt_c, completion_c = children
-        duration_h.observe(duration)
-        if waited is not None:
-            wait_h.observe(waited)
-        if first_byte is not None:
-            ttft_h.observe(first_byte)
-        usage = usage_from(tail) if tail else None
-        if usage is not None:
-            prompt_c.inc(usage[0])
-            completion_c.inc(usage[1])
+        duration_h.observe(e.duration)
+        if e.queue_wait is not None:
+            wait_h.observe(e.queue_wait)
+        if e.first_byte is not None:
+            ttft_h.observe(e.first_byte)
+        if e.prompt_tokens is not None and e.completion_tokens is not None:
+            prompt_c.inc(e.prompt_tokens)
+            completion_c.inc(e.completion_tokens)

@@ -55,6 +55,7 @@ _HOP_BY_HOP = frozenset(
     }
 )
 _NOT_FORWARDED = _HOP_BY_HOP | {b"host", b"content-length"}
+_DECODER = json.JSONDecoder()
 
 
 class _Pipe(Protocol):
@@ -117,6 +118,27 @@ class Relayed:
     status: int
     first_byte_at: float | None = None
     tail: bytes = b""
+
+
+def usage_from(tail: bytes) -> tuple[int, int] | None:
+    """(prompt_tokens, completion_tokens) from the last ``"usage"`` object in a response's
+    ``tail`` (backends put it at the end of an answer, or in the last event of a stream)."""
+    at = tail.rfind(b'"usage"')
+    if at < 0:
+        return None
+    start = tail.find(b"{", at)
+    if start < 0:
+        return None
+    try:
+        usage, _ = _DECODER.raw_decode(tail[start:].decode("utf-8", "replace"))
+    except ValueError:
+        return None
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
+    if not isinstance(prompt, int) or not isinstance(completion, int):
+        return None
+    return prompt, completion
 
 
 def _request_headers(request: IRequest, drop: frozenset[bytes]) -> Headers:

@@ -25,16 +25,19 @@ from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.server import Request, Site
 
-from llmswap import errors
+from llmswap import errors, health
 from llmswap.access import Gate
+from llmswap.accesslog import AccessLog
 from llmswap.backends.docker import DockerBackend, DockerClientProvider
 from llmswap.backends.process import ProcessBackend
 from llmswap.config import Config, ConfigError, load
+from llmswap.events import EventBus
 from llmswap.interfaces import IBackend
-from llmswap.manager import SwapManager
 from llmswap.metrics import Metrics
+from llmswap.proxy import Proxy
 from llmswap.relay import Relay, backend_agent
 from llmswap.resource import OpenAIResource
+from llmswap.swap.manager import SwapManager
 
 log = Logger()
 
@@ -170,18 +173,19 @@ class LLMSwapService(MultiService):
         agent = backend_agent(reactor, pool)
         http = HTTPClient(agent)
         _PoolService(pool).setServiceParent(self)
-        self.manager = SwapManager(config, make_backends(config, reactor), http, reactor)
+        # What happens to requests and models, for metrics and the access log (and any
+        # other listener); publishers hold no reference to them.
+        self.bus = EventBus()
+        backends = make_backends(config, reactor)
+        self.manager = SwapManager(config, backends, http, reactor, self.bus)
         self.manager.setServiceParent(self)
-        self.metrics = Metrics()
-        self.metrics.watch(self.manager)
-        self.manager.metrics = self.metrics
+        self.metrics = Metrics(self.bus, self.manager.snapshot)
         self.gate = Gate(config.auth, reactor)
         self.relay = Relay(agent, reactor, config.request_timeout)
-        api = OpenAIResource(
-            self.manager, self.relay, self.gate, self.metrics, reactor, self.reload
-        )
-        api.keepalive.setServiceParent(self)
-        api.access_log.setServiceParent(self)
+        proxy = Proxy(self.manager, self.relay, self.gate, self.bus, reactor)
+        api = OpenAIResource(self.manager, proxy, self.gate, self.metrics, reactor, self.reload)
+        proxy.keepalive.setServiceParent(self)
+        AccessLog(reactor, self.bus, lambda: self.config.access_log).setServiceParent(self)
         self._site = _Site(api.resource())
         self._reactor = reactor
         self.web = HTTPService(config.listen, self._site, reactor)
@@ -195,6 +199,10 @@ class LLMSwapService(MultiService):
     @property
     def backends(self) -> Mapping[str, IBackend]:
         return self.manager.backends
+
+    def health(self) -> dict[str, Any]:
+        """The ``/health`` document, as the route serves it."""
+        return health.document(self.manager.snapshot(health.QUEUE_SHOWN))
 
     @inlineCallbacks
     def reload(self) -> Any:

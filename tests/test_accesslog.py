@@ -8,10 +8,11 @@ from twisted.internet.task import Clock
 from twisted.logger import LogEvent, formatEvent
 
 from llmswap.accesslog import AccessLog
+from llmswap.events import EventBus
 
 
 def _running(clock: Clock, seen: list[LogEvent]) -> AccessLog:
-    access = AccessLog(clock, seen.append, delay=0.1)
+    access = AccessLog(clock, EventBus(), observer=seen.append, delay=0.1)
     access.startService()
     return access
 

@@ -11,22 +11,27 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial import unittest
 
 from llmswap.access import Gate
+from llmswap.accesslog import AccessLog
 from llmswap.config import Config, parse
-from llmswap.manager import SwapManager
+from llmswap.events import EventBus
 from llmswap.metrics import Metrics
+from llmswap.proxy import Proxy
 from llmswap.relay import Relay
 from llmswap.resource import OpenAIResource
 from llmswap.service import make_backends
+from llmswap.swap.manager import SwapManager
 
 SEED_HEALTH_KEYS = {"status", "current_model", "queue_size", "queue_capacity", "message"}
 
 
 def stub_api(config: Config, clock: Clock) -> StubTreq:
     """The daemon's resource tree over a manager that was never started (no backend runs)."""
-    manager = SwapManager(config, make_backends(config, clock), None, clock)
-    api = OpenAIResource(
-        manager, Relay(None, clock, 1.0), Gate(config.auth, clock), Metrics(), clock
-    )
+    bus = EventBus()
+    manager = SwapManager(config, make_backends(config, clock), None, clock, bus)
+    gate = Gate(config.auth, clock)
+    proxy = Proxy(manager, Relay(None, clock, 1.0), gate, bus, clock)
+    api = OpenAIResource(manager, proxy, gate, Metrics(bus, manager.snapshot), clock)
+    AccessLog(clock, bus)  # not started: it passes each line on at once
     return StubTreq(api.resource())
 
 
@@ -228,3 +233,27 @@ class AccessTests(StubCase):
         self.clock.advance(30)
         self.assertEqual(self.chat(ALICE)[0], 503)
         self.assertEqual(self.chat(ROOT_KEY)[0], 503)  # other keys are not affected
+
+
+class HostileInputTests(StubCase):
+    """What a client can send must come back as a 4xx with a bounded message, never a 500."""
+
+    def setUp(self) -> None:
+        config = parse({"models": {"m": {"backend_url": "http://127.0.0.1:9/v1", "cmd": "x"}}})
+        self.stub = stub_api(config, Clock())
+
+    def test_json_nested_deeper_than_python_recurses_is_invalid_json(self) -> None:
+        body = b"[" * 200_000 + b"]" * 200_000
+        message = self.assert_error(
+            self.request("POST", "/v1/chat/completions", body), 400, "invalid_json"
+        )
+        self.assertIn("nested too deeply", message)
+
+    def test_a_huge_unknown_model_name_is_not_echoed_whole(self) -> None:
+        name = "x" * 200_000
+        body = json.dumps({"model": name}).encode()
+        message = self.assert_error(
+            self.request("POST", "/v1/chat/completions", body), 404, "model_not_found"
+        )
+        self.assertIn("x" * 200 + "... (200000 characters)", message)
+        self.assertLess(len(message), 400)

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from llmswap import schema
 from llmswap.__main__ import main
-from llmswap.config import ConfigError, load, parse
+from llmswap.config import Config, ConfigError, load, parse
 
 SEED = textwrap.dedent(
     """\
@@ -224,3 +225,51 @@ def test_duplicate_keys_are_refused() -> None:
     keys = [{"name": "a", "key": GOOD_KEY}, {"name": "b", "key": GOOD_KEY}]
     with pytest.raises(ConfigError, match="two entries have the same key"):
         parse({"models": _models(), "auth": {"keys": keys}})
+
+
+def test_readme_lists_every_setting_as_the_schema_declares_it() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert schema.markdown_table() in readme, "regenerate it: python -m llmswap settings"
+
+
+def test_settings_command_prints_every_key_with_its_default(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["settings"]) == 0
+    out = capsys.readouterr().out
+    for path, setting in schema.documented():
+        assert f"| `{path}` |" in out
+        assert setting.help
+    assert "| `queue_size` | `50` | requests |" in out
+    assert "| `models.<name>.drain_timeout` | global value | s |" in out
+
+
+def test_defaults_are_the_schemas_whether_parsed_or_built() -> None:
+    parsed = parse({"models": {"m": {"cmd": "x", "backend_url": "http://127.0.0.1:1/v1"}}})
+    built = Config(models=parsed.models)
+    for key in ("listen", "queue_size", "request_timeout", "health_interval", "max_body_bytes",
+                "scheduler", "keepalive_interval", "linger", "access_log"):  # fmt: skip
+        assert getattr(parsed, key) == getattr(built, key) == schema.GLOBAL[key].default, key
+    m = parsed.models["m"]
+    for key in ("startup_timeout", "stop_timeout", "concurrency"):
+        assert getattr(m, key) == schema.MODEL[key].default, key
+    assert m.drain_timeout == parsed.request_timeout
+    assert parsed.docker.timeout == schema.DOCKER["timeout"].default
+
+
+def test_check_config_shows_what_differs_from_the_defaults(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = SEED.replace("queue_size: 50", "queue_size: 5\nlinger: 0.5").replace(
+        "startup_timeout: 120", "startup_timeout: 120\n    concurrency: 2\n    ttl: 300"
+    )
+    assert main(["check-config", str(write(tmp_path, text))]) == 0
+    out = capsys.readouterr().out
+    assert "  settings: queue_size 5 requests; linger 0.5 s" in out
+    assert (
+        "(container qwen3-server; startup_timeout 120 s; concurrency 2 requests; ttl 300 s)" in out
+    )
+    assert (
+        "gpt-oss-120b: http://localhost:8082/v1 (container gptoss-server; startup_timeout 180 s)"
+        in out
+    )

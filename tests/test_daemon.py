@@ -304,9 +304,9 @@ class QueueTests(DaemonTestCase):
         self.start({"alpha": self.fake("alpha")}, queue_size=2)
         yield self.chat("alpha")  # loaded, so the next one is in flight at once
         busy = self.post_json("/v1/chat/completions", {"model": "alpha", "fake_sleep": 1.5})
-        yield wait_for(lambda: self.daemon.service.manager.health()["in_flight"] == 1)
+        yield wait_for(lambda: self.daemon.service.health()["in_flight"] == 1)
         queued = [self.post_json("/v1/chat/completions", {"model": "alpha"}) for _ in range(2)]
-        yield wait_for(lambda: self.daemon.service.manager.health()["queue_size"] == 2)
+        yield wait_for(lambda: self.daemon.service.health()["queue_size"] == 2)
         response, body = yield self.post_json("/v1/chat/completions", {"model": "alpha"})
         self.assertEqual(response.code, 503)
         self.assertEqual(response.headers.getRawHeaders("retry-after"), ["5"])
@@ -320,12 +320,12 @@ class QueueTests(DaemonTestCase):
         self.start({"alpha": self.fake("alpha"), "beta": self.fake("beta")})
         yield self.chat("alpha")
         busy = self.post_json("/v1/chat/completions", {"model": "alpha", "fake_sleep": 1.0})
-        yield wait_for(lambda: self.daemon.service.manager.health()["in_flight"] == 1)
+        yield wait_for(lambda: self.daemon.service.health()["in_flight"] == 1)
         leaving = self.post("/v1/chat/completions", {"model": "beta"})
-        yield wait_for(lambda: self.daemon.service.manager.health()["queue_size"] == 1)
+        yield wait_for(lambda: self.daemon.service.health()["queue_size"] == 1)
         leaving.cancel()  # closes the client connection while the request waits
         self.failureResultOf(leaving)
-        yield wait_for(lambda: self.daemon.service.manager.health()["queue_size"] == 0)
+        yield wait_for(lambda: self.daemon.service.health()["queue_size"] == 0)
         r, _ = yield busy
         self.assertEqual(r.code, 200)
         after = yield self.chat("alpha")
@@ -360,7 +360,7 @@ class QueueTests(DaemonTestCase):
         self.assertEqual(r1.code, 504)
         self.assertEqual(b1["error"]["code"], "queue_timeout")
         self.assertIn("waited 1 s (request_timeout)", b1["error"]["message"])
-        yield wait_for(lambda: self.daemon.service.manager.health()["current_model"] == "slow")
+        yield wait_for(lambda: self.daemon.service.health()["current_model"] == "slow")
         r2, b2 = yield self.post_json("/v1/chat/completions", {"model": "slow", "fake_sleep": 3})
         self.assertEqual(r2.code, 504)
         self.assertIn("sent no response within request_timeout", b2["error"]["message"])
@@ -432,7 +432,7 @@ class ShutdownTests(DaemonTestCase):
         yield wait_for(lambda: starts(self.ledger) == ["alpha", "beta"])
         queued = self.post_json("/v1/chat/completions", {"model": "alpha"})
         # Both wait: beta for its load to end, alpha behind it.
-        yield wait_for(lambda: daemon.service.manager.health()["queue_size"] == 2)
+        yield wait_for(lambda: daemon.service.health()["queue_size"] == 2)
         yield daemon.stop()
         self.assertEqual(live_peers(self.ledger), [])
         for d in (loading, queued):

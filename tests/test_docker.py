@@ -133,7 +133,7 @@ class DockerBackendTests(DockerTestCase):
         self.assertEqual([e for e in read_ledger(self.ledger) if e["event"] == "overlap"], [])
         self.assertEqual(self.state(models["alpha"]["container_name"]), "running")
         self.assertEqual(self.state(models["beta"]["container_name"]), "exited")
-        health = d.service.manager.health()["models"]
+        health = d.service.health()["models"]
         self.assertEqual(health["alpha"]["container_state"], "running")
         self.assertEqual(health["beta"]["container_state"], "exited")
 
@@ -171,9 +171,9 @@ class DockerBackendTests(DockerTestCase):
         models = {"crashy": self.create("crashy", "--exit-after", "1.5")}
         d = self.daemon(models)
         yield self.chat(d, "crashy")
-        manager = d.service.manager
-        yield wait_for(lambda: manager.health()["models"]["crashy"]["state"] == "failed", 20)
-        info = manager.health()["models"]["crashy"]
+        service = d.service
+        yield wait_for(lambda: service.health()["models"]["crashy"]["state"] == "failed", 20)
+        info = service.health()["models"]["crashy"]
         self.assertEqual(info["exit_code"], 7)
         self.assertIn("exit code 7", info["error"])
         r = yield self.chat(d, "crashy")
@@ -205,9 +205,9 @@ class ReconciliationTests(DockerTestCase):
             docker("start", m["container_name"])
         yield wait_for(lambda: sorted(self.starts()) == ["alpha", "beta"], 20)
         d = self.daemon(models)
-        manager = d.service.manager
-        yield wait_for(lambda: manager.health()["current_model"] is not None, 30)
-        kept = manager.health()["current_model"]
+        service = d.service
+        yield wait_for(lambda: service.health()["current_model"] is not None, 30)
+        kept = service.health()["current_model"]
         other = "beta" if kept == "alpha" else "alpha"
         self.assertEqual(self.state(models[other]["container_name"]), "exited")
         self.assertEqual(len(live_peers(self.ledger)), 1)
@@ -224,8 +224,8 @@ class ReconciliationTests(DockerTestCase):
         yield first.stop()
         self.assertEqual(self.state(models["alpha"]["container_name"]), "running")
         second = self.daemon(models)
-        manager = second.service.manager
-        yield wait_for(lambda: manager.health()["current_model"] == "alpha", 30)
+        service = second.service
+        yield wait_for(lambda: service.health()["current_model"] == "alpha", 30)
         r = yield self.chat(second, "alpha")
         self.assertEqual(r.choices[0].message.content, "Hello from alpha")
         self.assertEqual(self.starts(), ["alpha"])
@@ -297,7 +297,7 @@ class EngineErrorTests(DockerTestCase):
         message = str(error)
         self.assertIn(f"container '{container}' failed to start", message)
         self.assertIn("address already in use", message)
-        health = d.service.manager.health()["models"]["busy"]
+        health = d.service.health()["models"]["busy"]
         self.assertEqual(health["state"], "failed")
 
 

@@ -16,11 +16,13 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
-from llmswap.defaults import default_config, llama_assets
+from llmswap.defaults import MAX_TOKENS, default_config, llama_assets
 from tests.fakebackend import live_processes
 from tests.support import Daemon, free_port
 
 HI = [{"role": "user", "content": "Write one short sentence about the sea."}]
+# Chat-template tokens (ChatML's, Gemma's) that must never reach a user's answer.
+TEMPLATE_TOKENS = r"<\|im_|<start_of_turn>|<end_of_turn>|<\|endoftext"
 
 
 def llama_server_groups() -> set[int]:
@@ -59,7 +61,14 @@ class LlamaServerTests(unittest.TestCase):
             self.client.chat.completions.create, model="gemma3", messages=HI, max_tokens=24
         )
         self.assertTrue(chat.choices[0].message.content.strip())
+        self.assertNotRegex(chat.choices[0].message.content, TEMPLATE_TOKENS)
+        self.assertEqual(chat.model, "gemma3")  # its --alias, not the GGUF's path
         self.assertEqual(len(llama_server_groups()), 1)
+
+        # No max_tokens: the demo models' own cap ends it, not the 4,096-token context.
+        uncapped = yield self.call(self.client.chat.completions.create, model="gemma3", messages=HI)
+        self.assertLessEqual(uncapped.usage.completion_tokens, MAX_TOKENS)
+        self.assertNotRegex(uncapped.choices[0].message.content, TEMPLATE_TOKENS)
 
         stream = yield self.call(
             self.client.chat.completions.create,
@@ -78,6 +87,7 @@ class LlamaServerTests(unittest.TestCase):
 
         chunks = yield self.call(consume)
         self.assertGreater(len(chunks), 1)
+        self.assertNotRegex("".join(text for _, text in chunks), TEMPLATE_TOKENS)
         # Relayed as generated: the first token is in hand before the last one is produced.
         self.assertLess(chunks[0][0], chunks[-1][0])
 
@@ -103,6 +113,6 @@ class LlamaServerTests(unittest.TestCase):
         self.sampler.stop()
         self.assertLessEqual(max(self.seen_groups), 1)
         self.assertIn(1, self.seen_groups)
-        health = self.daemon.service.manager.health()
+        health = self.daemon.service.health()
         self.assertEqual(health["current_model"], "gemma3-creative")
         self.assertGreater(health["models"]["gemma3"]["last_load_seconds"], 0)

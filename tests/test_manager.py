@@ -2,83 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial import unittest
-from zope.interface import implementer
 
+from llmswap import health
 from llmswap.config import parse
 from llmswap.errors import APIError
-from llmswap.interfaces import IBackend
-from llmswap.manager import SwapManager
-
-
-@implementer(IBackend)
-class MemoryBackend:
-    def __init__(self, name: str, log: list[str]) -> None:
-        self.name = name
-        self.running = False
-        self.healthy = True
-        self.log = log
-        self._exit: Callable[[str], None] | None = None
-
-    def start(self) -> Deferred[None]:
-        self.log.append(f"start {self.name}")
-        self.running = True
-        return succeed(None)
-
-    def stop(self) -> Deferred[None]:
-        if self.running:
-            self.log.append(f"stop {self.name}")
-        self.running = False
-        return succeed(None)
-
-    def adopt(self) -> Deferred[bool]:
-        return succeed(False)
-
-    def shutdown(self) -> Deferred[None]:
-        return self.stop()
-
-    def alive(self) -> bool:
-        return self.running
-
-    def on_exit(self, callback: Callable[[str], None]) -> None:
-        self._exit = callback
-
-    def crash(self) -> None:
-        self.running = False
-        assert self._exit is not None
-        self._exit("exited with code 9")
-
-    def describe(self) -> dict[str, Any]:
-        return {}
-
-    def failure_detail(self) -> str:
-        return "exited with code 9"
-
-
-class _Response:
-    def __init__(self, code: int) -> None:
-        self.code = code
-
-    def collect(self, _: Any) -> Deferred[None]:
-        return succeed(None)
-
-
-class MemoryHTTP:
-    """Answers health polls from the backends' ``healthy`` flags (port = index)."""
-
-    def __init__(self, backends: dict[str, MemoryBackend]) -> None:
-        self.backends = backends
-
-    def get(self, url: str) -> Deferred[_Response]:
-        name = url.split("/")[2].split(":")[0]
-        b = self.backends[name]
-        return succeed(_Response(200 if b.running and b.healthy else 503))
+from llmswap.swap.manager import SwapManager
+from llmswap.testing import MemoryBackend, MemoryHTTP
 
 
 class ManagerCase(unittest.TestCase):
@@ -93,6 +27,9 @@ class ManagerCase(unittest.TestCase):
         self.manager = SwapManager(config, self.backends, MemoryHTTP(self.backends), self.clock)
         self.manager.startService()
         self.addCleanup(self.manager.stopService)
+
+    def health(self) -> dict[str, Any]:
+        return health.document(self.manager.snapshot(health.QUEUE_SHOWN))
 
 
 class ManagerTests(ManagerCase):
@@ -125,7 +62,7 @@ class ManagerTests(ManagerCase):
         self.assertEqual(err.status, 504)
         self.assertIn("startup_timeout of 10 s", err.message)
         self.assertFalse(self.backends["a"].running)
-        self.assertEqual(self.manager.health()["models"]["a"]["state"], "failed")
+        self.assertEqual(self.health()["models"]["a"]["state"], "failed")
 
     def test_queue_wait_times_out_with_504(self) -> None:
         self.successResultOf(self.manager.acquire("a"))  # held, never released
@@ -133,7 +70,7 @@ class ManagerTests(ManagerCase):
         self.clock.advance(30)
         err = self.failureResultOf(waiting, APIError).value
         self.assertEqual((err.status, err.code), (504, "queue_timeout"))
-        self.assertEqual(self.manager.health()["queue_size"], 0)
+        self.assertEqual(self.health()["queue_size"], 0)
 
     def test_each_waiting_request_times_out_request_timeout_after_it_arrived(self) -> None:
         self.successResultOf(self.manager.acquire("a"))  # held, never released
@@ -174,12 +111,12 @@ class ManagerTests(ManagerCase):
         self.failureResultOf(leaving)
         held.release()
         self.assertEqual(self.events, ["start a"])
-        self.assertEqual(self.manager.health()["queue_size"], 0)
+        self.assertEqual(self.health()["queue_size"], 0)
 
     def test_backend_crash_is_reported_and_the_next_request_restarts_it(self) -> None:
         self.successResultOf(self.manager.acquire("a")).release()
         self.backends["a"].crash()
-        health = self.manager.health()
+        health = self.health()
         self.assertEqual(health["models"]["a"]["state"], "failed")
         self.assertIn("exited with code 9", health["models"]["a"]["error"])
         self.assertIsNone(health["current_model"])

@@ -104,7 +104,7 @@ class AccessAndMetricsTests(DaemonTestCase):
         self.addCleanup(os.environ.pop, "LLMSWAP_TEST_BOB")
         self.start_with_keys()
         held = self.keyed_post(ALICE, {"model": "a", "fake_sleep": 1.0})
-        yield wait_for(lambda: self.daemon.service.manager.health()["in_flight"] == 1)
+        yield wait_for(lambda: self.daemon.service.health()["in_flight"] == 1)
         response = yield self.keyed_post(ALICE, {"model": "a"})
         body = yield response.json()
         self.assertEqual(response.code, 429)
@@ -186,7 +186,7 @@ class ReloadTests(DaemonTestCase):
             self.post_json("/v1/chat/completions", {"model": "a", "fake_sleep": 1.0})
             for _ in range(2)
         ]
-        yield wait_for(lambda: self.daemon.service.manager.health()["models"]["a"]["in_flight"])
+        yield wait_for(lambda: self.daemon.service.health()["models"]["a"]["in_flight"])
         self.write({"a": {**a, "startup_timeout": 25}, "c": self.fake("c")})
         reloaded, body = yield self.post_json("/admin/reload", {})
         self.assertEqual(reloaded.code, 200, body)
@@ -231,16 +231,16 @@ class ReloadTests(DaemonTestCase):
         a = self.fake("a", drain_timeout=0.3)
         self.serve({"a": a})
         stuck = self.post("/v1/chat/completions", {"model": "a", "fake_sleep": 30})
-        manager = self.daemon.service.manager
-        yield wait_for(lambda: manager.health()["in_flight"] == 1)
+        service = self.daemon.service
+        yield wait_for(lambda: service.health()["in_flight"] == 1)
         self.write({"c": self.fake("c")})
         r, body = yield self.post_json("/admin/reload", {})
         self.assertEqual((r.code, body["changes"]["removed"]), (200, ["a"]))
         # The request that outlived the drain was cut off with its backend, and the books
         # balance: nothing counts as in flight for the model that is gone.
         yield stuck.addCallbacks(lambda r: r.text(), lambda f: None)
-        yield wait_for(lambda: manager.health()["in_flight"] == 0)
-        self.assertEqual(list(manager.health()["models"]), ["c"])
+        yield wait_for(lambda: service.health()["in_flight"] == 0)
+        self.assertEqual(list(service.health()["models"]), ["c"])
         r, _ = yield self.post_json("/v1/chat/completions", {"model": "c"})
         self.assertEqual(r.code, 200)
         self.assertEqual(overlaps(self.ledger), [])

@@ -55,11 +55,11 @@ class SchedulingTests(DaemonTestCase):
         self.start(
             {"a": self.fake("a", concurrency=2), "b": self.fake("b", max_wait_before_swap=0.2)}
         )
-        manager = self.daemon.service.manager
+        service = self.daemon.service
         long_ones = [self.chat_json("a", fake_sleep=1.5) for _ in range(2)]
-        yield wait_for(lambda: manager.health()["models"]["a"]["in_flight"] == 2)
+        yield wait_for(lambda: service.health()["models"]["a"]["in_flight"] == 2)
         b = self.chat_json("b")
-        yield wait_for(lambda: manager.state("a") == "draining")
+        yield wait_for(lambda: service.manager.state("a") == "draining")
         # a has a free slot no more: a request arriving now waits for b's turn.
         late = self.chat_json("a")
         for d in [*long_ones, b, late]:
@@ -77,9 +77,7 @@ class SchedulingTests(DaemonTestCase):
     def test_drain_timeout_stops_the_model_anyway(self) -> Any:
         self.start({"a": self.fake("a", drain_timeout=0.5), "b": self.fake("b")})
         stuck = self.chat_json("a", fake_sleep=30)
-        yield wait_for(
-            lambda: self.daemon.service.manager.health()["models"]["a"]["in_flight"] == 1
-        )
+        yield wait_for(lambda: self.daemon.service.health()["models"]["a"]["in_flight"] == 1)
         response, _ = yield self.chat_json("b")
         self.assertEqual(response.code, 200)
         # The stuck request was cut off with the backend, not left hanging.
@@ -124,13 +122,13 @@ class SchedulingTests(DaemonTestCase):
     @inlineCallbacks
     def test_swap_aware_serves_interleaved_requests_with_one_load_per_model(self) -> Any:
         self.start({n: self.fake(n, startup_delay=0.3) for n in ("a", "b", "c")}, queue_size=20)
-        manager = self.daemon.service.manager
+        service = self.daemon.service
         first = self.chat_json("a", fake_sleep=2.0)
-        yield wait_for(lambda: manager.health()["in_flight"] == 1)
+        yield wait_for(lambda: service.health()["in_flight"] == 1)
         rest = []
         for i in range(12):  # a, b, c, a, b, c, ... in this arrival order
             rest.append(self.chat_json("abc"[i % 3]))
-            yield wait_for(lambda n=i + 1: manager.health()["queue_size"] == n)
+            yield wait_for(lambda n=i + 1: service.health()["queue_size"] == n)
         results = yield DeferredList([first, *rest], fireOnOneErrback=True)
         self.assertEqual([r[1][0].code for r in results], [200] * 13)
         self.assertEqual(sorted(starts(self.ledger)), ["a", "b", "c"])
@@ -182,9 +180,9 @@ class SchedulingTests(DaemonTestCase):
     def test_queue_position_header_and_health_queue_view(self) -> Any:
         self.start({"a": self.fake("a"), "b": self.fake("b")})
         held = self.chat_json("a", fake_sleep=1.0)
-        yield wait_for(lambda: self.daemon.service.manager.health()["in_flight"] == 1)
+        yield wait_for(lambda: self.daemon.service.health()["in_flight"] == 1)
         later = self.post("/v1/chat/completions", {"model": "b"})
-        yield wait_for(lambda: self.daemon.service.manager.health()["queue_size"] == 1)
+        yield wait_for(lambda: self.daemon.service.health()["queue_size"] == 1)
         health = yield self.health()
         self.assertEqual([q["model"] for q in health["queue"]], ["b"])
         self.assertEqual(health["models"]["b"]["waiting"], 1)

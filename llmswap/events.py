@@ -1,0 +1,202 @@
+"""One stream of typed events: what happened to requests and models, for whoever listens.
+
+The swap manager and the request path publish; metrics, the access log (and the web console)
+subscribe.  Nothing holds a reference back to a publisher, so the parts stay independent.
+
+Cost: a listener subscribes to the kinds it wants; a publisher asks :meth:`EventBus.wants`
+before it builds an event on the hot path, so a kind nobody listens to costs one dict lookup.
+Listeners run synchronously and must be quick (counting, appending); a slow consumer, such as a
+browser on a slow link, reads through a :class:`Feed`, which holds at most ``limit`` events and
+counts what it had to drop, so it can never make llmswap's memory grow.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from llmswap.swap.state import ModelState
+
+log = Logger()
+
+
+class Cause(enum.StrEnum):
+    """Why a model was loaded or unloaded."""
+
+    REQUEST = "request"  # a waiting request needed it
+    PRELOAD = "preload"  # listed in ``preload``, or adopted at start-up
+    TTL = "ttl"  # idle for its ttl
+    ADMIN = "admin"  # an admin route
+    RELOAD = "reload"  # removed or changed by a configuration reload
+    EVICTION = "eviction"  # made room for another model
+    CRASH = "crash"  # its backend exited by itself
+
+
+@attrs.frozen
+class RequestQueued:
+    """A request entered the queue (it may be admitted in the same turn)."""
+
+    at: float
+    seq: int
+    model: str
+    key: str
+    priority: int
+    position: int
+
+
+@attrs.frozen
+class RequestAdmitted:
+    """A request got its backend after waiting ``waited`` seconds."""
+
+    at: float
+    seq: int
+    model: str
+    waited: float
+
+
+@attrs.frozen
+class RequestEnded:
+    """A request's whole life, once its answer has left (or it failed, or the client left)."""
+
+    at: float
+    method: str
+    path: str
+    model: str  # as the client sent it (capped), "-" when it named none
+    configured: bool  # whether ``model`` is a configured model
+    key: str
+    stream: bool
+    status: int
+    queue_wait: float | None
+    duration: float
+    first_byte: float | None  # streams: seconds to the first relayed byte
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+@attrs.frozen
+class ModelStateChanged:
+    at: float
+    model: str
+    old: ModelState
+    new: ModelState
+    error: str | None = None
+
+
+@attrs.frozen
+class Swap:
+    """A load, an unload, or both: ``stop_seconds`` to confirm ``unloaded`` gone, then
+    ``load_seconds`` until ``loaded`` answered healthy (None: nothing was loaded)."""
+
+    at: float
+    cause: Cause
+    loaded: str | None
+    unloaded: tuple[str, ...]
+    stop_seconds: float
+    load_seconds: float | None = None
+
+
+Event = RequestQueued | RequestAdmitted | RequestEnded | ModelStateChanged | Swap
+E = TypeVar("E", bound=Event)
+
+
+@attrs.define(eq=False)
+class Subscription:
+    _bus: EventBus
+    _kinds: tuple[type[Any], ...]
+    _listener: Callable[[Any], None]
+
+    def cancel(self) -> None:
+        for kind in self._kinds:
+            self._bus._remove(kind, self._listener)
+
+
+class EventBus:
+    """Delivers each published event to the listeners of its kind, in subscription order."""
+
+    def __init__(self) -> None:
+        self._listeners: dict[type[Any], tuple[Callable[[Any], None], ...]] = {}
+
+    def subscribe(self, kind: type[E], listener: Callable[[E], None]) -> Subscription:
+        return self.subscribe_all((kind,), listener)
+
+    def subscribe_all(
+        self, kinds: Iterable[type[Any]], listener: Callable[[Any], None]
+    ) -> Subscription:
+        kinds = tuple(kinds)
+        for kind in kinds:
+            self._listeners[kind] = (*self._listeners.get(kind, ()), listener)
+        return Subscription(self, kinds, listener)
+
+    def wants(self, kind: type[Any]) -> bool:
+        return kind in self._listeners
+
+    def publish(self, event: Event) -> None:
+        for listener in self._listeners.get(type(event), ()):
+            try:
+                listener(event)
+            except Exception:  # a broken listener must not break a swap or a request
+                log.failure("event listener failed on {event!r}", event=event)
+
+    def feed(self, kinds: Iterable[type[Any]], limit: int = 1000) -> Feed:
+        """A bounded buffer of events of ``kinds`` for a consumer that reads at its own pace."""
+        feed = Feed(limit)
+        feed.subscription = self.subscribe_all(kinds, feed.put)
+        return feed
+
+    def _remove(self, kind: type[Any], listener: Callable[[Any], None]) -> None:
+        remaining = tuple(x for x in self._listeners.get(kind, ()) if x is not listener)
+        if remaining:
+            self._listeners[kind] = remaining
+        else:
+            self._listeners.pop(kind, None)
+
+
+class Feed:
+    """Holds up to ``limit`` events for one slow reader; older events are dropped (and counted)
+    when it falls behind, so a reader that must be exact re-reads a snapshot after a drop."""
+
+    def __init__(self, limit: int) -> None:
+        self._events: deque[Event] = deque(maxlen=limit)
+        self._reader: Deferred[Event] | None = None
+        self.dropped = 0
+        self.subscription: Subscription | None = None
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def put(self, event: Event) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.callback(event)
+            return
+        if len(self._events) == self._events.maxlen:
+            self.dropped += 1
+        self._events.append(event)
+
+    def get(self) -> Deferred[Event]:
+        """The next event; cancel the Deferred to stop waiting."""
+        if self._events:
+            d: Deferred[Event] = Deferred()
+            d.callback(self._events.popleft())
+            return d
+        if self._reader is not None:
+            raise RuntimeError("a Feed has one reader")
+        self._reader = Deferred(self._forget_reader)
+        return self._reader
+
+    def close(self) -> None:
+        if self.subscription is not None:
+            self.subscription.cancel()
+            self.subscription = None
+        if self._reader is not None:
+            self._reader.cancel()
+        self._events.clear()
+
+    def _forget_reader(self, _: Deferred[Event]) -> None:
+        self._reader = None

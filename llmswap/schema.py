@@ -1,0 +1,229 @@
+"""Every configuration setting, declared once: its type, default, unit and help text.
+
+The key whitelists (a typo is an error naming the key's full path and the closest valid
+spelling), the defaults of the :mod:`llmswap.config` classes, ``check-config``'s output and the
+README's table of settings (``python -m llmswap settings``) all derive from these declarations,
+so a setting cannot be documented with one default and parsed with another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import attrs
+
+from llmswap.scheduler import POLICIES, SWAP_AWARE
+from llmswap.values import PLAIN, ConfigError, choice, did_you_mean, number, text
+
+
+@attrs.frozen
+class Setting:
+    """One key: ``kind`` names its type for people; ``read`` checks and converts a value.
+
+    ``default`` None means "not set" (the key is optional and has no value); ``shown_default``
+    is what the docs say when the default is not a plain value (derived from another key).
+    """
+
+    key: str
+    kind: str
+    default: Any
+    help: str
+    unit: str = ""
+    shown_default: str | None = None
+    # For numbers: a whole number, and the value it must exceed.
+    integer: bool = False
+    minimum: float = 0.0
+    # For text: what a valid value is, for the error message.
+    what: str = "a non-empty string"
+    choices: tuple[str, ...] = ()
+
+    def read(self, mapping: Mapping[str, Any], where: str, default: Any = None) -> Any:
+        """The value at ``key`` in ``mapping`` (``where`` is the mapping's path), checked;
+        the declared default (or ``default``, when the default is derived) when absent."""
+        path = f"{where}.{self.key}" if where else self.key
+        if self.key not in mapping:
+            return self.default if default is None else default
+        value = mapping[self.key]
+        if value is None and self.default is None:
+            return None
+        return self.check(value, path)
+
+    def check(self, value: Any, path: str) -> Any:
+        if self.kind == "number":
+            return number(value, path, self.integer, self.minimum)
+        if self.kind == "text":
+            return text(value, path, self.what)
+        if self.kind == "choice":
+            return choice(value, path, self.choices)
+        plain = PLAIN.get(self.kind)
+        # Sections and lists are parsed by llmswap.config, which knows their shape.
+        return value if plain is None else plain(value, path)
+
+    def default_text(self) -> str:
+        """The default as the docs show it: a value in code style, or prose."""
+        if self.shown_default is not None:
+            return self.shown_default
+        if self.default is None:
+            return "none"
+        return f"`{show(self.default)}`"
+
+
+def show(value: Any) -> str:
+    """A setting's value as a user would write it in the file."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple | list):
+        return f"[{', '.join(map(str, value))}]"
+    if isinstance(value, Mapping):
+        return " ".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
+@attrs.frozen
+class Section:
+    """The settings of one mapping in the file; ``path`` as the docs show it."""
+
+    path: str
+    settings: tuple[Setting, ...]
+
+    def __getitem__(self, key: str) -> Setting:
+        for s in self.settings:
+            if s.key == key:
+                return s
+        raise KeyError(key)
+
+    def keys(self) -> list[str]:
+        return [s.key for s in self.settings]
+
+    def check_keys(self, mapping: Mapping[str, Any], where: str) -> None:
+        """Refuse a key this section does not declare, naming the closest valid one."""
+        allowed = self.keys()
+        for key in mapping:
+            if key not in allowed:
+                path = f"{where}.{key}" if where else str(key)
+                raise ConfigError(
+                    f"unknown key '{path}'{did_you_mean(str(key), allowed)}; "
+                    f"valid keys here: {', '.join(allowed)}"
+                )
+
+
+DEFAULT_LISTEN = "tcp:8888"
+S = Setting
+
+# fmt: off
+GLOBAL = Section("", (
+    S("models", "section", None, "the models, by name (see `models.<name>.*`)"),
+    S("listen", "text", DEFAULT_LISTEN, "strports endpoint (`--listen` overrides)",
+      what="a strports endpoint like tcp:8888"),
+    S("queue_size", "number", 50, "requests that may wait; more get 503", unit="requests",
+      integer=True),
+    S("request_timeout", "number", 600.0, "seconds a request may wait for its backend (queue + "
+      "swap), and seconds of silence tolerated from a backend while relaying", unit="s"),
+    S("health_interval", "number", 0.01, "seconds between readiness polls while loading (each "
+      "poll is one small request on a kept-alive connection; the delay it adds to a swap is at "
+      "most this)", unit="s"),
+    S("max_body_bytes", "number", 16 * 1024 * 1024, "larger request bodies get 413",
+      unit="bytes", integer=True),
+    S("log_dir", "text", None, "per-model backend output", what="a directory path",
+      shown_default="`$XDG_STATE_HOME/llmswap/logs` or `~/.local/state/llmswap/logs`"),
+    S("docker", "section", None, "the Docker engine (see `docker.*`)"),
+    S("scheduler", "choice", SWAP_AWARE, "`swap-aware` or `fifo` (see How swapping works)",
+      choices=POLICIES),
+    S("max_wait_before_swap", "number", 60.0, "seconds a request for another model may wait "
+      "before the loaded model must give way (per model too)", unit="s"),
+    S("linger", "number", 2.0, "seconds a model that just answered stays preferred (a client's "
+      "follow-up request should not find it swapped out); overdue requests do not wait for it",
+      unit="s", minimum=-1e-9),
+    S("drain_timeout", "number", None, "seconds an evicted model's in-flight requests get to "
+      "finish (per model too)", unit="s", shown_default="`request_timeout`"),
+    S("priority_header", "text", None,
+      "request header carrying an integer priority, e.g. `X-Priority`"),
+    S("keepalive_interval", "number", 5.0,
+      "seconds between `: loading ...` comments to a waiting stream", unit="s"),
+    S("preload", "list", (), "models to load at start-up (they must fit together)"),
+    S("devices", "section", None, "memory budgets by device name (see `devices.<name>.memory`); "
+      "none: one model at a time"),
+    S("auth", "section", None,
+      "API keys, see [Access control](#access-control-limits-and-metrics)"),
+    S("access_log", "flag", True, "one log line per request, written in batches at most 10 ms "
+      "after the request ends (each line keeps its own time)"),
+))
+
+DOCKER = Section("docker", (
+    S("base_url", "text", None, "Docker engine URL (`unix://`, `tcp://`, `ssh://`)",
+      shown_default="`DOCKER_HOST` or local socket"),
+    S("timeout", "number", 60.0, "seconds per Docker API call", unit="s"),
+    S("stop_on_exit", "flag", False, "stop the loaded container when llmswap stops (otherwise "
+      "it is left running and adopted at the next start)"),
+))
+
+DEVICE = Section("devices.<name>", (
+    S("memory", "size", None,
+      "a device's memory budget (`24GiB`, `16000MiB`, `16GB`; a bare number is GiB)"),
+))
+
+MODEL = Section("models.<name>", (
+    S("backend_url", "url", None, "the backend's OpenAI base URL, ending in `/v1` (required)"),
+    S("health_url", "url", None, "polled until 2xx",
+      shown_default="`backend_url` without `/v1` + `/health`"),
+    S("startup_timeout", "number", 180.0, "seconds to become healthy", unit="s"),
+    S("stop_timeout", "number", 10.0, "seconds between SIGTERM and SIGKILL", unit="s"),
+    S("container_name", "text", None,
+      "a pre-created Docker container to start/stop (exactly one of this and `cmd`)"),
+    S("cmd", "command", None,
+      "argv list or shell-like string of a local process (no shell involved)"),
+    S("env", "env", None, "environment additions for `cmd`"),
+    S("cwd", "text", None, "working directory for `cmd`"),
+    S("concurrency", "number", 1, "requests run at once on this model", unit="requests",
+      integer=True),
+    S("ttl", "number", None, "unload after this many idle seconds", unit="s"),
+    S("max_wait_before_swap", "number", None, "as the global key", unit="s",
+      shown_default="global value"),
+    S("drain_timeout", "number", None, "as the global key", unit="s",
+      shown_default="global value"),
+    S("device", "text", None, "the device it loads on (required with several devices)",
+      shown_default="the only device"),
+    S("memory", "size", None, "footprint for the memory budget", shown_default="whole device"),
+))
+
+AUTH = Section("auth", (
+    S("keys", "list", None, "the API keys (see `auth.keys[].*`)"),
+    S("open_health", "flag", True, "`/health` and `/metrics` answer without a key"),
+))
+
+KEY = Section("auth.keys[]", (
+    S("name", "text", None, "what logs and metrics show instead of the key (required)"),
+    S("key", "text", None, "the key itself (exactly one of `key`, `key_env`, `key_file`)"),
+    S("key_env", "text", None, "environment variable holding the key"),
+    S("key_file", "text", None, "file holding the key"),
+    S("models", "list", None, "the models this key may use (and sees in `/v1/models`)",
+      shown_default="all"),
+    S("priority", "number", 0, "scheduling priority of its requests (higher first)",
+      integer=True, minimum=float("-inf")),
+    S("rpm", "number", None, "requests per minute (burst up to rpm)", unit="requests",
+      integer=True),
+    S("max_concurrent", "number", None, "requests queued + running at once", unit="requests",
+      integer=True),
+    S("admin", "flag", False, "may call `/admin/...`"),
+))
+# fmt: on
+
+SECTIONS = (GLOBAL, DOCKER, DEVICE, MODEL, AUTH, KEY)
+
+
+def documented() -> Iterator[tuple[str, Setting]]:
+    """Every setting with its full path, in the order the docs list them."""
+    for section in SECTIONS:
+        for s in section.settings:
+            yield (f"{section.path}.{s.key}" if section.path else s.key), s
+
+
+def markdown_table() -> str:
+    """The README's table of settings."""
+    rows = ["| Key | Default | Unit | Meaning |", "|---|---|---|---|"]
+    for path, s in documented():
+        rows.append(f"| `{path}` | {s.default_text()} | {s.unit} | {s.help} |")
+    return "\n".join(rows)

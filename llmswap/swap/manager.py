@@ -1,0 +1,396 @@
+"""The swap manager: which models run, decided by the policy, changed one at a time.
+
+Requests arrive as tickets (:mod:`llmswap.swap.queue`); after every event (arrival, release,
+load finished, a wait bound or TTL expiring) the manager asks :func:`llmswap.scheduler.decide`
+which waiting tickets get a lease on a ready backend and which model to load or unload.  Loads
+and unloads run one at a time under a :class:`DeferredLock` that also guards shutdown; each
+model's own life (start, drain, stop, crash) is its :class:`~llmswap.swap.slot.Slot`'s.
+
+A lease is held until the last byte of the response was relayed, so a stream never overlaps a
+load that needs its memory: an evicted model first drains (no new admissions, in-flight requests
+finish within ``drain_timeout``), then is stopped and confirmed gone ("stopped" must mean "memory
+freed", not "signal sent"), and only then does the next model start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredLock,
+    gatherResults,
+    inlineCallbacks,
+)
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from llmswap import errors, scheduler
+from llmswap.config import Config
+from llmswap.events import Cause, EventBus, RequestAdmitted, RequestQueued, Swap
+from llmswap.interfaces import IBackend
+from llmswap.swap import snapshot
+from llmswap.swap.queue import Lease, RequestQueue, Ticket
+from llmswap.swap.reconcile import reconcile
+from llmswap.swap.slot import Slot
+from llmswap.swap.snapshot import Snapshot
+from llmswap.swap.state import ModelState
+
+log = Logger()
+
+
+class SwapManager(Service):
+    """Owns the model slots and decides which of them run; never more than the budget allows."""
+
+    name = "swap-manager"
+
+    def __init__(
+        self,
+        config: Config,
+        backends: Mapping[str, IBackend],
+        http: Any,
+        clock: IReactorTime,
+        bus: EventBus | None = None,
+    ) -> None:
+        self.config = config
+        self._http = http
+        self._clock = clock
+        self.bus = bus if bus is not None else EventBus()
+        self._queue = RequestQueue(clock, lambda: self.config, self._dispatch)
+        self._lock = DeferredLock()
+        self._slots = {name: self._slot(name, backend) for name, backend in backends.items()}
+        self._intake: Deferred[None] | None = None
+        # The load or unload under way (the policy starts no other meanwhile); the flag is set
+        # before the change starts, which may run to its end before _begin returns.
+        self._change: Deferred[None] | None = None
+        self._changing = False
+        self._dispatching = False
+        self._again = False
+        self._recheck: IDelayedCall | None = None
+        self._on_release = self._released  # bound once: every lease shares it
+
+    def _slot(self, name: str, backend: IBackend) -> Slot:
+        return Slot(self.config.models[name], backend, self._clock, self.bus, self._crashed)
+
+    # -- Service ----------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        # Reconciliation and preload run as the first change: nothing loads before they end.
+        self._begin(self._start_up).addErrback(_logged)
+        self._intake = self._take()
+        self._intake.addErrback(self._failed, "intake")
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        self._queue.close(errors.shutting_down())
+        if self._intake is not None:
+            self._intake.cancel()
+        if self._recheck is not None and self._recheck.active():
+            self._recheck.cancel()
+        if self._change is not None:
+            self._change.cancel()
+        for lease in list(self._queue.leases):
+            lease.release()
+        d: Deferred[None] = self._lock.run(self._stop_all)
+        return d
+
+    # -- what the request path and the admin routes use ---------------------------------------
+
+    def acquire(self, model: str, priority: int = 0, key: str = "-") -> Deferred[Lease]:
+        """Queue a request for ``model``; fires with a Lease once its backend may take it.
+
+        Cancelling the Deferred (the client went away) drops the ticket before it can cause a
+        swap.  Raises APIError at once when the queue is full.
+        """
+        if not self.running:
+            raise errors.shutting_down()
+        ticket = self._queue.enter(model, priority, key)
+        if self.bus.wants(RequestQueued):
+            self.bus.publish(
+                RequestQueued(ticket.enqueued, ticket.seq, model, key, priority, ticket.position)
+            )
+        return ticket.waiter
+
+    def state(self, model: str) -> ModelState:
+        return self._slots[model].state
+
+    def load(self, model: str) -> Deferred[None]:
+        """Admin: load ``model`` now (evicting what it needs room from, after draining)."""
+        return self._admin(lambda: self._load(model, Cause.ADMIN))
+
+    def unload(self, model: str | None = None) -> Deferred[None]:
+        """Admin: drain and stop ``model``, or every model when None."""
+        names = [model] if model is not None else list(self._slots)
+        return self._admin(lambda: self._unload(names, Cause.ADMIN))
+
+    def reconfigure(self, config: Config, fresh: Mapping[str, IBackend]) -> Deferred[Any]:
+        """Apply a reloaded configuration; ``fresh`` has backends for added and changed models.
+
+        Removed and changed models that are loaded drain first (in-flight requests finish),
+        then stop; requests waiting for a removed model get 404.  Fires with what changed.
+        """
+        return self._admin(lambda: self._reconfigure(config, fresh))
+
+    def models(self) -> list[str]:
+        return list(self._slots)
+
+    @property
+    def backends(self) -> Mapping[str, IBackend]:
+        return {name: slot.backend for name, slot in self._slots.items()}
+
+    def snapshot(self, queue: int = 0) -> Snapshot:
+        """What the daemon is doing now, with the ``queue`` oldest waiting requests.
+
+        Its cost does not grow with the number of waiting requests (the counts are kept).
+        """
+        return snapshot.take(self._slots, self._queue, self.config, self._clock.seconds(),
+                             bool(self.running), queue)  # fmt: skip
+
+    # -- scheduling ---------------------------------------------------------------------------
+
+    @inlineCallbacks
+    def _take(self) -> Any:
+        while True:
+            ticket: Ticket = yield self._queue.next()
+            if ticket.dropped:
+                continue
+            waiting = self._queue.waiting
+            waiting.add(ticket)
+            slot = self._slots[ticket.model]
+            full = not slot.has_room()
+            if len(waiting) == 1 and slot.ready and not full:
+                # The hot path: nobody else waits and the model has a free slot; every policy
+                # admits it, so the full decision is skipped.
+                self._admit(ticket)
+            elif slot.state.resident and (full or not slot.ready):
+                # Its model is loaded and busy, or loading: a new waiter for it can neither be
+                # admitted nor make anything load, so there is nothing to decide.
+                pass
+            else:
+                self._dispatch()
+
+    def view(self) -> scheduler.View:
+        """The picture the policy decides on."""
+        now = self._clock.seconds()
+        return snapshot.policy_view(self._slots, self._queue, self.config, now, self._changing)
+
+    def _dispatch(self) -> None:
+        """Ask the policy what to do and do it; re-entrant calls become one more round."""
+        if self._dispatching:
+            self._again = True
+            return
+        self._dispatching = True
+        try:
+            self._again = True
+            while self._again and self.running:
+                self._again = False
+                decision = scheduler.decide(self.view())
+                for seq in decision.admit:
+                    ticket = self._queue.waiting.get(seq)
+                    if ticket is not None:
+                        self._admit(ticket)
+                change = decision.change
+                if isinstance(change, scheduler.Load):
+                    wanted = self._wanted(change.model)
+                    self._begin(self._load, change.model, Cause.REQUEST, wanted).addErrback(_logged)
+                elif isinstance(change, scheduler.Unload):
+                    log.info("model {model}: idle for its ttl, unloading", model=change.model)
+                    self._begin(self._unload, [change.model], Cause.TTL).addErrback(_logged)
+                self._arm_recheck(decision.recheck_at)
+        finally:
+            self._dispatching = False
+
+    def _admit(self, ticket: Ticket) -> None:
+        self._queue.waiting.remove(ticket)
+        if ticket.dropped:
+            return
+        slot = self._slots[ticket.model]
+        slot.leased()
+        now = self._clock.seconds()
+        waited = now - ticket.enqueued
+        url = slot.config.backend_url
+        lease = Lease(ticket.model, url, waited, ticket.position, slot, self._on_release)
+        if self.bus.wants(RequestAdmitted):
+            self.bus.publish(RequestAdmitted(now, ticket.seq, ticket.model, waited))
+        self._queue.admit(ticket, lease)
+
+    def _released(self, lease: Lease) -> None:
+        self._queue.returned(lease)
+        lease.slot.released()
+        # With nothing waiting, only an idle TTL can call for action.
+        if len(self._queue.waiting) or any(s.config.ttl is not None for s in self._slots.values()):
+            self._dispatch()
+
+    def _begin(self, change: Callable[..., Deferred[Any]], *args: Any) -> Deferred[Any]:
+        """Run a load or unload under the lock; the policy starts no other until it ends.
+
+        The returned Deferred carries the change's outcome (an admin call reports it); the
+        policy's own changes are logged here, so their Deferreds are not waited on.
+        """
+        self._changing = True
+        d: Deferred[Any] = self._lock.run(change, *args)
+        self._change = d
+
+        def ended(result: Any) -> Any:
+            self._changing = False
+            self._change = None
+            if isinstance(result, Failure) and not result.check(CancelledError, errors.APIError):
+                log.failure("{change} failed", result, change=change.__name__)
+            self._dispatch()
+            return result
+
+        d.addBoth(ended)
+        return d
+
+    def _arm_recheck(self, when: float | None) -> None:
+        if self._recheck is not None and self._recheck.active():
+            self._recheck.cancel()
+        self._recheck = None
+        if when is not None:
+            delay = max(0.0, when - self._clock.seconds())
+            self._recheck = self._clock.callLater(delay, self._dispatch)
+
+    @inlineCallbacks
+    def _admin(self, change: Callable[[], Deferred[Any]]) -> Any:
+        """Run an admin change as soon as no other change is under way."""
+        while self._change is not None:
+            yield _ended(self._change)
+        if not self.running:
+            raise errors.shutting_down()
+        return (yield self._begin(change))
+
+    def _wanted(self, model: str) -> Callable[[], bool]:
+        return lambda: self._queue.waiting.count(model) > 0
+
+    def _crashed(self, slot: Slot) -> None:
+        self.bus.publish(Swap(self._clock.seconds(), Cause.CRASH, None, (slot.name,), 0.0))
+        self._dispatch()
+
+    # -- changes (always under the lock) ------------------------------------------------------
+
+    @inlineCallbacks
+    def _start_up(self) -> Any:
+        yield reconcile(self.config, self._slots, self._http, self._clock)
+        for model in self.config.preload:
+            try:
+                yield self._load(model, Cause.PRELOAD)
+            except errors.APIError as e:
+                log.error("preload of {model} failed: {e}", model=model, e=e.message)
+
+    @inlineCallbacks
+    def _load(self, model: str, cause: Cause, wanted: Callable[[], bool] | None = None) -> Any:
+        """Make room for ``model`` (drain, then stop what it evicts) and load it.
+
+        ``wanted`` is asked once the evicted models drained: when the requests that caused the
+        load went away meanwhile, nothing is stopped (a client that left never causes a swap).
+        """
+        slot = self._slots[model]
+        if slot.ready and slot.backend.alive():
+            return None
+        busy = frozenset(self._queue.waiting.models()) | {
+            n for n, s in self._slots.items() if s.in_flight
+        }
+        evict = scheduler.plan_room(self.view(), model, busy)
+        started = self._clock.seconds()
+        yield gatherResults([self._slots[name].drain() for name in evict], consumeErrors=True)
+        if wanted is not None and not wanted():
+            for name in evict:
+                self._slots[name].undrain()
+            log.info("load of {model} called off: no request waits for it", model=model)
+            return None
+        for name in evict:
+            yield self._slots[name].stop()
+        # Anything still running that the budget does not count (a crashed model's leftover
+        # process, a container started by hand) must go before a load.
+        for name, other in self._slots.items():
+            if name != model and not other.state.resident and other.backend.alive():
+                yield other.stop()
+        stopped = self._clock.seconds()
+        try:
+            yield slot.start(self._http, self.config.health_interval)
+        except BaseException as e:
+            if not isinstance(e, CancelledError):
+                err = slot.as_api_error(e)
+                self._queue.reject(model, err)
+                raise err from None
+            raise
+        loaded = self._clock.seconds()
+        self.bus.publish(Swap(loaded, cause, model, evict, stopped - started, loaded - stopped))
+        log.info(
+            "swap {evicted} -> {model}: stop {stop:.2f} s, load {load:.2f} s",
+            model=model,
+            evicted=", ".join(evict) or "(none)",
+            stop=stopped - started,
+            load=loaded - stopped,
+        )
+        return None
+
+    @inlineCallbacks
+    def _unload(self, names: list[str], cause: Cause) -> Any:
+        slots = [self._slots[n] for n in names]
+        started = self._clock.seconds()
+        yield gatherResults([s.drain() for s in slots if s.state.resident], consumeErrors=True)
+        stopped = []
+        for slot in slots:
+            if slot.backend.alive():
+                yield slot.stop()
+                stopped.append(slot.name)
+        if stopped:
+            now = self._clock.seconds()
+            self.bus.publish(Swap(now, cause, None, tuple(stopped), now - started))
+
+    @inlineCallbacks
+    def _reconfigure(self, config: Config, fresh: Mapping[str, IBackend]) -> Any:
+        old = self.config.models
+        removed = [n for n in old if n not in config.models]
+        changed = [n for n in old if n in config.models and config.models[n] != old[n]]
+        added = [n for n in config.models if n not in old]
+        yield self._unload([*removed, *changed], Cause.RELOAD)
+        for name in removed:
+            self._queue.reject(name, errors.model_not_found(name, list(config.models)))
+            del self._slots[name]
+        self.config = config
+        for name in changed + added:
+            self._slots[name] = self._slot(name, fresh[name])
+        self._queue.retime()  # the new request_timeout applies to who waits now
+        summary = {"added": added, "removed": removed, "changed": changed}
+        log.info(
+            "configuration reloaded from {source}: added {added}, removed {removed}, "
+            "changed {changed}",
+            source=config.source,
+            **{k: ", ".join(v) or "none" for k, v in summary.items()},
+        )
+        return summary
+
+    @inlineCallbacks
+    def _stop_all(self) -> Any:
+        for name, slot in self._slots.items():
+            try:
+                yield slot.backend.shutdown()
+            except Exception as e:
+                log.error("model {model}: stop failed: {e}", model=name, e=e)
+
+    def _failed(self, failure: Failure, what: str) -> None:
+        if not failure.check(CancelledError):
+            log.failure("swap manager {what} crashed", failure, what=what)
+
+
+def _ended(change: Deferred[Any]) -> Deferred[None]:
+    """Fires when ``change`` ends, whatever its outcome, leaving that outcome to its owner."""
+    d: Deferred[None] = Deferred()
+
+    def ended(result: Any) -> Any:
+        d.callback(None)
+        return result
+
+    change.addBoth(ended)
+    return d
+
+
+def _logged(failure: Failure) -> None:
+    """The end of a change nobody waits for: _begin logged it, and its requests were answered."""

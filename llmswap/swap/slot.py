@@ -1,0 +1,180 @@
+"""One model's backend life: start, wait until healthy, serve, drain, stop, crash.
+
+A :class:`Slot` owns its model's state (as llama-swap's ``Process`` does) and is the only code
+that changes it, through the transition table of :mod:`llmswap.swap.state`; every change is
+published as a :class:`~llmswap.events.ModelStateChanged`.  Which slots run, and when, is the
+manager's business: a slot never decides to start or stop by itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from llmswap import errors
+from llmswap.config import ModelConfig
+from llmswap.events import EventBus, ModelStateChanged
+from llmswap.interfaces import IBackend
+from llmswap.swap.readiness import BackendDied, wait_healthy
+from llmswap.swap.state import ModelState, check
+
+log = Logger()
+S = ModelState
+
+
+class Slot:
+    """The backend of one model, its state and the requests running on it."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        backend: IBackend,
+        clock: IReactorTime,
+        bus: EventBus,
+        on_crash: Callable[[Slot], None],
+    ) -> None:
+        self.config = config
+        self.name = config.name
+        self.backend = backend
+        self._clock = clock
+        self._bus = bus
+        self._on_crash = on_crash
+        self.state = S.STOPPED
+        self.error: str | None = None
+        self.since = clock.seconds()
+        self.last_load_seconds: float | None = None
+        self.in_flight = 0
+        self.last_used = 0.0
+        self._idle: list[Deferred[None]] = []
+        backend.on_exit(self._exited)
+
+    def set(self, state: ModelState, error: str | None = None) -> None:
+        """Move to ``state``; raises IllegalTransition for a change the table forbids."""
+        old = self.state
+        check(self.name, old, state)
+        self.state, self.error, self.since = state, error, self._clock.seconds()
+        if self._bus.wants(ModelStateChanged):
+            self._bus.publish(ModelStateChanged(self.since, self.name, old, state, error))
+
+    @property
+    def resident(self) -> bool:
+        """Holds (or may hold) device memory: what the budget must count."""
+        return self.state.resident or self.backend.alive()
+
+    @property
+    def ready(self) -> bool:
+        return self.state is S.READY
+
+    def has_room(self) -> bool:
+        return self.in_flight < self.config.concurrency
+
+    # -- requests -------------------------------------------------------------------------
+
+    def leased(self) -> None:
+        self.in_flight += 1
+
+    def released(self) -> None:
+        self.in_flight -= 1
+        self.last_used = self._clock.seconds()
+        if self.in_flight == 0:
+            idle, self._idle = self._idle, []
+            for d in idle:
+                d.callback(None)
+
+    # -- life -----------------------------------------------------------------------------
+
+    @inlineCallbacks
+    def start(self, http: Any, health_interval: float) -> Any:
+        """Launch the backend and wait until it answers healthy; READY, or FAILED and raise."""
+        cfg = self.config
+        self.set(S.STARTING)
+        started = self._clock.seconds()
+        try:
+            yield self.backend.start()
+            yield wait_healthy(
+                self._clock,
+                http,
+                self.name,
+                cfg.health_url,
+                cfg.startup_timeout,
+                health_interval,
+                self.backend.alive,
+            )
+        except BaseException as e:
+            if self.backend.alive():
+                self.set(S.STOPPING)
+                yield self.backend.stop()
+            if isinstance(e, CancelledError):  # shutting down, not the backend's fault
+                self.set(S.STOPPED)
+                raise
+            detail = self.as_api_error(e).message
+            self.set(S.FAILED, detail)
+            log.error("model {model}: failed to start: {detail}", model=self.name, detail=detail)
+            raise
+        now = self._clock.seconds()
+        self.last_load_seconds = round(now - started, 3)
+        self.last_used = now
+        self.set(S.READY)
+
+    def adopt(self) -> Deferred[bool]:
+        """Whether the backend is already running (left by an earlier daemon)."""
+        d: Deferred[bool] = self.backend.adopt()
+        return d
+
+    def adopted(self) -> None:
+        self.last_used = self._clock.seconds()
+        self.set(S.READY)
+
+    @inlineCallbacks
+    def drain(self) -> Any:
+        """No new admissions; wait (at most ``drain_timeout``) until running requests finish."""
+        if self.state is S.READY:
+            self.set(S.DRAINING)
+        if not self.in_flight:
+            return None
+        idle: Deferred[None] = Deferred()
+        self._idle.append(idle)
+        timeout = self.config.drain_timeout
+        idle.addTimeout(timeout, self._clock)
+        try:
+            yield idle
+        except TimeoutError:
+            log.warn(
+                "model {model}: {n} request(s) still running after drain_timeout ({t:g} s); "
+                "stopping it anyway",
+                model=self.name,
+                n=self.in_flight,
+                t=timeout,
+            )
+        return None
+
+    def undrain(self) -> None:
+        """The eviction was called off: take requests again."""
+        if self.state is S.DRAINING:
+            self.set(S.READY)
+
+    @inlineCallbacks
+    def stop(self) -> Any:
+        """Stop the backend; fires once it is confirmed gone."""
+        self.set(S.STOPPING)
+        yield self.backend.stop()
+        self.set(S.STOPPED)
+
+    def _exited(self, reason: str) -> None:
+        """The backend died on its own: report it; the next request for it restarts it."""
+        if self.state in (S.READY, S.DRAINING):
+            self.set(S.FAILED, f"backend {self.backend.failure_detail()}")
+            self._on_crash(self)
+
+    def as_api_error(self, e: BaseException) -> errors.APIError:
+        if isinstance(e, errors.APIError):
+            return e
+        if isinstance(e, BackendDied):
+            return errors.backend_unavailable(
+                f"Model '{self.name}' exited while loading: {self.backend.failure_detail()}"
+            )
+        return errors.backend_unavailable(f"Model '{self.name}' could not be started: {e}")

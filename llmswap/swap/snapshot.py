@@ -1,0 +1,136 @@
+"""Pictures of the swap manager's state, as plain typed values.
+
+- :class:`Snapshot` (:func:`take`): what ``/health``, metrics and the console read; its readers
+  never touch the manager's live state, and its cost does not grow with the number of waiting
+  requests.
+- :func:`policy_view`: the :class:`llmswap.scheduler.View` the policy decides on, with only the
+  waiting requests the policy can use (see :meth:`~llmswap.swap.queue.WaitingRoom.sample`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from llmswap import scheduler
+from llmswap.config import Config
+from llmswap.swap.queue import RequestQueue, Ticket
+from llmswap.swap.slot import Slot
+from llmswap.swap.state import ModelState
+
+
+@attrs.frozen
+class Waiter:
+    """A waiting request: ``age`` in seconds, ``position`` in the queue now (1: next)."""
+
+    model: str
+    key: str
+    age: float
+    priority: int
+    position: int
+
+
+@attrs.frozen
+class ModelSnapshot:
+    name: str
+    state: ModelState
+    error: str | None
+    since: float  # when it entered ``state``
+    last_used: float
+    last_load_seconds: float | None
+    waiting: int
+    in_flight: int
+    backend: Mapping[str, Any]  # the driver's facts: pid and log, or container and its state
+
+
+@attrs.frozen
+class Snapshot:
+    at: float
+    running: bool
+    scheduler: str
+    queue_capacity: int
+    waiting: int
+    in_flight: int
+    queue: tuple[Waiter, ...]  # the oldest waiting requests, as many as asked for
+    models: Mapping[str, ModelSnapshot]
+
+    def ready(self) -> list[str]:
+        return [n for n, m in self.models.items() if m.state is ModelState.READY]
+
+    def current(self) -> str | None:
+        """The loaded model that served last (the original proxy's ``current_model``)."""
+        ready = self.ready()
+        return max(ready, key=lambda n: self.models[n].last_used) if ready else None
+
+
+def take(
+    slots: Mapping[str, Slot],
+    queue: RequestQueue,
+    config: Config,
+    now: float,
+    running: bool,
+    listed: int,
+) -> Snapshot:
+    """The snapshot at ``now``, listing the ``listed`` oldest waiting requests."""
+    return Snapshot(
+        at=now,
+        running=running,
+        scheduler=config.scheduler,
+        queue_capacity=config.queue_size,
+        waiting=len(queue),
+        in_flight=len(queue.leases),
+        queue=tuple(
+            Waiter(t.model, t.key, round(now - t.enqueued, 3), t.priority, position)
+            for position, t in enumerate(queue.oldest(listed), 1)
+        ),
+        models={
+            name: ModelSnapshot(
+                name=name,
+                state=slot.state,
+                error=slot.error,
+                since=slot.since,
+                last_used=slot.last_used,
+                last_load_seconds=slot.last_load_seconds,
+                waiting=queue.count(name),
+                in_flight=slot.in_flight,
+                backend=slot.backend.describe(),
+            )
+            for name, slot in slots.items()
+        },
+    )
+
+
+def policy_view(
+    slots: Mapping[str, Slot], queue: RequestQueue, config: Config, now: float, changing: bool
+) -> scheduler.View:
+    models = {}
+    sampled: list[Ticket] = []
+    for name, slot in slots.items():
+        cfg = slot.config
+        device, memory = config.footprint(name)
+        models[name] = scheduler.ModelView(
+            name=name,
+            resident=slot.resident,
+            ready=slot.ready,
+            in_flight=slot.in_flight,
+            concurrency=cfg.concurrency,
+            last_used=slot.last_used,
+            ready_since=slot.since if slot.ready else 0.0,
+            device=device,
+            memory=memory,
+            max_wait=cfg.max_wait_before_swap,
+            ttl=cfg.ttl,
+        )
+        free = cfg.concurrency - slot.in_flight if slot.ready else 0
+        sampled += queue.waiting.sample(name, max(0, free) + 1)
+    return scheduler.View(
+        now=now,
+        models=models,
+        waiting=[scheduler.Waiting(t.seq, t.model, t.enqueued, t.priority) for t in sampled],
+        devices=config.capacities(),
+        policy=config.scheduler,
+        changing=changing,
+        linger=config.linger,
+    )

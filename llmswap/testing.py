@@ -1,0 +1,88 @@
+"""In-memory fakes for testing code built on llmswap, as ``treq.testing`` is for treq.
+
+:class:`MemoryBackend` is an :class:`~llmswap.interfaces.IBackend` that starts and stops at
+once and records what it was asked; :class:`MemoryHTTP` answers the swap manager's health polls
+from those backends.  With a ``twisted.internet.task.Clock`` they drive a real
+:class:`~llmswap.swap.manager.SwapManager` through swaps, timeouts and crashes in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import implementer
+
+from llmswap.interfaces import IBackend
+
+
+@implementer(IBackend)
+class MemoryBackend:
+    """A backend that is up the moment it is started; ``log`` records "start NAME"/"stop NAME".
+
+    Set ``healthy = False`` to make it never answer its health URL; :meth:`crash` makes it exit
+    by itself.
+    """
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name = name
+        self.running = False
+        self.healthy = True
+        self.log = log
+        self._exit: Callable[[str], None] | None = None
+
+    def start(self) -> Deferred[None]:
+        self.log.append(f"start {self.name}")
+        self.running = True
+        return succeed(None)
+
+    def stop(self) -> Deferred[None]:
+        if self.running:
+            self.log.append(f"stop {self.name}")
+        self.running = False
+        return succeed(None)
+
+    def adopt(self) -> Deferred[bool]:
+        return succeed(self.running)
+
+    def shutdown(self) -> Deferred[None]:
+        return self.stop()
+
+    def alive(self) -> bool:
+        return self.running
+
+    def on_exit(self, callback: Callable[[str], None]) -> None:
+        self._exit = callback
+
+    def crash(self, reason: str = "exited with code 9") -> None:
+        self.running = False
+        assert self._exit is not None, "crash() before the manager watched this backend"
+        self._exit(reason)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "memory", "running": self.running}
+
+    def failure_detail(self) -> str:
+        return "exited with code 9"
+
+
+class _Response:
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def collect(self, _: Any) -> Deferred[None]:
+        return succeed(None)
+
+
+class MemoryHTTP:
+    """Answers GETs of ``http://NAME:PORT/...`` from backend NAME's state: 200 when it runs and
+    is healthy, 503 otherwise (as llama-server while loading)."""
+
+    def __init__(self, backends: Mapping[str, MemoryBackend]) -> None:
+        self.backends = backends
+
+    def get(self, url: str) -> Deferred[_Response]:
+        name = url.split("/")[2].split(":")[0]
+        b = self.backends[name]
+        return succeed(_Response(200 if b.running and b.healthy else 503))
