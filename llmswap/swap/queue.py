@@ -15,7 +15,6 @@ import heapq
 import itertools
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredQueue
