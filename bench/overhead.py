@@ -1,7 +1,8 @@
 """Benchmark: what a proxy adds to a non-streaming request, side by side in one run.
 
 One fast backend (bench/backend.py, answers at once) is reached directly, through llmswap (also
-with ``access_log: false``, on an identical backend of its own), through the two bare floors
+with ``access_log: false``, on an identical backend of its own; and through its Ollama route,
+``/api/chat``, translated to the backend's OpenAI API and back), through the two bare floors
 (Klein + treq, aiohttp) and through LiteLLM's proxy when ``--litellm`` names its executable
 (installed by ``make bench`` into its own venv).  ``wrk`` drives each at
 concurrency 1 (latency) and 32 (throughput); added latency is each proxy's p50 minus the direct
@@ -36,20 +37,26 @@ from bench.harness import (
 )
 
 BODY = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "hi"}]})
+OPENAI = ("/v1/chat/completions", BODY)
+OLLAMA = ("/api/chat", json.dumps({**json.loads(BODY), "stream": False}))
+OLLAMA_ROW = "llmswap, Ollama /api/chat"
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
-def wrk(port: int, connections: int, seconds: float) -> dict[str, float]:
+def wrk(
+    port: int, connections: int, seconds: float, route: tuple[str, str] = OPENAI
+) -> dict[str, float]:
+    path, body = route
     script = tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False)
     script.write(
-        f"wrk.method = 'POST'\nwrk.body = '{BODY}'\n"
+        f"wrk.method = 'POST'\nwrk.body = '{body}'\n"
         "wrk.headers['Content-Type'] = 'application/json'\n"
     )
     script.close()
     out = subprocess.run(
         ["wrk", "-t", "1" if connections == 1 else "2", "-c", str(connections),
          "-d", f"{max(1, round(seconds))}s", "--latency", "-s", script.name,
-         f"http://127.0.0.1:{port}/v1/chat/completions"],
+         f"http://127.0.0.1:{port}{path}"],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
     result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
@@ -118,16 +125,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         post(quiet, "/v1/chat/completions", BODY.encode())
         targets = {"direct": backend, "llmswap": proxy, "llmswap, access_log: false": quiet}
+        targets[OLLAMA_ROW] = proxy
         for kind, name in FLOORS.items():
             targets[name], _ = stack.enter_context(floor(kind, backend))
         if args.litellm:
             name = f"LiteLLM proxy {litellm_version(args.litellm)}"
             targets[name] = stack.enter_context(litellm(args.litellm, backend))
         for name, port in targets.items():
-            post(port, "/v1/chat/completions", BODY.encode())  # warm connections
+            route = OLLAMA if name == OLLAMA_ROW else OPENAI
+            status, _ = post(port, route[0], route[1].encode())  # warm connections
+            if status != 200:  # an llmswap without that route (a run of an older version)
+                print(f"({name}: {route[0]} answered {status}: not measured)")
+                continue
             results[name] = {
-                "c1": wrk(port, 1, args.seconds),
-                "c32": wrk(port, 32, args.seconds),
+                "c1": wrk(port, 1, args.seconds, route),
+                "c32": wrk(port, 32, args.seconds, route),
             }
     direct = results["direct"]["c1"]["p50_ms"]
     ours = results["llmswap"]["c1"]["p50_ms"] - direct

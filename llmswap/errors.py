@@ -14,7 +14,9 @@ import math
 from typing import Any
 
 import attrs
+from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from werkzeug.exceptions import MethodNotAllowed
 
 # Characters of client text an error message quotes at most.
 QUOTE_LIMIT = 200
@@ -53,12 +55,22 @@ class APIError(Exception):
 
 
 def render(request: IRequest, err: APIError) -> bytes:
-    """Set ``err``'s status and headers on ``request``; the body to write."""
+    """Set ``err``'s status and headers on ``request``; the body to write (OpenAI's shape)."""
+    _status(request, err)
+    return err.body()
+
+
+def render_ollama(request: IRequest, err: APIError) -> bytes:
+    """The same in Ollama's shape, ``{"error": "..."}``, which its clients raise."""
+    _status(request, err)
+    return json.dumps({"error": err.message}).encode()
+
+
+def _status(request: IRequest, err: APIError) -> None:
     request.setResponseCode(err.status)
     request.setHeader(b"content-type", b"application/json")
     for name, value in err.headers.items():
         request.setHeader(name.encode(), value.encode())
-    return err.body()
 
 
 # -- 4xx: the request --------------------------------------------------------------------------
@@ -99,12 +111,30 @@ def unknown_url(method: str, path: str) -> APIError:
     return _client(404, f"Unknown endpoint {quote(method)} {quote(path)}", "unknown_url")
 
 
+def routing(request: IRequest, failure: Failure) -> APIError:
+    """The error for a request no route takes: an unknown path, or a method it does not allow
+    (``failure`` is Klein's werkzeug ``NotFound`` or ``MethodNotAllowed``)."""
+    method, path = request.method.decode("latin-1"), request.path.decode("latin-1")
+    if failure.check(MethodNotAllowed):
+        allowed = getattr(failure.value, "valid_methods", None) or []
+        return method_not_allowed(method, path, list(allowed))
+    return unknown_url(method, path)
+
+
 def method_not_allowed(method: str, path: str, allowed: list[str]) -> APIError:
     message = (
         f"Method {quote(method)} is not allowed on {quote(path)}; "
         f"use {', '.join(allowed) or 'another method'}"
     )
     return _client(405, message, "method_not_allowed", headers={"Allow": ", ".join(allowed)})
+
+
+def not_supported(what: str) -> APIError:
+    message = (
+        f"llmswap serves the models in its configuration; '{what}' is not available here "
+        "(add or change models in llmswap.yaml and reload)"
+    )
+    return _client(501, message, "not_supported")
 
 
 # -- 401/403/429: the key ------------------------------------------------------------------------

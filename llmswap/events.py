@@ -33,6 +33,7 @@ class Cause(enum.StrEnum):
     PRELOAD = "preload"  # listed in ``preload``, or adopted at start-up
     TTL = "ttl"  # idle for its ttl
     ADMIN = "admin"  # an admin route
+    KEEP_ALIVE = "keep_alive"  # an Ollama request's keep_alive: 0
     RELOAD = "reload"  # removed or changed by a configuration reload
     EVICTION = "eviction"  # made room for another model
     CRASH = "crash"  # its backend exited by itself

@@ -1,8 +1,11 @@
-"""The contract between the swap manager and a backend driver (process, Docker container).
+"""The pluggable parts' contracts.
 
-The manager only ever asks a backend to start, to stop (and to say when it is really gone), and
-whether it is still alive; everything driver-specific (process groups, container ids, log capture)
-stays behind this interface, so a new kind of backend is one new module.
+- :class:`IBackend`, between the swap manager and a backend driver (process, Docker
+  container): the manager only ever asks a backend to start, to stop (and to say when it is
+  really gone), and whether it is still alive; everything driver-specific (process groups,
+  container ids, log capture) stays behind it, so a new kind of backend is one new module.
+- :class:`IAnswerWriter`, between the relay and an API whose answers are not the backend's
+  bytes (Ollama's): the relay hands it the backend's answer as it arrives.
 """
 
 from __future__ import annotations
@@ -48,3 +51,19 @@ class IBackend(Interface):
 
     def failure_detail() -> str:
         """A short human explanation of why the server last died (exit code, log tail)."""
+
+
+class IAnswerWriter(Interface):
+    """Writes a backend's answer to the client in another API's form, as it arrives."""
+
+    def start(code: int, headers: Any) -> None:
+        """The backend's status and headers (``twisted.web.http_headers.Headers``)."""
+
+    def data(chunk: bytes) -> None:
+        """The next bytes of the backend's body."""
+
+    def end() -> None:
+        """The backend's body is complete: write what is left."""
+
+    def fail(message: str) -> None:
+        """The backend's body broke off after ``start``: end the answer with this error."""

@@ -41,6 +41,7 @@ from llmswap.access import Gate, nothing_to_release
 from llmswap.config import Config
 from llmswap.events import EventBus, RequestEnded
 from llmswap.keepalive import KeepAlive
+from llmswap.keys import APIKey
 from llmswap.relay import Relay, Relayed, sse_event, started_writing, usage_from
 from llmswap.swap.manager import SwapManager
 from llmswap.swap.queue import Lease
@@ -53,10 +54,12 @@ CLIENT_CLOSED = 499  # nginx's convention for "client went away before the answe
 _KEY_HEADERS = frozenset({b"authorization", b"x-api-key"})
 
 
-def parse_body(body: bytes, max_bytes: int) -> tuple[str, bool]:
-    """Read ``model`` and ``stream`` from a JSON request body, rejecting anything unusable."""
+def json_object(body: bytes, max_bytes: int, empty_ok: bool = False) -> dict[str, Any]:
+    """A request body that must be a JSON object (``{}`` when empty and ``empty_ok``)."""
     if len(body) > max_bytes:
         raise errors.too_large(len(body), max_bytes)
+    if empty_ok and not body.strip():
+        return {}
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
@@ -65,6 +68,12 @@ def parse_body(body: bytes, max_bytes: int) -> tuple[str, bool]:
         raise errors.invalid_json("nested too deeply") from None
     if not isinstance(data, dict):
         raise errors.bad_request("Request body must be a JSON object", "invalid_json")
+    return data
+
+
+def parse_body(body: bytes, max_bytes: int) -> tuple[str, bool]:
+    """Read ``model`` and ``stream`` from a JSON request body, rejecting anything unusable."""
+    data = json_object(body, max_bytes)
     model = data.get("model")
     if model is None:
         raise errors.bad_request(
@@ -99,10 +108,18 @@ class Exchange:
     status: int = 0
     gone: bool = False  # the client hung up
     answering: Deferred[Any] | None = None  # the chain that answers it
+    call: Any = None  # what another API's route read of the request (see Proxy's hooks)
 
 
 class Proxy:
-    """Carries relayed requests through the gate, the queue and the relay."""
+    """Carries relayed requests through the gate, the queue and the relay.
+
+    This class speaks the OpenAI API; another API subclasses it and overrides the hooks
+    :meth:`parse`, :meth:`forward`, :meth:`served` and :meth:`render_error`.
+    """
+
+    # A stream that waits gets SSE comments (``: loading gemma3, 10 s``).
+    comments_while_waiting = True
 
     def __init__(
         self, manager: SwapManager, relay: Relay, gate: Gate, bus: EventBus, clock: IReactorTime
@@ -123,13 +140,15 @@ class Proxy:
     def _config(self) -> Config:
         return self._manager.config
 
-    def handle(self, request: IRequest) -> IResource:
+    def handle(self, request: IRequest, call: Any = None) -> IResource:
         """Take over ``request``; what the route returns (it is answered later)."""
         x = Exchange(request, self._clock.seconds())
+        if call is not None:
+            x.call = call
         d: Deferred[Any] = maybeDeferred(self._admit, x)
         if not d.called:  # it waits in the queue
             _forget_routing(request)
-            if x.stream:
+            if x.stream and self.comments_while_waiting:
                 self.keepalive.add(x)  # until _serve or _ended
         # The callbacks share one arguments tuple, the bound methods are made once, no kwargs
         # dicts: what a waiting request holds is counted in bytes.
@@ -152,7 +171,7 @@ class Proxy:
         # KB) goes now rather than when the answer ends, maybe minutes of queueing later.
         content.close()
         request.content = None
-        x.model, x.stream = parse_body(x.body, self._config.max_body_bytes)
+        self.parse(x, key)
         if x.model not in self._config.models:
             raise errors.model_not_found(x.model, self._gate.visible(key, self._manager.models()))
         x.model = sys.intern(x.model)  # a configured name: one string, not one per request
@@ -172,15 +191,38 @@ class Proxy:
             if not started_writing(request):
                 request.setHeader(b"x-llmswap-queue-position", str(lease.position).encode())
                 request.setHeader(b"x-llmswap-queue-wait", f"{lease.waited:.3f}".encode())
-            url = lease.backend_url + request.uri[len(b"/v1") :].decode("latin-1")
-            drop = _KEY_HEADERS if self._gate.enabled else frozenset()
-            x.relayed = yield self._relay.forward(request, x.model, url, x.body, drop)
+            x.relayed = yield self.forward(x, lease)
             x.status = x.relayed.status
         except Exception:  # CancelledError included: the client went away
             failure = Failure()
         finally:
             lease.release()
+        if failure is None:
+            self.served(x)
         self._ended(failure, x)
+
+    # -- the hooks another API overrides ---------------------------------------------------
+
+    def parse(self, x: Exchange, key: APIKey | None) -> None:
+        """Read the request body (``x.body``) of ``key``'s caller: set ``x.model`` and
+        ``x.stream``."""
+        x.model, x.stream = parse_body(x.body, self._config.max_body_bytes)
+
+    def forward(self, x: Exchange, lease: Lease) -> Deferred[Relayed]:
+        """Send the request to the backend the lease names; fires after the answer's end."""
+        request = x.request
+        url = lease.backend_url + request.uri[len(b"/v1") :].decode("latin-1")
+        return self._relay.forward(request, x.model, url, x.body, self.dropped_headers())
+
+    def served(self, x: Exchange) -> None:
+        """The answer was relayed and the lease released."""
+
+    def render_error(self, request: IRequest, err: errors.APIError) -> bytes:
+        return errors.render(request, err)
+
+    def dropped_headers(self) -> frozenset[bytes]:
+        """Request headers not forwarded: llmswap's own API keys are not the backend's."""
+        return _KEY_HEADERS if self._gate.enabled else frozenset()
 
     def _ended(self, failure: Failure | None, x: Exchange) -> None:
         """Answer what stopped the request, if anything; finish it; account for it.
@@ -240,7 +282,7 @@ class Proxy:
         if started_writing(x.request):
             x.request.write(sse_event(err.body()))
         else:
-            x.request.write(errors.render(x.request, err))
+            x.request.write(self.render_error(x.request, err))
 
     def _priority(self, request: IRequest) -> int:
         header = self._config.priority_header

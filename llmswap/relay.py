@@ -40,6 +40,7 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IRequ
 from zope.interface import implementer
 
 from llmswap import errors
+from llmswap.interfaces import IAnswerWriter
 
 # Per RFC 9110 these describe one connection, not the message; the rest pass through.
 _HOP_BY_HOP = frozenset(
@@ -65,9 +66,17 @@ class _Pipe(Protocol):
     (no response headers, or no body bytes, for ``idle_timeout``) across the whole exchange.
     """
 
-    def __init__(self, request: IRequest, clock: IReactorTime, idle_timeout: float) -> None:
+    def __init__(
+        self,
+        request: IRequest,
+        clock: IReactorTime,
+        idle_timeout: float,
+        writer: IAnswerWriter | None,
+    ) -> None:
         self.done: Deferred[None] = Deferred()
         self._request = request
+        # Where the body goes: the client as it is, or a writer that translates it.
+        self._write = request.write if writer is None else writer.data
         self._clock = clock
         self._idle_timeout = idle_timeout
         self._timer: IDelayedCall = clock.callLater(idle_timeout, self._went_idle)
@@ -86,7 +95,7 @@ class _Pipe(Protocol):
         if self.first_at is None:
             self.first_at = self._clock.seconds()
         self.tail.append(data)
-        self._request.write(data)
+        self._write(data)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self.stop_timer()
@@ -248,17 +257,19 @@ class Relay:
         url: str,
         body: bytes,
         drop: frozenset[bytes] = frozenset(),
+        writer: IAnswerWriter | None = None,
     ) -> Deferred[Relayed]:
         """Relay ``body`` to ``url``; fires with how it went after the last byte.
 
-        ``drop`` names request headers not to forward (llmswap's own API keys).
+        ``drop`` names request headers not to forward (llmswap's own API keys); ``writer``,
+        when given, writes the answer instead of passing the backend's bytes on.
 
         Fails with an APIError only while nothing was written to the client yet; once the
         backend's headers went out, a failure ends the response instead (an error event for an
         SSE stream, an aborted connection otherwise, so it never looks like a complete answer).
         """
         assert self._agent is not None
-        pipe = _Pipe(request, self._clock, self.idle_timeout)
+        pipe = _Pipe(request, self._clock, self.idle_timeout, writer)
         sent = self._agent.request(
             request.method, url.encode("latin-1"), _request_headers(request, drop), _Body(body)
         )
@@ -277,15 +288,20 @@ class Relay:
                 body.addTimeout(self.idle_timeout, self._clock)
                 body.addCallback(lambda b: request.write(_error_event(model, response.code, b)))
                 return body.addCallback(lambda _: Relayed(response.code))
-            if not committed:
+            if writer is not None:
+                writer.start(response.code, response.headers)
+            elif not committed:
                 request.setResponseCode(response.code, response.phrase)
                 for name, values in response.headers.getAllRawHeaders():
                     if name.lower() not in _HOP_BY_HOP:
                         request.responseHeaders.setRawHeaders(name, values)
             response.deliverBody(pipe)
-            return pipe.done.addCallback(
-                lambda _: Relayed(response.code, pipe.first_at, b"".join(pipe.tail))
-            )
+            return pipe.done.addCallback(ended, response.code)
+
+        def ended(_: None, code: int) -> Relayed:
+            if writer is not None:
+                writer.end()
+            return Relayed(code, pipe.first_at, b"".join(pipe.tail))
 
         def failed(f: Failure) -> None:
             pipe.stop_timer()
@@ -294,7 +310,7 @@ class Relay:
             if pipe.transport is None:  # no body was being relayed: nothing reached the client
                 result.errback(self._before_headers(f, pipe, model, url))
                 return
-            self._mid_body(request, model, pipe, f)
+            self._mid_body(request, model, pipe, writer)
             result.callback(Relayed(0, pipe.first_at))
 
         def finished(relayed: Relayed) -> None:
@@ -320,12 +336,17 @@ class Relay:
             )
         )
 
-    def _mid_body(self, request: IRequest, model: str, pipe: _Pipe, f: Failure) -> None:
+    def _mid_body(
+        self, request: IRequest, model: str, pipe: _Pipe, writer: IAnswerWriter | None
+    ) -> None:
         why = (
             f"no data for request_timeout ({self.idle_timeout:g} s)"
             if pipe.idle
             else "the backend closed the connection"
         )
+        if writer is not None:
+            writer.fail(f"Model '{model}' stream interrupted: {why}")
+            return
         content_type = request.responseHeaders.getRawHeaders(b"content-type", [b""])[0]
         if content_type.startswith(b"text/event-stream"):
             err = errors.backend_error(f"Model '{model}' stream interrupted: {why}")

@@ -1,8 +1,9 @@
-"""The HTTP face of llmswap: an OpenAI-compatible Klein resource tree.
+"""The HTTP face of llmswap: an OpenAI-compatible Klein resource tree, with Ollama's beside it.
 
 It only routes: relayed API calls go to :class:`~llmswap.proxy.Proxy`, the admin routes to the
-swap manager, and every error a client can provoke comes back OpenAI-shaped with a fitting
-status (built in :mod:`llmswap.errors`).
+swap manager, ``/api/...`` to Ollama's routes (:mod:`llmswap.ollama.routes`), and every error a
+client can provoke comes back OpenAI-shaped with a fitting status (built in
+:mod:`llmswap.errors`).
 """
 
 from __future__ import annotations
@@ -48,9 +49,11 @@ class OpenAIResource:
         metrics: Metrics,
         clock: IReactorTime,
         reload: Callable[[], Deferred[Any]] | None = None,
+        ollama: IResource | None = None,
     ) -> None:
         self._manager = manager
         self._proxy = proxy
+        self._ollama = ollama
         self._gate = gate
         self._metrics = metrics
         self._clock = clock
@@ -58,6 +61,21 @@ class OpenAIResource:
 
     def resource(self) -> IResource:
         return self.app.resource()  # type: ignore[no-any-return]
+
+    @app.route("/", methods=["GET", "HEAD"])
+    def root(self, request: IRequest) -> bytes:
+        # What Ollama answers here: its clients (and Open WebUI) check it to find a server.
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        return b"Ollama is running"
+
+    @app.route("/api/", branch=True)
+    def ollama(self, request: IRequest) -> Any:
+        if self._ollama is None:
+            err = errors.unknown_url(
+                request.method.decode("latin-1"), request.path.decode("latin-1")
+            )
+            return errors.render_ollama(request, err)
+        return self._ollama
 
     @app.route("/health", methods=["GET"])
     def health(self, request: IRequest) -> bytes:
@@ -133,18 +151,9 @@ class OpenAIResource:
     def proxy(self, request: IRequest, _endpoint: str) -> IResource:
         return self._proxy.handle(request)
 
-    @app.handle_errors(NotFound)
-    def not_found(self, request: IRequest, failure: Failure) -> bytes:
-        err = errors.unknown_url(request.method.decode("latin-1"), request.path.decode("latin-1"))
-        return errors.render(request, err)
-
-    @app.handle_errors(MethodNotAllowed)
-    def method_not_allowed(self, request: IRequest, failure: Failure) -> bytes:
-        allowed = getattr(failure.value, "valid_methods", None) or []
-        err = errors.method_not_allowed(
-            request.method.decode("latin-1"), request.path.decode("latin-1"), list(allowed)
-        )
-        return errors.render(request, err)
+    @app.handle_errors(NotFound, MethodNotAllowed)
+    def routing_error(self, request: IRequest, failure: Failure) -> bytes:
+        return errors.render(request, errors.routing(request, failure))
 
     @app.handle_errors(Exception)
     def internal_error(self, request: IRequest, failure: Failure) -> bytes:

@@ -187,6 +187,17 @@ MODEL = Section("models.<name>", (
     S("device", "text", None, "the device it loads on (required with several devices)",
       shown_default="the only device"),
     S("memory", "size", None, "footprint for the memory budget", shown_default="whole device"),
+    S("info", "section", None, "what Ollama clients are told of it (see `models.<name>.info.*`)"),
+))
+
+INFO = Section("models.<name>.info", (
+    S("capabilities", "list", ("completion",), "`completion`, `tools`, `vision`, `embedding`, "
+      "`thinking`: what `/api/show` reports (and `insert` with `suffix` support)"),
+    S("context_length", "number", None, "context length in tokens (else llama-server's `/props` "
+      "tells it while loaded)", unit="tokens", integer=True),
+    S("family", "text", None, "model family, e.g. `gemma3`"),
+    S("parameter_size", "text", None, "e.g. `270M`, `8B`"),
+    S("quantization_level", "text", None, "e.g. `Q4_K_M`"),
 ))
 
 AUTH = Section("auth", (
@@ -211,7 +222,7 @@ KEY = Section("auth.keys[]", (
 ))
 # fmt: on
 
-SECTIONS = (GLOBAL, DOCKER, DEVICE, MODEL, AUTH, KEY)
+SECTIONS = (GLOBAL, DOCKER, DEVICE, MODEL, INFO, AUTH, KEY)
 
 
 def documented() -> Iterator[tuple[str, Setting]]:

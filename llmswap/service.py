@@ -34,6 +34,7 @@ from llmswap.config import Config, ConfigError, load
 from llmswap.events import EventBus
 from llmswap.interfaces import IBackend
 from llmswap.metrics import Metrics
+from llmswap.ollama.routes import OllamaProxy, OllamaRoutes
 from llmswap.proxy import Proxy
 from llmswap.relay import Relay, backend_agent
 from llmswap.resource import OpenAIResource
@@ -183,7 +184,11 @@ class LLMSwapService(MultiService):
         self.gate = Gate(config.auth, reactor)
         self.relay = Relay(agent, reactor, config.request_timeout)
         proxy = Proxy(self.manager, self.relay, self.gate, self.bus, reactor)
-        api = OpenAIResource(self.manager, proxy, self.gate, self.metrics, reactor, self.reload)
+        ollama = OllamaProxy(self.manager, self.relay, self.gate, self.bus, reactor)
+        routes = OllamaRoutes(self.manager, ollama, self.gate, http, reactor)
+        api = OpenAIResource(
+            self.manager, proxy, self.gate, self.metrics, reactor, self.reload, routes.resource()
+        )
         proxy.keepalive.setServiceParent(self)
         AccessLog(reactor, self.bus, lambda: self.config.access_log).setServiceParent(self)
         self._site = _Site(api.resource())

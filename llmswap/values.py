@@ -23,6 +23,12 @@ def did_you_mean(word: str, options: Iterable[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def known_model(name: str, models: Iterable[str], where: str) -> None:
+    """Refuse a model name at ``where`` that no model of the configuration has."""
+    if name not in models:
+        raise ConfigError(f"'{where}' names unknown model {name!r}{did_you_mean(name, models)}")
+
+
 _UNITS = {
     "": 2**30,
     "b": 1,

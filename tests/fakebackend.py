@@ -149,6 +149,7 @@ class Handler(BaseHTTPRequestHandler):
             if req.get("stream"):
                 self._stream(req, extra)
             else:
+                message = _answer(req)
                 self._send(
                     200,
                     {
@@ -159,11 +160,10 @@ class Handler(BaseHTTPRequestHandler):
                         "choices": [
                             {
                                 "index": 0,
-                                "finish_reason": "stop",
-                                "message": {
-                                    "role": "assistant",
-                                    "content": f"Hello from {ARGS.name}",
-                                },
+                                "finish_reason": "tool_calls"
+                                if "tool_calls" in message
+                                else "stop",
+                                "message": message,
                             }
                         ],
                         "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6},
@@ -214,6 +214,10 @@ class Handler(BaseHTTPRequestHandler):
         for k, v in extra.items():
             self.send_header(k, v)
         self.end_headers()
+        message = _answer(req)
+        if ARGS.echo or "tool_calls" in message:
+            self._stream_answer(req, message)
+            return
         tokens = req.get("max_tokens") or ARGS.tokens
         for i in range(tokens):
             if ARGS.crash_after is not None and i >= ARGS.crash_after:
@@ -231,6 +235,62 @@ class Handler(BaseHTTPRequestHandler):
         self._chunk(b"data: [DONE]\n\n")
         self._chunk(b"")
 
+    def _stream_answer(self, req: dict[str, Any], message: dict[str, Any]) -> None:
+        """An answer in chunks as OpenAI streams it: content in two pieces, each tool call's
+        arguments in two fragments, then the finish reason, usage and llama.cpp's timings."""
+
+        def event(delta: dict[str, Any], finish: str | None = None, **more: Any) -> None:
+            chunk = {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion.chunk",
+                "model": ARGS.name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+                **more,
+            }
+            self._chunk(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+
+        content = message.get("content") or ""
+        half = len(content) // 2
+        for piece in (content[:half], content[half:]):
+            if piece:
+                event({"content": piece})
+        for i, call in enumerate(message.get("tool_calls", [])):
+            arguments = call["function"]["arguments"]
+            head = {"id": call["id"], "type": "function"}
+            function = {"name": call["function"]["name"], "arguments": arguments[:5]}
+            event({"tool_calls": [{"index": i, **head, "function": function}]})
+            rest = {"arguments": arguments[5:]}
+            event({"tool_calls": [{"index": i, "function": rest}]})
+        timings = {"prompt_n": 3, "prompt_ms": 1.5, "predicted_n": 2, "predicted_ms": 2.5}
+        event({}, "tool_calls" if message.get("tool_calls") else "stop", timings=timings)
+        if (req.get("stream_options") or {}).get("include_usage"):
+            usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+            chunk = {"id": "chatcmpl-fake", "choices": [], "usage": usage}
+            self._chunk(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        self._chunk(b"data: [DONE]\n\n")
+        self._chunk(b"")
+
+
+def _answer(req: dict[str, Any]) -> dict[str, Any]:
+    """The assistant message: the request itself (``--echo``), a call of the first tool
+    offered, what a tool answered (with the id it answers), or a greeting."""
+    if ARGS.echo:
+        return {"role": "assistant", "content": json.dumps(req, sort_keys=True)}
+    last = (req.get("messages") or [{}])[-1]
+    if last.get("role") == "tool":
+        content = f"the tool said {last.get('content')} for {last.get('tool_call_id')}"
+        return {"role": "assistant", "content": content}
+    if req.get("tools"):
+        name = req["tools"][0]["function"]["name"]
+        arguments = json.dumps({"city": "Paris", "days": 2})
+        call = {
+            "id": "call_fake_0",
+            "type": "function",
+            "function": {"name": name, "arguments": arguments},
+        }
+        return {"role": "assistant", "content": "", "tool_calls": [call]}
+    return {"role": "assistant", "content": f"Hello from {ARGS.name}"}
+
 
 def main() -> None:
     global ARGS, READY_AT
@@ -247,6 +307,7 @@ def main() -> None:
     p.add_argument("--ignore-sigterm", action="store_true")
     p.add_argument("--child", action="store_true", help="fork a child process into our group")
     p.add_argument("--ledger", default=None)
+    p.add_argument("--echo", action="store_true", help="answer chats with the body received")
     p.add_argument(
         "--max-peers", type=int, default=1, help="how many other backends may live beside us"
     )

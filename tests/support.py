@@ -29,7 +29,10 @@ def free_port() -> int:
 
 
 # fake_model options that are llmswap model settings rather than fakebackend.py flags.
-_SETTINGS = ("concurrency", "ttl", "memory", "device", "max_wait_before_swap", "drain_timeout")
+_SETTINGS = (
+    *("concurrency", "ttl", "memory", "device", "max_wait_before_swap", "drain_timeout"),
+    "info",
+)
 
 
 def fake_model(name: str, ledger: str | None = None, **opts: Any) -> dict[str, Any]:

@@ -24,6 +24,7 @@ def test_overhead_benchmark_measures_every_target() -> None:
         "direct",
         "llmswap",
         "llmswap, access_log: false",
+        "llmswap, Ollama /api/chat",
         "floor klein+treq",
         "floor aiohttp+client",
     }

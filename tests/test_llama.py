@@ -9,6 +9,7 @@ import os
 import time
 from typing import Any
 
+import ollama
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import LoopingCall
@@ -35,7 +36,9 @@ def llama_server_groups() -> set[int]:
     }
 
 
-class LlamaServerTests(unittest.TestCase):
+class LlamaDaemonCase(unittest.TestCase):
+    """llmswap serving the built-in llama-server models, clients in threads of their own."""
+
     timeout = 300
 
     def setUp(self) -> None:
@@ -46,6 +49,11 @@ class LlamaServerTests(unittest.TestCase):
         self.daemon = Daemon.from_config(config, os.path.abspath(self.mktemp()))
         self.daemon.start()
         self.addCleanup(self.daemon.stop)
+
+
+class LlamaServerTests(LlamaDaemonCase):
+    def setUp(self) -> None:
+        super().setUp()
         self.client = self.daemon.client(timeout=120)
         self.seen_groups: list[int] = []
         self.sampler = LoopingCall(lambda: self.seen_groups.append(len(llama_server_groups())))
@@ -116,3 +124,56 @@ class LlamaServerTests(unittest.TestCase):
         health = self.daemon.service.health()
         self.assertEqual(health["current_model"], "gemma3-creative")
         self.assertGreater(health["models"]["gemma3"]["last_load_seconds"], 0)
+
+
+class OllamaOnLlamaServerTests(LlamaDaemonCase):
+    """The official ``ollama`` client against the real llama-server models."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.client = ollama.Client(host=self.daemon.url, timeout=120)
+
+    def call(self, method: str, *args: Any, **kw: Any) -> Any:
+        return deferToThreadPool(reactor, self.threads, getattr(self.client, method), *args, **kw)
+
+    @inlineCallbacks
+    def test_list_show_ps_chat_generate_embed_and_keep_alive_0(self) -> Any:
+        listed = yield self.call("list")
+        self.assertEqual(
+            [m.model for m in listed.models],
+            ["gemma3:latest", "gemma3-creative:latest", "gemma3-embed:latest"],
+        )
+        chat = yield self.call("chat", model="gemma3", messages=HI, options={"num_predict": 24})
+        self.assertTrue(chat.message.content.strip())
+        self.assertNotRegex(chat.message.content, TEMPLATE_TOKENS)
+        self.assertTrue(chat.done)
+        self.assertGreater(chat.load_duration, 0)  # the real swap time llmswap measured
+        self.assertGreater(chat.eval_count, 0)
+        self.assertGreater(chat.eval_duration, 0)  # llama-server's timings
+        shown = yield self.call("show", "gemma3:latest")
+        self.assertEqual(shown.modelinfo["gemma3.context_length"], 4096)  # from /props
+        (loaded,) = (yield self.call("ps")).models
+        self.assertEqual(loaded.model, "gemma3:latest")
+
+        stream = yield self.call(
+            "chat", model="gemma3-creative", messages=HI, stream=True, options={"num_predict": 24}
+        )
+        chunks = yield deferToThreadPool(reactor, self.threads, list, stream)
+        self.assertGreater(len(chunks), 2)  # relayed piece by piece
+        self.assertTrue(chunks[-1].done and not any(c.done for c in chunks[:-1]))
+        self.assertNotRegex("".join(c.message.content for c in chunks), TEMPLATE_TOKENS)
+
+        generated = yield self.call(
+            "generate", model="gemma3", prompt="The sea is", options={"num_predict": 8}
+        )
+        self.assertTrue(generated.response)
+        embedded = yield self.call("embed", model="gemma3-embed", input=["hello", "sea"])
+        self.assertEqual(len(embedded.embeddings), 2)
+        self.assertGreater(len(embedded.embeddings[0]), 100)
+
+        # Open WebUI's eject: an empty generate with keep_alive 0 stops the real process.
+        self.assertEqual(len(llama_server_groups()), 1)
+        ejected = yield self.call("generate", model="gemma3-embed", keep_alive=0)
+        self.assertEqual(ejected.done_reason, "unload")
+        self.assertEqual(llama_server_groups(), set())
+        self.assertEqual((yield self.call("ps")).models, [])

@@ -21,6 +21,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
+    DeferredList,
     DeferredLock,
     gatherResults,
     inlineCallbacks,
@@ -123,10 +124,16 @@ class SwapManager(Service):
         """Admin: load ``model`` now (evicting what it needs room from, after draining)."""
         return self._admin(lambda: self._load(model, Cause.ADMIN))
 
-    def unload(self, model: str | None = None) -> Deferred[None]:
-        """Admin: drain and stop ``model``, or every model when None."""
+    def unload(self, model: str | None = None, cause: Cause = Cause.ADMIN) -> Deferred[None]:
+        """Drain and stop ``model``, or every model when None."""
         names = [model] if model is not None else list(self._slots)
-        return self._admin(lambda: self._unload(names, Cause.ADMIN))
+        return self._admin(lambda: self._unload(names, cause))
+
+    def keep_alive(self, model: str, seconds: float) -> None:
+        """Keep ``model`` loaded ``seconds`` after its last request (``inf``: until evicted),
+        instead of its ttl, until it is next stopped; the memory budget still evicts it."""
+        self._slots[model].keep_alive = seconds
+        self._dispatch()
 
     def reconfigure(self, config: Config, fresh: Mapping[str, IBackend]) -> Deferred[Any]:
         """Apply a reloaded configuration; ``fresh`` has backends for added and changed models.
@@ -215,6 +222,8 @@ class SwapManager(Service):
         waited = now - ticket.enqueued
         url = slot.config.backend_url
         lease = Lease(ticket.model, url, waited, ticket.position, slot, self._on_release)
+        if slot.since > ticket.enqueued and slot.last_load_seconds:  # it became ready meanwhile
+            lease.load_seconds = slot.last_load_seconds
         if self.bus.wants(RequestAdmitted):
             self.bus.publish(RequestAdmitted(now, ticket.seq, ticket.model, waited))
         self._queue.admit(ticket, lease)
@@ -223,7 +232,7 @@ class SwapManager(Service):
         self._queue.returned(lease)
         lease.slot.released()
         # With nothing waiting, only an idle TTL can call for action.
-        if len(self._queue.waiting) or any(s.config.ttl is not None for s in self._slots.values()):
+        if len(self._queue.waiting) or any(s.ttl is not None for s in self._slots.values()):
             self._dispatch()
 
     def _begin(self, change: Callable[..., Deferred[Any]], *args: Any) -> Deferred[Any]:
@@ -259,7 +268,8 @@ class SwapManager(Service):
     def _admin(self, change: Callable[[], Deferred[Any]]) -> Any:
         """Run an admin change as soon as no other change is under way."""
         while self._change is not None:
-            yield _ended(self._change)
+            # Fires when the change ends, its outcome left to its own chain (consumeErrors off).
+            yield DeferredList([self._change])
         if not self.running:
             raise errors.shutting_down()
         return (yield self._begin(change))
@@ -378,18 +388,6 @@ class SwapManager(Service):
     def _failed(self, failure: Failure, what: str) -> None:
         if not failure.check(CancelledError):
             log.failure("swap manager {what} crashed", failure, what=what)
-
-
-def _ended(change: Deferred[Any]) -> Deferred[None]:
-    """Fires when ``change`` ends, whatever its outcome, leaving that outcome to its owner."""
-    d: Deferred[None] = Deferred()
-
-    def ended(result: Any) -> Any:
-        d.callback(None)
-        return result
-
-    change.addBoth(ended)
-    return d
 
 
 def _logged(failure: Failure) -> None:

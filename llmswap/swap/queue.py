@@ -37,6 +37,8 @@ class Lease:
     # the lease keeps the one it was taken from.
     slot: Slot
     _on_release: Callable[[Lease], None] | None = None
+    # Seconds of the model's load this request waited through (0: it was loaded already).
+    load_seconds: float = 0.0
 
     def release(self) -> None:
         callback, self._on_release = self._on_release, None

@@ -8,6 +8,7 @@ manager's business: a slot never decides to start or stop by itself.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -49,6 +50,8 @@ class Slot:
         self.last_load_seconds: float | None = None
         self.in_flight = 0
         self.last_used = 0.0
+        # An Ollama client's keep_alive: replaces the ttl until the backend is next stopped.
+        self.keep_alive: float | None = None
         self._idle: list[Deferred[None]] = []
         backend.on_exit(self._exited)
 
@@ -68,6 +71,13 @@ class Slot:
     @property
     def ready(self) -> bool:
         return self.state is S.READY
+
+    @property
+    def ttl(self) -> float | None:
+        """Idle seconds before it is unloaded; None: never."""
+        if self.keep_alive is None:
+            return self.config.ttl
+        return None if math.isinf(self.keep_alive) else self.keep_alive
 
     def has_room(self) -> bool:
         return self.in_flight < self.config.concurrency
@@ -162,6 +172,7 @@ class Slot:
         """Stop the backend; fires once it is confirmed gone."""
         self.set(S.STOPPING)
         yield self.backend.stop()
+        self.keep_alive = None
         self.set(S.STOPPED)
 
     def _exited(self, reason: str) -> None:

@@ -42,6 +42,7 @@ class ModelSnapshot:
     last_load_seconds: float | None
     waiting: int
     in_flight: int
+    ttl: float | None  # idle seconds before it is unloaded (a keep_alive's, or its ttl)
     backend: Mapping[str, Any]  # the driver's facts: pid and log, or container and its state
 
 
@@ -95,6 +96,7 @@ def take(
                 last_load_seconds=slot.last_load_seconds,
                 waiting=queue.count(name),
                 in_flight=slot.in_flight,
+                ttl=slot.ttl,
                 backend=slot.backend.describe(),
             )
             for name, slot in slots.items()
@@ -121,7 +123,7 @@ def policy_view(
             device=device,
             memory=memory,
             max_wait=cfg.max_wait_before_swap,
-            ttl=cfg.ttl,
+            ttl=slot.ttl,
         )
         free = cfg.concurrency - slot.in_flight if slot.ready else 0
         sampled += queue.waiting.sample(name, max(0, free) + 1)

@@ -1,0 +1,347 @@
+"""Ollama's ``/api/...`` routes: models from the configuration, and their state, in Ollama's form.
+
+Chat, generate and embed requests go through :class:`OllamaProxy`, the OpenAI request path with
+Ollama's hooks: the same keys, limits, queue, scheduler, metrics and access log.  Every error on
+these routes is Ollama-shaped (``{"error": "..."}``) with its HTTP status.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import attrs
+from klein import Klein
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from llmswap import errors
+from llmswap.access import Gate
+from llmswap.config import ModelConfig
+from llmswap.events import Cause
+from llmswap.keys import APIKey
+from llmswap.ollama import stream, translate
+from llmswap.proxy import Exchange, Proxy, internal_error, json_object
+from llmswap.relay import Relayed
+from llmswap.swap.manager import SwapManager
+from llmswap.swap.queue import Lease
+from llmswap.swap.state import ModelState
+
+log = Logger()
+
+# The Ollama API release whose behaviour these routes follow (clients check it for features).
+API_VERSION = "0.12.6"
+_PROPS_TIMEOUT = 2.0
+_NEVER = timedelta(days=365 * 100)  # Ollama's expires_at for a model kept loaded for good
+
+
+def _json(request: IRequest, payload: Any) -> bytes:
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps(payload).encode()
+
+
+@attrs.define(eq=False)
+class Call:
+    """An Ollama request: what was asked, of which model (as the client named it)."""
+
+    kind: str
+    request: dict[str, Any]
+    name: str = ""
+    path: str = ""
+    keep_alive: float | None = None
+    load_only: bool = False
+
+
+def _empty(call: Call) -> bool:
+    """An empty chat or generate only loads (or, with keep_alive 0, unloads) the model."""
+    if call.kind == stream.CHAT:
+        return not call.request.get("messages")
+    if call.kind == stream.GENERATE:
+        return not call.request.get("prompt") and not call.request.get("images")
+    return False
+
+
+class OllamaProxy(Proxy):
+    """The request path with Ollama's hooks: parse and translate, write NDJSON, keep_alive."""
+
+    comments_while_waiting = False  # an NDJSON client would choke on SSE comments
+
+    def parse(self, x: Exchange, key: APIKey | None) -> None:
+        call: Call = x.call
+        data = call.request
+        models = self._config.models
+        x.model = translate.resolve(data.get("model"), models, self._gate.visible(key, models))
+        call.name = data["model"]
+        call.keep_alive = translate.keep_alive(data.get("keep_alive"))
+        embedding = call.kind in (stream.EMBED, stream.EMBEDDINGS)
+        x.stream = not embedding and data.get("stream", True) is not False
+        call.load_only = _empty(call)
+        if call.kind == stream.CHAT:
+            call.path, body = "/chat/completions", translate.chat(data, x.model, x.stream)
+        elif call.kind == stream.GENERATE:
+            call.path, body = translate.generate(data, x.model, x.stream)
+            if call.path == "/completions":
+                call.kind = stream.COMPLETE
+        else:
+            body = translate.embed(data, x.model, call.kind == stream.EMBEDDINGS)
+            call.path = "/embeddings"
+        x.body = json.dumps(body).encode()
+
+    def forward(self, x: Exchange, lease: Lease) -> Deferred[Relayed]:
+        call: Call = x.call
+        request = x.request
+        if call.load_only:
+            answer = {"model": call.name, "created_at": translate.now_iso(), "done": True}
+            if call.kind == stream.CHAT:
+                answer["message"] = {"role": "assistant", "content": ""}
+            else:
+                answer["response"] = ""
+            answer["done_reason"] = "load"
+            request.write(_json(request, answer))
+            return succeed(Relayed(200))
+        writer = stream.OllamaWriter(
+            request, self._clock, call.kind, call.name, x.stream, x.started, lease.load_seconds
+        )
+        url = lease.backend_url + call.path
+        return self._relay.forward(request, x.model, url, x.body, self.dropped_headers(), writer)
+
+    def served(self, x: Exchange) -> None:
+        seconds = x.call.keep_alive
+        if seconds == 0:
+            d = self._manager.unload(x.model, Cause.KEEP_ALIVE)
+            d.addErrback(lambda f: log.failure("keep_alive 0: unloading {m}", f, m=x.model))
+        elif seconds is not None:
+            self._manager.keep_alive(x.model, seconds)
+
+    def render_error(self, request: IRequest, err: errors.APIError) -> bytes:
+        return errors.render_ollama(request, err)
+
+    def dropped_headers(self) -> frozenset[bytes]:
+        # The answer is parsed, so it must come as plain bytes.
+        return super().dropped_headers() | {b"accept-encoding"}
+
+
+class OllamaRoutes:
+    """The ``/api`` subtree."""
+
+    app = Klein()
+
+    def __init__(
+        self, manager: SwapManager, proxy: OllamaProxy, gate: Gate, http: Any, clock: IReactorTime
+    ) -> None:
+        self._manager = manager
+        self._proxy = proxy
+        self._gate = gate
+        self._http = http
+        self._clock = clock
+        self._since = datetime.now(UTC)
+
+    def resource(self) -> IResource:
+        return self.app.resource()  # type: ignore[no-any-return]
+
+    @app.route("/version", methods=["GET"])
+    def version(self, request: IRequest) -> bytes:
+        return _json(request, {"version": API_VERSION})
+
+    @app.route("/tags", methods=["GET"])
+    def tags(self, request: IRequest) -> bytes:
+        try:
+            names = self._visible(request)
+        except errors.APIError as e:
+            return errors.render_ollama(request, e)
+        models = self._manager.config.models
+        return _json(request, {"models": [self._listed(models[n]) for n in names]})
+
+    @app.route("/ps", methods=["GET"])
+    def ps(self, request: IRequest) -> bytes:
+        try:
+            names = self._visible(request)
+        except errors.APIError as e:
+            return errors.render_ollama(request, e)
+        snap = self._manager.snapshot()
+        models = self._manager.config.models
+        loaded = []
+        for name in names:
+            m = snap.models[name]
+            if m.state not in (ModelState.READY, ModelState.DRAINING):
+                continue
+            if m.ttl is None:
+                expires = datetime.now(UTC) + _NEVER
+            else:
+                idle_from = snap.at if m.in_flight else m.last_used
+                expires = datetime.now(UTC) + timedelta(seconds=idle_from + m.ttl - snap.at)
+            entry = self._listed(models[name])
+            entry["expires_at"] = expires.isoformat().replace("+00:00", "Z")
+            entry["size_vram"] = entry["size"]
+            if models[name].info.context_length:
+                entry["context_length"] = models[name].info.context_length
+            loaded.append(entry)
+        return _json(request, {"models": loaded})
+
+    @app.route("/show", methods=["POST"])
+    @inlineCallbacks
+    def show(self, request: IRequest) -> Any:
+        try:
+            data = _body(request, self._manager.config.max_body_bytes)
+            key = self._gate.identify(request)
+            models = self._manager.config.models
+            model = translate.resolve(
+                data.get("model") or data.get("name"), models, self._models(key)
+            )
+            self._gate.check_model(key, model)
+        except errors.APIError as e:
+            return errors.render_ollama(request, e)
+        cfg = self._manager.config.models[model]
+        info = cfg.info
+        context = info.context_length
+        capabilities = list(info.capabilities)
+        if self._manager.state(model) is ModelState.READY:
+            props = yield self._props(cfg)
+            context = context or _get(props, "default_generation_settings", "n_ctx")
+            if _get(props, "modalities", "vision") and "vision" not in capabilities:
+                capabilities.append("vision")
+        family = info.family or "unknown"
+        model_info: dict[str, Any] = {"general.architecture": family}
+        if context:
+            model_info[f"{family}.context_length"] = context
+        return _json(
+            request,
+            {
+                "modelfile": f"# served by llmswap: {cfg.kind} backend at {cfg.backend_url}",
+                "parameters": "",
+                "template": "",
+                "details": self._details(cfg),
+                "model_info": model_info,
+                "capabilities": capabilities,
+                "modified_at": self._modified(),
+            },
+        )
+
+    @app.route("/chat", methods=["POST"])
+    def chat(self, request: IRequest) -> Any:
+        return self._relayed(request, stream.CHAT)
+
+    @app.route("/generate", methods=["POST"])
+    def generate(self, request: IRequest) -> Any:
+        return self._relayed(request, stream.GENERATE)
+
+    @app.route("/embed", methods=["POST"])
+    def embed(self, request: IRequest) -> Any:
+        return self._relayed(request, stream.EMBED)
+
+    @app.route("/embeddings", methods=["POST"])
+    def embeddings(self, request: IRequest) -> Any:
+        return self._relayed(request, stream.EMBEDDINGS)
+
+    @app.route("/<any(pull, push, create, copy, delete):what>", methods=["POST", "DELETE"])
+    def not_here(self, request: IRequest, what: str) -> bytes:
+        return errors.render_ollama(request, errors.not_supported(what))
+
+    @app.route("/blobs/<digest>", methods=["HEAD", "POST"])
+    def blobs(self, request: IRequest, digest: str) -> bytes:
+        return errors.render_ollama(request, errors.not_supported("blobs"))
+
+    @app.handle_errors(NotFound, MethodNotAllowed)
+    def routing_error(self, request: IRequest, failure: Failure) -> bytes:
+        return errors.render_ollama(request, errors.routing(request, failure))
+
+    @app.handle_errors(Exception)
+    def internal_error(self, request: IRequest, failure: Failure) -> bytes:
+        return errors.render_ollama(request, internal_error(failure, request))
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _relayed(self, request: IRequest, kind: str) -> Any:
+        try:
+            call = Call(kind, _body(request, self._manager.config.max_body_bytes))
+            if _empty(call) and translate.keep_alive(call.request.get("keep_alive")) == 0:
+                return self._unload(request, call)
+        except errors.APIError as e:
+            return errors.render_ollama(request, e)
+        return self._proxy.handle(request, call)
+
+    @inlineCallbacks
+    def _unload(self, request: IRequest, call: Call) -> Any:
+        """Open WebUI's eject: an empty request with keep_alive 0 unloads, never loads."""
+        try:
+            key = self._gate.identify(request)
+            models = self._manager.config.models
+            model = translate.resolve(call.request.get("model"), models, self._models(key))
+            self._gate.check_model(key, model)
+            yield self._manager.unload(model, Cause.KEEP_ALIVE)
+        except errors.APIError as e:
+            return errors.render_ollama(request, e)
+        answer: dict[str, Any] = {"model": call.request["model"], "created_at": translate.now_iso()}
+        if call.kind == stream.CHAT:
+            answer["message"] = {"role": "assistant", "content": ""}
+        else:
+            answer["response"] = ""
+        answer.update(done=True, done_reason="unload")
+        return _json(request, answer)
+
+    def _visible(self, request: IRequest) -> list[str]:
+        return self._gate.visible(self._gate.identify(request), self._manager.models())
+
+    def _models(self, key: APIKey | None) -> dict[str, ModelConfig]:
+        models = self._manager.config.models
+        return {n: models[n] for n in self._gate.visible(key, models)}
+
+    def _listed(self, cfg: ModelConfig) -> dict[str, Any]:
+        name = translate.tagged(cfg.name)
+        _, memory = self._manager.config.footprint(cfg.name)
+        size = cfg.memory or (int(memory) if memory > 1 else 0)
+        return {
+            "name": name,
+            "model": name,
+            "modified_at": self._modified(),
+            "size": size,
+            "digest": hashlib.sha256(repr(cfg).encode()).hexdigest(),
+            "details": self._details(cfg),
+        }
+
+    def _details(self, cfg: ModelConfig) -> dict[str, Any]:
+        info = cfg.info
+        return {
+            "parent_model": "",
+            "format": "gguf",
+            "family": info.family or "",
+            "families": [info.family] if info.family else None,
+            "parameter_size": info.parameter_size or "",
+            "quantization_level": info.quantization_level or "",
+        }
+
+    def _modified(self) -> str:
+        return self._since.isoformat().replace("+00:00", "Z")
+
+    @inlineCallbacks
+    def _props(self, cfg: ModelConfig) -> Any:
+        """llama-server's ``/props`` (context size, modalities); None from other servers."""
+        url = cfg.backend_url.removesuffix("/v1") + "/props"
+        try:
+            d = self._http.get(url)
+            d.addTimeout(_PROPS_TIMEOUT, self._clock)
+            response = yield d
+            body = yield response.content()
+            return json.loads(body) if response.code == 200 else None
+        except Exception:
+            return None
+
+
+def _body(request: IRequest, limit: int) -> dict[str, Any]:
+    content = request.content
+    return json_object(content.read() if content is not None else b"", limit, empty_ok=True)
+
+
+def _get(props: Any, *path: str) -> Any:
+    for key in path:
+        if not isinstance(props, dict):
+            return None
+        props = props.get(key)
+    return props
