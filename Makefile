@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test lint docker-up bench-tools bench clean
+.PHONY: venv run test lint docker-up bench-tools browser-up bench clean
 BENCH_VENV ?= .bench/litellm
 
 venv: $(STAMP)
@@ -51,7 +51,11 @@ docker-up:
 bench-tools:
 	tests/tools/bench-tools.sh
 
-test: venv lint docker-up bench-tools
+# Debian's Chromium and ChromeDriver, which the console's browser tests drive headless.
+browser-up:
+	tests/tools/browser-up.sh
+
+test: venv lint docker-up bench-tools browser-up
 	$(BIN)/pytest
 
 # LiteLLM's proxy, the reference the overhead benchmark compares with, in its own environment.

@@ -1,8 +1,9 @@
 """Benchmark: what a proxy adds to a non-streaming request, side by side in one run.
 
 One fast backend (bench/backend.py, answers at once) is reached directly, through llmswap (also
-with ``access_log: false``, on an identical backend of its own; and through its Ollama route,
-``/api/chat``, translated to the backend's OpenAI API and back), through the two bare floors
+with ``access_log: false``, on an identical backend of its own; through its Ollama route,
+``/api/chat``, translated to the backend's OpenAI API and back; and with five web consoles
+following it live), through the two bare floors
 (Klein + treq, aiohttp) and through LiteLLM's proxy when ``--litellm`` names its executable
 (installed by ``make bench`` into its own venv).  ``wrk`` drives each at
 concurrency 1 (latency) and 32 (throughput); added latency is each proxy's p50 minus the direct
@@ -15,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import re
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,8 @@ BODY = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "h
 OPENAI = ("/v1/chat/completions", BODY)
 OLLAMA = ("/api/chat", json.dumps({**json.loads(BODY), "stream": False}))
 OLLAMA_ROW = "llmswap, Ollama /api/chat"
+CONSOLES = 5
+CONSOLES_ROW = f"llmswap, {CONSOLES} consoles open"
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
@@ -66,6 +71,36 @@ def wrk(
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     result["errors"] = float(errors.group(1)) if errors else 0.0
     return result
+
+
+@contextlib.contextmanager
+def consoles(port: int, count: int) -> Iterator[list[int]]:
+    """``count`` browsers' live streams (``/admin/events``) read for as long as this lasts;
+    yields each one's bytes received so far (one counter per stream)."""
+    received = [0] * count
+    stop = threading.Event()
+    connections: list[http.client.HTTPConnection] = []
+
+    def read(i: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        connections.append(conn)
+        conn.request("GET", "/admin/events")
+        response = conn.getresponse()
+        while not stop.is_set():
+            chunk = response.read1(65536)
+            if not chunk:
+                break
+            received[i] += len(chunk)
+
+    threads = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield received
+    finally:
+        stop.set()
+        for conn in connections:
+            conn.close()
 
 
 @contextlib.contextmanager
@@ -126,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         post(quiet, "/v1/chat/completions", BODY.encode())
         targets = {"direct": backend, "llmswap": proxy, "llmswap, access_log: false": quiet}
         targets[OLLAMA_ROW] = proxy
+        targets[CONSOLES_ROW] = proxy
         for kind, name in FLOORS.items():
             targets[name], _ = stack.enter_context(floor(kind, backend))
         if args.litellm:
@@ -137,10 +173,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if status != 200:  # an llmswap without that route (a run of an older version)
                 print(f"({name}: {route[0]} answered {status}: not measured)")
                 continue
-            results[name] = {
-                "c1": wrk(port, 1, args.seconds, route),
-                "c32": wrk(port, 32, args.seconds, route),
-            }
+            with contextlib.ExitStack() as watching:
+                if name == CONSOLES_ROW:
+                    streams = watching.enter_context(consoles(port, CONSOLES))
+                results[name] = {
+                    "c1": wrk(port, 1, args.seconds, route),
+                    "c32": wrk(port, 32, args.seconds, route),
+                }
+                if name == CONSOLES_ROW:  # the consoles did follow the traffic
+                    assert min(streams) > 1000, f"a console received only {min(streams)} bytes"
     direct = results["direct"]["c1"]["p50_ms"]
     ours = results["llmswap"]["c1"]["p50_ms"] - direct
     print(f"Non-streaming overhead, wrk {args.seconds:g} s per cell, fast backend")

@@ -5,6 +5,13 @@ names a key (``Authorization: Bearer KEY`` or ``x-api-key: KEY``); the key decid
 the caller may use, its scheduling priority and its limits.  Keys are compared in constant time
 (all of them, every time) and never logged: logs and metrics carry the key's name.
 
+The console and the ``/admin/`` routes need an admin key; a browser presents it once and gets
+a session cookie (HttpOnly, SameSite=Strict, expiring; it holds a random token, never the key),
+and a change it asks for must carry an ``X-Requested-With`` header, which no other site's page
+can send without CORS, which llmswap never allows.  Without ``auth`` they answer only to
+loopback clients (a backend's log holds users' prompts; unload and reload are not for the whole
+LAN) unless ``console.open`` says otherwise.
+
 The limits protect the shared queue: requests per minute (a token bucket, so short bursts are
 fine) and requests queued or running at once, so one client at its limit gets 429 with
 ``Retry-After`` instead of filling the queue and locking everybody else out.
@@ -14,6 +21,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
+import secrets
 from collections.abc import Callable, Iterable
 
 import attrs
@@ -35,18 +44,24 @@ class _Bucket:
     updated: float
 
 
+SESSION_COOKIE = b"llmswap_session"
+SESSION_SECONDS = 8 * 3600
+
+
 class Gate:
     """Who is calling, and may they do this now?  One per configuration."""
 
-    def __init__(self, auth: Auth | None, clock: IReactorTime) -> None:
+    def __init__(self, auth: Auth | None, clock: IReactorTime, console_open: bool = False) -> None:
         self._clock = clock
         self._buckets: dict[str, _Bucket] = {}
         self._active: dict[str, int] = {}
-        self.configure(auth)
+        self._sessions: dict[str, tuple[str, float]] = {}  # token -> (key name, expiry)
+        self.configure(auth, console_open)
 
-    def configure(self, auth: Auth | None) -> None:
+    def configure(self, auth: Auth | None, console_open: bool = False) -> None:
         """New keys (a reload); counts of requests under way and token buckets carry over."""
         self.auth = auth
+        self.console_open = console_open
         self._keys = [(_digest(k.secret), k) for k in auth.keys] if auth else []
 
     @property
@@ -72,9 +87,50 @@ class Gate:
         return found
 
     def require_admin(self, request: IRequest) -> None:
-        key = self.identify(request)
+        """Admin routes and the console: an admin key (or its session), or, without auth,
+        a loopback client unless the console is open."""
+        if self.auth is None:
+            if not self.console_open and not _loopback(request):
+                raise errors.not_local()
+            return
+        key = self._session(request)
+        if key is not None:
+            if request.method not in (b"GET", b"HEAD") and not request.getHeader(
+                b"x-requested-with"
+            ):
+                raise errors.cross_site()
+        else:
+            key = self.identify(request)
         if key is not None and not key.admin:
             raise errors.admin_required(key.name)
+
+    def open_session(self, request: IRequest) -> tuple[str, int]:
+        """Log a browser in with the admin key it presents: (token for its cookie, seconds)."""
+        key = self.identify(request)
+        if key is None:
+            raise errors.bad_request("This daemon has no keys: the console needs no login")
+        if not key.admin:
+            raise errors.admin_required(key.name)
+        now = self._clock.seconds()
+        self._sessions = {t: s for t, s in self._sessions.items() if s[1] > now}
+        token = secrets.token_urlsafe(32)
+        self._sessions[token] = (key.name, now + SESSION_SECONDS)
+        return token, SESSION_SECONDS
+
+    def close_session(self, request: IRequest) -> None:
+        token = request.getCookie(SESSION_COOKIE)  # type: ignore[attr-defined]
+        if token is not None:
+            self._sessions.pop(token.decode("latin-1"), None)
+
+    def _session(self, request: IRequest) -> APIKey | None:
+        """The key of the browser's session; its current entry, so a reload can revoke it."""
+        cookie = getattr(request, "getCookie", lambda _: None)(SESSION_COOKIE)
+        if cookie is None:
+            return None
+        name, expires = self._sessions.get(cookie.decode("latin-1"), ("", 0.0))
+        if expires <= self._clock.seconds():
+            return None
+        return next((k for _, k in self._keys if k.name == name), None)
 
     def protect_health(self, request: IRequest) -> None:
         if self.auth is not None and not self.auth.open_health:
@@ -141,3 +197,14 @@ def _presented(request: IRequest) -> bytes | None:
     if key is not None and key.strip():
         return bytes(key.strip())
     return None
+
+
+def _loopback(request: IRequest) -> bool:
+    address = request.getClientAddress()
+    host = getattr(address, "host", None)
+    if host is None:  # a UNIX socket: as local as it gets
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -20,7 +20,7 @@ import attrs
 import yaml
 
 from llmswap.keys import Auth, parse_auth
-from llmswap.schema import DEVICE, DOCKER, GLOBAL, INFO, MODEL
+from llmswap.schema import CONSOLE, DEVICE, DOCKER, GLOBAL, INFO, MODEL
 from llmswap.values import ConfigError, known_model, size
 
 __all__ = ["Config", "ConfigError", "ModelConfig", "load", "parse"]
@@ -37,6 +37,17 @@ class DockerEngine:
     base_url: str | None = DOCKER["base_url"].default
     timeout: float = DOCKER["timeout"].default
     stop_on_exit: bool = DOCKER["stop_on_exit"].default
+
+
+@attrs.frozen
+class Console:
+    """The web console: who may use it without keys, and how much it remembers."""
+
+    open: bool = CONSOLE["open"].default
+    activity: int = CONSOLE["activity"].default
+    history: str | None = None
+    history_days: float = CONSOLE["history_days"].default
+    log_lines: int = CONSOLE["log_lines"].default
 
 
 @attrs.frozen
@@ -103,6 +114,7 @@ class Config:
     max_body_bytes: int = G["max_body_bytes"].default
     log_dir: str | None = None
     docker: DockerEngine = DockerEngine()
+    console: Console = Console()
     scheduler: str = G["scheduler"].default
     priority_header: str | None = None
     keepalive_interval: float = G["keepalive_interval"].default
@@ -202,6 +214,10 @@ def parse(data: Any, source: str = "<string>") -> Config:
     if not isinstance(docker_raw, Mapping):
         raise ConfigError("'docker' must be a mapping (base_url, timeout, stop_on_exit)")
     DOCKER.check_keys(docker_raw, "docker")
+    console_raw = data.get("console", {}) or {}
+    if not isinstance(console_raw, Mapping):
+        raise ConfigError("'console' must be a mapping (open, activity, history, ...)")
+    CONSOLE.check_keys(console_raw, "console")
     config = Config(
         models=models,
         listen=G["listen"].read(data, ""),
@@ -212,6 +228,9 @@ def parse(data: Any, source: str = "<string>") -> Config:
         log_dir=G["log_dir"].read(data, ""),
         docker=DockerEngine(
             **{key: DOCKER[key].read(docker_raw, "docker") for key in DOCKER.keys()}
+        ),
+        console=Console(
+            **{key: CONSOLE[key].read(console_raw, "console") for key in CONSOLE.keys()}
         ),
         scheduler=G["scheduler"].read(data, ""),
         priority_header=G["priority_header"].read(data, ""),

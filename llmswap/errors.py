@@ -148,6 +148,20 @@ def admin_required(key: str) -> APIError:
     return _client(403, f"API key '{key}' may not use admin endpoints", "admin_required")
 
 
+def not_local() -> APIError:
+    message = (
+        "The console, the logs and the /admin/ routes answer only to loopback clients while "
+        "no auth section is configured: set 'console.open: true', or configure auth.keys with "
+        "an admin key"
+    )
+    return _client(403, message, "admin_not_local")
+
+
+def cross_site() -> APIError:
+    message = "A change asked with the console's session must carry an X-Requested-With header"
+    return _client(403, message, "cross_site_request")
+
+
 def model_not_allowed(key: str, model: str) -> APIError:
     message = f"API key '{key}' may not use model '{quote(model)}'"
     return _client(403, message, "model_not_allowed", param="model")

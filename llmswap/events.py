@@ -78,6 +78,7 @@ class RequestEnded:
     first_byte: float | None  # streams: seconds to the first relayed byte
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    tokens_per_second: float | None = None  # as the backend measured it (llama.cpp's timings)
 
 
 @attrs.frozen

@@ -52,6 +52,13 @@ class IBackend(Interface):
     def failure_detail() -> str:
         """A short human explanation of why the server last died (exit code, log tail)."""
 
+    def output(lines: int) -> Deferred[list[str]]:
+        """The last ``lines`` lines the server printed (its log file, the engine's log)."""
+
+    def follow(line: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``line(text)`` for each line the server prints from now on (in the reactor
+        thread); returns the function that stops it."""
+
 
 class IAnswerWriter(Interface):
     """Writes a backend's answer to the client in another API's form, as it arrives."""

@@ -42,7 +42,7 @@ from llmswap.config import Config
 from llmswap.events import EventBus, RequestEnded
 from llmswap.keepalive import KeepAlive
 from llmswap.keys import APIKey
-from llmswap.relay import Relay, Relayed, sse_event, started_writing, usage_from
+from llmswap.relay import Relay, Relayed, speed_from, sse_event, started_writing, usage_from
 from llmswap.swap.manager import SwapManager
 from llmswap.swap.queue import Lease
 from llmswap.swap.state import ModelState
@@ -157,7 +157,7 @@ class Proxy:
         x.answering = d
         finished = request.notifyFinish()  # type: ignore[attr-defined]
         finished.addCallbacks(passthru, _hung_up, errbackArgs=args)
-        return _ANSWERED_LATER
+        return ANSWERED_LATER
 
     def _admit(self, x: Exchange) -> Deferred[Lease]:
         """Check the request and queue it; fires with a lease on the model's backend."""
@@ -249,7 +249,8 @@ class Proxy:
         """Publish the ended request: metrics count it, the access log writes its line."""
         relayed = x.relayed
         first = relayed.first_byte_at - x.started if x.stream and relayed.first_byte_at else None
-        usage = usage_from(relayed.tail) if relayed.tail else None
+        tail = relayed.tail
+        usage = usage_from(tail) if tail else None
         request = x.request
         self._bus.publish(
             RequestEnded(
@@ -266,6 +267,7 @@ class Proxy:
                 first_byte=first,
                 prompt_tokens=usage[0] if usage else None,
                 completion_tokens=usage[1] if usage else None,
+                tokens_per_second=speed_from(tail) if usage else None,
             )
         )
 
@@ -325,8 +327,8 @@ def _hung_up(failure: Failure, x: Exchange) -> None:
 
 
 class _AnsweredLater(Resource):
-    """What the proxy route returns: Klein renders it, and twisted.web leaves the request open
-    (NOT_DONE_YET) for the exchange's callbacks to answer and finish."""
+    """What a route that answers later returns: Klein renders it, and twisted.web leaves the
+    request open (NOT_DONE_YET) for callbacks to answer and finish."""
 
     isLeaf = True
 
@@ -334,4 +336,4 @@ class _AnsweredLater(Resource):
         return NOT_DONE_YET
 
 
-_ANSWERED_LATER = _AnsweredLater()
+ANSWERED_LATER = _AnsweredLater()

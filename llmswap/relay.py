@@ -129,25 +129,36 @@ class Relayed:
     tail: bytes = b""
 
 
-def usage_from(tail: bytes) -> tuple[int, int] | None:
-    """(prompt_tokens, completion_tokens) from the last ``"usage"`` object in a response's
-    ``tail`` (backends put it at the end of an answer, or in the last event of a stream)."""
-    at = tail.rfind(b'"usage"')
-    if at < 0:
-        return None
-    start = tail.find(b"{", at)
+def _last_object(tail: bytes, key: bytes) -> dict[str, Any] | None:
+    """The JSON object after the last ``"key":`` in ``tail``, if it parses."""
+    at = tail.rfind(b'"' + key + b'"')
+    start = tail.find(b"{", at) if at >= 0 else -1
     if start < 0:
         return None
     try:
-        usage, _ = _DECODER.raw_decode(tail[start:].decode("utf-8", "replace"))
+        found, _ = _DECODER.raw_decode(tail[start:].decode("utf-8", "replace"))
     except ValueError:
         return None
-    if not isinstance(usage, dict):
+    return found if isinstance(found, dict) else None
+
+
+def usage_from(tail: bytes) -> tuple[int, int] | None:
+    """(prompt_tokens, completion_tokens) from the last ``"usage"`` object in a response's
+    ``tail`` (backends put it at the end of an answer, or in the last event of a stream)."""
+    usage = _last_object(tail, b"usage")
+    if usage is None:
         return None
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
     if not isinstance(prompt, int) or not isinstance(completion, int):
         return None
     return prompt, completion
+
+
+def speed_from(tail: bytes) -> float | None:
+    """Generated tokens per second as llama-server measured them (its ``timings``)."""
+    timings = _last_object(tail, b"timings")
+    speed = timings.get("predicted_per_second") if timings else None
+    return float(speed) if isinstance(speed, int | float) else None
 
 
 def _request_headers(request: IRequest, drop: frozenset[bytes]) -> Headers:

@@ -23,6 +23,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from llmswap import errors, health
 from llmswap.access import Gate
+from llmswap.console.routes import ConsoleAPI
 from llmswap.metrics import Metrics
 from llmswap.proxy import Proxy, internal_error
 from llmswap.swap.manager import SwapManager
@@ -50,10 +51,12 @@ class OpenAIResource:
         clock: IReactorTime,
         reload: Callable[[], Deferred[Any]] | None = None,
         ollama: IResource | None = None,
+        console: ConsoleAPI | None = None,
     ) -> None:
         self._manager = manager
         self._proxy = proxy
         self._ollama = ollama
+        self._console = console
         self._gate = gate
         self._metrics = metrics
         self._clock = clock
@@ -64,9 +67,64 @@ class OpenAIResource:
 
     @app.route("/", methods=["GET", "HEAD"])
     def root(self, request: IRequest) -> bytes:
+        accept = request.getHeader(b"accept") or b""
+        if self._console is not None and b"text/html" in accept:  # a browser: the console
+            request.redirect(b"/ui/")  # type: ignore[attr-defined]
+            return b""
         # What Ollama answers here: its clients (and Open WebUI) check it to find a server.
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         return b"Ollama is running"
+
+    @app.route("/ui", methods=["GET"])
+    def ui_slash(self, request: IRequest) -> bytes:
+        request.redirect(b"/ui/")  # type: ignore[attr-defined]
+        return b""
+
+    @app.route("/ui/", branch=True)
+    def ui(self, request: IRequest) -> Any:
+        return self._console_call(request, lambda c: c.static)
+
+    @app.route("/admin/events", methods=["GET"])
+    def admin_events(self, request: IRequest) -> Any:
+        return self._console_call(request, lambda c: c.events(request))
+
+    @app.route("/admin/activity", methods=["GET"])
+    def admin_activity(self, request: IRequest) -> Any:
+        return self._console_call(request, lambda c: c.activity(request))
+
+    @app.route("/admin/timeline", methods=["GET"])
+    def admin_timeline(self, request: IRequest) -> Any:
+        return self._console_call(request, lambda c: c.timeline(request))
+
+    @app.route("/admin/logs", methods=["GET"])
+    def admin_own_log(self, request: IRequest) -> Any:
+        return self._console_call(request, lambda c: c.logs(request, None))
+
+    @app.route("/admin/logs/<model>", methods=["GET"])
+    def admin_logs(self, request: IRequest, model: str) -> Any:
+        return self._console_call(request, lambda c: c.logs(request, model))
+
+    @app.route("/admin/session", methods=["POST"])
+    def admin_login(self, request: IRequest) -> Any:
+        return self._console_call(request, lambda c: c.login(request))
+
+    @app.route("/admin/session", methods=["DELETE"])
+    def admin_logout(self, request: IRequest) -> Any:
+        return self._console_call(request, lambda c: c.logout(request))
+
+    def _console_call(self, request: IRequest, call: Callable[[ConsoleAPI], Any]) -> Any:
+        """A console route's answer; its errors (at once or later) OpenAI-shaped."""
+        try:
+            if self._console is None:
+                raise errors.unknown_url(
+                    request.method.decode("latin-1"), request.path.decode("latin-1")
+                )
+            result = call(self._console)
+        except errors.APIError as e:
+            return errors.render(request, e)
+        if isinstance(result, Deferred):
+            result.addErrback(_render_api_error, request)
+        return result
 
     @app.route("/api/", branch=True)
     def ollama(self, request: IRequest) -> Any:
@@ -158,3 +216,9 @@ class OpenAIResource:
     @app.handle_errors(Exception)
     def internal_error(self, request: IRequest, failure: Failure) -> bytes:
         return errors.render(request, internal_error(failure, request))
+
+
+def _render_api_error(failure: Failure, request: IRequest) -> bytes:
+    failure.trap(errors.APIError)
+    err: errors.APIError = failure.value  # type: ignore[assignment]
+    return errors.render(request, err)

@@ -150,6 +150,19 @@ GLOBAL = Section("", (
       "API keys, see [Access control](#access-control-limits-and-metrics)"),
     S("access_log", "flag", True, "one log line per request, written in batches at most 10 ms "
       "after the request ends (each line keeps its own time)"),
+    S("console", "section", None, "the web console at `/ui/` (see `console.*`)"),
+))
+
+CONSOLE = Section("console", (
+    S("open", "flag", False, "without `auth`, let clients beyond loopback use the console, the "
+      "logs and the `/admin/` routes (with `auth` they need an admin key)"),
+    S("activity", "number", 1000, "finished requests the Activity view keeps in memory",
+      unit="requests", integer=True),
+    S("history", "text", None, "SQLite file that keeps the activity across restarts",
+      what="a file path"),
+    S("history_days", "number", 7.0, "days of activity the history file keeps", unit="days"),
+    S("log_lines", "number", 1000, "lines of llmswap's own log (and of each backend's, when "
+      "asked) the Logs view gets", unit="lines", integer=True),
 ))
 
 DOCKER = Section("docker", (
@@ -222,7 +235,7 @@ KEY = Section("auth.keys[]", (
 ))
 # fmt: on
 
-SECTIONS = (GLOBAL, DOCKER, DEVICE, MODEL, INFO, AUTH, KEY)
+SECTIONS = (GLOBAL, DOCKER, CONSOLE, DEVICE, MODEL, INFO, AUTH, KEY)
 
 
 def documented() -> Iterator[tuple[str, Setting]]:

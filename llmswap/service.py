@@ -31,6 +31,11 @@ from llmswap.accesslog import AccessLog
 from llmswap.backends.docker import DockerBackend, DockerClientProvider
 from llmswap.backends.process import ProcessBackend
 from llmswap.config import Config, ConfigError, load
+from llmswap.console.activity import Activity
+from llmswap.console.live import LiveStreams
+from llmswap.console.logs import OwnLog
+from llmswap.console.routes import ConsoleAPI
+from llmswap.console.timeline import Timeline
 from llmswap.events import EventBus
 from llmswap.interfaces import IBackend
 from llmswap.metrics import Metrics
@@ -181,20 +186,33 @@ class LLMSwapService(MultiService):
         self.manager = SwapManager(config, backends, http, reactor, self.bus)
         self.manager.setServiceParent(self)
         self.metrics = Metrics(self.bus, self.manager.snapshot)
-        self.gate = Gate(config.auth, reactor)
+        self.gate = Gate(config.auth, reactor, config.console.open)
         self.relay = Relay(agent, reactor, config.request_timeout)
         proxy = Proxy(self.manager, self.relay, self.gate, self.bus, reactor)
         ollama = OllamaProxy(self.manager, self.relay, self.gate, self.bus, reactor)
         routes = OllamaRoutes(self.manager, ollama, self.gate, http, reactor)
+        console = self._console(config, reactor)
         api = OpenAIResource(
-            self.manager, proxy, self.gate, self.metrics, reactor, self.reload, routes.resource()
-        )
+            self.manager, proxy, self.gate, self.metrics, reactor, self.reload, routes.resource(),
+            console,
+        )  # fmt: skip
         proxy.keepalive.setServiceParent(self)
         AccessLog(reactor, self.bus, lambda: self.config.access_log).setServiceParent(self)
         self._site = _Site(api.resource())
         self._reactor = reactor
         self.web = HTTPService(config.listen, self._site, reactor)
         self.web.setServiceParent(self)
+
+    def _console(self, config: Config, reactor: Any) -> ConsoleAPI:
+        """The console's services: they start before the site and stop after it."""
+        settings = config.console
+        activity = Activity(self.bus, reactor, settings)
+        timeline = Timeline(self.bus, reactor, self.manager.snapshot)
+        own_log = OwnLog(settings.log_lines)
+        self.live = LiveStreams(self.bus, reactor, self.manager.snapshot, lambda: self.config)
+        for service in (activity, timeline, own_log, self.live):
+            service.setServiceParent(self)
+        return ConsoleAPI(self.manager, self.gate, activity, timeline, own_log, self.live)
 
     @property
     def config(self) -> Config:
@@ -234,7 +252,7 @@ class LLMSwapService(MultiService):
         fresh = [n for n in new.models if n not in old or new.models[n] != old[n]]
         backends = make_backends(new, self._reactor, fresh)
         summary = yield self.manager.reconfigure(new, backends)
-        self.gate.configure(new.auth)
+        self.gate.configure(new.auth, new.console.open)
         self.relay.idle_timeout = new.request_timeout
         return summary
 

@@ -30,6 +30,8 @@ class MemoryBackend:
         self.running = False
         self.healthy = True
         self.log = log
+        self.printed: list[str] = []  # what print() made the server "print"
+        self._followers: list[Callable[[str], None]] = []
         self._exit: Callable[[str], None] | None = None
 
     def start(self) -> Deferred[None]:
@@ -65,6 +67,18 @@ class MemoryBackend:
 
     def failure_detail(self) -> str:
         return "exited with code 9"
+
+    def print(self, text: str) -> None:
+        self.printed.append(text)
+        for line in list(self._followers):
+            line(text)
+
+    def output(self, lines: int) -> Deferred[list[str]]:
+        return succeed(self.printed[-lines:])
+
+    def follow(self, line: Callable[[str], None]) -> Callable[[], None]:
+        self._followers.append(line)
+        return lambda: self._followers.remove(line)
 
 
 class _Response:

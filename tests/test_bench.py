@@ -25,6 +25,7 @@ def test_overhead_benchmark_measures_every_target() -> None:
         "llmswap",
         "llmswap, access_log: false",
         "llmswap, Ollama /api/chat",
+        "llmswap, 5 consoles open",
         "floor klein+treq",
         "floor aiohttp+client",
     }

@@ -10,6 +10,7 @@ minutes (``docker.stop_on_exit: true`` stops it instead).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -158,6 +159,44 @@ class DockerBackend:
         if self._exit_code is not None:
             detail += f" (exit code {self._exit_code})"
         return f"{detail}; last log lines:\n{self._log_tail}" if self._log_tail else detail
+
+    def output(self, lines: int) -> Deferred[list[str]]:
+        def read() -> list[str]:
+            raw = self._container().logs(tail=lines)
+            return str(raw.decode("utf-8", "replace")).splitlines()
+
+        return self._in_thread(read)
+
+    def follow(self, line: Callable[[str], None]) -> Callable[[], None]:
+        """The engine's log stream, read in a pool thread until stopped (the stream is closed,
+        which ends the thread's read)."""
+        stopped = threading.Event()
+        streams: list[Any] = []
+
+        def read() -> None:
+            stream = self._container().logs(stream=True, follow=True, tail=0)
+            streams.append(stream)
+            partial = b""
+            for chunk in stream:
+                if stopped.is_set():
+                    break
+                *complete, partial = (partial + chunk).split(b"\n")
+                for raw in complete:
+                    self._reactor.callFromThread(line, raw.decode("utf-8", "replace"))
+
+        def stop() -> None:
+            stopped.set()
+            for stream in streams:
+                stream.close()
+
+        self._in_thread(read).addErrback(
+            lambda f: (
+                None
+                if stopped.is_set()
+                else log.warn("{m}: log stream: {e}", m=self.name, e=f.value)
+            )
+        )
+        return stop
 
     # -- blocking parts, run in the reactor's thread pool -----------------------------------
 

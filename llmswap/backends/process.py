@@ -22,6 +22,7 @@ from twisted.internet import error as ierror
 from twisted.internet.defer import Deferred, TimeoutError, succeed
 from twisted.internet.interfaces import IProcessTransport, IReactorProcess, IReactorTime
 from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
@@ -62,6 +63,19 @@ _GROUP_POLL = 0.02
 
 def log_file_name(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", model) + ".log"
+
+
+def last_lines(path: Path, lines: int, window: int = 1 << 20) -> list[str]:
+    """The last ``lines`` lines of a file, reading at most its last ``window`` bytes
+    (blocking: run it in a thread)."""
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - window))
+            data = f.read()
+    except OSError:
+        return []
+    return data.decode("utf-8", "replace").splitlines()[-lines:]
 
 
 def group_alive(pgid: int) -> bool:
@@ -121,6 +135,9 @@ class ProcessBackend:
         self._log_path = log_dir / log_file_name(model.name) if log_dir else None
         self._logfile: LogFile | None = None
         self._tail = bytearray()
+        # Console log views following the output live, and the line they have in part.
+        self._followers: list[Callable[[str], None]] = []
+        self._partial = b""
         self._transport: IProcessTransport | None = None
         self._pgid: int | None = None
         self._stopping = False
@@ -226,6 +243,24 @@ class ProcessBackend:
 
     # -- helpers --------------------------------------------------------------------------
 
+    def output(self, lines: int) -> Deferred[list[str]]:
+        if self._log_path is None:
+            return succeed(self.output_tail(lines).splitlines())
+        pool = self._reactor.getThreadPool()
+        d: Deferred[list[str]] = deferToThreadPool(
+            self._reactor, pool, last_lines, self._log_path, lines
+        )
+        return d
+
+    def follow(self, line: Callable[[str], None]) -> Callable[[], None]:
+        self._followers.append(line)
+
+        def stop() -> None:
+            if line in self._followers:
+                self._followers.remove(line)
+
+        return stop
+
     def output_tail(self, lines: int) -> str:
         text = self._tail.decode("utf-8", "replace").rstrip()
         return "\n".join(text.splitlines()[-lines:])
@@ -258,6 +293,12 @@ class ProcessBackend:
         if self._logfile is not None:
             self._logfile.write(data.decode("utf-8", "replace"))
             self._logfile.flush()
+        if self._followers:
+            *complete, self._partial = (self._partial + data).split(b"\n")
+            for raw in complete:
+                text = raw.decode("utf-8", "replace")
+                for line in list(self._followers):
+                    line(text)
 
     def _ended(self, reason: Failure) -> None:
         value = reason.value

@@ -1,0 +1,162 @@
+"""The Activity view's data: the last finished requests, with their figures.
+
+Kept in memory (``console.activity`` requests, about 0.5 KB each) from the event stream's
+:class:`~llmswap.events.RequestEnded`; with ``console.history`` also written to SQLite through
+``twisted.enterprise.adbapi`` (its own thread: the reactor never waits on the disk), in batches
+once a second, read back at start so the view survives a restart, and pruned to
+``console.history_days``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections import deque
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from llmswap.config import Console
+from llmswap.events import EventBus, RequestEnded
+
+log = Logger()
+
+FIELDS = (
+    "at", "path", "model", "key", "status", "stream", "queue_wait", "ttft", "duration",
+    "prompt_tokens", "completion_tokens", "tokens_per_s",
+)  # fmt: skip
+_FLUSH_SECONDS = 1.0
+_PRUNE_SECONDS = 3600.0
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS activity (at REAL, path TEXT, model TEXT, key TEXT, "
+    "status INTEGER, stream INTEGER, queue_wait REAL, ttft REAL, duration REAL, "
+    "prompt_tokens INTEGER, completion_tokens INTEGER, tokens_per_s REAL)"
+)
+
+
+def record(e: RequestEnded) -> dict[str, Any]:
+    """One row: tokens per second as the backend measured them, else estimated from the time
+    after the first byte (streams) or after the wait (whole answers)."""
+    speed = e.tokens_per_second
+    if speed is None and e.completion_tokens:
+        start = e.first_byte if e.first_byte is not None else (e.queue_wait or 0.0)
+        generating = e.duration - start
+        speed = e.completion_tokens / generating if generating > 0 else None
+    return {
+        "at": e.at, "path": e.path, "model": e.model, "key": e.key, "status": e.status,
+        "stream": e.stream, "queue_wait": e.queue_wait, "ttft": e.first_byte,
+        "duration": e.duration, "prompt_tokens": e.prompt_tokens,
+        "completion_tokens": e.completion_tokens,
+        "tokens_per_s": round(speed, 1) if speed is not None else None,
+    }  # fmt: skip
+
+
+class Activity(Service):
+    """The last ``console.activity`` finished requests, newest last."""
+
+    name = "activity"
+
+    def __init__(self, bus: EventBus, clock: IReactorTime, console: Console) -> None:
+        self._clock = clock
+        self._console = console
+        self._rows: deque[dict[str, Any]] = deque(maxlen=console.activity)
+        self._unsaved: list[dict[str, Any]] = []
+        self._db: adbapi.ConnectionPool | None = None
+        self._loops: list[LoopingCall] = []
+        bus.subscribe(RequestEnded, self._ended)
+
+    def recent(
+        self,
+        model: str | None = None,
+        key: str | None = None,
+        status: int | None = None,
+        limit: int = 1000,
+    ) -> list[dict[str, Any]]:
+        """Newest first, filtered."""
+        out = []
+        for row in reversed(self._rows):
+            if model is not None and row["model"] != model:
+                continue
+            if key is not None and row["key"] != key:
+                continue
+            if status is not None and row["status"] != status:
+                continue
+            out.append(row)
+            if len(out) >= limit:
+                break
+        return out
+
+    def _ended(self, e: RequestEnded) -> None:
+        row = record(e)
+        self._rows.append(row)
+        if self._db is not None:
+            self._unsaved.append(row)
+
+    # -- history ----------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        if self._console.history:
+            self._open(self._console.history).addErrback(
+                lambda f: log.failure(
+                    "activity history {path} unusable", f, path=self._console.history
+                )
+            )
+
+    @inlineCallbacks
+    def _open(self, path: str) -> Any:
+        db = adbapi.ConnectionPool("sqlite3", path, check_same_thread=False, cp_min=1, cp_max=1)
+        yield db.runOperation(_SCHEMA)
+        yield db.runOperation("CREATE INDEX IF NOT EXISTS activity_at ON activity (at)")
+        self._db = db
+        yield self._prune()
+        rows = yield db.runQuery(
+            f"SELECT {', '.join(FIELDS)} FROM activity ORDER BY at DESC LIMIT ?",
+            (self._console.activity,),
+        )
+        loaded = [dict(zip(FIELDS, r, strict=True)) for r in reversed(rows)]
+        for row in loaded:
+            row["stream"] = bool(row["stream"])
+        self._rows = deque([*loaded, *self._rows], maxlen=self._console.activity)
+        for seconds, call in ((_FLUSH_SECONDS, self._flush), (_PRUNE_SECONDS, self._prune)):
+            loop = LoopingCall(call)
+            loop.clock = self._clock
+            loop.start(seconds, now=False).addErrback(lambda f: log.failure("history", f))
+            self._loops.append(loop)
+
+    def _flush(self) -> Deferred[Any]:
+        rows, self._unsaved = self._unsaved, []
+        if self._db is None or not rows:
+            return succeed(None)
+        values = [tuple(r[f] for f in FIELDS) for r in rows]
+        marks = ", ".join("?" * len(FIELDS))
+
+        def insert(cursor: sqlite3.Cursor) -> None:
+            cursor.executemany(f"INSERT INTO activity VALUES ({marks})", values)
+
+        d: Deferred[Any] = self._db.runInteraction(insert)
+        return d
+
+    def _prune(self) -> Deferred[Any]:
+        assert self._db is not None
+        cutoff = self._clock.seconds() - self._console.history_days * 86400
+        d: Deferred[Any] = self._db.runOperation("DELETE FROM activity WHERE at < ?", (cutoff,))
+        return d
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        super().stopService()
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        self._loops = []
+        if self._db is not None:
+            try:
+                yield self._flush()
+            finally:
+                self._db.close()
+                self._db = None

@@ -1,0 +1,184 @@
+"""What the console's routes do; :mod:`llmswap.resource` routes to them.
+
+Every data route needs :meth:`llmswap.access.Gate.require_admin`; the static files (the page
+and its script, no data) are served to anyone, so that a browser without a session can show the
+login form.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.interfaces import IPushProducer
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from twisted.web.static import File
+from zope.interface import implementer
+
+from llmswap import errors
+from llmswap.access import SESSION_COOKIE, Gate
+from llmswap.console.activity import Activity
+from llmswap.console.live import LiveStreams
+from llmswap.console.logs import OwnLog
+from llmswap.console.timeline import Timeline
+from llmswap.proxy import ANSWERED_LATER
+from llmswap.swap.manager import SwapManager
+
+STATIC = Path(__file__).with_name("static")
+_FOLLOW_PENDING = 2000  # lines a slow follower may fall behind before lines are dropped
+
+
+def _json(request: IRequest, payload: Any) -> bytes:
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(payload).encode()
+
+
+def _arg(request: IRequest, name: str) -> str | None:
+    values = (request.args or {}).get(name.encode())
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+def _count(request: IRequest, name: str, default: int, limit: int) -> int:
+    text = _arg(request, name)
+    if text is None:
+        return default
+    if not text.isdigit():
+        raise errors.bad_request(f"'{name}' must be a whole number, got {errors.quote(text)!r}")
+    return min(int(text), limit)
+
+
+class ConsoleAPI:
+    def __init__(
+        self,
+        manager: SwapManager,
+        gate: Gate,
+        activity: Activity,
+        timeline: Timeline,
+        own_log: OwnLog,
+        live: LiveStreams,
+    ) -> None:
+        self._manager = manager
+        self._gate = gate
+        self._activity = activity
+        self._timeline = timeline
+        self._own_log = own_log
+        self._live = live
+        self.static: IResource = File(str(STATIC))
+
+    def events(self, request: IRequest) -> Any:
+        self._gate.require_admin(request)
+        self._live.add(request)
+        return ANSWERED_LATER
+
+    def activity(self, request: IRequest) -> bytes:
+        self._gate.require_admin(request)
+        status = _arg(request, "status")
+        if status is not None and not status.isdigit():
+            raise errors.bad_request(
+                f"'status' must be an HTTP status, got {errors.quote(status)!r}"
+            )
+        rows = self._activity.recent(
+            model=_arg(request, "model"),
+            key=_arg(request, "key"),
+            status=int(status) if status else None,
+            limit=_count(request, "limit", 1000, 100_000),
+        )
+        return _json(request, {"activity": rows})
+
+    def timeline(self, request: IRequest) -> bytes:
+        self._gate.require_admin(request)
+        return _json(request, self._timeline.since())
+
+    @inlineCallbacks
+    def logs(self, request: IRequest, model: str | None) -> Any:
+        """llmswap's log (``model`` None) or a backend's output, as text; ``?follow=1`` keeps
+        the response open and streams new lines."""
+        self._gate.require_admin(request)
+        lines = _count(request, "lines", self._manager.config.console.log_lines, 100_000)
+        follow: Callable[[Callable[[str], None]], Callable[[], None]]
+        if model is None:
+            recent = self._own_log.lines(lines)
+            follow = self._own_log.follow
+        else:
+            if model not in self._manager.config.models:
+                raise errors.model_not_found(model, self._manager.models())
+            backend = self._manager.backends[model]
+            recent = yield backend.output(lines)
+            follow = backend.follow
+        request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        text = "".join(line + "\n" for line in recent).encode()
+        if _arg(request, "follow") not in ("1", "true"):
+            return text
+        request.write(text)
+        _Follow(request, follow).start()
+        return ANSWERED_LATER
+
+    def login(self, request: IRequest) -> bytes:
+        token, seconds = self._gate.open_session(request)
+        secure = "; Secure" if request.isSecure() else ""
+        request.setHeader(
+            b"set-cookie",
+            f"{SESSION_COOKIE.decode()}={token}; HttpOnly; SameSite=Strict; Path=/; "
+            f"Max-Age={seconds}{secure}".encode(),
+        )
+        return _json(request, {"session": True, "expires_in": seconds})
+
+    def logout(self, request: IRequest) -> bytes:
+        self._gate.close_session(request)
+        request.setHeader(
+            b"set-cookie", SESSION_COOKIE + b"=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"
+        )
+        return _json(request, {"session": False})
+
+
+@implementer(IPushProducer)
+class _Follow:
+    """Streams lines to one follower until it goes away; a slow one loses lines (counted)
+    rather than growing llmswap's memory."""
+
+    def __init__(
+        self, request: IRequest, follow: Callable[[Callable[[str], None]], Callable[[], None]]
+    ) -> None:
+        self._request = request
+        self._follow = follow
+        self._stop: Callable[[], None] | None = None
+        self._paused = False
+        self._held: list[str] = []
+        self._dropped = 0
+
+    def start(self) -> None:
+        self._request.registerProducer(self, True)  # type: ignore[attr-defined]
+        self._stop = self._follow(self._line)
+        self._request.notifyFinish().addBoth(lambda _: self.stopProducing())  # type: ignore[attr-defined]
+
+    def _line(self, text: str) -> None:
+        if self._paused:
+            if len(self._held) < _FOLLOW_PENDING:
+                self._held.append(text)
+            else:
+                self._dropped += 1
+            return
+        self._request.write(text.encode() + b"\n")
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        held, self._held = self._held, []
+        if self._dropped:
+            held.append(f"[llmswap: {self._dropped} lines dropped: this client read too slowly]")
+            self._dropped = 0
+        for text in held:
+            self._line(text)
+
+    def stopProducing(self) -> None:
+        if self._stop is not None:
+            self._stop()
+            self._stop = None

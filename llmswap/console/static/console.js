@@ -1,0 +1,279 @@
+// llmswap's console: one live event stream (/admin/events) and a few JSON and text routes.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const STATE_COLORS = { starting: "#d97706", ready: "#16a34a", draining: "#0d9488", stopping: "#9ca3af", failed: "#dc2626" };
+const ROUTES = { "/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings",
+  "/api/chat": "ollama chat", "/api/generate": "ollama generate", "/api/embed": "ollama embed" };
+let state = null;      // the last "state" event: models, queue, devices
+let offset = 0;        // server clock minus this browser's, in seconds
+let activity = [];     // newest first
+let timeline = { changes: [], swaps: [], depth: [] };
+let source = null;     // the EventSource
+let logAbort = null;   // stops the followed log
+
+const now = () => Date.now() / 1000 + offset;
+const secs = (s) => (s === null || s === undefined ? "" : s < 1 ? `${(s * 1000).toFixed(0)} ms` : `${s.toFixed(1)} s`);
+const esc = (t) => String(t ?? "").replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]);
+const clock = (t) => new Date(t * 1000).toLocaleTimeString();
+
+async function api(path, options = {}) {
+  const headers = { "X-Requested-With": "llmswap-console", ...(options.headers || {}) };
+  const response = await fetch(path, { credentials: "same-origin", ...options, headers });
+  if (response.status === 401) { showLogin(); throw new Error("login needed"); }
+  if (!response.ok) {
+    const body = await response.json().catch(() => ({}));
+    throw new Error(body.error?.message || body.error || response.statusText);
+  }
+  return response;
+}
+
+// -- access -----------------------------------------------------------------------------------
+
+function showLogin(why) {
+  $("login").hidden = false;
+  if (why) $("login-why").textContent = why;
+  $("login-key").focus();
+}
+
+$("login-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  $("login-error").textContent = "";
+  const key = $("login-key").value.trim();
+  const response = await fetch("/admin/session", { method: "POST", credentials: "same-origin",
+    headers: { Authorization: `Bearer ${key}`, "X-Requested-With": "llmswap-console" } });
+  $("login-key").value = "";  // the key is sent once, in a header, and not kept
+  if (!response.ok) {
+    const body = await response.json().catch(() => ({}));
+    $("login-error").textContent = body.error?.message || response.statusText;
+    return;
+  }
+  $("login").hidden = true;
+  $("logout").hidden = false;
+  start();
+});
+
+$("logout").addEventListener("click", async () => {
+  await fetch("/admin/session", { method: "DELETE", credentials: "same-origin", headers: { "X-Requested-With": "llmswap-console" } });
+  location.reload();
+});
+
+// -- tabs -------------------------------------------------------------------------------------
+
+for (const tab of document.querySelectorAll("#tabs button")) {
+  tab.addEventListener("click", () => {
+    document.querySelectorAll("#tabs button").forEach((b) => b.classList.toggle("active", b === tab));
+    document.querySelectorAll(".view").forEach((v) => v.classList.toggle("active", v.id === tab.dataset.view));
+    if (tab.dataset.view === "logs") followLog();
+    if (tab.dataset.view === "swaps") drawChart();
+  });
+}
+
+// -- live stream ------------------------------------------------------------------------------
+
+async function start() {
+  try {
+    const response = await api("/admin/activity?limit=1000");
+    activity = (await response.json()).activity;
+    timeline = await (await api("/admin/timeline")).json();
+  } catch (e) {
+    if (e.message !== "login needed") { $("refused").hidden = false; $("refused").textContent = e.message; }
+    return;
+  }
+  renderActivity();
+  renderSwaps();
+  if (source) source.close();
+  source = new EventSource("/admin/events");
+  source.onopen = () => { $("link").textContent = "live"; $("link").className = "link up"; };
+  source.onerror = () => { $("link").textContent = "reconnecting"; $("link").className = "link down"; };
+  source.addEventListener("state", (e) => {
+    state = JSON.parse(e.data);
+    offset = state.now - Date.now() / 1000;
+    renderModels();
+    renderQueue();
+    fillLogSources();
+  });
+  source.addEventListener("activity", (e) => {
+    activity = JSON.parse(e.data).reverse().concat(activity).slice(0, 5000);
+    renderActivity();
+  });
+  source.addEventListener("timeline", (e) => {
+    for (const item of JSON.parse(e.data)) {
+      if (item.change) timeline.changes.push(item.change);
+      if (item.swap) timeline.swaps.push(item.swap);
+    }
+    renderSwaps();
+  });
+  source.addEventListener("resync", start);
+}
+
+// -- models -----------------------------------------------------------------------------------
+
+function where(m) {
+  const b = m.backend || {};
+  if (b.kind === "docker") return `container ${esc(b.container)} (${esc(b.container_state)})`;
+  if (b.pid) return `pid ${b.pid}`;
+  return "";
+}
+
+function renderModels() {
+  const rows = [];
+  const used = {};
+  for (const [name, m] of Object.entries(state.models)) {
+    if (["starting", "ready", "draining", "stopping"].includes(m.state) && m.memory) used[m.device] = (used[m.device] || 0) + m.memory;
+    let load = m.last_load_seconds ? `usually ${secs(m.last_load_seconds)}` : "";
+    if (m.state === "starting") load = `loading for ${secs(now() - m.since)}` + (m.last_load_seconds ? `, usually ${secs(m.last_load_seconds)}` : "");
+    let expires = "";
+    if (m.state === "ready" && m.ttl !== null && !m.in_flight) expires = secs(Math.max(0, m.last_used + m.ttl - now()));
+    const resident = ["starting", "ready", "draining"].includes(m.state);
+    rows.push(`<tr data-model="${esc(name)}"><td>${esc(name)}</td>
+      <td><span class="state ${m.state}">${m.state}</span>${m.error ? `<div class="error">${esc(m.error)}</div>` : ""}</td>
+      <td>${where(m)}${m.memory ? ` on ${esc(m.device)}` : ""}</td><td>${load}</td><td>${m.waiting}</td><td>${m.in_flight}</td>
+      <td>${expires}</td><td><button class="act" data-do="${resident ? "unload" : "load"}" data-model="${esc(name)}">${resident ? "Unload" : "Load"}</button></td></tr>`);
+  }
+  $("model-rows").innerHTML = rows.join("");
+  $("budgets").innerHTML = Object.entries(state.devices).map(([device, size]) => {
+    const share = Math.min(1, (used[device] || 0) / size);
+    return `<div>${esc(device)} <span class="bar"><span style="width:${(share * 100).toFixed(1)}%"></span></span>
+      ${((used[device] || 0) / 2 ** 30).toFixed(1)} of ${(size / 2 ** 30).toFixed(1)} GiB</div>`;
+  }).join("");
+}
+
+$("model-rows").addEventListener("click", async (event) => {
+  const button = event.target.closest("button[data-do]");
+  if (!button) return;
+  button.disabled = true;
+  try {
+    await api(`/admin/models/${encodeURIComponent(button.dataset.model)}/${button.dataset.do}`, { method: "POST" });
+  } catch (e) {
+    alert(e.message);
+  } finally {
+    button.disabled = false;
+  }
+});
+
+// -- queue ------------------------------------------------------------------------------------
+
+function renderQueue() {
+  $("queue-count").textContent = state.waiting;
+  const received = Date.now() / 1000;
+  $("queue-rows").innerHTML = state.queue.map((w) => `<tr><td>${w.position}</td><td>${esc(w.model)}</td>
+    <td>${esc(w.key)}</td><td data-age="${w.age}" data-at="${received}">${secs(w.age)}</td><td>${w.priority}</td></tr>`).join("");
+  $("queue-more").textContent = state.waiting > state.queue.length ? `and ${state.waiting - state.queue.length} more` : "";
+}
+
+setInterval(() => {  // ages, countdowns and "loading for" tick between state events
+  for (const cell of document.querySelectorAll("#queue-rows td[data-age]")) {
+    cell.textContent = secs(Number(cell.dataset.age) + Date.now() / 1000 - Number(cell.dataset.at));
+  }
+  if (state) renderModels();
+}, 1000);
+
+// -- activity ---------------------------------------------------------------------------------
+
+function renderActivity() {
+  const model = $("f-model").value.trim(), key = $("f-key").value.trim(), status = $("f-status").value.trim();
+  const shown = activity.filter((r) => (!model || r.model === model) && (!key || r.key === key) && (!status || String(r.status) === status)).slice(0, 1000);
+  $("activity-rows").innerHTML = shown.map((r) => `<tr><td>${clock(r.at)}</td><td>${esc(ROUTES[r.path] || r.path)}</td>
+    <td>${esc(r.model)}</td><td>${esc(r.key)}</td><td>${r.status}</td><td>${secs(r.queue_wait)}</td><td>${secs(r.ttft)}</td>
+    <td>${secs(r.duration)}</td><td>${r.prompt_tokens ?? ""}</td><td>${r.completion_tokens ?? ""}</td><td>${r.tokens_per_s ?? ""}</td></tr>`).join("");
+}
+for (const id of ["f-model", "f-key", "f-status"]) $(id).addEventListener("input", renderActivity);
+
+// -- swaps ------------------------------------------------------------------------------------
+
+function renderSwaps() {
+  $("swap-rows").innerHTML = timeline.swaps.slice(-200).reverse().map((s) => `<tr><td>${clock(s.at)}</td><td>${esc(s.cause)}</td>
+    <td>${esc(s.loaded || "")}</td><td>${esc(s.unloaded.join(", "))}</td><td>${secs(s.stop_seconds)}</td><td>${secs(s.load_seconds)}</td></tr>`).join("");
+  if ($("swaps").classList.contains("active")) drawChart();
+}
+
+function drawChart() {
+  const svg = $("chart");
+  const width = svg.clientWidth || 900, height = svg.clientHeight || 260;
+  const end = now();
+  let span = Number($("span").value);
+  if (!span) {  // from the first change recorded (at least a minute), so short histories are readable
+    const first = Math.min(end - 60, ...timeline.changes.map((c) => c.at), ...timeline.swaps.map((s) => s.at));
+    span = end - first + 2;
+  }
+  const begin = end - span;
+  const models = state ? Object.keys(state.models) : [...new Set(timeline.changes.map((c) => c.model))];
+  const left = 140, row = Math.min(28, (height - 70) / Math.max(1, models.length));
+  const x = (t) => left + ((Math.max(t, begin) - begin) / span) * (width - left - 10);
+  const parts = [];
+  models.forEach((model, i) => {
+    const y = 10 + i * row;
+    parts.push(`<text x="4" y="${y + row * 0.65}" font-size="12">${esc(model)}</text>`);
+    const changes = timeline.changes.filter((c) => c.model === model);
+    let current = changes.length ? changes[0].old : (state ? state.models[model].state : "stopped");
+    let since = begin;
+    for (const c of changes.concat([{ at: end, new: null }])) {
+      if (STATE_COLORS[current] && c.at > begin) {
+        parts.push(`<rect x="${x(since)}" y="${y + 3}" width="${Math.max(1, x(c.at) - x(since))}" height="${row - 6}" fill="${STATE_COLORS[current]}"><title>${esc(model)} ${current} from ${clock(since)}</title></rect>`);
+      }
+      since = c.at; current = c.new;
+    }
+  });
+  for (const s of timeline.swaps.filter((s) => s.at >= begin)) {
+    parts.push(`<line x1="${x(s.at)}" x2="${x(s.at)}" y1="5" y2="${10 + models.length * row}" stroke="#1d2330" stroke-dasharray="2,3"><title>${clock(s.at)} ${esc(s.cause)}: ${esc(s.unloaded.join(", ") || "-")} → ${esc(s.loaded || "-")}, stop ${secs(s.stop_seconds)}, load ${secs(s.load_seconds)}</title></line>`);
+  }
+  const base = height - 12, depth = timeline.depth.filter((d) => d[0] >= begin);
+  const most = Math.max(1, ...depth.map((d) => d[1]));
+  const points = depth.map((d) => `${x(d[0])},${base - (d[1] / most) * 40}`).join(" ");
+  parts.push(`<text x="4" y="${base - 20}" font-size="12">queue (max ${most})</text>`);
+  if (points) parts.push(`<polyline points="${points}" fill="none" stroke="#2563eb" stroke-width="1.5"/>`);
+  parts.push(`<text x="${left}" y="${height - 1}" font-size="11" fill="#6b7280">${clock(begin)}</text><text x="${width - 70}" y="${height - 1}" font-size="11" fill="#6b7280">${clock(end)}</text>`);
+  svg.innerHTML = parts.join("");
+}
+$("span").addEventListener("change", drawChart);
+setInterval(() => { if ($("swaps").classList.contains("active")) drawChart(); }, 5000);
+
+// -- logs -------------------------------------------------------------------------------------
+
+function fillLogSources() {
+  const select = $("log-source");
+  const names = Object.keys(state.models);
+  if (select.options.length === names.length + 1) return;
+  select.innerHTML = `<option value="">llmswap</option>` + names.map((n) => `<option value="${esc(n)}">${esc(n)}</option>`).join("");
+}
+
+const logLines = [];
+function showLogLines() {
+  const filter = $("log-filter").value.trim().toLowerCase();
+  const shown = filter ? logLines.filter((l) => l.toLowerCase().includes(filter)) : logLines;
+  const pre = $("log-lines");
+  const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 5;
+  pre.textContent = shown.join("\n");
+  if (atEnd) pre.scrollTop = pre.scrollHeight;
+}
+
+async function followLog() {
+  if (logAbort) logAbort.abort();
+  logAbort = new AbortController();
+  logLines.length = 0;
+  showLogLines();
+  const model = $("log-source").value;
+  const path = (model ? `/admin/logs/${encodeURIComponent(model)}` : "/admin/logs") + "?follow=1";
+  try {
+    const response = await api(path, { signal: logAbort.signal });
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let partial = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      const lines = (partial + decoder.decode(value, { stream: true })).split("\n");
+      partial = lines.pop();
+      logLines.push(...lines);
+      if (logLines.length > 2000) logLines.splice(0, logLines.length - 2000);
+      showLogLines();
+    }
+  } catch (e) {
+    if (e.name !== "AbortError") { logLines.push(`[${e.message}]`); showLogLines(); }
+  }
+}
+$("log-source").addEventListener("change", followLog);
+$("log-filter").addEventListener("input", showLogLines);
+
+start();
