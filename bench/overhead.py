@@ -19,6 +19,7 @@ import contextlib
 import http.client
 import json
 import re
+import socket
 import subprocess
 import tempfile
 import threading
@@ -86,11 +87,15 @@ def consoles(port: int, count: int) -> Iterator[list[int]]:
         connections.append(conn)
         conn.request("GET", "/admin/events")
         response = conn.getresponse()
-        while not stop.is_set():
-            chunk = response.read1(65536)
-            if not chunk:
-                break
-            received[i] += len(chunk)
+        try:
+            while not stop.is_set():
+                chunk = response.read1(65536)
+                if not chunk:
+                    break
+                received[i] += len(chunk)
+        except (OSError, ValueError, http.client.HTTPException):
+            if not stop.is_set():  # cut off by the shutdown below is how it ends
+                raise
 
     threads = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(count)]
     for thread in threads:
@@ -99,6 +104,11 @@ def consoles(port: int, count: int) -> Iterator[list[int]]:
         yield received
     finally:
         stop.set()
+        for conn in connections:  # the readers see the end of their streams and return
+            if conn.sock is not None:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+        for thread in threads:
+            thread.join(10)
         for conn in connections:
             conn.close()
 

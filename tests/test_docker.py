@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import treq
 import yaml
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from tests.fakebackend import live_peers
 from tests.support import FAKE, Daemon, free_port, read_ledger, wait_for
@@ -136,6 +138,24 @@ class DockerBackendTests(DockerTestCase):
         health = d.service.health()["models"]
         self.assertEqual(health["alpha"]["container_state"], "running")
         self.assertEqual(health["beta"]["container_state"], "exited")
+
+    @inlineCallbacks
+    def test_console_shows_a_containers_log_and_follows_it(self) -> Any:
+        """The engine's log through the Docker SDK: recent lines, then new ones as they come."""
+        d = self.daemon({"alpha": self.create("alpha")})
+        yield self.chat(d, "alpha")
+        http = treq.client.HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, False)))
+        response = yield http.get(d.url + "/admin/logs/alpha?lines=50")
+        self.assertIn(
+            'fake alpha: "POST /v1/chat/completions HTTP/1.1" 200', (yield response.text())
+        )
+        response = yield http.get(d.url + "/admin/logs/alpha?follow=1&lines=0", unbuffered=True)
+        received: list[bytes] = []
+        done = treq.collect(response, received.append)
+        yield self.chat(d, "alpha")
+        yield wait_for(lambda: b"POST /v1/chat/completions" in b"".join(received), 20)
+        done.cancel()
+        done.addErrback(lambda _: None)
 
     @inlineCallbacks
     def test_missing_container_says_to_create_it(self) -> Any:
