@@ -5,20 +5,18 @@ subscribe.  Nothing holds a reference back to a publisher, so the parts stay ind
 
 Cost: a listener subscribes to the kinds it wants; a publisher asks :meth:`EventBus.wants`
 before it builds an event on the hot path, so a kind nobody listens to costs one dict lookup.
-Listeners run synchronously and must be quick (counting, appending); a slow consumer, such as a
-browser on a slow link, reads through a :class:`Feed`, which holds at most ``limit`` events and
-counts what it had to drop, so it can never make llmswap's memory grow.
+Listeners run synchronously and must be quick (counting, appending to a bounded buffer); one
+that serves slow readers bounds what it keeps for them, as the console's live streams do
+(:mod:`llmswap.console.live`).
 """
 
 from __future__ import annotations
 
 import enum
-from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import attrs
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from llmswap.swap.state import ModelState
@@ -145,60 +143,9 @@ class EventBus:
             except Exception:  # a broken listener must not break a swap or a request
                 log.failure("event listener failed on {event!r}", event=event)
 
-    def feed(self, kinds: Iterable[type[Any]], limit: int = 1000) -> Feed:
-        """A bounded buffer of events of ``kinds`` for a consumer that reads at its own pace."""
-        feed = Feed(limit)
-        feed.subscription = self.subscribe_all(kinds, feed.put)
-        return feed
-
     def _remove(self, kind: type[Any], listener: Callable[[Any], None]) -> None:
         remaining = tuple(x for x in self._listeners.get(kind, ()) if x is not listener)
         if remaining:
             self._listeners[kind] = remaining
         else:
             self._listeners.pop(kind, None)
-
-
-class Feed:
-    """Holds up to ``limit`` events for one slow reader; older events are dropped (and counted)
-    when it falls behind, so a reader that must be exact re-reads a snapshot after a drop."""
-
-    def __init__(self, limit: int) -> None:
-        self._events: deque[Event] = deque(maxlen=limit)
-        self._reader: Deferred[Event] | None = None
-        self.dropped = 0
-        self.subscription: Subscription | None = None
-
-    def __len__(self) -> int:
-        return len(self._events)
-
-    def put(self, event: Event) -> None:
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            reader.callback(event)
-            return
-        if len(self._events) == self._events.maxlen:
-            self.dropped += 1
-        self._events.append(event)
-
-    def get(self) -> Deferred[Event]:
-        """The next event; cancel the Deferred to stop waiting."""
-        if self._events:
-            d: Deferred[Event] = Deferred()
-            d.callback(self._events.popleft())
-            return d
-        if self._reader is not None:
-            raise RuntimeError("a Feed has one reader")
-        self._reader = Deferred(self._forget_reader)
-        return self._reader
-
-    def close(self) -> None:
-        if self.subscription is not None:
-            self.subscription.cancel()
-            self.subscription = None
-        if self._reader is not None:
-            self._reader.cancel()
-        self._events.clear()
-
-    def _forget_reader(self, _: Deferred[Event]) -> None:
-        self._reader = None

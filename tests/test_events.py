@@ -68,34 +68,6 @@ def test_a_failing_listener_does_not_stop_the_others() -> None:
     assert len(heard) == 1
 
 
-def test_feed_holds_at_most_its_limit_and_counts_what_it_dropped() -> None:
-    bus = EventBus()
-    feed = bus.feed([RequestAdmitted], limit=3)
-    for seq in range(5):
-        bus.publish(RequestAdmitted(float(seq), seq, "a", 0.0))
-    assert (len(feed), feed.dropped) == (3, 2)
-    got: list[Any] = []
-    for _ in range(3):
-        feed.get().addCallback(got.append)
-    assert [e.seq for e in got] == [2, 3, 4]
-    waiting = feed.get()  # nothing held: waits for the next event
-    waiting.addCallback(got.append)
-    bus.publish(RequestAdmitted(9.0, 9, "a", 0.0))
-    assert got[-1].seq == 9
-    feed.close()
-    bus.publish(RequestAdmitted(10.0, 10, "a", 0.0))
-    assert len(feed) == 0 and not bus.wants(RequestAdmitted)
-
-
-def test_a_closed_feed_cancels_its_waiting_reader() -> None:
-    feed = EventBus().feed([Swap])
-    reader = feed.get()
-    failures: list[Any] = []
-    reader.addErrback(failures.append)
-    feed.close()
-    assert len(failures) == 1
-
-
 class ManagerEventTests(unittest.TestCase):
     def setUp(self) -> None:
         self.clock = Clock()

@@ -12,7 +12,6 @@ clients raise.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -241,6 +240,3 @@ def _backend_message(body: bytes) -> str:
         if isinstance(error, str):
             return errors.quote(error, 2000)
     return errors.quote(body.decode("utf-8", "replace"), 2000)
-
-
-WriterFactory = Callable[[IRequest, float], OllamaWriter]
