@@ -118,13 +118,13 @@ class Gate:
         return token, SESSION_SECONDS
 
     def close_session(self, request: IRequest) -> None:
-        token = request.getCookie(SESSION_COOKIE)  # type: ignore[attr-defined]
+        token = request.getCookie(SESSION_COOKIE)
         if token is not None:
             self._sessions.pop(token.decode("latin-1"), None)
 
     def _session(self, request: IRequest) -> APIKey | None:
         """The key of the browser's session; its current entry, so a reload can revoke it."""
-        cookie = getattr(request, "getCookie", lambda _: None)(SESSION_COOKIE)
+        cookie = request.getCookie(SESSION_COOKIE)
         if cookie is None:
             return None
         name, expires = self._sessions.get(cookie.decode("latin-1"), ("", 0.0))

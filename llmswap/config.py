@@ -65,15 +65,10 @@ CAPABILITIES = ("completion", "tools", "vision", "embedding", "thinking", "inser
 
 
 def _info(raw: Any, where: str) -> ModelInfo:
-    if raw is None:
-        return ModelInfo()
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"'{where}' must be a mapping (capabilities, context_length, ...)")
-    INFO.check_keys(raw, where)
-    capabilities = raw.get("capabilities", INFO["capabilities"].default)
+    values = INFO.read_all(raw, where)
+    capabilities = values.pop("capabilities")
     if not isinstance(capabilities, list | tuple) or not set(capabilities) <= set(CAPABILITIES):
         raise ConfigError(f"'{where}.capabilities' must list some of {', '.join(CAPABILITIES)}")
-    values = {k: INFO[k].read(raw, where) for k in INFO.keys() if k != "capabilities"}
     return ModelInfo(capabilities=tuple(capabilities), **values)
 
 
@@ -210,14 +205,6 @@ def parse(data: Any, source: str = "<string>") -> Config:
     devices = _devices(data.get("devices"), models)
     preload = _preload(data.get("preload"), models)
 
-    docker_raw = data.get("docker", {}) or {}
-    if not isinstance(docker_raw, Mapping):
-        raise ConfigError("'docker' must be a mapping (base_url, timeout, stop_on_exit)")
-    DOCKER.check_keys(docker_raw, "docker")
-    console_raw = data.get("console", {}) or {}
-    if not isinstance(console_raw, Mapping):
-        raise ConfigError("'console' must be a mapping (open, activity, history, ...)")
-    CONSOLE.check_keys(console_raw, "console")
     config = Config(
         models=models,
         listen=G["listen"].read(data, ""),
@@ -226,12 +213,8 @@ def parse(data: Any, source: str = "<string>") -> Config:
         health_interval=G["health_interval"].read(data, ""),
         max_body_bytes=G["max_body_bytes"].read(data, ""),
         log_dir=G["log_dir"].read(data, ""),
-        docker=DockerEngine(
-            **{key: DOCKER[key].read(docker_raw, "docker") for key in DOCKER.keys()}
-        ),
-        console=Console(
-            **{key: CONSOLE[key].read(console_raw, "console") for key in CONSOLE.keys()}
-        ),
+        docker=DockerEngine(**DOCKER.read_all(data.get("docker"), "docker")),
+        console=Console(**CONSOLE.read_all(data.get("console"), "console")),
         scheduler=G["scheduler"].read(data, ""),
         priority_header=G["priority_header"].read(data, ""),
         keepalive_interval=G["keepalive_interval"].read(data, ""),

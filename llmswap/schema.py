@@ -98,6 +98,15 @@ class Section:
     def keys(self) -> list[str]:
         return [s.key for s in self.settings]
 
+    def read_all(self, raw: Any, where: str) -> dict[str, Any]:
+        """Every setting of a nested section (absent or null: all defaults), checked."""
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"'{where}' must be a mapping ({', '.join(self.keys())})")
+        self.check_keys(raw, where)
+        return {key: self[key].read(raw, where) for key in self.keys()}
+
     def check_keys(self, mapping: Mapping[str, Any], where: str) -> None:
         """Refuse a key this section does not declare, naming the closest valid one."""
         allowed = self.keys()

@@ -209,10 +209,10 @@ class LLMSwapService(MultiService):
         activity = Activity(self.bus, reactor, settings)
         timeline = Timeline(self.bus, reactor, self.manager.snapshot)
         own_log = OwnLog(settings.log_lines)
-        self.live = LiveStreams(self.bus, reactor, self.manager.snapshot, lambda: self.config)
-        for service in (activity, timeline, own_log, self.live):
+        live = LiveStreams(self.bus, reactor, self.manager.snapshot, lambda: self.config)
+        for service in (activity, timeline, own_log, live):
             service.setServiceParent(self)
-        return ConsoleAPI(self.manager, self.gate, activity, timeline, own_log, self.live)
+        return ConsoleAPI(self.manager, self.gate, activity, timeline, own_log, live)
 
     @property
     def config(self) -> Config:

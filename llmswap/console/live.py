@@ -155,9 +155,6 @@ class LiveStreams(Service):
         self._flush: IDelayedCall | None = None
         self._keepalive: LoopingCall | None = None
 
-    def __len__(self) -> int:
-        return len(self._open)
-
     def add(self, request: IRequest) -> None:
         stream = LiveStream(request, self._catch_up, self._closed)
         self._open.add(stream)

@@ -59,6 +59,17 @@ class Call:
     load_only: bool = False
 
 
+def _empty_answer(call: Call, reason: str) -> dict[str, Any]:
+    """What an empty chat or generate gets: ``done_reason`` load or unload."""
+    answer: dict[str, Any] = {"model": call.request["model"], "created_at": translate.now_iso()}
+    if call.kind == stream.CHAT:
+        answer["message"] = {"role": "assistant", "content": ""}
+    else:
+        answer["response"] = ""
+    answer.update(done=True, done_reason=reason)
+    return answer
+
+
 def _empty(call: Call) -> bool:
     """An empty chat or generate only loads (or, with keep_alive 0, unloads) the model."""
     if call.kind == stream.CHAT:
@@ -79,10 +90,8 @@ class OllamaProxy(Proxy):
         models = self._config.models
         x.model = translate.resolve(data.get("model"), models, self._gate.visible(key, models))
         call.name = data["model"]
-        call.keep_alive = translate.keep_alive(data.get("keep_alive"))
         embedding = call.kind in (stream.EMBED, stream.EMBEDDINGS)
         x.stream = not embedding and data.get("stream", True) is not False
-        call.load_only = _empty(call)
         if call.kind == stream.CHAT:
             call.path, body = "/chat/completions", translate.chat(data, x.model, x.stream)
         elif call.kind == stream.GENERATE:
@@ -98,13 +107,7 @@ class OllamaProxy(Proxy):
         call: Call = x.call
         request = x.request
         if call.load_only:
-            answer = {"model": call.name, "created_at": translate.now_iso(), "done": True}
-            if call.kind == stream.CHAT:
-                answer["message"] = {"role": "assistant", "content": ""}
-            else:
-                answer["response"] = ""
-            answer["done_reason"] = "load"
-            request.write(_json(request, answer))
+            request.write(_json(request, _empty_answer(call, "load")))
             return succeed(Relayed(200))
         writer = stream.OllamaWriter(
             request, self._clock, call.kind, call.name, x.stream, x.started, lease.load_seconds
@@ -190,12 +193,7 @@ class OllamaRoutes:
     def show(self, request: IRequest) -> Any:
         try:
             data = _body(request, self._manager.config.max_body_bytes)
-            key = self._gate.identify(request)
-            models = self._manager.config.models
-            model = translate.resolve(
-                data.get("model") or data.get("name"), models, self._models(key)
-            )
-            self._gate.check_model(key, model)
+            model = self._allowed(request, data.get("model") or data.get("name"))
         except errors.APIError as e:
             return errors.render_ollama(request, e)
         cfg = self._manager.config.models[model]
@@ -261,7 +259,9 @@ class OllamaRoutes:
     def _relayed(self, request: IRequest, kind: str) -> Any:
         try:
             call = Call(kind, _body(request, self._manager.config.max_body_bytes))
-            if _empty(call) and translate.keep_alive(call.request.get("keep_alive")) == 0:
+            call.keep_alive = translate.keep_alive(call.request.get("keep_alive"))
+            call.load_only = _empty(call)
+            if call.load_only and call.keep_alive == 0:
                 return self._unload(request, call)
         except errors.APIError as e:
             return errors.render_ollama(request, e)
@@ -271,27 +271,23 @@ class OllamaRoutes:
     def _unload(self, request: IRequest, call: Call) -> Any:
         """Open WebUI's eject: an empty request with keep_alive 0 unloads, never loads."""
         try:
-            key = self._gate.identify(request)
-            models = self._manager.config.models
-            model = translate.resolve(call.request.get("model"), models, self._models(key))
-            self._gate.check_model(key, model)
+            model = self._allowed(request, call.request.get("model"))
             yield self._manager.unload(model, Cause.KEEP_ALIVE)
         except errors.APIError as e:
             return errors.render_ollama(request, e)
-        answer: dict[str, Any] = {"model": call.request["model"], "created_at": translate.now_iso()}
-        if call.kind == stream.CHAT:
-            answer["message"] = {"role": "assistant", "content": ""}
-        else:
-            answer["response"] = ""
-        answer.update(done=True, done_reason="unload")
-        return _json(request, answer)
+        return _json(request, _empty_answer(call, "unload"))
+
+    def _allowed(self, request: IRequest, name: Any) -> str:
+        """The configured model ``name`` means, if the caller's key may use it (404 lists
+        only the models it may see; 403 for one it may not use)."""
+        key = self._gate.identify(request)
+        models = self._manager.config.models
+        model = translate.resolve(name, models, self._gate.visible(key, models))
+        self._gate.check_model(key, model)
+        return model
 
     def _visible(self, request: IRequest) -> list[str]:
         return self._gate.visible(self._gate.identify(request), self._manager.models())
-
-    def _models(self, key: APIKey | None) -> dict[str, ModelConfig]:
-        models = self._manager.config.models
-        return {n: models[n] for n in self._gate.visible(key, models)}
 
     def _listed(self, cfg: ModelConfig) -> dict[str, Any]:
         name = translate.tagged(cfg.name)

@@ -49,7 +49,9 @@ class OllamaWriter:
         self._started = started
         self._load = load_seconds
         self._failed_status: int | None = None
-        self._held = b""  # an incomplete event, or the whole body when not streaming
+        self._held = b""  # an incomplete event
+        self._whole: list[bytes] = []  # the body, when not streaming or an error (bounded)
+        self._whole_size = 0
         self._finish_reason: Any = None
         self._usage: dict[str, Any] | None = None
         self._timings: dict[str, Any] | None = None
@@ -67,8 +69,9 @@ class OllamaWriter:
 
     def data(self, chunk: bytes) -> None:
         if self._failed_status is not None or not self._stream:
-            if len(self._held) < _ERROR_BODY_LIMIT or self._failed_status is None:
-                self._held += chunk
+            if self._whole_size < _ERROR_BODY_LIMIT or self._failed_status is None:
+                self._whole.append(chunk)
+                self._whole_size += len(chunk)
             return
         events = (self._held + chunk).replace(b"\r\n", b"\n").split(b"\n\n")
         self._held = events.pop()
@@ -77,14 +80,14 @@ class OllamaWriter:
 
     def end(self) -> None:
         if self._failed_status is not None:
-            self._error(self._failed_status, _backend_message(self._held))
+            self._error(self._failed_status, _backend_message(b"".join(self._whole)))
         elif self._stream:
             if self._held.strip():
                 self._event(self._held)
             self._flush_calls()
             self._line(self._final(self._base(done=True)))
         else:
-            self._whole(self._held)
+            self._answer(b"".join(self._whole))
 
     def fail(self, message: str) -> None:
         if self._stream and self._failed_status is None:
@@ -141,7 +144,7 @@ class OllamaWriter:
 
     # -- whole answers ----------------------------------------------------------------------
 
-    def _whole(self, body: bytes) -> None:
+    def _answer(self, body: bytes) -> None:
         try:
             answer = json.loads(body)
         except ValueError:

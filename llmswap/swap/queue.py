@@ -106,7 +106,10 @@ class WaitingRoom:
             del priorities[ticket.priority]
         return True
 
-    def oldest(self, n: int = 1) -> list[Ticket]:
+    def first(self) -> Ticket | None:
+        return next(iter(self._all.values()), None)
+
+    def oldest(self, n: int) -> list[Ticket]:
         return list(itertools.islice(self._all.values(), n))
 
     def get(self, seq: int) -> Ticket | None:
@@ -233,8 +236,7 @@ class RequestQueue:
         timeout = self._config().request_timeout
         now = self._clock.seconds()
         expired = False
-        while oldest := self.waiting.oldest():
-            ticket = oldest[0]
+        while (ticket := self.waiting.first()) is not None:
             deadline = ticket.enqueued + timeout
             if deadline > now:
                 self._expiry = self._clock.callLater(deadline - now, self._expire)

@@ -26,7 +26,7 @@ def reconcile(config: Config, slots: Mapping[str, Slot], http: Any, clock: IReac
     running: list[Slot] = []
     for name, slot in slots.items():
         try:
-            if (yield slot.adopt()):
+            if (yield slot.backend.adopt()):
                 running.append(slot)
         except Exception as e:
             log.error("model {model}: cannot inspect at start-up: {e}", model=name, e=e)

@@ -130,11 +130,6 @@ class Slot:
         self.last_used = now
         self.set(S.READY)
 
-    def adopt(self) -> Deferred[bool]:
-        """Whether the backend is already running (left by an earlier daemon)."""
-        d: Deferred[bool] = self.backend.adopt()
-        return d
-
     def adopted(self) -> None:
         self.last_used = self._clock.seconds()
         self.set(S.READY)
