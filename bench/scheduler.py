@@ -8,6 +8,10 @@ own ledger; queue waits come from llmswap's ``x-llmswap-queue-wait`` header.  Ea
 in sessions, like a user chatting with one model for a few turns, or a workflow run, before
 moving to another model; the clients' sessions interleave.
 
+A second part measures the linger bound (ski rental: a model that just answered waits for a
+follow-up at most as long as its own reload would take): a lone user alternating two models,
+and the mixed workload, each with ``linger_bound`` on and off, side by side.
+
     python -m bench.scheduler            # or: make bench
 """
 
@@ -31,13 +35,13 @@ FAKE = ROOT / "tests" / "fakebackend.py"
 MODELS = ("alpha", "beta", "gamma")
 
 
-def fake_models(args: argparse.Namespace, ledger: str) -> dict[str, Any]:
+def fake_models(load: float, ledger: str, names: tuple[str, ...] = MODELS) -> dict[str, Any]:
     models = {}
-    for name in MODELS:
+    for name in names:
         backend = free_port()
         models[name] = {
             "cmd": [PYTHON, str(FAKE), "--port", str(backend), "--name", name,
-                    "--startup-delay", str(args.startup_delay), "--ledger", ledger],
+                    "--startup-delay", str(load), "--ledger", ledger],
             "backend_url": f"http://127.0.0.1:{backend}/v1",
             "startup_timeout": 60,
         }  # fmt: skip
@@ -58,19 +62,30 @@ def chat(port: int, model: str, service: float) -> tuple[int, float]:
     return response.status, wait
 
 
-def run(policy: str, args: argparse.Namespace) -> dict[str, Any]:
+def loads(ledger: str) -> int:
+    lines = Path(ledger).read_text().splitlines()
+    return sum(1 for line in lines if json.loads(line)["event"] == "start")
+
+
+def run(
+    policy: str, args: argparse.Namespace, linger: float | None = None, load: float | None = None,
+    bound: bool = True,
+) -> dict[str, Any]:  # fmt: skip
+    """The mixed workload; ``linger``, ``load`` and ``bound`` override the arguments'."""
     ledger = os.path.join(tempfile.mkdtemp(prefix=f"llmswap-bench-{policy}-"), "ledger")
     settings = {
         "scheduler": policy,
         "max_wait_before_swap": args.max_wait,
-        "linger": args.linger,
+        "linger": args.linger if linger is None else linger,
+        "linger_bound": bound,
         "queue_size": 1000,
         "request_timeout": 3600,
     }
     waits: list[float] = []
     failures: list[int] = []
     lock = threading.Lock()
-    with llmswap(fake_models(args, ledger), **settings) as (port, _):
+    models = fake_models(args.startup_delay if load is None else load, ledger)
+    with llmswap(models, **settings) as (port, _):
 
         def client(seed: int) -> None:
             rng = random.Random(seed)
@@ -97,19 +112,55 @@ def run(policy: str, args: argparse.Namespace) -> dict[str, Any]:
         for t in threads:
             t.join()
         total = time.monotonic() - started
-    loads = sum(
-        1 for line in Path(ledger).read_text().splitlines() if json.loads(line)["event"] == "start"
-    )
     return {
         "policy": policy,
         "requests": len(waits) + len(failures),
         "failures": len(failures),
-        "loads": loads,
+        "loads": loads(ledger),
         "total_s": total,
         "p50_wait_s": statistics.median(waits),
         "p95_wait_s": percentile(waits, 0.95),
         "max_wait_s": max(waits),
     }
+
+
+def lone(args: argparse.Namespace, bound: bool) -> dict[str, Any]:
+    """One user alternating two models: every request is a switch, and no follow-up for the
+    loaded model ever comes; what each switch waits is the linger left plus the load."""
+    ledger = os.path.join(tempfile.mkdtemp(prefix="llmswap-bench-lone-"), "ledger")
+    settings = {"linger": args.study_linger, "linger_bound": bound, "request_timeout": 3600}
+    waits = []
+    with llmswap(fake_models(args.study_load, ledger, MODELS[:2]), **settings) as (port, _):
+        for i in range(args.switches + 1):
+            status, wait = chat(port, MODELS[i % 2], args.service)
+            assert status == 200, status
+            if i:  # the first request has nothing to switch from
+                waits.append(wait)
+            time.sleep(args.think)
+    return {"loads": loads(ledger), "p50_switch_wait_s": statistics.median(waits),
+            "max_switch_wait_s": max(waits)}  # fmt: skip
+
+
+def linger_study(args: argparse.Namespace) -> dict[str, Any]:
+    """linger_bound on and off, for a lone user and for the mixed workload, in one run."""
+    results: dict[str, Any] = {}
+    for bound in (False, True):
+        name = "bound" if bound else "unbounded"
+        results[f"lone, {name}"] = lone(args, bound)
+        mixed = run("swap-aware", args, args.study_linger, args.study_load, bound)
+        results[f"mixed, {name}"] = mixed
+    print(
+        f"\nlinger bound: linger {args.study_linger:g} s, load {args.study_load:g} s, "
+        f"think {args.think:g} s; lone user: {args.switches} switches between two models"
+    )
+    print("| workload | linger_bound | loads | p50 wait s | max wait s |")
+    print("|---|---|---|---|---|")
+    for key, r in results.items():
+        workload, name = key.split(", ")
+        p50 = r.get("p50_switch_wait_s", r.get("p50_wait_s"))
+        top = r.get("max_switch_wait_s", r.get("max_wait_s"))
+        print(f"| {workload} | {name == 'bound'} | {r['loads']} | {p50:.2f} | {top:.2f} |")
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -123,6 +174,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-wait", type=float, default=10.0, help="max_wait_before_swap")
     p.add_argument("--linger", type=float, default=0.5, help="linger")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--study-linger", type=float, default=2.0, help="linger, for the bound")
+    p.add_argument("--study-load", type=float, default=1.0, help="load s, for the bound")
+    p.add_argument("--switches", type=int, default=8, help="the lone user's")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     results = {policy: run(policy, args) for policy in ("fifo", "swap-aware")}
@@ -153,7 +207,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"swap-aware max wait {aware['max_wait_s']:.1f} s vs bound + one load per model "
         f"{bound:.1f} s"
     )
-    out = {"args": vars(args), "results": results, "ratios": ratios}
+    study = linger_study(args)
+    out = {"args": vars(args), "results": results, "ratios": ratios, "linger_bound": study}
     return save(out, args.json)
 
 

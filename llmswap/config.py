@@ -20,7 +20,7 @@ import attrs
 import yaml
 
 from llmswap.keys import Auth, parse_auth
-from llmswap.schema import CONSOLE, DEVICE, DOCKER, GLOBAL, INFO, MODEL
+from llmswap.schema import CONSOLE, DEVICE, DOCKER, GLOBAL, INFO, MODEL, SLEEP
 from llmswap.values import ConfigError, known_model, size
 
 __all__ = ["Config", "ConfigError", "ModelConfig", "load", "parse"]
@@ -73,6 +73,50 @@ def _info(raw: Any, where: str) -> ModelInfo:
 
 
 @attrs.frozen
+class Sleep:
+    """How a model is put to sleep and woken (its backend's sleep mode), with resolved URLs."""
+
+    kind: str
+    sleep_url: str
+    wake_url: str
+    # Polled for ``{"is_sleeping": bool}``; None: the POST's 2xx confirms.
+    status_url: str | None
+    # Host memory held while asleep, on ``device``; None: not counted.
+    memory: int | None = None
+    device: str | None = None
+    timeout: float = SLEEP["timeout"].default
+
+
+def _sleep(raw: Any, where: str, backend_url: str) -> Sleep | None:
+    if raw is None:
+        return None
+    values = SLEEP.read_all(raw, where)
+    kind = values["kind"]
+    if kind is None:
+        raise ConfigError(f"'{where}.kind' is required: vllm, sglang or http")
+    root = server_root(backend_url)
+    preset = {
+        "vllm": (f"{root}/sleep?level={values['level']}", f"{root}/wake_up", f"{root}/is_sleeping"),
+        "sglang": (f"{root}/release_memory_occupation", f"{root}/resume_memory_occupation", None),
+        "http": (None, None, None),
+    }[kind]
+    sleep_url = values["sleep_url"] or preset[0]
+    wake_url = values["wake_url"] or preset[1]
+    if sleep_url is None or wake_url is None:
+        raise ConfigError(f"'{where}' of kind http needs 'sleep_url' and 'wake_url'")
+    memory = values["memory"]
+    return Sleep(
+        kind=kind,
+        sleep_url=sleep_url,
+        wake_url=wake_url,
+        status_url=values["status_url"] or preset[2],
+        memory=memory,
+        device=values["device"] or ("ram" if memory is not None else None),
+        timeout=values["timeout"],
+    )
+
+
+@attrs.frozen
 class ModelConfig:
     """One model: how to reach its OpenAI-compatible server and how to start and stop it."""
 
@@ -93,6 +137,10 @@ class ModelConfig:
     # Bytes on ``device``; None means the whole device.
     memory: int | None = None
     info: ModelInfo = ModelInfo()
+    sleep: Sleep | None = None
+    # Weight files to read ahead; None: found in ``cmd`` (see llmswap.prefetch).
+    files: tuple[str, ...] | None = None
+    prefetch: bool = M["prefetch"].default
 
     @property
     def kind(self) -> str:
@@ -114,11 +162,13 @@ class Config:
     priority_header: str | None = None
     keepalive_interval: float = G["keepalive_interval"].default
     linger: float = G["linger"].default
+    linger_bound: bool = G["linger_bound"].default
     preload: tuple[str, ...] = ()
     # Device name -> memory budget in bytes; empty means one implicit device, one model.
     devices: Mapping[str, int] = attrs.field(factory=dict)
     auth: Auth | None = None
     access_log: bool = G["access_log"].default
+    prefetch_reserve: int = G["prefetch_reserve"].default
     source: str = "<built-in>"
 
     def footprint(self, model: str) -> tuple[str, float]:
@@ -128,19 +178,29 @@ class Config:
             return IMPLICIT_DEVICE, 1.0
         return m.device, float(m.memory if m.memory is not None else self.devices[m.device])
 
+    def sleep_footprint(self, model: str) -> tuple[str, float] | None:
+        """The device and share a model holds while asleep; None when nothing is counted."""
+        sleep = self.models[model].sleep
+        if sleep is None or sleep.memory is None or sleep.device is None:
+            return None
+        return sleep.device, float(sleep.memory)
+
     def capacities(self) -> dict[str, float]:
         if not self.devices:
             return {IMPLICIT_DEVICE: 1.0}
         return {name: float(size) for name, size in self.devices.items()}
 
 
-def derive_health_url(backend_url: str) -> str:
-    """llama-server, vLLM and most OpenAI servers answer ``/health`` beside ``/v1``."""
+def server_root(backend_url: str) -> str:
+    """The server's own root: llama-server, vLLM and SGLang answer ``/health``, ``/sleep``...
+    beside ``/v1``."""
     parts = urlsplit(backend_url)
-    path = parts.path.rstrip("/")
-    if path.endswith("/v1"):
-        path = path[: -len("/v1")]
-    return urlunsplit((parts.scheme, parts.netloc, path + "/health", "", ""))
+    path = parts.path.rstrip("/").removesuffix("/v1")
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def derive_health_url(backend_url: str) -> str:
+    return server_root(backend_url) + "/health"
 
 
 def _model(name: str, raw: Any, defaults: Mapping[str, Any]) -> ModelConfig:
@@ -181,6 +241,9 @@ def _model(name: str, raw: Any, defaults: Mapping[str, Any]) -> ModelConfig:
         device=M["device"].read(raw, where) or IMPLICIT_DEVICE,
         memory=memory,
         info=_info(raw.get("info"), f"{where}.info"),
+        sleep=_sleep(raw.get("sleep"), f"{where}.sleep", backend_url),
+        files=M["files"].read(raw, where),
+        prefetch=M["prefetch"].read(raw, where),
     )
 
 
@@ -219,10 +282,12 @@ def parse(data: Any, source: str = "<string>") -> Config:
         priority_header=G["priority_header"].read(data, ""),
         keepalive_interval=G["keepalive_interval"].read(data, ""),
         linger=G["linger"].read(data, ""),
+        linger_bound=G["linger_bound"].read(data, ""),
         preload=preload,
         devices=devices,
         auth=parse_auth(data.get("auth"), models),
         access_log=G["access_log"].read(data, ""),
+        prefetch_reserve=G["prefetch_reserve"].read(data, ""),
         source=source,
     )
     _check_preload_fits(config)
@@ -238,6 +303,11 @@ def _devices(raw: Any, models: dict[str, ModelConfig]) -> dict[str, int]:
                     f"'models.{m.name}' declares 'memory'/'device' but no 'devices' are declared "
                     "(e.g. devices: {gpu0: {memory: 24GiB}})"
                 )
+            if m.sleep is not None and m.sleep.memory is not None:
+                raise ConfigError(
+                    f"'models.{m.name}.sleep.memory' is counted on a device, but no 'devices' "
+                    "are declared (e.g. devices: {gpu0: {memory: 24GiB}, ram: {memory: 64GiB}})"
+                )
         return {}
     if not isinstance(raw, Mapping) or not raw:
         raise ConfigError("'devices' must map device names to {memory: SIZE}")
@@ -249,28 +319,36 @@ def _devices(raw: Any, models: dict[str, ModelConfig]) -> dict[str, int]:
         if "memory" not in spec:
             raise ConfigError(f"'devices.{name}.memory' is required (e.g. 24GiB)")
         devices[str(name)] = size(spec["memory"], f"devices.{name}.memory")
-    only = next(iter(devices)) if len(devices) == 1 else None
+    # Devices that only count sleepers (host memory) are never a model's default device.
+    sleepers = {m.sleep.device for m in models.values() if m.sleep is not None and m.sleep.device}
+    runnable = [d for d in devices if d not in sleepers] or list(devices)
+    only = runnable[0] if len(runnable) == 1 else None
     for name, m in list(models.items()):
+        if m.sleep is not None and m.sleep.device is not None:
+            _fits(f"models.{name}.sleep", m.sleep.memory, m.sleep.device, devices)
         device = m.device
         if device == IMPLICIT_DEVICE:
             if only is None:
                 raise ConfigError(
                     f"'models.{name}.device' is required when several devices are declared "
-                    f"({', '.join(devices)})"
+                    f"({', '.join(runnable)})"
                 )
             device = only
-        if device not in devices:
-            raise ConfigError(
-                f"'models.{name}.device' names unknown device {device!r}; "
-                f"declared: {', '.join(devices)}"
-            )
-        if m.memory is not None and m.memory > devices[device]:
-            raise ConfigError(
-                f"'models.{name}.memory' ({m.memory / 2**30:.1f} GiB) exceeds device "
-                f"'{device}' ({devices[device] / 2**30:.1f} GiB): it can never be loaded"
-            )
+        _fits(f"models.{name}", m.memory, device, devices)
         models[name] = attrs.evolve(m, device=device)
     return devices
+
+
+def _fits(where: str, memory: int | None, device: str, devices: Mapping[str, int]) -> None:
+    if device not in devices:
+        raise ConfigError(
+            f"'{where}.device' names unknown device {device!r}; declared: {', '.join(devices)}"
+        )
+    if memory is not None and memory > devices[device]:
+        raise ConfigError(
+            f"'{where}.memory' ({memory / 2**30:.1f} GiB) exceeds device "
+            f"'{device}' ({devices[device] / 2**30:.1f} GiB): it can never be loaded"
+        )
 
 
 def _preload(raw: Any, models: Mapping[str, ModelConfig]) -> tuple[str, ...]:

@@ -6,8 +6,10 @@ Its first keys are the original proxy's (``status``, ``current_model``, ``queue_
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from llmswap.prefetch import Residency
 from llmswap.swap.snapshot import Snapshot
 from llmswap.swap.state import ModelState
 
@@ -15,7 +17,9 @@ from llmswap.swap.state import ModelState
 QUEUE_SHOWN = 100
 
 
-def document(snap: Snapshot) -> dict[str, Any]:
+def document(snap: Snapshot, files: Mapping[str, Residency] | None = None) -> dict[str, Any]:
+    """``files``: how much of each model's weight files is in the page cache."""
+    files = files or {}
     ready = snap.ready()
     starting = [n for n, m in snap.models.items() if m.state is ModelState.STARTING]
     if starting:
@@ -42,7 +46,15 @@ def document(snap: Snapshot) -> dict[str, Any]:
                 "waiting": m.waiting,
                 "in_flight": m.in_flight,
                 **m.backend,
+                **_files(files.get(name)),
             }
             for name, m in snap.models.items()
         },
     }
+
+
+def _files(r: Residency | None) -> dict[str, Any]:
+    if r is None:
+        return {}
+    return {"files": {"bytes": r.total, "cached_bytes": r.cached,
+                      "cached": round(r.cached / r.total, 3) if r.total else 1.0}}  # fmt: skip

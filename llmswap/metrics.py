@@ -82,9 +82,13 @@ class Metrics:
         self.swaps = Counter(
             "llmswap_swaps", "Model loads, by the model evicted for it", ["from", "to"], registry=r
         )
+        self.wakes = Counter(
+            "llmswap_wakes", "Loads that woke a sleeping backend (counted as loads too)",
+            ["model"], registry=r,
+        )  # fmt: skip
         self.load = Histogram(
             "llmswap_load_seconds",
-            "Time from starting a backend to it answering healthy",
+            "Time from starting (or waking) a backend to it answering healthy",
             ["model"],
             buckets=_LOADS,
             registry=r,
@@ -112,6 +116,8 @@ class Metrics:
         for old in swap.unloaded or ("none",):
             self.swaps.labels(old, swap.loaded).inc()
         self.load.labels(swap.loaded).observe(swap.load_seconds)
+        if swap.woke:
+            self.wakes.labels(swap.loaded).inc()
 
     def _answered(self, e: RequestEnded) -> None:
         model = e.model if e.configured else "-"  # client text must not become a label

@@ -136,12 +136,14 @@ class OpenAIResource:
         return self._ollama
 
     @app.route("/health", methods=["GET"])
-    def health(self, request: IRequest) -> bytes:
+    def health(self, request: IRequest) -> Any:
         try:
             self._gate.protect_health(request)
         except errors.APIError as e:
             return errors.render(request, e)
-        return _json(request, 200, health.document(self._manager.snapshot(health.QUEUE_SHOWN)))
+        d = self._manager.files()
+        return d.addCallback(lambda files: _json(request, 200, health.document(
+            self._manager.snapshot(health.QUEUE_SHOWN), files)))  # fmt: skip
 
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: IRequest) -> Any:

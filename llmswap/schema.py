@@ -146,6 +146,8 @@ GLOBAL = Section("", (
     S("linger", "number", 2.0, "seconds a model that just answered stays preferred (a client's "
       "follow-up request should not find it swapped out); overdue requests do not wait for it",
       unit="s", minimum=-1e-9),
+    S("linger_bound", "flag", True, "a model lingers at most as long as its last load (or wake) "
+      "took: waiting for a follow-up is worth at most the reload it saves (ski rental)"),
     S("drain_timeout", "number", None, "seconds an evicted model's in-flight requests get to "
       "finish (per model too)", unit="s", shown_default="`request_timeout`"),
     S("priority_header", "text", None,
@@ -160,6 +162,8 @@ GLOBAL = Section("", (
     S("access_log", "flag", True, "one log line per request, written in batches at most 10 ms "
       "after the request ends (each line keeps its own time)"),
     S("console", "section", None, "the web console at `/ui/` (see `console.*`)"),
+    S("prefetch_reserve", "size", 2 * 2**30, "memory prefetching leaves free (beyond what the "
+      "loaded models' weight files hold in the page cache)", shown_default="`2GiB`"),
 ))
 
 CONSOLE = Section("console", (
@@ -210,6 +214,32 @@ MODEL = Section("models.<name>", (
       shown_default="the only device"),
     S("memory", "size", None, "footprint for the memory budget", shown_default="whole device"),
     S("info", "section", None, "what Ollama clients are told of it (see `models.<name>.info.*`)"),
+    S("sleep", "section", None, "unloading puts it to sleep instead of stopping it, and loading "
+      "wakes it (see `models.<name>.sleep.*`)"),
+    S("files", "paths", None, "its weight files (host paths, e.g. a container's bind mounts), "
+      "read ahead while it waits to be loaded", shown_default="`cmd`'s `-m`/`--model` file "
+      "and its split parts"),
+    S("prefetch", "flag", True, "read its weight files into the page cache while a request "
+      "waits for it and another model still serves"),
+))
+
+SLEEP = Section("models.<name>.sleep", (
+    S("kind", "choice", None, "`vllm` (`--enable-sleep-mode`, `VLLM_SERVER_DEV_MODE=1`), "
+      "`sglang` (`--enable-memory-saver`) or `http` (the three URLs below; required)",
+      choices=("vllm", "sglang", "http")),
+    S("level", "number", 1, "vLLM's sleep level: 1 keeps the weights in host memory, 2 "
+      "discards them", integer=True),
+    S("sleep_url", "url", None, "`http`: POSTed to put it to sleep", shown_default="by `kind`"),
+    S("wake_url", "url", None, "`http`: POSTed to wake it", shown_default="by `kind`"),
+    S("status_url", "url", None, "polled until its JSON says `is_sleeping` true (after a sleep) "
+      "or false (after a wake); none: the POST's 2xx is the confirmation",
+      shown_default="by `kind`"),
+    S("memory", "size", None, "host memory it holds while asleep, counted on `sleep.device`",
+      shown_default="not counted"),
+    S("device", "text", None, "the device whose budget counts `sleep.memory`",
+      shown_default="`ram`"),
+    S("timeout", "number", 60.0, "seconds a sleep may take before it is stopped instead",
+      unit="s"),
 ))
 
 INFO = Section("models.<name>.info", (
@@ -244,7 +274,7 @@ KEY = Section("auth.keys[]", (
 ))
 # fmt: on
 
-SECTIONS = (GLOBAL, DOCKER, CONSOLE, DEVICE, MODEL, INFO, AUTH, KEY)
+SECTIONS = (GLOBAL, DOCKER, CONSOLE, DEVICE, MODEL, INFO, SLEEP, AUTH, KEY)
 
 
 def documented() -> Iterator[tuple[str, Setting]]:

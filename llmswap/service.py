@@ -40,6 +40,7 @@ from llmswap.events import EventBus
 from llmswap.interfaces import IBackend
 from llmswap.metrics import Metrics
 from llmswap.ollama.routes import OllamaProxy, OllamaRoutes
+from llmswap.prefetch import Prefetcher
 from llmswap.proxy import Proxy
 from llmswap.relay import Relay, backend_agent
 from llmswap.resource import OpenAIResource
@@ -183,7 +184,9 @@ class LLMSwapService(MultiService):
         # other listener); publishers hold no reference to them.
         self.bus = EventBus()
         backends = make_backends(config, reactor)
-        self.manager = SwapManager(config, backends, http, reactor, self.bus)
+        prefetch = Prefetcher(lambda: self.config, reactor)
+        prefetch.setServiceParent(self)
+        self.manager = SwapManager(config, backends, http, reactor, self.bus, prefetch)
         self.manager.setServiceParent(self)
         self.metrics = Metrics(self.bus, self.manager.snapshot)
         self.gate = Gate(config.auth, reactor, config.console.open)

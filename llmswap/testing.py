@@ -8,6 +8,7 @@ from those backends.  With a ``twisted.internet.task.Clock`` they drive a real
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -22,13 +23,16 @@ class MemoryBackend:
     """A backend that is up the moment it is started; ``log`` records "start NAME"/"stop NAME".
 
     Set ``healthy = False`` to make it never answer its health URL; :meth:`crash` makes it exit
-    by itself.
+    by itself.  ``asleep`` is its sleep mode's state (see :class:`MemoryHTTP`); set
+    ``sleepy = False`` to make it ignore sleep requests.
     """
 
     def __init__(self, name: str, log: list[str]) -> None:
         self.name = name
         self.running = False
         self.healthy = True
+        self.asleep = False
+        self.sleepy = True
         self.log = log
         self.printed: list[str] = []  # what print() made the server "print"
         self._followers: list[Callable[[str], None]] = []
@@ -42,7 +46,7 @@ class MemoryBackend:
     def stop(self) -> Deferred[None]:
         if self.running:
             self.log.append(f"stop {self.name}")
-        self.running = False
+        self.running = self.asleep = False
         return succeed(None)
 
     def adopt(self) -> Deferred[bool]:
@@ -82,21 +86,40 @@ class MemoryBackend:
 
 
 class _Response:
-    def __init__(self, code: int) -> None:
+    def __init__(self, code: int, body: bytes = b"") -> None:
         self.code = code
+        self.body = body
 
     def collect(self, _: Any) -> Deferred[None]:
         return succeed(None)
 
+    def content(self) -> Deferred[bytes]:
+        return succeed(self.body)
+
 
 class MemoryHTTP:
     """Answers GETs of ``http://NAME:PORT/...`` from backend NAME's state: 200 when it runs and
-    is healthy, 503 otherwise (as llama-server while loading)."""
+    is healthy, 503 otherwise (as llama-server while loading).  Its vLLM sleep API: POST
+    ``/sleep`` and ``/wake_up`` (logged as "sleep NAME"/"wake NAME"), GET ``/is_sleeping``."""
 
     def __init__(self, backends: Mapping[str, MemoryBackend]) -> None:
         self.backends = backends
 
+    def _backend(self, url: str) -> MemoryBackend:
+        return self.backends[url.split("/")[2].split(":")[0]]
+
     def get(self, url: str) -> Deferred[_Response]:
-        name = url.split("/")[2].split(":")[0]
-        b = self.backends[name]
+        b = self._backend(url)
+        if url.endswith("/is_sleeping") and b.running:
+            return succeed(_Response(200, json.dumps({"is_sleeping": b.asleep}).encode()))
         return succeed(_Response(200 if b.running and b.healthy else 503))
+
+    def post(self, url: str, data: bytes, headers: Any) -> Deferred[_Response]:
+        b = self._backend(url)
+        path = url.split("/", 3)[3].split("?")[0]
+        if not b.running or path not in ("sleep", "wake_up"):
+            return succeed(_Response(404))
+        b.log.append(f"{path.removesuffix('_up')} {b.name}")
+        if b.sleepy:
+            b.asleep = path == "sleep"
+        return succeed(_Response(200))

@@ -114,6 +114,12 @@ def environment(value: Any, path: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in value.items()}
 
 
+def paths(value: Any, path: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"'{path}' must be a list of file paths, got {value!r}")
+    return tuple(value)
+
+
 def choice(value: Any, path: str, choices: tuple[str, ...]) -> Any:
     if value not in choices:
         raise ConfigError(f"'{path}' must be one of {', '.join(choices)}, got {value!r}")
@@ -127,4 +133,5 @@ PLAIN: dict[str, Callable[[Any, str], Any]] = {
     "size": size,
     "command": command,
     "env": environment,
+    "paths": paths,
 }

@@ -8,6 +8,12 @@ never ready, crash mid-stream, die while idle, ignore SIGTERM, fork a child into
 its start and, while alive, watches /proc; if it ever sees another live fake backend with the
 same ledger, it appends an ``overlap`` line.  Tests read the ledger: the check is made on real
 OS processes, not on llmswap's bookkeeping.
+
+``--sleep-mode`` adds vLLM's sleep API exactly as vLLM serves it (``POST /sleep?level=N``,
+``POST /wake_up``, ``GET /is_sleeping``).  With ``--gpu-dir DIR`` each instance keeps a file in
+DIR while it "holds GPU memory" (from its start until it is asleep or gone): one that takes the
+GPU while another live instance holds it appends ``overlap``; a request that reaches a sleeping
+instance appends ``request_while_asleep`` (and gets 503).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Any
 
 ARGS: argparse.Namespace
 READY_AT = 0.0
+ASLEEP = False
 
 
 def _ledger(event: str, **fields: Any) -> None:
@@ -81,6 +88,46 @@ def _watch() -> None:
         time.sleep(0.01)
 
 
+def _gpu(hold: bool) -> None:
+    """Take or release the "GPU memory"; taking it while another live instance holds it is
+    the overlap the one-model guarantee forbids."""
+    if not ARGS.gpu_dir:
+        return
+    own = os.path.join(ARGS.gpu_dir, str(os.getpid()))
+    if not hold:
+        if os.path.exists(own):
+            os.unlink(own)
+        return
+    holders = [int(p) for p in os.listdir(ARGS.gpu_dir) if int(p) != os.getpid()]
+    alive = [p for p in holders if os.path.exists(f"/proc/{p}") and _not_zombie(p)]
+    if alive:
+        _ledger("overlap", holders=alive)
+    with open(own, "w") as f:
+        f.write(ARGS.name)
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def _switch(asleep: bool) -> None:
+    global ASLEEP
+    if asleep == ASLEEP:
+        return
+    if asleep:
+        time.sleep(ARGS.sleep_delay)
+        _gpu(False)
+    else:
+        time.sleep(ARGS.wake_delay)
+        _gpu(True)
+    ASLEEP = asleep
+    _ledger("sleep" if asleep else "wake")
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
@@ -112,12 +159,27 @@ class Handler(BaseHTTPRequestHandler):
                 )
             else:
                 self._send(200, {"status": "ok"})
+        elif self.path == "/is_sleeping" and ARGS.sleep_mode:
+            self._send(200, {"is_sleeping": ASLEEP})
         elif self.path == "/v1/models":
             self._send(200, {"object": "list", "data": [{"id": ARGS.name, "object": "model"}]})
         else:
             self._send(404, {"error": {"message": "not found"}})
 
     def do_POST(self) -> None:
+        path = self.path.split("?")[0]
+        if ARGS.sleep_mode and path in ("/sleep", "/wake_up"):
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            _switch(path == "/sleep")
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if ASLEEP:
+            self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            _ledger("request_while_asleep", path=self.path)
+            self._send(503, {"error": {"message": "asleep", "type": "unavailable_error"}})
+            return
         begin = time.time()
         try:
             self._post()
@@ -311,12 +373,17 @@ def main() -> None:
     p.add_argument(
         "--max-peers", type=int, default=1, help="how many other backends may live beside us"
     )
+    p.add_argument("--sleep-mode", action="store_true", help="serve vLLM's sleep API")
+    p.add_argument("--sleep-delay", type=float, default=0.05)
+    p.add_argument("--wake-delay", type=float, default=0.05)
+    p.add_argument("--gpu-dir", default=None, help="witness of who holds the GPU")
     ARGS = p.parse_args()
     if ARGS.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     else:
-        signal.signal(signal.SIGTERM, lambda *_: (_ledger("sigterm"), os._exit(0)))
+        signal.signal(signal.SIGTERM, lambda *_: (_ledger("sigterm"), _gpu(False), os._exit(0)))
     _ledger("start")
+    _gpu(True)
     if ARGS.ledger:
         peers = live_peers(ARGS.ledger)
         if len(peers) >= ARGS.max_peers:

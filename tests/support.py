@@ -31,7 +31,7 @@ def free_port() -> int:
 # fake_model options that are llmswap model settings rather than fakebackend.py flags.
 _SETTINGS = (
     *("concurrency", "ttl", "memory", "device", "max_wait_before_swap", "drain_timeout"),
-    "info",
+    *("info", "sleep", "files", "prefetch"),
 )
 
 

@@ -10,12 +10,16 @@ from bench import memory, overhead, scale, scheduler, streaming, swap
 def test_scheduler_benchmark_runs_both_policies() -> None:
     out = scheduler.main(
         ["--clients", "2", "--requests", "2", "--startup-delay", "0.1", "--service", "0.01",
-         "--think", "0.01", "--max-wait", "1"]
+         "--think", "0.01", "--max-wait", "1", "--study-load", "0.1", "--study-linger", "0.2",
+         "--switches", "2"]
     )  # fmt: skip
     for policy in ("fifo", "swap-aware"):
         result = out["results"][policy]
         assert (result["requests"], result["failures"]) == (4, 0)
         assert result["loads"] >= 1
+    study = out["linger_bound"]
+    assert set(study) == {"lone, unbounded", "mixed, unbounded", "lone, bound", "mixed, bound"}
+    assert study["lone, bound"]["loads"] == 3  # every request of the lone user is a switch
 
 
 def test_overhead_benchmark_measures_every_target() -> None:
@@ -55,6 +59,8 @@ def test_memory_benchmark_measures_every_layer() -> None:
 
 @pytest.mark.llama
 def test_swap_benchmark_decomposes_real_swaps() -> None:
-    out = swap.main(["--swaps", "1"])
+    out = swap.main(["--swaps", "1", "--rounds", "1", "--busy-tokens", "8", "--switches", "2"])
     assert len(out["swaps"]) == 1
     assert all(v >= 0 for v in out["swaps"][0].values())
+    assert set(out["page_cache"]["median_ms"]) == {"evicted", "prefetched", "warm"}
+    assert set(out["sleep"]) == {"sleep/wake", "stop/start"}

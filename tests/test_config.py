@@ -273,3 +273,54 @@ def test_check_config_shows_what_differs_from_the_defaults(
         "gpt-oss-120b: http://localhost:8082/v1 (container gptoss-server; startup_timeout 180 s)"
         in out
     )
+
+
+def _sleepy(sleep: object, **more: object) -> dict[str, object]:
+    return {"backend_url": "http://127.0.0.1:8001/v1", "cmd": "vllm serve m", "sleep": sleep,
+            **more}  # fmt: skip
+
+
+def test_sleep_mode_urls_come_from_the_kind_and_host_memory_is_its_own_device() -> None:
+    devices = {"gpu0": {"memory": "24GiB"}, "ram": {"memory": "64GiB"}}
+    models = {
+        "v": _sleepy({"kind": "vllm", "level": 2, "memory": "16GiB"}, memory="20GiB"),
+        "s": _sleepy({"kind": "sglang"}),
+        "h": _sleepy({"kind": "http", "sleep_url": "http://x:1/off", "wake_url": "http://x:1/on"}),
+    }
+    config = parse({"models": models, "devices": devices})
+    v, s, h = (config.models[n] for n in "vsh")
+    # A device that only counts sleepers is nobody's default device.
+    assert (v.device, s.device) == ("gpu0", "gpu0")
+    assert v.sleep is not None and s.sleep is not None and h.sleep is not None
+    assert (v.sleep.sleep_url, v.sleep.wake_url, v.sleep.status_url) == (
+        "http://127.0.0.1:8001/sleep?level=2",
+        "http://127.0.0.1:8001/wake_up",
+        "http://127.0.0.1:8001/is_sleeping",
+    )
+    assert config.sleep_footprint("v") == ("ram", 16 * 2**30)
+    assert s.sleep.status_url is None and s.sleep.sleep_url.endswith("/release_memory_occupation")
+    assert config.sleep_footprint("s") is None  # no memory declared: not counted
+    assert (h.sleep.sleep_url, h.sleep.status_url) == ("http://x:1/off", None)
+
+
+@pytest.mark.parametrize(
+    ("sleep", "devices", "expected"),
+    [
+        ({"level": 1}, None, "'models.v.sleep.kind' is required"),
+        ({"kind": "tgi"}, None, "'models.v.sleep.kind' must be one of vllm, sglang, http"),
+        ({"kind": "http", "wake_url": "http://x:1/on"}, None, "needs 'sleep_url' and 'wake_url'"),
+        ({"kind": "vllm", "memory": "8GiB"}, None, "no 'devices' are declared"),
+        ({"kind": "vllm", "memory": "8GiB"}, {"gpu": {"memory": "24GiB"}},
+         "'models.v.sleep.device' names unknown device 'ram'"),
+        ({"kind": "vllm", "memory": "80GiB"}, {"gpu": {"memory": "24GiB"},
+         "ram": {"memory": "64GiB"}}, "'models.v.sleep.memory' (80.0 GiB) exceeds device 'ram'"),
+        ({"kind": "vllm", "levle": 1}, None, "unknown key 'models.v.sleep.levle' (did you mean"),
+    ],
+)  # fmt: skip
+def test_invalid_sleep_settings_name_the_key(sleep: object, devices: object, expected: str) -> None:
+    raw: dict[str, object] = {"models": {"v": _sleepy(sleep)}}
+    if devices is not None:
+        raw["devices"] = devices
+    with pytest.raises(ConfigError) as e:
+        parse(raw)
+    assert expected in str(e.value)

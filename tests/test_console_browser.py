@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -68,6 +69,18 @@ class ConsoleBrowserTests(DaemonTestCase):
             return rows[column].text if rows else ""
 
         return text
+
+    def click(self, selector: str) -> Any:
+        """Click it, again if the live view rebuilt it meanwhile."""
+
+        def clicked(d: webdriver.Chrome) -> bool:
+            d.find_element(By.CSS_SELECTOR, selector).click()
+            return True
+
+        stale = (StaleElementReferenceException,)
+        return self.browse(
+            lambda d: WebDriverWait(d, WAIT, ignored_exceptions=stale).until(clicked)
+        )
 
     def tab(self, name: str) -> Any:
         return self.browse(
@@ -128,9 +141,7 @@ class ConsoleBrowserTests(DaemonTestCase):
         yield self.tab("models")
         yield self.until(lambda d: self.cell("coder", 1)(d).startswith("ready"))
         self.assertTrue(backend_running("coder"))
-        yield self.browse(
-            lambda d: d.find_element(By.CSS_SELECTOR, 'button[data-model="coder"]').click()
-        )
+        yield self.click('button[data-model="coder"]')
         yield self.until(lambda d: self.cell("coder", 1)(d).startswith("stopped"))
         self.assertFalse(backend_running("coder"))
         yield self.chat("chat")

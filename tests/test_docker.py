@@ -251,6 +251,37 @@ class ReconciliationTests(DockerTestCase):
         self.assertEqual(self.starts(), ["alpha"])
 
 
+class SleepingContainerTests(DockerTestCase):
+    @inlineCallbacks
+    def test_containers_sleep_and_wake_and_a_restarted_daemon_adopts_the_sleeper(self) -> Any:
+        gpu = os.path.join(self.tmp, "gpu")
+        os.mkdir(gpu)
+        sleepy = ("--sleep-mode", "--gpu-dir", gpu, "--max-peers", "99")
+        models = {n: {**self.create(n, *sleepy), "sleep": {"kind": "vllm"}} for n in "ab"}
+        first = Daemon(models, os.path.join(self.tmp, "logs"), linger=0)
+        first.start()
+        for name in "aba":
+            r = yield self.chat(first, name)
+            self.assertEqual(r.choices[0].message.content, f"Hello from {name}")
+        yield first.stop()
+        events = [(e["event"], e["name"]) for e in read_ledger(self.ledger)]
+        self.assertEqual(self.starts(), ["a", "b"])
+        self.assertIn(("wake", "a"), events)
+        self.assertEqual([e for e in events if e[0] in ("overlap", "request_while_asleep")], [])
+        # Both containers run (stop_on_exit is off): a awake, b asleep.
+        for name in "ab":
+            self.assertEqual(self.state(models[name]["container_name"]), "running")
+        second = self.daemon(models, linger=0)
+        yield wait_for(lambda: second.service.health()["current_model"] == "a", 30)
+        self.assertEqual(second.service.health()["models"]["b"]["state"], "asleep")
+        r = yield self.chat(second, "b")
+        self.assertEqual(r.choices[0].message.content, "Hello from b")
+        switches = [(e["event"], e["name"]) for e in read_ledger(self.ledger)
+                    if e["event"] in ("sleep", "wake")]  # fmt: skip
+        self.assertEqual(self.starts(), ["a", "b"])  # adopted asleep, woken: never restarted
+        self.assertEqual(switches[-2:], [("sleep", "a"), ("wake", "b")])
+
+
 class LlamaContainerTests(DockerTestCase):
     timeout = 300
 

@@ -39,7 +39,10 @@ def test_every_state_has_its_transitions_and_ready_is_reached_only_from_loading_
         S.STARTING,
         S.DRAINING,  # eviction called off
     }
-    assert TRANSITIONS[S.STOPPING] == {S.STOPPED, S.FAILED}
+    assert TRANSITIONS[S.STOPPING] == {S.STOPPED, S.ASLEEP, S.FAILED}
+    # A sleeper is awake only through a load (wake), never straight back to serving.
+    assert S.READY not in TRANSITIONS[S.ASLEEP]
+    assert {old for old, new in TRANSITIONS.items() if S.ASLEEP in new} == {S.STOPPED, S.STOPPING}
 
 
 def test_bus_delivers_by_kind_and_a_cancelled_subscription_hears_nothing() -> None:

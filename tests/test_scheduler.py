@@ -64,7 +64,8 @@ def test_fifo_admits_only_a_prefix_of_arrival_order() -> None:
 def test_swap_aware_serves_the_loaded_model_first_within_the_bound() -> None:
     models = [ready("a", in_flight=1, max_wait=60), idle("b", max_wait=60)]
     v = view(10, models, [("b", 0), ("a", 1)])
-    assert decide(v) == Decision((), None, recheck_at=60)
+    # b is the model to load next: its weights may be read ahead meanwhile.
+    assert decide(v) == Decision((), None, recheck_at=60, prefetch="b")
 
 
 def test_swap_aware_switches_once_the_other_model_waited_its_bound() -> None:
@@ -76,24 +77,55 @@ def test_swap_aware_switches_once_the_other_model_waited_its_bound() -> None:
 def test_swap_aware_switches_when_nothing_waits_for_or_runs_on_the_loaded_model() -> None:
     v = view(10, [ready("a"), idle("b")], [("b", 0), ("a", 1)])
     # a's request is admitted now; b loads once a is idle (or b waited its bound).
-    assert decide(v) == Decision((1,), None, recheck_at=60)
+    assert decide(v) == Decision((1,), None, recheck_at=60, prefetch="b")
     v = view(10, [ready("a", in_flight=1), idle("b")], [("b", 0)])
-    assert decide(v) == Decision((), None, recheck_at=60)
+    assert decide(v) == Decision((), None, recheck_at=60, prefetch="b")
     v = view(10, [ready("a"), idle("b")], [("b", 0)])
     assert decide(v) == Decision((), Load("b", ("a",)))
 
 
 def test_a_model_that_just_answered_lingers_for_the_follow_up_request() -> None:
     models = [ready("a", last_used=9), idle("b")]
-    assert decide(view(10, models, [("b", 0)], linger=2)) == Decision((), None, recheck_at=11)
+    v = view(10, models, [("b", 0)], linger=2)
+    assert decide(v) == Decision((), None, recheck_at=11, prefetch="b")
     assert decide(view(11, models, [("b", 0)], linger=2)).change == Load("b", ("a",))
     assert decide(view(60, models, [("b", 0)], linger=99)).change == Load("b", ("a",))
+
+
+def test_linger_is_bounded_by_the_loaded_models_own_load_time() -> None:
+    # Ski rental: waiting 2 s for a follow-up that may never come is worth at most the 0.5 s a
+    # reload of a would cost; a model never loaded (adopted) keeps the configured linger.
+    quick = [ready("a", last_used=9, load_seconds=0.5), idle("b")]
+    assert decide(view(9.4, quick, [("b", 0)], linger=2)).recheck_at == 9.5
+    assert decide(view(9.5, quick, [("b", 0)], linger=2)).change == Load("b", ("a",))
+    slow = [ready("a", last_used=9, load_seconds=40), idle("b")]
+    assert decide(view(10.9, slow, [("b", 0)], linger=2)).change is None
+    assert decide(view(11, slow, [("b", 0)], linger=2)).change == Load("b", ("a",))
+    # linger_bound: false keeps the configured linger whatever the load time.
+    assert decide(view(9.5, quick, [("b", 0)], linger=2, linger_bound=False)).change is None
+
+
+def test_sleepers_hold_host_memory_and_the_least_recently_used_one_makes_room() -> None:
+    host = {"device": "gpu", "memory": 1.0, "sleep_device": "ram", "sleep_memory": 1.0}
+    models = [
+        ready("a", last_used=5, **host),
+        idle("b", asleep=True, last_used=1, **host),
+        idle("c", asleep=True, last_used=3, **host),
+    ]
+    v = view(10, models, [("b", 0)], devices={"gpu": 1.0, "ram": 2.0})
+    # Sleepers hold no GPU memory: waking b only needs a off the GPU.
+    assert plan_room(v, "b") == ("a",)
+    assert decide(v).change == Load("b", ("a",))
+    # a asleep needs host memory: the least recently used sleeper is stopped for it, but not
+    # b, which is waking (its host memory is freed by the wake, too late to make room).
+    assert plan_room(v, "a", asleep=True) == ("b",)
+    assert plan_room(v, "a", frozenset({"b"}), asleep=True) == ("c",)
 
 
 def test_priority_picks_the_next_model_and_the_order_within_a_model() -> None:
     models = [ready("a", concurrency=1), idle("b"), idle("c")]
     v = view(10, models, [("a", 0, 0), ("a", 1, 5), ("b", 2, 0), ("c", 3, 9)])
-    assert decide(v) == Decision((1,), None, recheck_at=62)
+    assert decide(v) == Decision((1,), None, recheck_at=62, prefetch="c")
     v = view(10, [ready("a"), idle("b"), idle("c")], [("b", 2, 0), ("c", 3, 9)])
     assert decide(v).change == Load("c", ("a",))
 

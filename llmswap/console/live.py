@@ -50,6 +50,7 @@ def state(snap: Snapshot, config: Config) -> dict[str, Any]:
     models = {}
     for name, m in snap.models.items():
         device, memory = config.footprint(name)
+        sleep_device, sleep_memory = config.sleep_footprint(name) or (None, None)
         models[name] = {
             "state": m.state.value,
             "error": m.error,
@@ -61,6 +62,8 @@ def state(snap: Snapshot, config: Config) -> dict[str, Any]:
             "ttl": m.ttl,
             "device": device,
             "memory": memory if config.devices else None,
+            "sleep_device": sleep_device,
+            "sleep_memory": sleep_memory,
             "backend": dict(m.backend),
         }
     return {

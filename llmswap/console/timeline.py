@@ -32,7 +32,8 @@ def change(e: ModelStateChanged) -> dict[str, Any]:
 def swap(e: Swap) -> dict[str, Any]:
     return {
         "at": e.at, "cause": e.cause.value, "loaded": e.loaded, "unloaded": list(e.unloaded),
-        "stop_seconds": e.stop_seconds, "load_seconds": e.load_seconds,
+        "stop_seconds": e.stop_seconds, "load_seconds": e.load_seconds, "woke": e.woke,
+        "slept": list(e.slept),
     }  # fmt: skip
 
 

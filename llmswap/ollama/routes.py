@@ -24,7 +24,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from llmswap import errors
 from llmswap.access import Gate
-from llmswap.config import ModelConfig
+from llmswap.config import ModelConfig, server_root
 from llmswap.events import Cause
 from llmswap.keys import APIKey
 from llmswap.ollama import stream, translate
@@ -173,16 +173,20 @@ class OllamaRoutes:
         loaded = []
         for name in names:
             m = snap.models[name]
-            if m.state not in (ModelState.READY, ModelState.DRAINING):
+            asleep = m.state is ModelState.ASLEEP
+            if m.state not in (ModelState.READY, ModelState.DRAINING) and not asleep:
                 continue
-            if m.ttl is None:
+            if m.ttl is None or asleep:  # a sleeper stays until its host memory is needed
                 expires = datetime.now(UTC) + _NEVER
             else:
                 idle_from = snap.at if m.in_flight else m.last_used
                 expires = datetime.now(UTC) + timedelta(seconds=idle_from + m.ttl - snap.at)
             entry = self._listed(models[name])
             entry["expires_at"] = expires.isoformat().replace("+00:00", "Z")
-            entry["size_vram"] = entry["size"]
+            # Asleep: its process lives, its device memory is free (Ollama has no such state;
+            # clients ignore the extra field).
+            entry["size_vram"] = 0 if asleep else entry["size"]
+            entry["state"] = m.state.value
             if models[name].info.context_length:
                 entry["context_length"] = models[name].info.context_length
             loaded.append(entry)
@@ -319,7 +323,7 @@ class OllamaRoutes:
     @inlineCallbacks
     def _props(self, cfg: ModelConfig) -> Any:
         """llama-server's ``/props`` (context size, modalities); None from other servers."""
-        url = cfg.backend_url.removesuffix("/v1") + "/props"
+        url = server_root(cfg.backend_url) + "/props"
         try:
             d = self._http.get(url)
             d.addTimeout(_PROPS_TIMEOUT, self._clock)

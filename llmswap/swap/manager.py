@@ -4,17 +4,19 @@ Requests arrive as tickets (:mod:`llmswap.swap.queue`); after every event (arriv
 load finished, a wait bound or TTL expiring) the manager asks :func:`llmswap.scheduler.decide`
 which waiting tickets get a lease on a ready backend and which model to load or unload.  Loads
 and unloads run one at a time under a :class:`DeferredLock` that also guards shutdown; each
-model's own life (start, drain, stop, crash) is its :class:`~llmswap.swap.slot.Slot`'s.
+model's own life (start or wake, drain, stop or sleep, crash) is its
+:class:`~llmswap.swap.slot.Slot`'s; :mod:`llmswap.swap.room` puts evicted models away.
 
 A lease is held until the last byte of the response was relayed, so a stream never overlaps a
 load that needs its memory: an evicted model first drains (no new admissions, in-flight requests
-finish within ``drain_timeout``), then is stopped and confirmed gone ("stopped" must mean "memory
-freed", not "signal sent"), and only then does the next model start.
+finish within ``drain_timeout``), then is stopped and confirmed gone, or asleep ("stopped" must
+mean "memory freed", not "signal sent"), and only then does the next model start.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 from twisted.application.service import Service
@@ -25,6 +27,7 @@ from twisted.internet.defer import (
     DeferredLock,
     gatherResults,
     inlineCallbacks,
+    succeed,
 )
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -34,9 +37,10 @@ from llmswap import errors, scheduler
 from llmswap.config import Config
 from llmswap.events import Cause, EventBus, RequestAdmitted, RequestQueued, Swap
 from llmswap.interfaces import IBackend
-from llmswap.swap import snapshot
+from llmswap.prefetch import Prefetcher, Residency
+from llmswap.swap import room, snapshot
 from llmswap.swap.queue import Lease, RequestQueue, Ticket
-from llmswap.swap.reconcile import reconcile
+from llmswap.swap.reconcile import start_up
 from llmswap.swap.slot import Slot
 from llmswap.swap.snapshot import Snapshot
 from llmswap.swap.state import ModelState
@@ -56,8 +60,10 @@ class SwapManager(Service):
         http: Any,
         clock: IReactorTime,
         bus: EventBus | None = None,
+        prefetch: Prefetcher | None = None,
     ) -> None:
         self.config = config
+        self._prefetch = prefetch
         self._http = http
         self._clock = clock
         self.bus = bus if bus is not None else EventBus()
@@ -150,6 +156,10 @@ class SwapManager(Service):
     def backends(self) -> Mapping[str, IBackend]:
         return {name: slot.backend for name, slot in self._slots.items()}
 
+    def files(self) -> Deferred[dict[str, Residency]]:
+        """How much of each model's weight files is in the page cache (measured in a thread)."""
+        return self._prefetch.residency() if self._prefetch is not None else succeed({})
+
     def snapshot(self, queue: int = 0) -> Snapshot:
         """What the daemon is doing now, with the ``queue`` oldest waiting requests.
 
@@ -209,8 +219,14 @@ class SwapManager(Service):
                     log.info("model {model}: idle for its ttl, unloading", model=change.model)
                     self._begin(self._unload, [change.model], Cause.TTL).addErrback(_logged)
                 self._arm_recheck(decision.recheck_at)
+                if not self._changing:  # a load under way reads its own model ahead
+                    self._read_ahead(decision.prefetch)
         finally:
             self._dispatching = False
+
+    def _read_ahead(self, model: str | None) -> None:
+        if self._prefetch is not None and self._prefetch.reading != model:  # cheap when idle
+            self._prefetch.want(model, [n for n, s in self._slots.items() if s.resident])
 
     def _admit(self, ticket: Ticket) -> None:
         self._queue.waiting.remove(ticket)
@@ -283,14 +299,9 @@ class SwapManager(Service):
 
     # -- changes (always under the lock) ------------------------------------------------------
 
-    @inlineCallbacks
-    def _start_up(self) -> Any:
-        yield reconcile(self.config, self._slots, self._http, self._clock)
-        for model in self.config.preload:
-            try:
-                yield self._load(model, Cause.PRELOAD)
-            except errors.APIError as e:
-                log.error("preload of {model} failed: {e}", model=model, e=e.message)
+    def _start_up(self) -> Deferred[None]:
+        load = partial(self._load, cause=Cause.PRELOAD)
+        return start_up(self.config, self._slots, self._http, self._clock, load)
 
     @inlineCallbacks
     def _load(self, model: str, cause: Cause, wanted: Callable[[], bool] | None = None) -> Any:
@@ -302,6 +313,7 @@ class SwapManager(Service):
         slot = self._slots[model]
         if slot.ready and slot.backend.alive():
             return None
+        self._read_ahead(model)
         busy = frozenset(self._queue.waiting.models()) | {
             n for n, s in self._slots.items() if s.in_flight
         }
@@ -313,13 +325,9 @@ class SwapManager(Service):
                 self._slots[name].undrain()
             log.info("load of {model} called off: no request waits for it", model=model)
             return None
-        for name in evict:
-            yield self._slots[name].stop()
-        # Anything still running that the budget does not count (a crashed model's leftover
-        # process, a container started by hand) must go before a load.
-        for name, other in self._slots.items():
-            if name != model and not other.state.resident and other.backend.alive():
-                yield other.stop()
+        away = yield room.put_away(self._slots, self.view, evict, model, self._http,
+                                   self.config.health_interval)  # fmt: skip
+        yield room.clear_strays(self._slots, model)
         stopped = self._clock.seconds()
         try:
             yield slot.start(self._http, self.config.health_interval)
@@ -330,29 +338,26 @@ class SwapManager(Service):
                 raise err from None
             raise
         loaded = self._clock.seconds()
-        self.bus.publish(Swap(loaded, cause, model, evict, stopped - started, loaded - stopped))
-        log.info(
-            "swap {evicted} -> {model}: stop {stop:.2f} s, load {load:.2f} s",
-            model=model,
-            evicted=", ".join(evict) or "(none)",
-            stop=stopped - started,
-            load=loaded - stopped,
-        )
+        swap = Swap(loaded, cause, model, away.unloaded, stopped - started, loaded - stopped,
+                    slot.woke, away.slept)  # fmt: skip
+        self.bus.publish(swap)
+        log.info("{swap}", swap=swap.summary())
         return None
 
     @inlineCallbacks
     def _unload(self, names: list[str], cause: Cause) -> Any:
+        """Drain, then sleep (an awake model with a sleep mode) or stop them; a reload always
+        stops (the process must start again with its new settings)."""
         slots = [self._slots[n] for n in names]
         started = self._clock.seconds()
         yield gatherResults([s.drain() for s in slots if s.state.resident], consumeErrors=True)
-        stopped = []
-        for slot in slots:
-            if slot.backend.alive():
-                yield slot.stop()
-                stopped.append(slot.name)
-        if stopped:
+        alive = [s.name for s in slots if s.backend.alive()]
+        sleep = cause is not Cause.RELOAD
+        away = yield room.put_away(self._slots, self.view, alive, None, self._http,
+                                   self.config.health_interval, sleep)  # fmt: skip
+        if away.unloaded:
             now = self._clock.seconds()
-            self.bus.publish(Swap(now, cause, None, tuple(stopped), now - started))
+            self.bus.publish(Swap(now, cause, None, away.unloaded, now - started, slept=away.slept))
 
     @inlineCallbacks
     def _reconfigure(self, config: Config, fresh: Mapping[str, IBackend]) -> Any:

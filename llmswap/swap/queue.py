@@ -145,16 +145,17 @@ class RequestQueue:
     """The intake, the waiting room, the leases out, and the timer that expires waiters.
 
     ``queue_size`` and ``request_timeout`` are read from ``config()`` when needed (a reload
-    changes them); ``on_expired`` is called after requests timed out, since that may change what
-    the policy wants.
+    changes them); ``on_left`` is called after waiting requests left without a lease (timed out,
+    or their client went away), since that may change what the policy wants: a read-ahead
+    nobody waits for any more stops.
     """
 
     def __init__(
-        self, clock: IReactorTime, config: Callable[[], Config], on_expired: Callable[[], None]
+        self, clock: IReactorTime, config: Callable[[], Config], on_left: Callable[[], None]
     ) -> None:
         self._clock = clock
         self._config = config
-        self._on_expired = on_expired
+        self._on_left = on_left
         # Bounded by enter, which counts it together with the waiting room (the intake loop
         # empties it at once), so the bound follows queue_size across reloads.
         self._intake: DeferredQueue[Ticket] = DeferredQueue(backlog=1)
@@ -251,11 +252,12 @@ class RequestQueue:
             )
             expired = True
         if expired:
-            self._on_expired()
+            self._on_left()
 
     def _drop(self, ticket: Ticket) -> None:
         ticket.dropped = True
         if self.waiting.remove(ticket):
+            self._on_left()
             return
         if ticket in self._intake.pending:
             self._intake.pending.remove(ticket)

@@ -1,24 +1,47 @@
-"""Start-up reconciliation: restore the memory budget over backends an earlier daemon left running.
+"""Start-up: reconciliation, then preload.
+
+Reconciliation restores the memory budget over backends an earlier daemon left running.
 
 A restarted llmswap finds containers (and, after a crash, processes) still up.  It adopts those
 that answer healthy right now while they fit the budget (without declared devices: the first
-one) and stops all the others before anything else may load.
+one) and stops all the others before anything else may load.  A model with a sleep mode is
+adopted asleep when its status URL says so (and its host memory fits); when it cannot tell,
+it is stopped: a sleeper believed awake would be sent requests it cannot answer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from llmswap import errors
 from llmswap.config import Config
+from llmswap.swap import sleep
 from llmswap.swap.readiness import probe
 from llmswap.swap.slot import Slot
 
 log = Logger()
+
+
+@inlineCallbacks
+def start_up(
+    config: Config,
+    slots: Mapping[str, Slot],
+    http: Any,
+    clock: IReactorTime,
+    load: Callable[[str], Deferred[None]],
+) -> Any:
+    """The manager's first change: nothing else loads before it ends."""
+    yield reconcile(config, slots, http, clock)
+    for model in config.preload:
+        try:
+            yield load(model)
+        except errors.APIError as e:
+            log.error("preload of {model} failed: {e}", model=model, e=e.message)
 
 
 @inlineCallbacks
@@ -36,15 +59,20 @@ def reconcile(config: Config, slots: Mapping[str, Slot], http: Any, clock: IReac
     free = config.capacities()
     adopted = []
     for slot in running:
-        device, memory = config.footprint(slot.name)
-        if memory <= free[device] and (yield probe(clock, http, slot.config.health_url)):
-            free[device] -= memory
-            adopted.append(slot)
+        asleep = False
+        if slot.config.sleep is not None:
+            asleep = yield sleep.is_asleep(clock, http, slot.config.sleep)
+        held = config.sleep_footprint(slot.name) if asleep else config.footprint(slot.name)
+        fits = asleep is not None and (held is None or held[1] <= free[held[0]])
+        if fits and (asleep or (yield probe(clock, http, slot.config.health_url))):
+            if held is not None:
+                free[held[0]] -= held[1]
+            adopted.append((slot, asleep))
         else:
             log.info("start-up: stopping {model}", model=slot.name)
             yield slot.stop()
     # Reported loaded only once the others are gone.
-    for slot in adopted:
-        slot.adopted()
-        log.info("start-up: adopted {model} as loaded", model=slot.name)
+    for slot, asleep in adopted:
+        slot.adopted(asleep)
+        log.info("start-up: adopted {model} as {state}", model=slot.name, state=slot.state)
     return None

@@ -1,4 +1,5 @@
-"""One model's backend life: start, wait until healthy, serve, drain, stop, crash.
+"""One model's backend life: start (or wake), wait until healthy, serve, drain, stop (or
+sleep), crash.
 
 A :class:`Slot` owns its model's state (as llama-swap's ``Process`` does) and is the only code
 that changes it, through the transition table of :mod:`llmswap.swap.state`; every change is
@@ -20,6 +21,7 @@ from llmswap import errors
 from llmswap.config import ModelConfig
 from llmswap.events import EventBus, ModelStateChanged
 from llmswap.interfaces import IBackend
+from llmswap.swap import sleep
 from llmswap.swap.readiness import BackendDied, wait_healthy
 from llmswap.swap.state import ModelState, check
 
@@ -48,6 +50,7 @@ class Slot:
         self.error: str | None = None
         self.since = clock.seconds()
         self.last_load_seconds: float | None = None
+        self.woke = False  # the last load woke the backend rather than started it
         self.in_flight = 0
         self.last_used = 0.0
         # An Ollama client's keep_alive: replaces the ttl until the backend is next stopped.
@@ -66,7 +69,13 @@ class Slot:
     @property
     def resident(self) -> bool:
         """Holds (or may hold) device memory: what the budget must count."""
+        if self.state is S.ASLEEP:
+            return False
         return self.state.resident or self.backend.alive()
+
+    @property
+    def asleep(self) -> bool:
+        return self.state is S.ASLEEP
 
     @property
     def ready(self) -> bool:
@@ -99,12 +108,17 @@ class Slot:
 
     @inlineCallbacks
     def start(self, http: Any, health_interval: float) -> Any:
-        """Launch the backend and wait until it answers healthy; READY, or FAILED and raise."""
+        """Launch (or wake) the backend and wait until it answers healthy; READY, or FAILED
+        and raise."""
         cfg = self.config
+        self.woke = self.state is S.ASLEEP and self.backend.alive()
         self.set(S.STARTING)
         started = self._clock.seconds()
         try:
-            yield self.backend.start()
+            if self.woke:
+                yield self._wake(http, health_interval)
+            else:
+                yield self.backend.start()
             yield wait_healthy(
                 self._clock,
                 http,
@@ -130,9 +144,21 @@ class Slot:
         self.last_used = now
         self.set(S.READY)
 
-    def adopted(self) -> None:
+    @inlineCallbacks
+    def _wake(self, http: Any, interval: float) -> Any:
+        assert self.config.sleep is not None
+        try:
+            yield sleep.wake(self._clock, http, self.config.sleep, self.config.startup_timeout,
+                             interval)  # fmt: skip
+        except sleep.SleepFailed as e:
+            log.warn("model {model}: wake failed ({e}); restarting it", model=self.name, e=e)
+            self.woke = False
+            yield self.backend.stop()
+            yield self.backend.start()
+
+    def adopted(self, asleep: bool = False) -> None:
         self.last_used = self._clock.seconds()
-        self.set(S.READY)
+        self.set(S.ASLEEP if asleep else S.READY)
 
     @inlineCallbacks
     def drain(self) -> Any:
@@ -170,9 +196,30 @@ class Slot:
         self.keep_alive = None
         self.set(S.STOPPED)
 
+    @inlineCallbacks
+    def put_to_sleep(self, http: Any, interval: float) -> Any:
+        """Release its device memory, keeping the process; fires once the backend confirmed
+        it.  A sleep that fails or is not confirmed in time stops the backend instead: either
+        way its device memory is free when this fires.  True when it sleeps."""
+        assert self.config.sleep is not None
+        self.set(S.STOPPING)
+        self.keep_alive = None
+        try:
+            yield sleep.put_to_sleep(self._clock, http, self.config.sleep, interval)
+        except sleep.SleepFailed as e:
+            log.warn("model {model}: sleep failed ({e}); stopping it", model=self.name, e=e)
+            yield self.backend.stop()
+            self.set(S.STOPPED)
+            return False
+        if not self.backend.alive():  # it exited meanwhile; _exited saw STOPPING
+            self.set(S.STOPPED)
+            return False
+        self.set(S.ASLEEP)
+        return True
+
     def _exited(self, reason: str) -> None:
         """The backend died on its own: report it; the next request for it restarts it."""
-        if self.state in (S.READY, S.DRAINING):
+        if self.state in (S.READY, S.DRAINING, S.ASLEEP):
             self.set(S.FAILED, f"backend {self.backend.failure_detail()}")
             self._on_crash(self)
 

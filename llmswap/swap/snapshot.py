@@ -112,6 +112,7 @@ def policy_view(
     for name, slot in slots.items():
         cfg = slot.config
         device, memory = config.footprint(name)
+        sleep_device, sleep_memory = config.sleep_footprint(name) or (None, 0.0)
         models[name] = scheduler.ModelView(
             name=name,
             resident=slot.resident,
@@ -124,6 +125,10 @@ def policy_view(
             memory=memory,
             max_wait=cfg.max_wait_before_swap,
             ttl=slot.ttl,
+            asleep=slot.asleep,
+            sleep_device=sleep_device,
+            sleep_memory=sleep_memory,
+            load_seconds=slot.last_load_seconds,
         )
         free = cfg.concurrency - slot.in_flight if slot.ready else 0
         sampled += queue.waiting.sample(name, max(0, free) + 1)
@@ -135,4 +140,5 @@ def policy_view(
         policy=config.scheduler,
         changing=changing,
         linger=config.linger,
+        linger_bound=config.linger_bound,
     )

@@ -18,6 +18,9 @@ class ModelState(enum.StrEnum):
     READY = "ready"
     DRAINING = "draining"
     STOPPING = "stopping"
+    # Its process lives with its device memory released (a backend's sleep mode): it wakes
+    # much faster than it starts, and holds only host memory meanwhile.
+    ASLEEP = "asleep"
     FAILED = "failed"
 
     @property
@@ -32,17 +35,21 @@ _RESIDENT = frozenset(
 
 S = ModelState
 TRANSITIONS: dict[ModelState, frozenset[ModelState]] = {
-    # Started by a load; adopted as ready at start-up; a stray server (started by hand, or left
-    # by a crash) stopped before a load.
-    S.STOPPED: frozenset({S.STARTING, S.READY, S.STOPPING}),
+    # Started by a load; adopted as ready (or asleep) at start-up; a stray server (started by
+    # hand, or left by a crash) stopped before a load.
+    S.STOPPED: frozenset({S.STARTING, S.READY, S.ASLEEP, S.STOPPING}),
     # Healthy; failed to start; stopped after a failed or cancelled start.
     S.STARTING: frozenset({S.READY, S.FAILED, S.STOPPING, S.STOPPED}),
     # Evicted (drains first); stopped outright; exited by itself.
     S.READY: frozenset({S.DRAINING, S.STOPPING, S.FAILED}),
     # Drained and stopped; eviction called off (nobody waits any more); exited by itself.
     S.DRAINING: frozenset({S.STOPPING, S.READY, S.FAILED}),
-    # Confirmed gone; or gone after a failed start, which is reported as such.
-    S.STOPPING: frozenset({S.STOPPED, S.FAILED}),
+    # Confirmed gone; confirmed asleep (a sleep is a stop that keeps the process); gone after a
+    # failed start, which is reported as such.
+    S.STOPPING: frozenset({S.STOPPED, S.ASLEEP, S.FAILED}),
+    # Woken by a load (its device memory is counted from the first wake call); stopped for
+    # real (its host memory is wanted, or llmswap stops); exited by itself; adopted at start-up.
+    S.ASLEEP: frozenset({S.STARTING, S.STOPPING, S.FAILED}),
     # Restarted by the next request; its leftover process stopped.
     S.FAILED: frozenset({S.STARTING, S.STOPPING}),
 }

@@ -2,12 +2,13 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const STATE_COLORS = { starting: "#d97706", ready: "#16a34a", draining: "#0d9488", stopping: "#9ca3af", failed: "#dc2626" };
+const STATE_COLORS = { starting: "#d97706", ready: "#16a34a", draining: "#0d9488", stopping: "#9ca3af", asleep: "#6366f1", failed: "#dc2626" };
 const ROUTES = { "/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/embeddings": "embeddings",
   "/api/chat": "ollama chat", "/api/generate": "ollama generate", "/api/embed": "ollama embed" };
 let state = null;      // the last "state" event: models, queue, devices
 let offset = 0;        // server clock minus this browser's, in seconds
 let activity = [];     // newest first
+let shownModels = "";  // the model rows' HTML now on the page
 let timeline = { changes: [], swaps: [], depth: [] };
 let source = null;     // the EventSource
 let logAbort = null;   // stops the followed log
@@ -121,6 +122,8 @@ function renderModels() {
   const used = {};
   for (const [name, m] of Object.entries(state.models)) {
     if (["starting", "ready", "draining", "stopping"].includes(m.state) && m.memory) used[m.device] = (used[m.device] || 0) + m.memory;
+    // Asleep, it holds host memory on its sleep device instead of its device's.
+    if (m.state === "asleep" && m.sleep_memory) used[m.sleep_device] = (used[m.sleep_device] || 0) + m.sleep_memory;
     let load = m.last_load_seconds ? `usually ${secs(m.last_load_seconds)}` : "";
     if (m.state === "starting") load = `loading for ${secs(now() - m.since)}` + (m.last_load_seconds ? `, usually ${secs(m.last_load_seconds)}` : "");
     let expires = "";
@@ -131,7 +134,9 @@ function renderModels() {
       <td>${where(m)}${m.memory ? ` on ${esc(m.device)}` : ""}</td><td>${load}</td><td>${m.waiting}</td><td>${m.in_flight}</td>
       <td>${expires}</td><td><button class="act" data-do="${resident ? "unload" : "load"}" data-model="${esc(name)}">${resident ? "Unload" : "Load"}</button></td></tr>`);
   }
-  $("model-rows").innerHTML = rows.join("");
+  // Only when something shown changed: a row rebuilt between a press and a release eats the click.
+  const html = rows.join("");
+  if (html !== shownModels) $("model-rows").innerHTML = shownModels = html;
   $("budgets").innerHTML = Object.entries(state.devices).map(([device, size]) => {
     const share = Math.min(1, (used[device] || 0) / size);
     return `<div>${esc(device)} <span class="bar"><span style="width:${(share * 100).toFixed(1)}%"></span></span>
