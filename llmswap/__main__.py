@@ -3,6 +3,8 @@
 - ``check-config FILE``: validate without starting anything; list the effective settings (those
   not at their default) and every model with its own; exit 1 with the error otherwise.
 - ``settings``: the Markdown table of every setting, as the README shows it.
+- ``convert-llama-swap FILE``: a llama-swap configuration as an llmswap one, on stdout; what does
+  not carry over is listed at its top and on stderr.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import argparse
 import sys
 from typing import Any
 
-from llmswap import schema
+import yaml
+
+from llmswap import convert, schema
 from llmswap.config import IMPLICIT_DEVICE, Config, ConfigError, derive_health_url, load
 
 
@@ -50,6 +54,7 @@ def describe(config: Config, path: str) -> list[str]:
                 "max_wait_before_swap": schema.GLOBAL["max_wait_before_swap"].default,
                 "drain_timeout": config.request_timeout,
                 "device": IMPLICIT_DEVICE,
+                "loading_status": config.loading_status,
             },
         )
         own = "; ".join([f"startup_timeout {m.startup_timeout:g} s", *derived])
@@ -63,17 +68,34 @@ def main(argv: list[str] | None = None) -> int:
     check = sub.add_parser("check-config", help="validate a config file and list its models")
     check.add_argument("path")
     sub.add_parser("settings", help="print the table of every setting (Markdown)")
+    conv = sub.add_parser("convert-llama-swap", help="print a llama-swap config as llmswap's")
+    conv.add_argument("path")
     args = parser.parse_args(argv)
 
     if args.command == "settings":
         print(schema.markdown_table())
         return 0
+    if args.command == "convert-llama-swap":
+        return _convert(args.path)
     try:
         config = load(args.path)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print("\n".join(describe(config, args.path)))
+    return 0
+
+
+def _convert(path: str) -> int:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text, left = convert.render(yaml.safe_load(f), path)
+    except (OSError, yaml.YAMLError, ConfigError) as e:
+        print(f"error: {path}: {e}", file=sys.stderr)
+        return 1
+    print(text, end="")
+    for line in left:
+        print(f"not carried over: {line}", file=sys.stderr)
     return 0
 
 

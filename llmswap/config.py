@@ -5,7 +5,8 @@ A file written for the original proxy (top-level ``queue_size`` and ``request_ti
 key is declared once in :mod:`llmswap.schema` (type, default, unit, help), which checks it: a typo
 is an error naming the key's full path and the closest valid spelling, because a silently
 ignored ``startup_timout`` costs a user a 180 s mystery.  This module knows how the settings fit
-together (exactly one of ``cmd`` and ``container_name``, models that fit their devices...).
+together (models that fit their devices, ``${PORT}``s, a name used twice...); one model's own
+settings are :mod:`llmswap.modelconfig`'s.
 """
 
 from __future__ import annotations
@@ -14,20 +15,31 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 import yaml
 
+from llmswap import macros
 from llmswap.keys import Auth, parse_auth
-from llmswap.schema import CONSOLE, DEVICE, DOCKER, GLOBAL, INFO, MODEL, SLEEP
+from llmswap.modelconfig import (
+    IMPLICIT_DEVICE,
+    ModelConfig,
+    ModelInfo,
+    Sleep,
+    derive_health_url,
+    expanded,
+    model,
+    model_aliases,
+    server_root,
+)
+from llmswap.schema import CONSOLE, DEVICE, DOCKER, GLOBAL
 from llmswap.values import ConfigError, known_model, size
 
-__all__ = ["Config", "ConfigError", "ModelConfig", "load", "parse"]
-
-# The device every model occupies in full when no devices are declared: one model at a time.
-IMPLICIT_DEVICE = "default"
-G, M = GLOBAL, MODEL
+__all__ = [
+    "IMPLICIT_DEVICE", "Config", "ConfigError", "ModelConfig", "ModelInfo", "Sleep",
+    "derive_health_url", "load", "parse", "server_root",
+]  # fmt: skip
+G = GLOBAL
 
 
 @attrs.frozen
@@ -51,103 +63,6 @@ class Console:
 
 
 @attrs.frozen
-class ModelInfo:
-    """What Ollama clients are told of a model (``/api/show``, ``/api/tags``)."""
-
-    capabilities: tuple[str, ...] = INFO["capabilities"].default
-    context_length: int | None = None
-    family: str | None = None
-    parameter_size: str | None = None
-    quantization_level: str | None = None
-
-
-CAPABILITIES = ("completion", "tools", "vision", "embedding", "thinking", "insert")
-
-
-def _info(raw: Any, where: str) -> ModelInfo:
-    values = INFO.read_all(raw, where)
-    capabilities = values.pop("capabilities")
-    if not isinstance(capabilities, list | tuple) or not set(capabilities) <= set(CAPABILITIES):
-        raise ConfigError(f"'{where}.capabilities' must list some of {', '.join(CAPABILITIES)}")
-    return ModelInfo(capabilities=tuple(capabilities), **values)
-
-
-@attrs.frozen
-class Sleep:
-    """How a model is put to sleep and woken (its backend's sleep mode), with resolved URLs."""
-
-    kind: str
-    sleep_url: str
-    wake_url: str
-    # Polled for ``{"is_sleeping": bool}``; None: the POST's 2xx confirms.
-    status_url: str | None
-    # Host memory held while asleep, on ``device``; None: not counted.
-    memory: int | None = None
-    device: str | None = None
-    timeout: float = SLEEP["timeout"].default
-
-
-def _sleep(raw: Any, where: str, backend_url: str) -> Sleep | None:
-    if raw is None:
-        return None
-    values = SLEEP.read_all(raw, where)
-    kind = values["kind"]
-    if kind is None:
-        raise ConfigError(f"'{where}.kind' is required: vllm, sglang or http")
-    root = server_root(backend_url)
-    preset = {
-        "vllm": (f"{root}/sleep?level={values['level']}", f"{root}/wake_up", f"{root}/is_sleeping"),
-        "sglang": (f"{root}/release_memory_occupation", f"{root}/resume_memory_occupation", None),
-        "http": (None, None, None),
-    }[kind]
-    sleep_url = values["sleep_url"] or preset[0]
-    wake_url = values["wake_url"] or preset[1]
-    if sleep_url is None or wake_url is None:
-        raise ConfigError(f"'{where}' of kind http needs 'sleep_url' and 'wake_url'")
-    memory = values["memory"]
-    return Sleep(
-        kind=kind,
-        sleep_url=sleep_url,
-        wake_url=wake_url,
-        status_url=values["status_url"] or preset[2],
-        memory=memory,
-        device=values["device"] or ("ram" if memory is not None else None),
-        timeout=values["timeout"],
-    )
-
-
-@attrs.frozen
-class ModelConfig:
-    """One model: how to reach its OpenAI-compatible server and how to start and stop it."""
-
-    name: str
-    backend_url: str
-    health_url: str
-    startup_timeout: float = M["startup_timeout"].default
-    stop_timeout: float = M["stop_timeout"].default
-    container_name: str | None = None
-    cmd: tuple[str, ...] | None = None
-    env: Mapping[str, str] = attrs.field(factory=dict)
-    cwd: str | None = None
-    concurrency: int = M["concurrency"].default
-    ttl: float | None = None
-    max_wait_before_swap: float = G["max_wait_before_swap"].default
-    drain_timeout: float = G["request_timeout"].default
-    device: str = IMPLICIT_DEVICE
-    # Bytes on ``device``; None means the whole device.
-    memory: int | None = None
-    info: ModelInfo = ModelInfo()
-    sleep: Sleep | None = None
-    # Weight files to read ahead; None: found in ``cmd`` (see llmswap.prefetch).
-    files: tuple[str, ...] | None = None
-    prefetch: bool = M["prefetch"].default
-
-    @property
-    def kind(self) -> str:
-        return "docker" if self.container_name is not None else "process"
-
-
-@attrs.frozen
 class Config:
     models: Mapping[str, ModelConfig]
     listen: str = G["listen"].default
@@ -155,6 +70,7 @@ class Config:
     request_timeout: float = G["request_timeout"].default
     health_interval: float = G["health_interval"].default
     max_body_bytes: int = G["max_body_bytes"].default
+    max_upload_bytes: int = G["max_upload_bytes"].default
     log_dir: str | None = None
     docker: DockerEngine = DockerEngine()
     console: Console = Console()
@@ -169,7 +85,21 @@ class Config:
     auth: Auth | None = None
     access_log: bool = G["access_log"].default
     prefetch_reserve: int = G["prefetch_reserve"].default
+    start_port: int = G["start_port"].default
+    list_aliases: bool = G["list_aliases"].default
+    loading_status: str = G["loading_status"].default
+    # Alias -> the model it names.
+    aliases: Mapping[str, str] = attrs.field(factory=dict)
     source: str = "<built-in>"
+
+    def resolve(self, name: str) -> str | None:
+        """The model a request's ``name`` (a model's or an alias) means; None: no such."""
+        return name if name in self.models else self.aliases.get(name)
+
+    @property
+    def ports(self) -> dict[str, int]:
+        """Each model's ``${PORT}``, for the next reload to keep."""
+        return {n: m.port for n, m in self.models.items() if m.port is not None}
 
     def footprint(self, model: str) -> tuple[str, float]:
         """The device a model occupies and the share of it, for the scheduler."""
@@ -191,63 +121,9 @@ class Config:
         return {name: float(size) for name, size in self.devices.items()}
 
 
-def server_root(backend_url: str) -> str:
-    """The server's own root: llama-server, vLLM and SGLang answer ``/health``, ``/sleep``...
-    beside ``/v1``."""
-    parts = urlsplit(backend_url)
-    path = parts.path.rstrip("/").removesuffix("/v1")
-    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
-
-
-def derive_health_url(backend_url: str) -> str:
-    return server_root(backend_url) + "/health"
-
-
-def _model(name: str, raw: Any, defaults: Mapping[str, Any]) -> ModelConfig:
-    where = f"models.{name}"
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"'{where}' must be a mapping of settings, got {raw!r}")
-    M.check_keys(raw, where)
-    if raw.get("backend_url") is None:
-        raise ConfigError(f"'{where}.backend_url' is required (e.g. http://127.0.0.1:8081/v1)")
-    backend_url = M["backend_url"].read(raw, where)
-    health_url = M["health_url"].read(raw, where) or derive_health_url(backend_url)
-    container = M["container_name"].read(raw, where)
-    cmd = M["cmd"].read(raw, where)
-    if (container is None) == (cmd is None):
-        raise ConfigError(
-            f"'{where}' needs exactly one of 'container_name' (a Docker container) "
-            "or 'cmd' (a local process)"
-        )
-    if container is not None and ("env" in raw or "cwd" in raw):
-        raise ConfigError(f"'{where}': 'env' and 'cwd' apply to 'cmd' models, not containers")
-    memory = M["memory"].read(raw, where)
-    return ModelConfig(
-        name=name,
-        backend_url=backend_url,
-        health_url=health_url,
-        startup_timeout=M["startup_timeout"].read(raw, where),
-        stop_timeout=M["stop_timeout"].read(raw, where),
-        container_name=container,
-        cmd=cmd,
-        env=M["env"].read(raw, where) or {},
-        cwd=M["cwd"].read(raw, where),
-        concurrency=M["concurrency"].read(raw, where),
-        ttl=M["ttl"].read(raw, where),
-        max_wait_before_swap=M["max_wait_before_swap"].read(
-            raw, where, defaults["max_wait_before_swap"]
-        ),
-        drain_timeout=M["drain_timeout"].read(raw, where, defaults["drain_timeout"]),
-        device=M["device"].read(raw, where) or IMPLICIT_DEVICE,
-        memory=memory,
-        info=_info(raw.get("info"), f"{where}.info"),
-        sleep=_sleep(raw.get("sleep"), f"{where}.sleep", backend_url),
-        files=M["files"].read(raw, where),
-        prefetch=M["prefetch"].read(raw, where),
-    )
-
-
-def parse(data: Any, source: str = "<string>") -> Config:
+def parse(
+    data: Any, source: str = "<string>", previous_ports: Mapping[str, int] | None = None
+) -> Config:
     """Validate an already-parsed YAML document."""
     if not isinstance(data, Mapping):
         raise ConfigError("the configuration must be a mapping with a 'models' key")
@@ -259,12 +135,21 @@ def parse(data: Any, source: str = "<string>") -> Config:
     defaults = {
         "max_wait_before_swap": G["max_wait_before_swap"].read(data, ""),
         "drain_timeout": G["drain_timeout"].read(data, "", request_timeout),
+        "loading_status": G["loading_status"].read(data, ""),
     }
-    models: dict[str, ModelConfig] = {}
+    # ${PORT} and ${MODEL_ID} stay until each model's port is known.
+    later = {macros.PORT: "${PORT}", macros.MODEL_ID: "${MODEL_ID}"}
+    defined = macros.define(data.get("macros"), "macros", later)
+    expanded_models: dict[str, dict[str, Any]] = {}
     for name, raw in models_raw.items():
         if not isinstance(name, str) or not name:
             raise ConfigError(f"model names must be non-empty strings, got {name!r}")
-        models[name] = _model(name, raw, defaults)
+        expanded_models[name] = expanded(name, raw, defined)
+    start_port = G["start_port"].read(data, "")
+    wanting = [n for n, raw in expanded_models.items()
+               if any(macros.uses(raw.get(k), macros.PORT) for k in macros.EXPANDED)]  # fmt: skip
+    ports = macros.assign_ports(wanting, start_port, previous_ports or {})
+    models = {n: model(n, raw, defaults, ports.get(n)) for n, raw in expanded_models.items()}
     devices = _devices(data.get("devices"), models)
     preload = _preload(data.get("preload"), models)
 
@@ -275,6 +160,7 @@ def parse(data: Any, source: str = "<string>") -> Config:
         request_timeout=request_timeout,
         health_interval=G["health_interval"].read(data, ""),
         max_body_bytes=G["max_body_bytes"].read(data, ""),
+        max_upload_bytes=G["max_upload_bytes"].read(data, ""),
         log_dir=G["log_dir"].read(data, ""),
         docker=DockerEngine(**DOCKER.read_all(data.get("docker"), "docker")),
         console=Console(**CONSOLE.read_all(data.get("console"), "console")),
@@ -288,6 +174,10 @@ def parse(data: Any, source: str = "<string>") -> Config:
         auth=parse_auth(data.get("auth"), models),
         access_log=G["access_log"].read(data, ""),
         prefetch_reserve=G["prefetch_reserve"].read(data, ""),
+        start_port=start_port,
+        list_aliases=G["list_aliases"].read(data, ""),
+        loading_status=defaults["loading_status"],
+        aliases=model_aliases(models),
         source=source,
     )
     _check_preload_fits(config)
@@ -374,8 +264,10 @@ def _check_preload_fits(config: Config) -> None:
             )
 
 
-def load(path: str | os.PathLike[str]) -> Config:
-    """Read and validate a YAML file; every failure is a ConfigError with a readable message."""
+def load(path: str | os.PathLike[str], previous_ports: Mapping[str, int] | None = None) -> Config:
+    """Read and validate a YAML file; every failure is a ConfigError with a readable message.
+
+    ``previous_ports``: the running configuration's ``${PORT}``s, which a reload keeps."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -386,6 +278,6 @@ def load(path: str | os.PathLike[str]) -> Config:
     except yaml.YAMLError as e:
         raise ConfigError(f"{p} is not valid YAML: {e}") from None
     try:
-        return parse(data, source=str(p))
+        return parse(data, source=str(p), previous_ports=previous_ports)
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None

@@ -66,6 +66,21 @@ def render_ollama(request: IRequest, err: APIError) -> bytes:
     return json.dumps({"error": err.message}).encode()
 
 
+# Anthropic's error types, by status (its clients raise by status and show the message).
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+    404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+    503: "overloaded_error", 504: "api_error",
+}  # fmt: skip
+
+
+def render_anthropic(request: IRequest, err: APIError) -> bytes:
+    """The same in Anthropic's shape, ``{"type": "error", "error": {"type", "message"}}``."""
+    _status(request, err)
+    kind = _ANTHROPIC_TYPES.get(err.status, "api_error")
+    return json.dumps({"type": "error", "error": {"type": kind, "message": err.message}}).encode()
+
+
 def _status(request: IRequest, err: APIError) -> None:
     request.setResponseCode(err.status)
     request.setHeader(b"content-type", b"application/json")

@@ -28,8 +28,6 @@ class KeepAlive(Service, Generic[T]):
     The first call for an item comes within one interval of its arrival (the tick is shared).
     """
 
-    name = "keepalive"
-
     def __init__(
         self, clock: IReactorTime, interval: Callable[[], float], say: Callable[[T], None]
     ) -> None:

@@ -17,7 +17,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, BinaryIO
 
 import attrs
 from klein.interfaces import IKleinRequest
@@ -36,9 +36,10 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 
-from llmswap import errors
+from llmswap import errors, filters
 from llmswap.access import Gate, nothing_to_release
-from llmswap.config import Config
+from llmswap.bodies import form_model, parse_body
+from llmswap.config import Config, server_root
 from llmswap.events import EventBus, RequestEnded
 from llmswap.keepalive import KeepAlive
 from llmswap.keys import APIKey
@@ -52,36 +53,6 @@ log = Logger()
 CLIENT_CLOSED = 499  # nginx's convention for "client went away before the answer"
 # llmswap's own keys are not the backend's business.
 _KEY_HEADERS = frozenset({b"authorization", b"x-api-key"})
-
-
-def json_object(body: bytes, max_bytes: int, empty_ok: bool = False) -> dict[str, Any]:
-    """A request body that must be a JSON object (``{}`` when empty and ``empty_ok``)."""
-    if len(body) > max_bytes:
-        raise errors.too_large(len(body), max_bytes)
-    if empty_ok and not body.strip():
-        return {}
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise errors.invalid_json(str(e)) from None
-    except RecursionError:  # nested deeper than Python's parser recurses
-        raise errors.invalid_json("nested too deeply") from None
-    if not isinstance(data, dict):
-        raise errors.bad_request("Request body must be a JSON object", "invalid_json")
-    return data
-
-
-def parse_body(body: bytes, max_bytes: int) -> tuple[str, bool]:
-    """Read ``model`` and ``stream`` from a JSON request body, rejecting anything unusable."""
-    data = json_object(body, max_bytes)
-    model = data.get("model")
-    if model is None:
-        raise errors.bad_request(
-            "Missing required parameter: 'model'", "missing_required_parameter", "model"
-        )
-    if not isinstance(model, str) or not model:
-        raise errors.bad_request("'model' must be a non-empty string", "invalid_type", "model")
-    return model, data.get("stream") is True
 
 
 def internal_error(failure: Failure, request: IRequest) -> errors.APIError:
@@ -109,6 +80,9 @@ class Exchange:
     gone: bool = False  # the client hung up
     answering: Deferred[Any] | None = None  # the chain that answers it
     call: Any = None  # what another API's route read of the request (see Proxy's hooks)
+    # A body relayed from the temporary file Twisted keeps it in (a multipart upload), not
+    # read into memory.
+    upload: BinaryIO | None = None
 
 
 class Proxy:
@@ -150,6 +124,8 @@ class Proxy:
             _forget_routing(request)
             if x.stream and self.comments_while_waiting:
                 self.keepalive.add(x)  # until _serve or _ended
+                if self._reasoning(x):  # a chat client shows it at once, not in 5 s
+                    self._still_waiting(x)
         # The callbacks share one arguments tuple, the bound methods are made once, no kwargs
         # dicts: what a waiting request holds is counted in bytes.
         args = (x,)
@@ -166,15 +142,19 @@ class Proxy:
         x.key_name = key.name if key is not None else "-"
         content = request.content
         assert content is not None
-        x.body = content.read()
-        # Kept as bytes from here; the request's own copy (a temporary file, open, above 100
-        # KB) goes now rather than when the answer ends, maybe minutes of queueing later.
-        content.close()
-        request.content = None
+        if self.uploads(request):
+            x.upload = content
+        else:
+            x.body = content.read()
+            # Kept as bytes from here; the request's own copy (a temporary file, open, above
+            # 100 KB) goes now rather than when the answer ends, maybe minutes later.
+            content.close()
+            request.content = None
         self.parse(x, key)
-        if x.model not in self._config.models:
+        model = self._config.resolve(x.model)  # an alias is its model: one queue, one backend
+        if model is None:
             raise errors.model_not_found(x.model, self._gate.visible(key, self._manager.models()))
-        x.model = sys.intern(x.model)  # a configured name: one string, not one per request
+        x.model = sys.intern(model)  # a configured name: one string, not one per request
         self._gate.check_model(key, x.model)
         priority = key.priority if key is not None else self._priority(request)
         x.release_key = self._gate.admit(key)
@@ -203,16 +183,34 @@ class Proxy:
 
     # -- the hooks another API overrides ---------------------------------------------------
 
+    def uploads(self, request: IRequest) -> bool:
+        """Whether the body is relayed from its file rather than read: a multipart form."""
+        content_type = request.getHeader(b"content-type") or b""
+        return content_type.lower().startswith(b"multipart/form-data")
+
     def parse(self, x: Exchange, key: APIKey | None) -> None:
-        """Read the request body (``x.body``) of ``key``'s caller: set ``x.model`` and
-        ``x.stream``."""
+        """Read the request body (``x.body``, or the ``x.upload`` file) of ``key``'s caller:
+        set ``x.model`` and ``x.stream``."""
+        if x.upload is not None:
+            x.model = form_model(x.request, x.upload, self._config.max_upload_bytes)
+            return
         x.model, x.stream = parse_body(x.body, self._config.max_body_bytes)
 
     def forward(self, x: Exchange, lease: Lease) -> Deferred[Relayed]:
         """Send the request to the backend the lease names; fires after the answer's end."""
         request = x.request
-        url = lease.backend_url + request.uri[len(b"/v1") :].decode("latin-1")
-        return self._relay.forward(request, x.model, url, x.body, self.dropped_headers())
+        uri = request.uri.decode("latin-1")
+        # /v1/... below the backend's OpenAI base; llama.cpp's own routes below its root.
+        if uri.startswith("/v1/"):
+            url = lease.backend_url + uri[3:]
+        else:
+            url = server_root(lease.backend_url) + uri
+        body: bytes | BinaryIO
+        if x.upload is not None:
+            body = x.upload
+        else:
+            body = filters.body_for(x.body, self._config.models[x.model])
+        return self._relay.forward(request, x.model, url, body, self.dropped_headers())
 
     def served(self, x: Exchange) -> None:
         """The answer was relayed and the lease released."""
@@ -230,6 +228,8 @@ class Proxy:
         The end of every request's chain, so it logs what it cannot handle rather than raise.
         """
         self.keepalive.discard(x)
+        if x.upload is not None:
+            x.upload.close()
         request = x.request
         try:
             if failure is not None:
@@ -298,8 +298,19 @@ class Proxy:
         except ValueError:
             raise errors.invalid_priority(header, value) from None
 
+    def _reasoning(self, x: Exchange) -> bool:
+        """Whether a waiting chat stream is told its model's progress as reasoning."""
+        model = self._config.models.get(x.model)
+        return (
+            model is not None
+            and model.loading_status == "reasoning"
+            and x.request.path == b"/v1/chat/completions"
+        )
+
     def _still_waiting(self, x: Exchange) -> None:
-        """An SSE comment while a stream waits, so clients and proxies keep the connection."""
+        """While a stream waits: an SSE comment, so clients and proxies keep the connection, or
+        (``loading_status: reasoning``) a ``reasoning_content`` delta chat clients show as
+        thinking: "loading gemma3, 12 s, usually 40 s"."""
         request = x.request
         if not started_writing(request):
             request.setResponseCode(200)
@@ -307,8 +318,18 @@ class Proxy:
             request.setHeader(b"cache-control", b"no-cache")
         loading = self._manager.state(x.model) is ModelState.STARTING
         what = "loading" if loading else "queued for"
-        waited = self._clock.seconds() - x.started
-        request.write(f": {what} {x.model}, {waited:.0f} s\n\n".encode())
+        status = f"{what} {x.model}, {self._clock.seconds() - x.started:.0f} s"
+        if not self._reasoning(x):
+            request.write(f": {status}\n\n".encode())
+            return
+        usual = self._manager.last_load_seconds(x.model)
+        if usual:
+            status += f", usually {usual:.0f} s"
+        delta = {"role": "assistant", "reasoning_content": status + "\n"}
+        chunk = {"id": "llmswap-loading", "object": "chat.completion.chunk",
+                 "created": int(self._clock.seconds()), "model": x.model,
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}  # fmt: skip
+        request.write(sse_event(json.dumps(chunk).encode()))
 
 
 def _forget_routing(request: IRequest) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 import attrs
 import treq
@@ -31,6 +31,7 @@ from twisted.web.client import (
     URI,
     Agent,
     BrowserLikePolicyForHTTPS,
+    FileBodyProducer,
     HTTPConnectionPool,
     ResponseDone,
 )
@@ -144,11 +145,15 @@ def _last_object(tail: bytes, key: bytes) -> dict[str, Any] | None:
 
 def usage_from(tail: bytes) -> tuple[int, int] | None:
     """(prompt_tokens, completion_tokens) from the last ``"usage"`` object in a response's
-    ``tail`` (backends put it at the end of an answer, or in the last event of a stream)."""
+    ``tail`` (backends put it at the end of an answer, or in the last event of a stream);
+    Anthropic's Messages API calls them input and output tokens."""
     usage = _last_object(tail, b"usage")
     if usage is None:
         return None
-    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
+    if "input_tokens" in usage:
+        prompt, completion = usage.get("input_tokens"), usage.get("output_tokens", 0)
+    else:
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
     if not isinstance(prompt, int) or not isinstance(completion, int):
         return None
     return prompt, completion
@@ -266,11 +271,14 @@ class Relay:
         request: IRequest,
         model: str,
         url: str,
-        body: bytes,
+        body: bytes | BinaryIO,
         drop: frozenset[bytes] = frozenset(),
         writer: IAnswerWriter | None = None,
     ) -> Deferred[Relayed]:
         """Relay ``body`` to ``url``; fires with how it went after the last byte.
+
+        A file ``body`` (an upload Twisted kept in a temporary file) is sent from its start in
+        chunks, never read whole into memory.
 
         ``drop`` names request headers not to forward (llmswap's own API keys); ``writer``,
         when given, writes the answer instead of passing the backend's bytes on.
@@ -281,8 +289,13 @@ class Relay:
         """
         assert self._agent is not None
         pipe = _Pipe(request, self._clock, self.idle_timeout, writer)
+        if isinstance(body, bytes):
+            producer: Any = _Body(body)
+        else:
+            body.seek(0)
+            producer = FileBodyProducer(body)
         sent = self._agent.request(
-            request.method, url.encode("latin-1"), _request_headers(request, drop), _Body(body)
+            request.method, url.encode("latin-1"), _request_headers(request, drop), producer
         )
         if not sent.called:
             pipe.unanswered = sent

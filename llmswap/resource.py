@@ -21,7 +21,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from llmswap import errors, health
+from llmswap import errors, health, upstream
 from llmswap.access import Gate
 from llmswap.console.routes import ConsoleAPI
 from llmswap.metrics import Metrics
@@ -52,9 +52,13 @@ class OpenAIResource:
         reload: Callable[[], Deferred[Any]] | None = None,
         ollama: IResource | None = None,
         console: ConsoleAPI | None = None,
+        anthropic: Proxy | None = None,
+        upstream: Proxy | None = None,
     ) -> None:
         self._manager = manager
         self._proxy = proxy
+        self._anthropic = anthropic or proxy
+        self._upstream = upstream
         self._ollama = ollama
         self._console = console
         self._gate = gate
@@ -159,12 +163,30 @@ class OpenAIResource:
             key = self._gate.identify(request)
         except errors.APIError as e:
             return errors.render(request, e)
-        created = int(self._clock.seconds())
-        data = [
-            {"id": name, "object": "model", "created": created, "owned_by": "local"}
-            for name in self._gate.visible(key, self._manager.models())
-        ]
+        config = self._manager.config
+        data = []
+        for name in self._gate.visible(key, self._manager.models()):
+            m = config.models[name]
+            if not m.unlisted:
+                names = (name, *m.aliases) if config.list_aliases else (name,)
+                data += [self._model_object(n) for n in names]
         return _json(request, 200, {"object": "list", "data": data})
+
+    @app.route("/v1/models/<path:model_id>", methods=["GET"])
+    def model(self, request: IRequest, model_id: str) -> bytes:
+        """OpenAI's retrieve-model: any name a request may use (unlisted ones and aliases)."""
+        try:
+            key = self._gate.identify(request)
+            visible = self._gate.visible(key, self._manager.models())
+            if self._manager.config.resolve(model_id) not in visible:
+                raise errors.model_not_found(errors.quote(model_id), visible)
+        except errors.APIError as e:
+            return errors.render(request, e)
+        return _json(request, 200, self._model_object(model_id))
+
+    def _model_object(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": int(self._clock.seconds()),
+                "owned_by": "local"}  # fmt: skip
 
     @app.route("/admin/models/<model>/load", methods=["POST"])
     async def admin_load(self, request: IRequest, model: str) -> bytes:
@@ -210,6 +232,30 @@ class OpenAIResource:
     @app.route("/v1/<path:_endpoint>", methods=["POST"])
     def proxy(self, request: IRequest, _endpoint: str) -> IResource:
         return self._proxy.handle(request)
+
+    # llama.cpp's own routes, routed by the model in the body like the OpenAI ones.
+    @app.route("/infill", methods=["POST"])
+    @app.route("/completion", methods=["POST"])
+    @app.route("/rerank", methods=["POST"])
+    @app.route("/tokenize", methods=["POST"])
+    @app.route("/detokenize", methods=["POST"])
+    def llama_cpp(self, request: IRequest) -> IResource:
+        return self._proxy.handle(request)
+
+    @app.route("/v1/messages", methods=["POST"])
+    @app.route("/v1/messages/count_tokens", methods=["POST"])
+    def anthropic(self, request: IRequest) -> IResource:
+        return self._anthropic.handle(request)
+
+    @app.route("/upstream/<path:_rest>")
+    def upstream(self, request: IRequest, _rest: str) -> Any:
+        try:
+            if self._upstream is None:
+                raise errors.unknown_url(request.method.decode("latin-1"), "/upstream/")
+            found = upstream.target(self._manager.config, request.uri)
+        except errors.APIError as e:
+            return errors.render(request, e)
+        return self._upstream.handle(request, found)
 
     @app.handle_errors(NotFound, MethodNotAllowed)
     def routing_error(self, request: IRequest, failure: Failure) -> bytes:

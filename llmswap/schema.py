@@ -134,8 +134,11 @@ GLOBAL = Section("", (
     S("health_interval", "number", 0.01, "seconds between readiness polls while loading (each "
       "poll is one small request on a kept-alive connection; the delay it adds to a swap is at "
       "most this)", unit="s"),
-    S("max_body_bytes", "number", 16 * 1024 * 1024, "larger request bodies get 413",
+    S("max_body_bytes", "number", 16 * 1024 * 1024, "larger JSON request bodies get 413",
       unit="bytes", integer=True),
+    S("max_upload_bytes", "size", 2 * 2**30, "larger multipart (audio, image) and "
+      "`/upstream/` bodies get 413; they are relayed from a temporary file, not memory",
+      shown_default="`2GiB`"),
     S("log_dir", "text", None, "per-model backend output", what="a directory path",
       shown_default="`$XDG_STATE_HOME/llmswap/logs` or `~/.local/state/llmswap/logs`"),
     S("docker", "section", None, "the Docker engine (see `docker.*`)"),
@@ -162,6 +165,15 @@ GLOBAL = Section("", (
     S("access_log", "flag", True, "one log line per request, written in batches at most 10 ms "
       "after the request ends (each line keeps its own time)"),
     S("console", "section", None, "the web console at `/ui/` (see `console.*`)"),
+    S("start_port", "number", 5800, "the first port `${PORT}` assigns (each model that uses it "
+      "gets its own, kept across reloads)", integer=True),
+    S("macros", "section", None, "`${NAME}` substitutions for `cmd`, URLs, `env`... (values: "
+      "strings, numbers, booleans; `${env.NAME}` reads the environment)"),
+    S("list_aliases", "flag", False, "`/v1/models` lists each alias too"),
+    S("loading_status", "choice", "comments", "what a streamed chat gets while its model loads: "
+      "`comments` (SSE comments, invisible) or `reasoning` (`reasoning_content` deltas that chat "
+      "clients show as thinking: model, seconds waited, its usual load time)",
+      choices=("comments", "reasoning")),
     S("prefetch_reserve", "size", 2 * 2**30, "memory prefetching leaves free (beyond what the "
       "loaded models' weight files hold in the page cache)", shown_default="`2GiB`"),
 ))
@@ -192,7 +204,8 @@ DEVICE = Section("devices.<name>", (
 ))
 
 MODEL = Section("models.<name>", (
-    S("backend_url", "url", None, "the backend's OpenAI base URL, ending in `/v1` (required)"),
+    S("backend_url", "url", None, "the backend's OpenAI base URL, ending in `/v1` (required "
+      "unless `cmd` uses `${PORT}`)", shown_default="`http://127.0.0.1:${PORT}/v1`"),
     S("health_url", "url", None, "polled until 2xx",
       shown_default="`backend_url` without `/v1` + `/health`"),
     S("startup_timeout", "number", 180.0, "seconds to become healthy", unit="s"),
@@ -221,6 +234,17 @@ MODEL = Section("models.<name>", (
       "and its split parts"),
     S("prefetch", "flag", True, "read its weight files into the page cache while a request "
       "waits for it and another model still serves"),
+    S("macros", "section", None, "macros of this model only (over the global ones); `${MODEL_ID}` "
+      "is its name, `${PORT}` its port"),
+    S("aliases", "list", (), "other names requests may use for it (one backend, one queue)"),
+    S("unlisted", "flag", False, "served, but not listed by `/v1/models` (nor its aliases)"),
+    S("use_model_name", "text", None, "the `model` sent to the backend instead of the name asked "
+      "for (vLLM serves one name)"),
+    S("strip_params", "list", (), "request fields removed before the backend sees them"),
+    S("set_params", "section", None, "request fields forced to these values (sampling "
+      "defaults, a context cap...)"),
+    S("loading_status", "choice", None, "as the global key", choices=("comments", "reasoning"),
+      shown_default="global value"),
 ))
 
 SLEEP = Section("models.<name>.sleep", (

@@ -28,6 +28,7 @@ from twisted.web.server import Request, Site
 from llmswap import errors, health
 from llmswap.access import Gate
 from llmswap.accesslog import AccessLog
+from llmswap.anthropic import AnthropicProxy
 from llmswap.backends.docker import DockerBackend, DockerClientProvider
 from llmswap.backends.process import ProcessBackend
 from llmswap.config import Config, ConfigError, load
@@ -45,6 +46,7 @@ from llmswap.proxy import Proxy
 from llmswap.relay import Relay, backend_agent
 from llmswap.resource import OpenAIResource
 from llmswap.swap.manager import SwapManager
+from llmswap.upstream import UpstreamProxy
 
 log = Logger()
 
@@ -191,15 +193,17 @@ class LLMSwapService(MultiService):
         self.metrics = Metrics(self.bus, self.manager.snapshot)
         self.gate = Gate(config.auth, reactor, config.console.open)
         self.relay = Relay(agent, reactor, config.request_timeout)
-        proxy = Proxy(self.manager, self.relay, self.gate, self.bus, reactor)
-        ollama = OllamaProxy(self.manager, self.relay, self.gate, self.bus, reactor)
+        parts = (self.manager, self.relay, self.gate, self.bus, reactor)
+        proxy, anthropic, upstream = Proxy(*parts), AnthropicProxy(*parts), UpstreamProxy(*parts)
+        ollama = OllamaProxy(*parts)
         routes = OllamaRoutes(self.manager, ollama, self.gate, http, reactor)
         console = self._console(config, reactor)
         api = OpenAIResource(
             self.manager, proxy, self.gate, self.metrics, reactor, self.reload, routes.resource(),
-            console,
+            console, anthropic, upstream,
         )  # fmt: skip
-        proxy.keepalive.setServiceParent(self)
+        for each in (proxy, anthropic):  # their timers for waiting streams
+            each.keepalive.setServiceParent(self)
         AccessLog(reactor, self.bus, lambda: self.config.access_log).setServiceParent(self)
         self._site = _Site(api.resource())
         self._reactor = reactor
@@ -242,7 +246,7 @@ class LLMSwapService(MultiService):
                 f"Nothing to reload: this daemon runs the {self.config.source} configuration"
             )
         try:
-            new = load(self.config.source)
+            new = load(self.config.source, self.config.ports)
         except ConfigError as e:
             log.error("reload refused, the running configuration stays: {e}", e=str(e))
             raise errors.bad_request(

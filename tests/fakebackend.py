@@ -19,6 +19,7 @@ instance appends ``request_while_asleep`` (and gets 503).
 from __future__ import annotations
 
 import argparse
+import email
 import hashlib
 import json
 import os
@@ -197,7 +198,15 @@ class Handler(BaseHTTPRequestHandler):
             if self.headers.get("Authorization") or self.headers.get("x-api-key")
             else "no",
         }
-        req = json.loads(raw)
+        content_type = self.headers.get("Content-Type", "")
+        if content_type.startswith("multipart/form-data"):
+            self._send(200, _form_echo(raw, content_type, digest, dict(self.headers)), extra)
+            return
+        try:
+            req = json.loads(raw)
+        except ValueError:  # not JSON (an /upstream/ request): say what arrived
+            self._send(200, {"path": self.path, "sha256": digest, "bytes": len(raw)}, extra)
+            return
         if "fake_status" in req:
             self._send(
                 req["fake_status"],
@@ -207,7 +216,9 @@ class Handler(BaseHTTPRequestHandler):
             return
         if req.get("fake_sleep"):
             time.sleep(req["fake_sleep"])
-        if self.path == "/v1/chat/completions":
+        if self.path == "/v1/messages":
+            self._anthropic(req, extra)
+        elif self.path == "/v1/chat/completions":
             if req.get("stream"):
                 self._stream(req, extra)
             else:
@@ -264,6 +275,39 @@ class Handler(BaseHTTPRequestHandler):
             )
         else:
             self._send(200, {"path": self.path, "sha256": digest, "name": ARGS.name}, extra)
+
+    def _anthropic(self, req: dict[str, Any], extra: dict[str, str]) -> None:
+        """Anthropic's Messages API: the request itself as the answer's text."""
+        text = json.dumps(req)
+        usage = {"input_tokens": 3, "output_tokens": 2}
+        message = {"id": "msg_fake", "type": "message", "role": "assistant", "model": ARGS.name,
+                   "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+                   "stop_sequence": None, "usage": usage}  # fmt: skip
+        if not req.get("stream"):
+            self._send(200, message, extra)
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Transfer-Encoding", "chunked")
+        for k, v in extra.items():
+            self.send_header(k, v)
+        self.end_headers()
+        half = len(text) // 2
+        events = [
+            ("message_start", {"type": "message_start", "message": {**message, "content": []}}),
+            ("content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}}),
+            *[("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                       "delta": {"type": "text_delta", "text": piece}})
+              for piece in (text[:half], text[half:])],
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ("message_delta", {"type": "message_delta", "usage": {"output_tokens": 2},
+                               "delta": {"stop_reason": "end_turn", "stop_sequence": None}}),
+            ("message_stop", {"type": "message_stop"}),
+        ]  # fmt: skip
+        for name, data in events:
+            self._chunk(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+        self._chunk(b"")
 
     def _chunk(self, data: bytes) -> None:
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -333,11 +377,27 @@ class Handler(BaseHTTPRequestHandler):
         self._chunk(b"")
 
 
+def _form_echo(raw: bytes, content_type: str, digest: str, headers: dict[str, str]) -> Any:
+    """A multipart request as received: its fields, each file's size and digest, the body's
+    digest; ``text`` makes it an OpenAI transcription."""
+    form = email.message_from_bytes(f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
+    fields, files = {}, {}
+    for part in form.get_payload():
+        name = part.get_param("name", header="content-disposition")
+        data = part.get_payload(decode=True) or b""
+        if part.get_filename():
+            files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        else:
+            fields[name] = data.decode()
+    return {"text": f"heard {ARGS.name}", "fields": fields, "files": files, "sha256": digest,
+            "bytes": len(raw), "headers": headers}  # fmt: skip
+
+
 def _answer(req: dict[str, Any]) -> dict[str, Any]:
     """The assistant message: the request itself (``--echo``), a call of the first tool
     offered, what a tool answered (with the id it answers), or a greeting."""
     if ARGS.echo:
-        return {"role": "assistant", "content": json.dumps(req, sort_keys=True)}
+        return {"role": "assistant", "content": json.dumps(req)}  # in the order received
     last = (req.get("messages") or [{}])[-1]
     if last.get("role") == "tool":
         content = f"the tool said {last.get('content')} for {last.get('tool_call_id')}"

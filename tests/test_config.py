@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -321,6 +322,66 @@ def test_invalid_sleep_settings_name_the_key(sleep: object, devices: object, exp
     raw: dict[str, object] = {"models": {"v": _sleepy(sleep)}}
     if devices is not None:
         raw["devices"] = devices
+    with pytest.raises(ConfigError) as e:
+        parse(raw)
+    assert expected in str(e.value)
+
+
+def test_macros_ports_and_model_ids_expand_and_ports_are_kept_across_reloads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MODELS_DIR", "/srv/models")
+    raw = {
+        "start_port": 9000,
+        "macros": {"server": "llama-server --port ${PORT}", "ctx": 4096,
+                   "dir": "${env.MODELS_DIR}"},
+        "models": {
+            "a": {"cmd": "${server} -m ${dir}/${MODEL_ID}.gguf -c ${ctx}"},
+            "b": {"cmd": "${server} -c ${ctx}", "macros": {"ctx": 8192}},
+            "remote": {"cmd": "x", "backend_url": "http://10.0.0.5:8000/v1"},
+        },
+    }  # fmt: skip
+    config = parse(raw)
+    a, b = config.models["a"], config.models["b"]
+    assert a.cmd == ("llama-server", "--port", "9000", "-m", "/srv/models/a.gguf", "-c", "4096")
+    assert b.cmd == ("llama-server", "--port", "9001", "-c", "8192")
+    assert (a.backend_url, a.health_url) == (
+        "http://127.0.0.1:9000/v1",
+        "http://127.0.0.1:9000/health",
+    )
+    assert config.ports == {"a": 9000, "b": 9001}
+    # A reload that adds a model before them keeps their ports (and so does not restart them).
+    raw["models"] = {"new": {"cmd": "${server}"}, **raw["models"]}
+    reloaded = parse(raw, previous_ports=config.ports)
+    assert reloaded.ports == {"new": 9002, "a": 9000, "b": 9001}
+    assert reloaded.models["a"] == a
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({"models": {"a": {"cmd": "x --port ${PROT}"}}},
+         "'models.a.cmd' uses unknown macro ${PROT} (did you mean 'PORT'?)"),
+        ({"models": {"a": {"cmd": "x ${env.LLMSWAP_TEST_UNSET}"}}},
+         "'models.a.cmd' uses ${env.LLMSWAP_TEST_UNSET}, but LLMSWAP_TEST_UNSET is not set"),
+        ({"macros": {"PORT": 1}, "models": {"a": {"cmd": "x"}}},
+         "'macros.PORT': PORT is set by llmswap"),
+        ({"models": {"a": {"cmd": "x"}}}, "'models.a.backend_url' is required"),
+        ({"models": {"a": {"cmd": "x --port ${PORT}", "aliases": ["b"]},
+                     "b": {"cmd": "x --port ${PORT}"}}},
+         "'models.a.aliases' names 'b', which is already 'models.b'"),
+        ({"models": {"a": {"cmd": "x --port ${PORT}", "aliases": ["z"]},
+                     "b": {"cmd": "x --port ${PORT}", "aliases": ["z"]}}},
+         "'models.b.aliases' names 'z', which is already 'models.a.aliases'"),
+        ({"models": {"a": {"cmd": "x --port ${PORT}", "strip_params": "top_k, model"}}},
+         "'models.a.strip_params' cannot remove 'model'"),
+        ({"models": {"a": {"cmd": "x --port ${PORT}", "set_params": {"model": "y"}}}},
+         "'models.a.set_params' cannot set 'model' (use 'use_model_name')"),
+        ({"models": {"a": {"cmd": "x --port ${PORT}", "loading_status": "spinner"}}},
+         "'models.a.loading_status' must be one of comments, reasoning"),
+    ],
+)  # fmt: skip
+def test_invalid_llama_swap_habits_name_the_key(raw: dict[str, Any], expected: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse(raw)
     assert expected in str(e.value)

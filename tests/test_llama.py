@@ -9,13 +9,16 @@ import os
 import time
 from typing import Any
 
+import anthropic
 import ollama
+import treq
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
+from twisted.web.client import Agent
 
 from llmswap.defaults import MAX_TOKENS, default_config, llama_assets
 from tests.fakebackend import live_processes
@@ -177,3 +180,53 @@ class OllamaOnLlamaServerTests(LlamaDaemonCase):
         self.assertEqual(ejected.done_reason, "unload")
         self.assertEqual(llama_server_groups(), set())
         self.assertEqual((yield self.call("ps")).models, [])
+
+
+class LlamaSwapHabitsOnLlamaServerTests(LlamaDaemonCase):
+    """Anthropic's Messages API, llama.cpp's own routes and ``/upstream/`` on the real
+    llama-server, which answers them natively."""
+
+    def call(self, f: Any, *args: Any, **kw: Any) -> Any:
+        return deferToThreadPool(reactor, self.threads, f, *args, **kw)
+
+    @inlineCallbacks
+    def test_anthropic_messages_llama_cpp_routes_and_upstream(self) -> Any:
+        client = anthropic.Anthropic(base_url=self.daemon.url, api_key="unused", max_retries=0,
+                                     timeout=120)  # fmt: skip
+        messages = [{"role": "user", "content": "Write one short sentence about the sea."}]
+        message = yield self.call(
+            client.messages.create, model="gemma3", max_tokens=24, messages=messages
+        )
+        self.assertEqual(message.type, "message")
+        self.assertTrue(message.content[0].text.strip())
+        self.assertGreater(message.usage.output_tokens, 0)
+
+        def streamed() -> tuple[list[str], str]:
+            with client.messages.stream(model="gemma3", max_tokens=24, messages=messages) as s:
+                kinds = [event.type for event in s]
+                return kinds, s.get_final_message().content[0].text
+
+        kinds, text = yield self.call(streamed)
+        self.assertEqual(kinds[0], "message_start")
+        self.assertIn("content_block_delta", kinds)
+        self.assertTrue(text.strip())
+        counted = yield self.call(client.messages.count_tokens, model="gemma3", messages=messages)
+        self.assertGreater(counted.input_tokens, 0)
+
+        agent = treq.client.HTTPClient(Agent(reactor))
+        response = yield agent.post(
+            self.daemon.url + "/tokenize", json={"model": "gemma3", "content": "hello world"}
+        )
+        tokens = (yield response.json())["tokens"]
+        self.assertTrue(tokens)
+        response = yield agent.post(
+            self.daemon.url + "/detokenize", json={"model": "gemma3", "tokens": tokens}
+        )
+        self.assertIn("hello world", (yield response.json())["content"])
+
+        # /upstream/ loads the model asked for, then reaches llama-server's own routes.
+        response = yield agent.get(self.daemon.url + "/upstream/gemma3-creative/props")
+        props = yield response.json()
+        self.assertEqual(response.code, 200)
+        self.assertEqual(props["default_generation_settings"]["n_ctx"], 2048)
+        self.assertEqual(self.daemon.service.health()["current_model"], "gemma3-creative")

@@ -44,13 +44,17 @@ def test_a_keep_alive_that_is_no_duration_is_a_400(value: Any) -> None:
     assert e.value.status == 400
 
 
-def test_names_resolve_with_or_without_the_latest_tag() -> None:
-    assert translate.resolve("gemma3", MODELS) == "gemma3"
-    assert translate.resolve("gemma3:latest", MODELS) == "gemma3"
-    assert translate.resolve("qwen3:8b", MODELS) == "qwen3:8b"
+def test_names_resolve_with_or_without_the_latest_tag_and_through_aliases() -> None:
+    def lookup(name: str) -> str | None:
+        return name if name in MODELS else {"gpt-4o-mini": "gemma3"}.get(name)
+
+    assert translate.resolve("gemma3", lookup, MODELS) == "gemma3"
+    assert translate.resolve("gemma3:latest", lookup, MODELS) == "gemma3"
+    assert translate.resolve("qwen3:8b", lookup, MODELS) == "qwen3:8b"
+    assert translate.resolve("gpt-4o-mini:latest", lookup, MODELS) == "gemma3"
     assert translate.tagged("gemma3") == "gemma3:latest"
     with pytest.raises(errors.APIError) as e:
-        translate.resolve("llama3:latest", MODELS)
+        translate.resolve("llama3:latest", lookup, MODELS)
     assert e.value.status == 404
     assert "gemma3:latest, qwen3:8b" in e.value.message
 

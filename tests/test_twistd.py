@@ -224,3 +224,45 @@ def test_systemd_unit_verifies_and_its_commands_run(tmp_path: Path) -> None:
     output = proc.stdout.read().decode() if proc.stdout else ""
     assert "reloading the configuration" in output
     assert "Server Shut Down." in output
+
+
+def peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_100_mb_upload_is_relayed_from_disk_not_memory(daemon: Any, tmp_path: Path) -> None:
+    """A multipart body is kept by Twisted in a temporary file and relayed from it: llmswap's
+    peak memory grows by a fraction of the body, not by the body (once, or per chunk)."""
+    proc, url, _, _ = daemon
+    get_json(url + "/health")
+    post = urllib.request.Request(
+        url + "/v1/chat/completions", json.dumps({"model": "alpha"}).encode(),
+        {"Content-Type": "application/json"},
+    )  # fmt: skip
+    urllib.request.urlopen(post, timeout=30).read()  # alpha loaded, the daemon warmed up
+    before = peak_rss(proc.pid)
+    size = 100 * 2**20
+    head = (b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nalpha\r\n"
+            b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n"
+            b"Content-Type: audio/wav\r\n\r\n")  # fmt: skip
+    tail = b"\r\n--b--\r\n"
+    body = tmp_path / "upload"
+    with open(body, "wb") as f:
+        f.write(head)
+        f.seek(len(head) + size - 1)
+        f.write(b"\0" + tail)
+    with open(body, "rb") as f:
+        upload = urllib.request.Request(
+            url + "/v1/audio/transcriptions", f,
+            {"Content-Type": "multipart/form-data; boundary=b",
+             "Content-Length": str(os.path.getsize(body))},
+        )  # fmt: skip
+        echo = json.load(urllib.request.urlopen(upload, timeout=120))
+    assert echo["files"]["file"]["bytes"] == size
+    assert echo["fields"] == {"model": "alpha"}
+    grown = peak_rss(proc.pid) - before
+    assert grown < size // 4, f"peak RSS grew {grown / 2**20:.0f} MiB for a 100 MiB upload"

@@ -22,13 +22,14 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
-from llmswap import errors
+from llmswap import errors, filters
 from llmswap.access import Gate
+from llmswap.bodies import json_object
 from llmswap.config import ModelConfig, server_root
 from llmswap.events import Cause
 from llmswap.keys import APIKey
 from llmswap.ollama import stream, translate
-from llmswap.proxy import Exchange, Proxy, internal_error, json_object
+from llmswap.proxy import Exchange, Proxy, internal_error
 from llmswap.relay import Relayed
 from llmswap.swap.manager import SwapManager
 from llmswap.swap.queue import Lease
@@ -88,7 +89,8 @@ class OllamaProxy(Proxy):
         call: Call = x.call
         data = call.request
         models = self._config.models
-        x.model = translate.resolve(data.get("model"), models, self._gate.visible(key, models))
+        visible = self._gate.visible(key, models)
+        x.model = translate.resolve(data.get("model"), self._config.resolve, visible)
         call.name = data["model"]
         embedding = call.kind in (stream.EMBED, stream.EMBEDDINGS)
         x.stream = not embedding and data.get("stream", True) is not False
@@ -101,7 +103,7 @@ class OllamaProxy(Proxy):
         else:
             body = translate.embed(data, x.model, call.kind == stream.EMBEDDINGS)
             call.path = "/embeddings"
-        x.body = json.dumps(body).encode()
+        x.body = json.dumps(filters.apply(body, models[x.model])).encode()
 
     def forward(self, x: Exchange, lease: Lease) -> Deferred[Relayed]:
         call: Call = x.call
@@ -285,8 +287,8 @@ class OllamaRoutes:
         """The configured model ``name`` means, if the caller's key may use it (404 lists
         only the models it may see; 403 for one it may not use)."""
         key = self._gate.identify(request)
-        models = self._manager.config.models
-        model = translate.resolve(name, models, self._gate.visible(key, models))
+        config = self._manager.config
+        model = translate.resolve(name, config.resolve, self._gate.visible(key, config.models))
         self._gate.check_model(key, model)
         return model
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -52,16 +52,16 @@ def tagged(name: str) -> str:
     return name if ":" in name else name + LATEST
 
 
-def resolve(name: Any, models: Collection[str], listed: Collection[str] | None = None) -> str:
-    """The model of ``models`` an Ollama name means (``gemma3`` and ``gemma3:latest`` alike);
-    when none, 404 listing ``listed`` (the models the caller may see; default: all)."""
+def resolve(name: Any, lookup: Callable[[str], str | None], listed: Collection[str]) -> str:
+    """The model an Ollama name means (``gemma3`` and ``gemma3:latest`` alike; ``lookup``
+    knows models and aliases); when none, 404 listing ``listed`` (what the caller may see)."""
     if not isinstance(name, str) or not name:
         raise errors.bad_request("model is required", "missing_required_parameter", "model")
-    if name in models:
-        return name
-    if name.endswith(LATEST) and name[: -len(LATEST)] in models:
-        return name[: -len(LATEST)]
-    raise errors.model_not_found(name, [tagged(m) for m in (models if listed is None else listed)])
+    bare = name[: -len(LATEST)] if name.endswith(LATEST) else None
+    for candidate in (name, bare):
+        if candidate and (model := lookup(candidate)) is not None:
+            return model
+    raise errors.model_not_found(name, [tagged(m) for m in listed])
 
 
 def keep_alive(value: Any) -> float | None:

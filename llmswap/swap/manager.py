@@ -126,6 +126,9 @@ class SwapManager(Service):
     def state(self, model: str) -> ModelState:
         return self._slots[model].state
 
+    def last_load_seconds(self, model: str) -> float | None:
+        return self._slots[model].last_load_seconds
+
     def load(self, model: str) -> Deferred[None]:
         """Admin: load ``model`` now (evicting what it needs room from, after draining)."""
         return self._admin(lambda: self._load(model, Cause.ADMIN))
@@ -374,12 +377,8 @@ class SwapManager(Service):
             self._slots[name] = self._slot(name, fresh[name])
         self._queue.retime()  # the new request_timeout applies to who waits now
         summary = {"added": added, "removed": removed, "changed": changed}
-        log.info(
-            "configuration reloaded from {source}: added {added}, removed {removed}, "
-            "changed {changed}",
-            source=config.source,
-            **{k: ", ".join(v) or "none" for k, v in summary.items()},
-        )
+        said = ", ".join(f"{k} {', '.join(v) or 'none'}" for k, v in summary.items())
+        log.info("configuration reloaded from {source}: {said}", source=config.source, said=said)
         return summary
 
     @inlineCallbacks

@@ -1,0 +1,147 @@
+"""``python -m llmswap convert-llama-swap FILE``: a llama-swap configuration as an llmswap one.
+
+The common shape carries over: models with ``cmd`` (its ``${PORT}``, ``${MODEL_ID}`` and the
+user's macros keep working), ``proxy``, ``checkEndpoint``, ``ttl``, ``aliases``, ``unlisted``,
+``useModelName``, ``filters`` (``stripParams``, ``setParams``), ``env``; and the global
+``macros``, ``startPort``, ``healthCheckTimeout``, ``globalTTL``, ``includeAliasesInList``,
+``sendLoadingState``, ``apiKeys`` and the startup preload hook.  Every key that does not carry
+over is listed with the reason, at the top of the output and on stderr: never silently dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+
+from llmswap.values import ConfigError
+
+# llama-swap keys llmswap has no use for, and why.
+_NOT_CARRIED = {
+    "logLevel": "llmswap logs through twistd (`--logfile`, or stdout with -n)",
+    "logTimeFormat": "llmswap's log lines carry ISO times",
+    "logToStdout": "each backend's output is in `log_dir`/<model>.log and the console's Logs",
+    "metricsMaxInMemory": "see `console.activity` and `/metrics`",
+    "captureBuffer": "llmswap does not capture request bodies",
+    "groups": "declare `devices` with memory budgets: models that fit run together",
+    "matrix": "declare `devices` with memory budgets: models that fit run together",
+    "peers": "one llmswap per box for now",
+    "name": "not shown by llmswap",
+    "description": "not shown by llmswap",
+    "metadata": "not shown by llmswap",
+    "concurrencyLimit": "llmswap queues beyond `concurrency` instead of answering 429",
+    "timeouts": "see `request_timeout` and `startup_timeout`",
+    "cmdStop": "llmswap stops the process group (SIGTERM, then SIGKILL after `stop_timeout`); "
+    "for a container use `container_name`",
+    "setParamsByID": "make a model per variant, or use aliases with one set of `set_params`",
+}
+
+
+def convert(data: Any) -> tuple[dict[str, Any], list[str]]:
+    """(llmswap configuration, what was not carried over) for a parsed llama-swap config."""
+    if not isinstance(data, Mapping) or not isinstance(data.get("models"), Mapping):
+        raise ConfigError("not a llama-swap configuration: it has no 'models' mapping")
+    left: list[str] = []
+    out: dict[str, Any] = {}
+    for key in ("macros", "startPort", "includeAliasesInList", "sendLoadingState"):
+        if key in data:
+            name = {"startPort": "start_port", "includeAliasesInList": "list_aliases"}.get(key, key)
+            value = data[key]
+            if key == "sendLoadingState":
+                name, value = "loading_status", "reasoning" if value else "comments"
+            out[name] = value
+    if data.get("apiKeys"):
+        out["auth"] = {"keys": [_key(i, k) for i, k in enumerate(data["apiKeys"], 1)]}
+    preload = (data.get("hooks") or {}).get("on_startup", {}).get("preload")
+    if preload:
+        out["preload"] = list(preload)
+    for key in data:
+        known = ("models", "macros", "startPort", "includeAliasesInList", "sendLoadingState",
+                 "apiKeys", "healthCheckTimeout", "globalTTL")  # fmt: skip
+        if key == "hooks":
+            if set(data["hooks"]) - {"on_startup"}:
+                left.append("hooks: only on_startup.preload carries over (as `preload`)")
+        elif key not in known:
+            left.append(f"{key}: {_NOT_CARRIED.get(key, 'unknown to llmswap')}")
+    models = {}
+    for name, raw in data["models"].items():
+        models[str(name)] = _model(str(name), raw, data, left)
+    out["models"] = models
+    return out, left
+
+
+def _key(i: int, key: str) -> dict[str, str]:
+    if key.startswith("${env.") and key.endswith("}"):
+        return {"name": f"key-{i}", "key_env": key[len("${env.") : -1]}
+    return {"name": f"key-{i}", "key": key}
+
+
+def _model(name: str, raw: Any, top: Mapping[str, Any], left: list[str]) -> dict[str, Any]:
+    where = f"models.{name}"
+    if not isinstance(raw, Mapping) or "cmd" not in raw:
+        raise ConfigError(f"'{where}' has no 'cmd'")
+    out: dict[str, Any] = {"cmd": _command(raw["cmd"])}
+    proxy = str(raw.get("proxy", "")).rstrip("/") or None
+    if proxy:
+        out["backend_url"] = proxy + "/v1"
+    endpoint = raw.get("checkEndpoint")
+    if endpoint == "none":
+        left.append(f"{where}.checkEndpoint: none: llmswap always waits for /health")
+    elif endpoint:
+        out["health_url"] = (proxy or "http://127.0.0.1:${PORT}") + endpoint
+    if "healthCheckTimeout" in top:
+        out["startup_timeout"] = max(15, top["healthCheckTimeout"])
+    ttl = raw.get("ttl", -1)
+    if ttl == -1:
+        ttl = top.get("globalTTL", 0)
+    if ttl:
+        out["ttl"] = ttl
+    aliases = []
+    for alias in raw.get("aliases") or []:
+        if isinstance(alias, Mapping):
+            aliases.append(alias["id"])
+            if alias.get("unlisted") or alias.get("name"):
+                left.append(f"{where}.aliases[{alias['id']}]: its own name/unlisted")
+        else:
+            aliases.append(alias)
+    if aliases:
+        out["aliases"] = aliases
+    for theirs, ours in (("unlisted", "unlisted"), ("useModelName", "use_model_name"),
+                         ("macros", "macros")):  # fmt: skip
+        if raw.get(theirs):
+            out[ours] = raw[theirs]
+    if "sendLoadingState" in raw:
+        out["loading_status"] = "reasoning" if raw["sendLoadingState"] else "comments"
+    if raw.get("env"):
+        out["env"] = dict(str(e).split("=", 1) for e in raw["env"])
+    filters = raw.get("filters") or {}
+    if filters.get("stripParams"):
+        out["strip_params"] = [p.strip() for p in str(filters["stripParams"]).split(",") if p]
+    if filters.get("setParams"):
+        out["set_params"] = dict(filters["setParams"])
+    if filters.get("setParamsByID"):
+        left.append(f"{where}.filters.setParamsByID: {_NOT_CARRIED['setParamsByID']}")
+    carried = {"cmd", "proxy", "checkEndpoint", "ttl", "aliases", "unlisted", "useModelName",
+               "macros", "env", "filters", "sendLoadingState"}  # fmt: skip
+    for key in raw:
+        if key not in carried:
+            left.append(f"{where}.{key}: {_NOT_CARRIED.get(key, 'unknown to llmswap')}")
+    return out
+
+
+def _command(cmd: Any) -> str:
+    """llama-swap's ``cmd``: a string whose lines may be ``#`` comments."""
+    lines = [line.strip() for line in str(cmd).splitlines()]
+    return " ".join(line for line in lines if line and not line.startswith("#"))
+
+
+def render(data: Any, source: str) -> tuple[str, list[str]]:
+    """The llmswap YAML for a parsed llama-swap config, with what was not carried over as
+    comments at its top; and that list."""
+    config, left = convert(data)
+    head = [f"# llmswap configuration converted from the llama-swap configuration {source}"]
+    if left:
+        head.append("# Not carried over:")
+        head += [f"#   {line}" for line in left]
+    return "\n".join(head) + "\n" + yaml.safe_dump(config, sort_keys=False), left

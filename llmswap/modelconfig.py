@@ -1,0 +1,259 @@
+"""One model's settings: what they are (attrs classes) and how they are read from the file.
+
+Macros are expanded first (:mod:`llmswap.macros`), then every key is checked by its declaration
+in :mod:`llmswap.schema`; how models fit together (devices, aliases used twice, preload) is
+:mod:`llmswap.config`'s business.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import attrs
+
+from llmswap import macros
+from llmswap.schema import GLOBAL, INFO, MODEL, SLEEP
+from llmswap.values import ConfigError, text
+
+# The device every model occupies in full when no devices are declared: one model at a time.
+IMPLICIT_DEVICE = "default"
+G, M = GLOBAL, MODEL
+
+
+@attrs.frozen
+class ModelInfo:
+    """What Ollama clients are told of a model (``/api/show``, ``/api/tags``)."""
+
+    capabilities: tuple[str, ...] = INFO["capabilities"].default
+    context_length: int | None = None
+    family: str | None = None
+    parameter_size: str | None = None
+    quantization_level: str | None = None
+
+
+CAPABILITIES = ("completion", "tools", "vision", "embedding", "thinking", "insert")
+
+
+def _info(raw: Any, where: str) -> ModelInfo:
+    values = INFO.read_all(raw, where)
+    capabilities = values.pop("capabilities")
+    if not isinstance(capabilities, list | tuple) or not set(capabilities) <= set(CAPABILITIES):
+        raise ConfigError(f"'{where}.capabilities' must list some of {', '.join(CAPABILITIES)}")
+    return ModelInfo(capabilities=tuple(capabilities), **values)
+
+
+@attrs.frozen
+class Sleep:
+    """How a model is put to sleep and woken (its backend's sleep mode), with resolved URLs."""
+
+    kind: str
+    sleep_url: str
+    wake_url: str
+    # Polled for ``{"is_sleeping": bool}``; None: the POST's 2xx confirms.
+    status_url: str | None
+    # Host memory held while asleep, on ``device``; None: not counted.
+    memory: int | None = None
+    device: str | None = None
+    timeout: float = SLEEP["timeout"].default
+
+
+def _sleep(raw: Any, where: str, backend_url: str) -> Sleep | None:
+    if raw is None:
+        return None
+    values = SLEEP.read_all(raw, where)
+    kind = values["kind"]
+    if kind is None:
+        raise ConfigError(f"'{where}.kind' is required: vllm, sglang or http")
+    root = server_root(backend_url)
+    preset = {
+        "vllm": (f"{root}/sleep?level={values['level']}", f"{root}/wake_up", f"{root}/is_sleeping"),
+        "sglang": (f"{root}/release_memory_occupation", f"{root}/resume_memory_occupation", None),
+        "http": (None, None, None),
+    }[kind]
+    sleep_url = values["sleep_url"] or preset[0]
+    wake_url = values["wake_url"] or preset[1]
+    if sleep_url is None or wake_url is None:
+        raise ConfigError(f"'{where}' of kind http needs 'sleep_url' and 'wake_url'")
+    memory = values["memory"]
+    return Sleep(
+        kind=kind,
+        sleep_url=sleep_url,
+        wake_url=wake_url,
+        status_url=values["status_url"] or preset[2],
+        memory=memory,
+        device=values["device"] or ("ram" if memory is not None else None),
+        timeout=values["timeout"],
+    )
+
+
+@attrs.frozen
+class ModelConfig:
+    """One model: how to reach its OpenAI-compatible server and how to start and stop it."""
+
+    name: str
+    backend_url: str
+    health_url: str
+    startup_timeout: float = M["startup_timeout"].default
+    stop_timeout: float = M["stop_timeout"].default
+    container_name: str | None = None
+    cmd: tuple[str, ...] | None = None
+    env: Mapping[str, str] = attrs.field(factory=dict)
+    cwd: str | None = None
+    concurrency: int = M["concurrency"].default
+    ttl: float | None = None
+    max_wait_before_swap: float = G["max_wait_before_swap"].default
+    drain_timeout: float = G["request_timeout"].default
+    device: str = IMPLICIT_DEVICE
+    # Bytes on ``device``; None means the whole device.
+    memory: int | None = None
+    info: ModelInfo = ModelInfo()
+    sleep: Sleep | None = None
+    # Weight files to read ahead; None: found in ``cmd`` (see llmswap.prefetch).
+    files: tuple[str, ...] | None = None
+    prefetch: bool = M["prefetch"].default
+    aliases: tuple[str, ...] = ()
+    unlisted: bool = M["unlisted"].default
+    use_model_name: str | None = None
+    strip_params: tuple[str, ...] = ()
+    set_params: Mapping[str, Any] = attrs.field(factory=dict)
+    loading_status: str = G["loading_status"].default
+    # What ``${PORT}`` is for this model; None: it does not use it.
+    port: int | None = None
+
+    @property
+    def rewrites(self) -> bool:
+        """Whether request bodies are rewritten for its backend (else passed as received)."""
+        return bool(self.use_model_name or self.strip_params or self.set_params)
+
+    @property
+    def kind(self) -> str:
+        return "docker" if self.container_name is not None else "process"
+
+
+def server_root(backend_url: str) -> str:
+    """The server's own root: llama-server, vLLM and SGLang answer ``/health``, ``/sleep``...
+    beside ``/v1``."""
+    parts = urlsplit(backend_url)
+    path = parts.path.rstrip("/").removesuffix("/v1")
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def derive_health_url(backend_url: str) -> str:
+    return server_root(backend_url) + "/health"
+
+
+def expanded(name: str, raw: Any, defined: Mapping[str, str]) -> dict[str, Any]:
+    """A model's settings with its macros expanded, but for ``${PORT}`` and ``${MODEL_ID}``."""
+    where = f"models.{name}"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"'{where}' must be a mapping of settings, got {raw!r}")
+    M.check_keys(raw, where)
+    own = macros.define(raw.get("macros"), f"{where}.macros", defined)
+    out = dict(raw)
+    for key in macros.EXPANDED:
+        if key in raw:
+            out[key] = macros.expand_all(raw[key], own, f"{where}.{key}")
+    if out.get("backend_url") is None and macros.uses(out.get("cmd"), macros.PORT):
+        out["backend_url"] = "http://127.0.0.1:${PORT}/v1"
+    return out
+
+
+def model(
+    name: str, raw: dict[str, Any], defaults: Mapping[str, Any], port: int | None
+) -> ModelConfig:
+    where = f"models.{name}"
+    fixed = {macros.MODEL_ID: name, **({macros.PORT: str(port)} if port is not None else {})}
+    for key in macros.EXPANDED:
+        if key in raw:
+            raw[key] = macros.expand_all(raw[key], fixed, f"{where}.{key}")
+    if raw.get("backend_url") is None:
+        raise ConfigError(
+            f"'{where}.backend_url' is required (e.g. http://127.0.0.1:8081/v1), unless "
+            "'cmd' uses ${PORT}"
+        )
+    backend_url = M["backend_url"].read(raw, where)
+    health_url = M["health_url"].read(raw, where) or derive_health_url(backend_url)
+    container = M["container_name"].read(raw, where)
+    cmd = M["cmd"].read(raw, where)
+    if (container is None) == (cmd is None):
+        raise ConfigError(
+            f"'{where}' needs exactly one of 'container_name' (a Docker container) "
+            "or 'cmd' (a local process)"
+        )
+    if container is not None and ("env" in raw or "cwd" in raw):
+        raise ConfigError(f"'{where}': 'env' and 'cwd' apply to 'cmd' models, not containers")
+    memory = M["memory"].read(raw, where)
+    return ModelConfig(
+        name=name,
+        backend_url=backend_url,
+        health_url=health_url,
+        startup_timeout=M["startup_timeout"].read(raw, where),
+        stop_timeout=M["stop_timeout"].read(raw, where),
+        container_name=container,
+        cmd=cmd,
+        env=M["env"].read(raw, where) or {},
+        cwd=M["cwd"].read(raw, where),
+        concurrency=M["concurrency"].read(raw, where),
+        ttl=M["ttl"].read(raw, where),
+        max_wait_before_swap=M["max_wait_before_swap"].read(
+            raw, where, defaults["max_wait_before_swap"]
+        ),
+        drain_timeout=M["drain_timeout"].read(raw, where, defaults["drain_timeout"]),
+        device=M["device"].read(raw, where) or IMPLICIT_DEVICE,
+        memory=memory,
+        info=_info(raw.get("info"), f"{where}.info"),
+        sleep=_sleep(raw.get("sleep"), f"{where}.sleep", backend_url),
+        files=M["files"].read(raw, where),
+        prefetch=M["prefetch"].read(raw, where),
+        aliases=_names(raw.get("aliases"), f"{where}.aliases"),
+        unlisted=M["unlisted"].read(raw, where),
+        use_model_name=M["use_model_name"].read(raw, where),
+        strip_params=_params(raw.get("strip_params"), f"{where}.strip_params"),
+        set_params=_set_params(raw.get("set_params"), f"{where}.set_params"),
+        loading_status=M["loading_status"].read(raw, where, defaults["loading_status"]),
+        port=port,
+    )
+
+
+def _names(raw: Any, where: str) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(f"'{where}' must be a list of names")
+    return tuple(text(n, f"{where}[{i}]", "a non-empty name") for i, n in enumerate(raw))
+
+
+def _params(raw: Any, where: str) -> tuple[str, ...]:
+    """Field names; llama-swap's comma-separated string too."""
+    if isinstance(raw, str):
+        raw = [p.strip() for p in raw.split(",") if p.strip()]
+    names = _names(raw, where)
+    if "model" in names:
+        raise ConfigError(f"'{where}' cannot remove 'model': it routes the request")
+    return names
+
+
+def _set_params(raw: Any, where: str) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping) or not all(isinstance(k, str) for k in raw):
+        raise ConfigError(f"'{where}' must map field names to values")
+    if "model" in raw:
+        raise ConfigError(f"'{where}' cannot set 'model' (use 'use_model_name')")
+    return dict(raw)
+
+
+def model_aliases(models: Mapping[str, ModelConfig]) -> dict[str, str]:
+    """Alias -> model; a name used twice is an error naming both places."""
+    where: dict[str, str] = {name: f"models.{name}" for name in models}
+    aliases: dict[str, str] = {}
+    for name, m in models.items():
+        for alias in m.aliases:
+            here = f"models.{name}.aliases"
+            if alias in where:
+                raise ConfigError(f"'{here}' names '{alias}', which is already '{where[alias]}'")
+            where[alias] = f"{here}"
+            aliases[alias] = name
+    return aliases

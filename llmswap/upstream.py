@@ -1,0 +1,63 @@
+"""``/upstream/<model>/<path>``: any method and path, relayed to a model's own server.
+
+llama-server's ``/props``, ``/slots``, ``/metrics`` and web UI, vLLM's ``/metrics``: the model is
+loaded as for any request (the same gate, queue and lease, so the key must be allowed the
+model), then the request goes to the server's root as it came, its body relayed from the
+temporary file Twisted keeps it in, its answer streamed back.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred
+
+from llmswap import errors
+from llmswap.bodies import check_size
+from llmswap.config import Config, server_root
+from llmswap.keys import APIKey
+from llmswap.proxy import Exchange, Proxy
+from llmswap.relay import Relayed
+from llmswap.swap.queue import Lease
+
+PREFIX = b"/upstream/"
+
+
+@attrs.frozen
+class Target:
+    model: str  # a model's name or an alias
+    path: str  # below the server's root, with the query
+
+
+def target(config: Config, uri: bytes) -> Target:
+    """The model an ``/upstream/`` URI names (the longest name or alias it starts with: names
+    may hold slashes) and the path after it; 404 when none."""
+    rest = uri[len(PREFIX) :].decode("latin-1")
+    path, _, query = rest.partition("?")
+    names = sorted([*config.models, *config.aliases], key=len, reverse=True)
+    for name in names:
+        if path == name or path.startswith(name + "/"):
+            below = path[len(name) :] or "/"
+            return Target(name, below + (f"?{query}" if query else ""))
+    raise errors.model_not_found(errors.quote(path.split("/")[0]), list(config.models))
+
+
+class UpstreamProxy(Proxy):
+    """The request path with the model from the URL and the body relayed untouched."""
+
+    comments_while_waiting = False  # the answer is the backend's, whatever it is
+
+    def uploads(self, request: Any) -> bool:
+        return True
+
+    def parse(self, x: Exchange, key: APIKey | None) -> None:
+        found: Target = x.call
+        assert x.upload is not None
+        check_size(x.upload, self._config.max_upload_bytes)
+        x.model, x.stream = found.model, False
+
+    def forward(self, x: Exchange, lease: Lease) -> Deferred[Relayed]:
+        assert x.upload is not None
+        url = server_root(lease.backend_url) + x.call.path
+        return self._relay.forward(x.request, x.model, url, x.upload, self.dropped_headers())
