@@ -286,12 +286,7 @@ class Handler(BaseHTTPRequestHandler):
         if not req.get("stream"):
             self._send(200, message, extra)
             return
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Transfer-Encoding", "chunked")
-        for k, v in extra.items():
-            self.send_header(k, v)
-        self.end_headers()
+        self._start_stream(extra)
         half = len(text) // 2
         events = [
             ("message_start", {"type": "message_start", "message": {**message, "content": []}}),
@@ -313,13 +308,16 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
-    def _stream(self, req: dict[str, Any], extra: dict[str, str]) -> None:
+    def _start_stream(self, extra: dict[str, str]) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Transfer-Encoding", "chunked")
         for k, v in extra.items():
             self.send_header(k, v)
         self.end_headers()
+
+    def _stream(self, req: dict[str, Any], extra: dict[str, str]) -> None:
+        self._start_stream(extra)
         message = _answer(req)
         if ARGS.echo or "tool_calls" in message:
             self._stream_answer(req, message)

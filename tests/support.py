@@ -96,6 +96,14 @@ class Daemon:
         )
 
 
+def anthropic_stream(client: Any, model: str, messages: Any) -> tuple[list[str], str]:
+    """A streamed Messages API call through the ``anthropic`` client (blocking): the event
+    types in order, and the final message's text."""
+    with client.messages.stream(model=model, max_tokens=24, messages=messages) as stream:
+        kinds = [event.type for event in stream]
+        return kinds, stream.get_final_message().content[0].text
+
+
 def sleep(seconds: float) -> Deferred[None]:
     return deferLater(reactor, seconds, lambda: None)
 

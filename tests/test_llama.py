@@ -22,7 +22,7 @@ from twisted.web.client import Agent
 
 from llmswap.defaults import MAX_TOKENS, default_config, llama_assets
 from tests.fakebackend import live_processes
-from tests.support import Daemon, free_port
+from tests.support import Daemon, anthropic_stream, free_port
 
 HI = [{"role": "user", "content": "Write one short sentence about the sea."}]
 # Chat-template tokens (ChatML's, Gemma's) that must never reach a user's answer.
@@ -201,12 +201,7 @@ class LlamaSwapHabitsOnLlamaServerTests(LlamaDaemonCase):
         self.assertTrue(message.content[0].text.strip())
         self.assertGreater(message.usage.output_tokens, 0)
 
-        def streamed() -> tuple[list[str], str]:
-            with client.messages.stream(model="gemma3", max_tokens=24, messages=messages) as s:
-                kinds = [event.type for event in s]
-                return kinds, s.get_final_message().content[0].text
-
-        kinds, text = yield self.call(streamed)
+        kinds, text = yield self.call(anthropic_stream, client, "gemma3", messages)
         self.assertEqual(kinds[0], "message_start")
         self.assertIn("content_block_delta", kinds)
         self.assertTrue(text.strip())

@@ -18,7 +18,7 @@ import anthropic
 import yaml
 from twisted.internet.defer import inlineCallbacks
 
-from tests.support import FAKE, read_ledger
+from tests.support import FAKE, anthropic_stream, read_ledger
 from tests.test_daemon import HI, DaemonTestCase
 
 
@@ -185,12 +185,7 @@ class HabitTests(DaemonTestCase):
         self.assertEqual(json.loads(message.content[0].text)["messages"], messages)
         self.assertEqual(message.usage.output_tokens, 2)
 
-        def streamed() -> tuple[list[str], str]:
-            with client.messages.stream(model="a", max_tokens=16, messages=messages) as stream:
-                kinds = [event.type for event in stream]
-                return kinds, stream.get_final_message().content[0].text
-
-        kinds, text = yield self.in_thread(streamed)
+        kinds, text = yield self.in_thread(anthropic_stream, client, "a", messages)
         self.assertIn("content_block_delta", kinds)
         self.assertEqual(json.loads(text)["stream"], True)
         # llmswap's own errors in Anthropic's shape, which the client raises as such.
