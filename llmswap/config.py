@@ -40,6 +40,7 @@ __all__ = [
     "derive_health_url", "load", "parse", "server_root",
 ]  # fmt: skip
 G = GLOBAL
+REMOTE_DEVICE = "remote"
 
 
 @attrs.frozen
@@ -104,6 +105,8 @@ class Config:
     def footprint(self, model: str) -> tuple[str, float]:
         """The device a model occupies and the share of it, for the scheduler."""
         m = self.models[model]
+        if m.remote is not None:  # none of ours: a device of its own that never fills
+            return REMOTE_DEVICE, 0.0
         if not self.devices:
             return IMPLICIT_DEVICE, 1.0
         return m.device, float(m.memory if m.memory is not None else self.devices[m.device])
@@ -116,9 +119,12 @@ class Config:
         return sleep.device, float(sleep.memory)
 
     def capacities(self) -> dict[str, float]:
+        out = {name: float(size) for name, size in self.devices.items()}
         if not self.devices:
-            return {IMPLICIT_DEVICE: 1.0}
-        return {name: float(size) for name, size in self.devices.items()}
+            out = {IMPLICIT_DEVICE: 1.0}
+        if any(m.remote is not None for m in self.models.values()):
+            out[REMOTE_DEVICE] = float("inf")
+        return out
 
 
 def parse(
@@ -214,6 +220,8 @@ def _devices(raw: Any, models: dict[str, ModelConfig]) -> dict[str, int]:
     runnable = [d for d in devices if d not in sleepers] or list(devices)
     only = runnable[0] if len(runnable) == 1 else None
     for name, m in list(models.items()):
+        if m.remote is not None:
+            continue
         if m.sleep is not None and m.sleep.device is not None:
             _fits(f"models.{name}.sleep", m.sleep.memory, m.sleep.device, devices)
         device = m.device

@@ -7,6 +7,7 @@ in :mod:`llmswap.schema`; how models fit together (devices, aliases used twice, 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -14,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 import attrs
 
 from llmswap import macros
-from llmswap.schema import GLOBAL, INFO, MODEL, SLEEP
+from llmswap.schema import GLOBAL, INFO, MODEL, REMOTE, SLEEP
 from llmswap.values import ConfigError, text
 
 # The device every model occupies in full when no devices are declared: one model at a time.
@@ -89,6 +90,19 @@ def _sleep(raw: Any, where: str, backend_url: str) -> Sleep | None:
 
 
 @attrs.frozen
+class Remote:
+    """An always-on endpoint: its OpenAI base URL, and where its key is."""
+
+    url: str
+    key_env: str | None = None
+
+    def authorization(self) -> bytes | None:
+        """The ``Authorization`` header it gets (read at each request: a rotated key applies)."""
+        key = os.environ.get(self.key_env) if self.key_env else None
+        return f"Bearer {key}".encode() if key else None
+
+
+@attrs.frozen
 class ModelConfig:
     """One model: how to reach its OpenAI-compatible server and how to start and stop it."""
 
@@ -121,6 +135,11 @@ class ModelConfig:
     loading_status: str = G["loading_status"].default
     # What ``${PORT}`` is for this model; None: it does not use it.
     port: int | None = None
+    remote: Remote | None = None
+
+    def authorization(self) -> bytes | None:
+        """The ``Authorization`` header its backend gets instead of the client's, if any."""
+        return self.remote.authorization() if self.remote is not None else None
 
     @property
     def rewrites(self) -> bool:
@@ -129,6 +148,8 @@ class ModelConfig:
 
     @property
     def kind(self) -> str:
+        if self.remote is not None:
+            return "remote"
         return "docker" if self.container_name is not None else "process"
 
 
@@ -168,6 +189,17 @@ def model(
     for key in macros.EXPANDED:
         if key in raw:
             raw[key] = macros.expand_all(raw[key], fixed, f"{where}.{key}")
+    remote = _remote(raw.get("remote"), f"{where}.remote")
+    if remote is not None:
+        local = [
+            k for k in ("backend_url", "ttl", "sleep", "files", "device", "memory") if k in raw
+        ]
+        if local:
+            raise ConfigError(
+                f"'{where}.{local[0]}' does not apply to a remote model (its URL is 'remote.url'; "
+                "llmswap never loads or unloads it)"
+            )
+        raw = {**raw, "backend_url": remote.url}
     if raw.get("backend_url") is None:
         raise ConfigError(
             f"'{where}.backend_url' is required (e.g. http://127.0.0.1:8081/v1), unless "
@@ -177,10 +209,10 @@ def model(
     health_url = M["health_url"].read(raw, where) or derive_health_url(backend_url)
     container = M["container_name"].read(raw, where)
     cmd = M["cmd"].read(raw, where)
-    if (container is None) == (cmd is None):
+    if [container, cmd, remote].count(None) != 2:
         raise ConfigError(
-            f"'{where}' needs exactly one of 'container_name' (a Docker container) "
-            "or 'cmd' (a local process)"
+            f"'{where}' needs exactly one of 'container_name' (a Docker container), 'cmd' (a "
+            "local process) and 'remote' (an always-on endpoint)"
         )
     if container is not None and ("env" in raw or "cwd" in raw):
         raise ConfigError(f"'{where}': 'env' and 'cwd' apply to 'cmd' models, not containers")
@@ -214,7 +246,20 @@ def model(
         set_params=_set_params(raw.get("set_params"), f"{where}.set_params"),
         loading_status=M["loading_status"].read(raw, where, defaults["loading_status"]),
         port=port,
+        remote=remote,
     )
+
+
+def _remote(raw: Any, where: str) -> Remote | None:
+    if raw is None:
+        return None
+    values = REMOTE.read_all(raw, where)
+    if values["url"] is None:
+        raise ConfigError(f"'{where}.url' is required (e.g. https://box2.lan:8888/v1)")
+    key_env = values["key_env"]
+    if key_env is not None and not os.environ.get(key_env):
+        raise ConfigError(f"'{where}.key_env' names {key_env}, which is not set")
+    return Remote(values["url"], key_env)
 
 
 def _names(raw: Any, where: str) -> tuple[str, ...]:

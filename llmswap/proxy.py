@@ -43,7 +43,15 @@ from llmswap.config import Config, server_root
 from llmswap.events import EventBus, RequestEnded
 from llmswap.keepalive import KeepAlive
 from llmswap.keys import APIKey
-from llmswap.relay import Relay, Relayed, speed_from, sse_event, started_writing, usage_from
+from llmswap.relay import (
+    BackendGone,
+    Relay,
+    Relayed,
+    speed_from,
+    sse_event,
+    started_writing,
+    usage_from,
+)
 from llmswap.swap.manager import SwapManager
 from llmswap.swap.queue import Lease
 from llmswap.swap.state import ModelState
@@ -80,6 +88,7 @@ class Exchange:
     gone: bool = False  # the client hung up
     answering: Deferred[Any] | None = None  # the chain that answers it
     call: Any = None  # what another API's route read of the request (see Proxy's hooks)
+    priority: int = 0
     # A body relayed from the temporary file Twisted keeps it in (a multipart upload), not
     # read into memory.
     upload: BinaryIO | None = None
@@ -156,9 +165,9 @@ class Proxy:
             raise errors.model_not_found(x.model, self._gate.visible(key, self._manager.models()))
         x.model = sys.intern(model)  # a configured name: one string, not one per request
         self._gate.check_model(key, x.model)
-        priority = key.priority if key is not None else self._priority(request)
+        x.priority = key.priority if key is not None else self._priority(request)
         x.release_key = self._gate.admit(key)
-        return self._manager.acquire(x.model, priority, x.key_name)
+        return self._manager.acquire(x.model, x.priority, x.key_name)
 
     @inlineCallbacks
     def _serve(self, lease: Lease, x: Exchange) -> Any:
@@ -171,7 +180,11 @@ class Proxy:
             if not started_writing(request):
                 request.setHeader(b"x-llmswap-queue-position", str(lease.position).encode())
                 request.setHeader(b"x-llmswap-queue-wait", f"{lease.waited:.3f}".encode())
-            x.relayed = yield self.forward(x, lease)
+            try:
+                x.relayed = yield self.forward(x, lease)
+            except BackendGone as gone:
+                lease = yield self._once_more(lease, x, gone)
+                x.relayed = yield self.forward(x, lease)
             x.status = x.relayed.status
         except Exception:  # CancelledError included: the client went away
             failure = Failure()
@@ -180,6 +193,15 @@ class Proxy:
         if failure is None:
             self.served(x)
         self._ended(failure, x)
+
+    def _once_more(self, lease: Lease, x: Exchange, gone: BackendGone) -> Deferred[Lease]:
+        """The model's ready backend refused the connection (it died, or its engine did, and
+        nobody noticed yet): the model is failed and restarted, and the request, which never
+        reached it, is queued once more.  A second refusal is the client's answer."""
+        lease.release()
+        log.warn("{model}: {e}; restarting it for the request", model=x.model, e=gone)
+        self._manager.backend_gone(x.model, gone.error.message)
+        return self._manager.acquire(x.model, x.priority, x.key_name)
 
     # -- the hooks another API overrides ---------------------------------------------------
 
@@ -210,7 +232,8 @@ class Proxy:
             body = x.upload
         else:
             body = filters.body_for(x.body, self._config.models[x.model])
-        return self._relay.forward(request, x.model, url, body, self.dropped_headers())
+        return self._relay.forward(request, x.model, url, body, self.dropped_headers(),
+                                   authorization=lease.authorization)  # fmt: skip
 
     def served(self, x: Exchange) -> None:
         """The answer was relayed and the lease released."""
@@ -278,6 +301,8 @@ class Proxy:
             return
         if isinstance(failure.value, errors.APIError):
             err = failure.value
+        elif isinstance(failure.value, BackendGone):
+            err = failure.value.error
         else:
             err = internal_error(failure, x.request)
         x.status = err.status

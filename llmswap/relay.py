@@ -18,6 +18,7 @@ import attrs
 import treq
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
@@ -254,6 +255,15 @@ class _Body:
         pass
 
 
+class BackendGone(Exception):
+    """The backend refused the connection: the request never reached it, so it may be sent
+    again once the backend is back.  ``error`` is what the client gets if it is not."""
+
+    def __init__(self, error: errors.APIError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
 class Relay:
     """Sends requests to backends through one ``Agent`` (and its persistent connection pool).
 
@@ -274,6 +284,7 @@ class Relay:
         body: bytes | BinaryIO,
         drop: frozenset[bytes] = frozenset(),
         writer: IAnswerWriter | None = None,
+        authorization: bytes | None = None,
     ) -> Deferred[Relayed]:
         """Relay ``body`` to ``url``; fires with how it went after the last byte.
 
@@ -281,7 +292,8 @@ class Relay:
         chunks, never read whole into memory.
 
         ``drop`` names request headers not to forward (llmswap's own API keys); ``writer``,
-        when given, writes the answer instead of passing the backend's bytes on.
+        when given, writes the answer instead of passing the backend's bytes on;
+        ``authorization`` replaces the client's key (a remote model's own).
 
         Fails with an APIError only while nothing was written to the client yet; once the
         backend's headers went out, a failure ends the response instead (an error event for an
@@ -294,9 +306,11 @@ class Relay:
         else:
             body.seek(0)
             producer = FileBodyProducer(body)
-        sent = self._agent.request(
-            request.method, url.encode("latin-1"), _request_headers(request, drop), producer
-        )
+        headers = _request_headers(request, drop)
+        if authorization is not None:
+            headers.removeHeader(b"x-api-key")
+            headers.setRawHeaders(b"authorization", [authorization])
+        sent = self._agent.request(request.method, url.encode("latin-1"), headers, producer)
         if not sent.called:
             pipe.unanswered = sent
         result: Deferred[Relayed] = Deferred(lambda _: pipe.abort())
@@ -354,11 +368,10 @@ class Relay:
             )
         if f.check(CancelledError, errors.APIError):
             return f
-        return Failure(
-            errors.backend_error(
-                f"Model '{model}' backend at {url} is unreachable: {f.getErrorMessage()}"
-            )
+        err = errors.backend_error(
+            f"Model '{model}' backend at {url} is unreachable: {f.getErrorMessage()}"
         )
+        return Failure(BackendGone(err) if f.check(ConnectError) else err)
 
     def _mid_body(
         self, request: IRequest, model: str, pipe: _Pipe, writer: IAnswerWriter | None

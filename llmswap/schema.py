@@ -211,7 +211,9 @@ MODEL = Section("models.<name>", (
     S("startup_timeout", "number", 180.0, "seconds to become healthy", unit="s"),
     S("stop_timeout", "number", 10.0, "seconds between SIGTERM and SIGKILL", unit="s"),
     S("container_name", "text", None,
-      "a pre-created Docker container to start/stop (exactly one of this and `cmd`)"),
+      "a pre-created Docker container to start/stop (exactly one of this, `cmd` and `remote`)"),
+    S("remote", "section", None, "an always-on OpenAI-compatible endpoint llmswap does not start "
+      "or stop (see `models.<name>.remote.*`)"),
     S("cmd", "command", None,
       "argv list or shell-like string of a local process (no shell involved)"),
     S("env", "env", None, "environment additions for `cmd`"),
@@ -245,6 +247,12 @@ MODEL = Section("models.<name>", (
       "defaults, a context cap...)"),
     S("loading_status", "choice", None, "as the global key", choices=("comments", "reasoning"),
       shown_default="global value"),
+))
+
+REMOTE = Section("models.<name>.remote", (
+    S("url", "url", None, "its OpenAI base URL, e.g. `https://box2.lan:8888/v1` (required)"),
+    S("key_env", "text", None, "environment variable with its API key, sent as `Authorization: "
+      "Bearer` instead of the client's"),
 ))
 
 SLEEP = Section("models.<name>.sleep", (
@@ -298,7 +306,7 @@ KEY = Section("auth.keys[]", (
 ))
 # fmt: on
 
-SECTIONS = (GLOBAL, DOCKER, CONSOLE, DEVICE, MODEL, INFO, SLEEP, AUTH, KEY)
+SECTIONS = (GLOBAL, DOCKER, CONSOLE, DEVICE, MODEL, INFO, SLEEP, REMOTE, AUTH, KEY)
 
 
 def documented() -> Iterator[tuple[str, Setting]]:

@@ -31,6 +31,7 @@ from llmswap.accesslog import AccessLog
 from llmswap.anthropic import AnthropicProxy
 from llmswap.backends.docker import DockerBackend, DockerClientProvider
 from llmswap.backends.process import ProcessBackend
+from llmswap.backends.remote import RemoteBackend
 from llmswap.config import Config, ConfigError, load
 from llmswap.console.activity import Activity
 from llmswap.console.live import LiveStreams
@@ -166,6 +167,8 @@ def make_backends(
             continue
         if model.kind == "docker":
             backends[name] = DockerBackend(model, docker, reactor)
+        elif model.kind == "remote":
+            backends[name] = RemoteBackend(model)
         else:
             backends[name] = ProcessBackend(model, reactor, log_dir)
     return backends

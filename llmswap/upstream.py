@@ -60,4 +60,5 @@ class UpstreamProxy(Proxy):
     def forward(self, x: Exchange, lease: Lease) -> Deferred[Relayed]:
         assert x.upload is not None
         url = server_root(lease.backend_url) + x.call.path
-        return self._relay.forward(x.request, x.model, url, x.upload, self.dropped_headers())
+        return self._relay.forward(x.request, x.model, url, x.upload, self.dropped_headers(),
+                                   authorization=lease.authorization)  # fmt: skip

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -129,8 +130,19 @@ def _switch(asleep: bool) -> None:
     _ledger("sleep" if asleep else "wake")
 
 
+OPEN: set[Any] = set()  # client connections, closed by --close-after
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        OPEN.add(self.connection)
+
+    def finish(self) -> None:
+        OPEN.discard(self.connection)
+        super().finish()
 
     def log_message(self, format: str, *args: Any) -> None:
         sys.stderr.write(f"fake {ARGS.name}: {format % args}\n")
@@ -197,6 +209,7 @@ class Handler(BaseHTTPRequestHandler):
             "X-Got-Api-Key": "yes"
             if self.headers.get("Authorization") or self.headers.get("x-api-key")
             else "no",
+            "X-Got-Authorization": self.headers.get("Authorization", ""),
         }
         content_type = self.headers.get("Content-Type", "")
         if content_type.startswith("multipart/form-data"):
@@ -425,6 +438,9 @@ def main() -> None:
     p.add_argument("--crash-after", type=int, default=None)
     p.add_argument("--exit-after", type=float, default=None, help="die by itself after S seconds")
     p.add_argument("--ignore-sigterm", action="store_true")
+    p.add_argument(
+        "--close-after", type=float, default=None, help="stop listening after S seconds, alive"
+    )
     p.add_argument("--child", action="store_true", help="fork a child process into our group")
     p.add_argument("--ledger", default=None)
     p.add_argument("--echo", action="store_true", help="answer chats with the body received")
@@ -458,7 +474,16 @@ def main() -> None:
         time.sleep(ARGS.startup_delay)
     server = ThreadingHTTPServer(("127.0.0.1", ARGS.port), Handler)
     server.daemon_threads = True
+    if ARGS.close_after is not None:
+        threading.Timer(ARGS.close_after, server.shutdown).start()
     server.serve_forever()
+    # --close-after: the port refuses connections from now on, the process lives on.
+    server.server_close()
+    for connection in list(OPEN):
+        connection.shutdown(socket.SHUT_RDWR)
+    _ledger("closed")
+    while True:
+        time.sleep(60)
 
 
 if __name__ == "__main__":

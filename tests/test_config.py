@@ -385,3 +385,28 @@ def test_invalid_llama_swap_habits_name_the_key(raw: dict[str, Any], expected: s
     with pytest.raises(ConfigError) as e:
         parse(raw)
     assert expected in str(e.value)
+
+
+def test_a_remote_model_needs_its_url_and_takes_no_local_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("BOX2_KEY", "sk-box2")
+    remote = {"remote": {"url": "https://box2.lan:8888/v1", "key_env": "BOX2_KEY"}}
+    config = parse({"models": {"far": remote, "near": {"cmd": "x --port ${PORT}"}},
+                    "devices": {"gpu": {"memory": "24GiB"}}})  # fmt: skip
+    far = config.models["far"]
+    assert (far.kind, far.backend_url, far.authorization()) == (
+        "remote",
+        "https://box2.lan:8888/v1",
+        b"Bearer sk-box2",
+    )
+    assert config.footprint("far") == ("remote", 0.0)
+    assert config.capacities()["remote"] == float("inf")
+    for extra, expected in (
+        ({"ttl": 60}, "'models.far.ttl' does not apply to a remote model"),
+        ({"cmd": "x"}, "exactly one of 'container_name'"),
+    ):
+        with pytest.raises(ConfigError, match=expected):
+            parse({"models": {"far": {**remote, **extra}}})
+    with pytest.raises(ConfigError, match=r"'models\.far\.remote\.key_env' names NOPE_UNSET"):
+        parse({"models": {"far": {"remote": {"url": "https://x/v1", "key_env": "NOPE_UNSET"}}}})

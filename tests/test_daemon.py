@@ -6,7 +6,10 @@ import hashlib
 import json
 import os
 import random
+import subprocess
+import sys
 import time
+import urllib.request
 from typing import Any
 
 import openai
@@ -20,7 +23,7 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from tests.fakebackend import live_peers, live_processes
-from tests.support import Daemon, fake_model, free_port, read_ledger, samples, wait_for
+from tests.support import FAKE, Daemon, fake_model, free_port, read_ledger, samples, wait_for
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -439,3 +442,69 @@ class ShutdownTests(DaemonTestCase):
             r, body = yield d
             self.assertEqual(r.code, 503)
             self.assertIn("shutting down", body["error"]["message"])
+
+
+class BackendGoneTests(DaemonTestCase):
+    @inlineCallbacks
+    def test_a_ready_backend_that_refuses_connections_is_restarted_and_the_request_retried(
+        self,
+    ) -> Any:
+        """Its process lives but its port is closed (as a container whose engine died): the
+        request that finds out is not the client's problem."""
+        daemon = self.start({"a": self.fake("a", close_after=1.0)})
+        yield self.chat("a")
+        yield wait_for(lambda: "closed" in [e["event"] for e in read_ledger(self.ledger)])
+        self.assertEqual(daemon.service.health()["models"]["a"]["state"], "ready")  # unnoticed
+        answer = yield self.chat("a")
+        self.assertEqual(answer.choices[0].message.content, "Hello from a")
+        self.assertEqual(starts(self.ledger), ["a", "a"])
+        self.assertEqual(len(live_peers(self.ledger)), 1)  # the deaf one was stopped
+        log = yield self.http.get(daemon.url + "/metrics")
+        text = yield log.text()
+        self.assertIn('llmswap_requests_total{key="-",model="a",status="200"} 2.0', text)
+
+
+class RemoteModelTests(DaemonTestCase):
+    @inlineCallbacks
+    def test_a_remote_model_is_ready_at_once_never_waits_behind_a_swap_and_gets_its_key(
+        self,
+    ) -> Any:
+        port = free_port()
+        remote = subprocess.Popen([sys.executable, FAKE, "--port", str(port), "--name", "cluster"])
+        self.addCleanup(lambda: (remote.terminate(), remote.wait()))
+        yield wait_for(lambda: _answers(port), timeout=20)
+        os.environ["LLMSWAP_TEST_REMOTE_KEY"] = "sk-remote-0123"
+        self.addCleanup(os.environ.pop, "LLMSWAP_TEST_REMOTE_KEY")
+        models = {
+            "local": self.fake("local", startup_delay=3),
+            "cluster": {"remote": {"url": f"http://127.0.0.1:{port}/v1",
+                                   "key_env": "LLMSWAP_TEST_REMOTE_KEY"}},
+        }  # fmt: skip
+        daemon = self.daemon = Daemon(models, os.path.abspath(self.mktemp()))
+        daemon.start()
+        self.addCleanup(lambda: daemon.service.running and daemon.stop())
+        yield wait_for(lambda: daemon.service.health()["models"]["cluster"]["state"] == "ready")
+        loading = self.chat("local")
+        yield wait_for(lambda: daemon.service.health()["models"]["local"]["state"] == "starting")
+        raw = yield self.in_thread(
+            daemon.client().chat.completions.with_raw_response.create,
+            model="cluster", messages=HI, extra_headers={"Authorization": "Bearer client-key"},
+        )  # fmt: skip
+        # Answered while the local model still loads: it did not wait behind the swap.
+        self.assertEqual(daemon.service.health()["models"]["local"]["state"], "starting")
+        self.assertEqual(raw.parse().choices[0].message.content, "Hello from cluster")
+        self.assertEqual(raw.headers["x-got-authorization"], "Bearer sk-remote-0123")
+        yield loading
+        self.assertEqual(starts(self.ledger), ["local"])  # llmswap started only its own
+        health = daemon.service.health()["models"]["cluster"]
+        self.assertEqual((health["state"], health["kind"]), ("ready", "remote"))
+        yield daemon.stop()
+        self.assertIsNone(remote.poll())  # not llmswap's to stop
+
+
+def _answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+            return r.status == 200
+    except OSError:
+        return False

@@ -2,8 +2,10 @@
 
 The user creates each container once (``docker create --name qwen3-server ... llama-server ...``);
 llmswap only starts and stops it.  The Docker SDK is blocking, so every call runs in a thread
-(``deferToThread``).  While a container runs, a slow inspect loop notices if it exits by itself
-(OOM, crash) and reports its exit code and log tail.  On daemon shutdown the container is left
+(``deferToThread``).  While a container runs, a thread of its own follows the engine's event
+stream for it: an exit by itself (OOM, crash) is noticed at once and reported with its exit code
+and log tail, and an engine that goes away is reported as such (its models fail, naming it,
+rather than requests meeting a refused port).  On daemon shutdown the container is left
 running by default, so a restarted llmswap adopts the loaded model instead of reloading it for
 minutes (``docker.stop_on_exit: true`` stops it instead).
 """
@@ -17,7 +19,6 @@ from typing import Any
 import docker
 import docker.errors
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -29,15 +30,18 @@ from llmswap.interfaces import IBackend
 
 log = Logger()
 
-WATCH_INTERVAL = 1.0
 _SOCKET_HINT = (
     "Is dockerd running? When llmswap itself runs in a container, mount the socket with "
     "-v /var/run/docker.sock:/var/run/docker.sock (or set docker.base_url / DOCKER_HOST)."
 )
 
 
+def _where(engine: DockerEngine) -> str:
+    return engine.base_url or "DOCKER_HOST or the local socket"
+
+
 def _engine_error(engine: DockerEngine, e: Exception) -> errors.APIError:
-    where = engine.base_url or "DOCKER_HOST or the local socket"
+    where = _where(engine)
     text = str(e)
     if "Permission denied" in text or "PermissionError" in text:
         return errors.backend_unavailable(
@@ -91,8 +95,9 @@ class DockerBackend:
         self._engine_state: str = "unknown"
         self._exit_code: int | None = None
         self._log_tail = ""
+        self._lost: str | None = None  # why the engine was last unreachable
         self._exit_callback: Callable[[str], None] | None = None
-        self._watch: LoopingCall | None = None
+        self._watch: _Watch | None = None
 
     # -- IBackend -------------------------------------------------------------------------
 
@@ -155,6 +160,8 @@ class DockerBackend:
         return info
 
     def failure_detail(self) -> str:
+        if self._lost is not None:
+            return self._lost
         detail = f"container {self._container_name} is {self._engine_state}"
         if self._exit_code is not None:
             detail += f" (exit code {self._exit_code})"
@@ -272,6 +279,7 @@ class DockerBackend:
         return str(container.status)
 
     def _note(self, container: Any) -> None:
+        self._lost = None
         self._engine_state = str(container.status)
         state = container.attrs.get("State", {})
         if container.status != "running":
@@ -283,32 +291,68 @@ class DockerBackend:
 
     def _watch_start(self) -> None:
         if self._watch is None:
-            self._watch = LoopingCall(self._check)
-            self._watch.clock = self._reactor
-            self._watch.start(WATCH_INTERVAL, now=False).addErrback(
-                lambda f: log.failure("container watcher failed", f)
-            )
+            self._watch = _Watch()
+            thread = threading.Thread(
+                target=self._follow, args=(self._watch,), name=f"docker-events-{self.name}",
+                daemon=True,
+            )  # fmt: skip
+            thread.start()
 
     def _watch_stop(self) -> None:
-        if self._watch is not None and self._watch.running:
-            self._watch.stop()
+        if self._watch is not None:
+            self._watch.close()
         self._watch = None
 
-    def _check(self) -> Deferred[None]:
-        d = self._in_thread(self._inspect_sync)
+    def _follow(self, watch: _Watch) -> None:
+        """In its own thread (it blocks for as long as the container runs): the engine's
+        ``die`` events for this container; the outcome goes to the reactor."""
+        why = "its event stream ended"
+        try:
+            stream = self._provider.get().events(
+                decode=True,
+                filters={"type": "container", "container": self._container_name, "event": "die"},
+            )
+            watch.stream = stream
+            status = self._inspect_sync()  # a death before the subscription
+            if status == "running" and not watch.closed:
+                for _ in stream:
+                    status = self._inspect_sync()
+                    break
+                else:
+                    status = _ENGINE
+        except Exception as e:
+            status, why = _ENGINE, str(e)
+        if not watch.closed:
+            self._reactor.callFromThread(self._followed, watch, status, why)
 
-        def checked(status: str) -> None:
-            if status == "running" or self._stopping or not self._running:
-                return
-            self._running = False
-            self._watch_stop()
-            reason = self.failure_detail()
-            log.warn("model {model}: {reason}", model=self.name, reason=reason)
-            if self._exit_callback is not None:
-                self._exit_callback(reason)
+    def _followed(self, watch: _Watch, status: str, why: str) -> None:
+        if watch is not self._watch or self._stopping or not self._running:
+            return
+        self._watch = None
+        if status == "running":  # died and was started again by someone: keep watching
+            self._watch_start()
+            return
+        self._running = False
+        if status is _ENGINE:
+            self._engine_state = "unknown"
+            self._lost = f"Docker engine at {_where(self._provider.engine)} unreachable: {why}"
+        reason = self.failure_detail()
+        log.warn("model {model}: {reason}", model=self.name, reason=reason)
+        if self._exit_callback is not None:
+            self._exit_callback(reason)
 
-        def engine_trouble(f: Failure) -> None:
-            log.warn("model {model}: cannot inspect container: {e}", model=self.name, e=f.value)
 
-        d.addCallbacks(checked, engine_trouble)
-        return d
+_ENGINE = "engine unreachable"  # the watch's outcome when the engine, not the container, went
+
+
+class _Watch:
+    """One container's event stream being followed; closing it ends the thread's read."""
+
+    def __init__(self) -> None:
+        self.stream: Any = None
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+        if self.stream is not None:
+            self.stream.close()

@@ -105,6 +105,9 @@ class OllamaProxy(Proxy):
             call.path = "/embeddings"
         x.body = json.dumps(filters.apply(body, models[x.model])).encode()
 
+    def uploads(self, request: IRequest) -> bool:
+        return False  # the route read the body already: Ollama's requests are JSON
+
     def forward(self, x: Exchange, lease: Lease) -> Deferred[Relayed]:
         call: Call = x.call
         request = x.request
@@ -115,7 +118,8 @@ class OllamaProxy(Proxy):
             request, self._clock, call.kind, call.name, x.stream, x.started, lease.load_seconds
         )
         url = lease.backend_url + call.path
-        return self._relay.forward(request, x.model, url, x.body, self.dropped_headers(), writer)
+        return self._relay.forward(request, x.model, url, x.body, self.dropped_headers(), writer,
+                                   lease.authorization)  # fmt: skip
 
     def served(self, x: Exchange) -> None:
         seconds = x.call.keep_alive

@@ -103,7 +103,7 @@ class SwapManager(Service):
             self._change.cancel()
         for lease in list(self._queue.leases):
             lease.release()
-        d: Deferred[None] = self._lock.run(self._stop_all)
+        d: Deferred[None] = self._lock.run(room.shut_down, self._slots)
         return d
 
     # -- what the request path and the admin routes use ---------------------------------------
@@ -137,6 +137,15 @@ class SwapManager(Service):
         """Drain and stop ``model``, or every model when None."""
         names = [model] if model is not None else list(self._slots)
         return self._admin(lambda: self._unload(names, cause))
+
+    def backend_gone(self, model: str, detail: str) -> None:
+        """A request found ``model``'s ready backend refusing connections: it is failed, then
+        stopped (its process or container may linger), and the next request starts it."""
+        slot = self._slots[model]
+        if slot.ready or slot.state is ModelState.DRAINING:
+            slot.set(ModelState.FAILED, detail)
+            self._crashed(slot)
+            self._admin(slot.stop).addErrback(_logged)
 
     def keep_alive(self, model: str, seconds: float) -> None:
         """Keep ``model`` loaded ``seconds`` after its last request (``inf``: until evicted),
@@ -241,6 +250,7 @@ class SwapManager(Service):
         waited = now - ticket.enqueued
         url = slot.config.backend_url
         lease = Lease(ticket.model, url, waited, ticket.position, slot, self._on_release)
+        lease.authorization = slot.config.authorization()
         if slot.since > ticket.enqueued and slot.last_load_seconds:  # it became ready meanwhile
             lease.load_seconds = slot.last_load_seconds
         if self.bus.wants(RequestAdmitted):
@@ -354,7 +364,7 @@ class SwapManager(Service):
         slots = [self._slots[n] for n in names]
         started = self._clock.seconds()
         yield gatherResults([s.drain() for s in slots if s.state.resident], consumeErrors=True)
-        alive = [s.name for s in slots if s.backend.alive()]
+        alive = [s.name for s in slots if s.backend.alive() and s.config.remote is None]
         sleep = cause is not Cause.RELOAD
         away = yield room.put_away(self._slots, self.view, alive, None, self._http,
                                    self.config.health_interval, sleep)  # fmt: skip
@@ -380,14 +390,6 @@ class SwapManager(Service):
         said = ", ".join(f"{k} {', '.join(v) or 'none'}" for k, v in summary.items())
         log.info("configuration reloaded from {source}: {said}", source=config.source, said=said)
         return summary
-
-    @inlineCallbacks
-    def _stop_all(self) -> Any:
-        for name, slot in self._slots.items():
-            try:
-                yield slot.backend.shutdown()
-            except Exception as e:
-                log.error("model {model}: stop failed: {e}", model=name, e=e)
 
     def _failed(self, failure: Failure, what: str) -> None:
         if not failure.check(CancelledError):

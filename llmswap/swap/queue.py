@@ -39,6 +39,8 @@ class Lease:
     _on_release: Callable[[Lease], None] | None = None
     # Seconds of the model's load this request waited through (0: it was loaded already).
     load_seconds: float = 0.0
+    # A remote model's ``Authorization`` header, sent instead of the client's key.
+    authorization: bytes | None = None
 
     def release(self) -> None:
         callback, self._on_release = self._on_release, None

@@ -64,7 +64,8 @@ def reconcile(config: Config, slots: Mapping[str, Slot], http: Any, clock: IReac
             asleep = yield sleep.is_asleep(clock, http, slot.config.sleep)
         held = config.sleep_footprint(slot.name) if asleep else config.footprint(slot.name)
         fits = asleep is not None and (held is None or held[1] <= free[held[0]])
-        if fits and (asleep or (yield probe(clock, http, slot.config.health_url))):
+        always_on = slot.config.remote is not None  # adopted as it is: nothing to check
+        if fits and (asleep or always_on or (yield probe(clock, http, slot.config.health_url))):
             if held is not None:
                 free[held[0]] -= held[1]
             adopted.append((slot, asleep))

@@ -13,9 +13,12 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import inlineCallbacks
+from twisted.logger import Logger
 
 from llmswap import scheduler
 from llmswap.swap.slot import Slot
+
+log = Logger()
 
 
 @attrs.frozen
@@ -69,6 +72,17 @@ def _put_away(
         done.append((other, False))
     slept = yield slot.put_to_sleep(http, interval)
     return [*done, (name, slept)]
+
+
+@inlineCallbacks
+def shut_down(slots: Mapping[str, Slot]) -> Any:
+    """llmswap stops: every backend stopped (sleepers too), or left to be adopted where the
+    driver can (containers, unless ``docker.stop_on_exit``)."""
+    for name, slot in slots.items():
+        try:
+            yield slot.backend.shutdown()
+        except Exception as e:
+            log.error("model {model}: stop failed: {e}", model=name, e=e)
 
 
 @inlineCallbacks

@@ -84,6 +84,8 @@ class Slot:
     @property
     def ttl(self) -> float | None:
         """Idle seconds before it is unloaded; None: never."""
+        if self.config.remote is not None:  # always on: not llmswap's to unload
+            return None
         if self.keep_alive is None:
             return self.config.ttl
         return None if math.isinf(self.keep_alive) else self.keep_alive
@@ -119,15 +121,10 @@ class Slot:
                 yield self._wake(http, health_interval)
             else:
                 yield self.backend.start()
-            yield wait_healthy(
-                self._clock,
-                http,
-                self.name,
-                cfg.health_url,
-                cfg.startup_timeout,
-                health_interval,
-                self.backend.alive,
-            )
+            if cfg.remote is None:  # a remote endpoint is up whenever it answers
+                timeout = cfg.startup_timeout
+                yield wait_healthy(self._clock, http, self.name, cfg.health_url, timeout,
+                                   health_interval, self.backend.alive)  # fmt: skip
         except BaseException as e:
             if self.backend.alive():
                 self.set(S.STOPPING)
