@@ -43,9 +43,11 @@ lint: venv
 	$(BIN)/mypy
 
 # Installs and starts a Docker engine when none answers (the Docker-backend tests need one),
-# and builds the Python base image the Dockerfile test builds on.
+# a second one over TLS (the remote-engine tests), and builds the Python base image the
+# Dockerfile test builds on.
 docker-up:
 	tests/tools/docker-up.sh
+	tests/tools/docker-second-up.sh
 	tests/tools/python-base-image.sh
 
 bench-tools:

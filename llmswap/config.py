@@ -15,6 +15,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import attrs
 import yaml
@@ -32,7 +33,7 @@ from llmswap.modelconfig import (
     model_aliases,
     server_root,
 )
-from llmswap.schema import CONSOLE, DEVICE, DOCKER, GLOBAL
+from llmswap.schema import CONSOLE, DEVICE, DOCKER, DOCKER_TLS, GLOBAL
 from llmswap.values import ConfigError, known_model, size
 
 __all__ = [
@@ -44,12 +45,44 @@ REMOTE_DEVICE = "remote"
 
 
 @attrs.frozen
+class DockerTLS:
+    """Client certificates for an engine that verifies them (``dockerd --tlsverify``)."""
+
+    ca: str
+    cert: str
+    key: str
+
+
+@attrs.frozen
 class DockerEngine:
     """Where the Docker engine is: ``None`` means ``DOCKER_HOST`` or the local socket."""
 
     base_url: str | None = DOCKER["base_url"].default
     timeout: float = DOCKER["timeout"].default
     stop_on_exit: bool = DOCKER["stop_on_exit"].default
+    tls: DockerTLS | None = None
+    insecure: bool = DOCKER["insecure"].default
+
+
+def _docker(raw: Any) -> DockerEngine:
+    values = DOCKER.read_all(raw, "docker")
+    tls = values.pop("tls")
+    if tls is not None:
+        files = DOCKER_TLS.read_all(tls, "docker.tls")
+        for key, path in files.items():
+            if path is None or not os.path.isfile(path):
+                raise ConfigError(f"'docker.tls.{key}' must name a PEM file, got {path!r}")
+        tls = DockerTLS(**files)
+    engine = DockerEngine(tls=tls, **values)
+    url = urlsplit(engine.base_url or "")
+    if url.scheme == "tcp" and tls is None and not engine.insecure:
+        if url.hostname not in ("127.0.0.1", "localhost", "::1"):
+            raise ConfigError(
+                f"'docker.base_url' {engine.base_url} is plain TCP to another box: that socket "
+                "is root there, for anyone who reaches it. Give 'docker.tls' (the engine "
+                "started with --tlsverify), use ssh://, or set 'docker.insecure: true'"
+            )
+    return engine
 
 
 @attrs.frozen
@@ -168,7 +201,7 @@ def parse(
         max_body_bytes=G["max_body_bytes"].read(data, ""),
         max_upload_bytes=G["max_upload_bytes"].read(data, ""),
         log_dir=G["log_dir"].read(data, ""),
-        docker=DockerEngine(**DOCKER.read_all(data.get("docker"), "docker")),
+        docker=_docker(data.get("docker")),
         console=Console(**CONSOLE.read_all(data.get("console"), "console")),
         scheduler=G["scheduler"].read(data, ""),
         priority_header=G["priority_header"].read(data, ""),

@@ -196,6 +196,17 @@ DOCKER = Section("docker", (
     S("timeout", "number", 60.0, "seconds per Docker API call", unit="s"),
     S("stop_on_exit", "flag", False, "stop the loaded container when llmswap stops (otherwise "
       "it is left running and adopted at the next start)"),
+    S("tls", "section", None, "client certificates for a `tcp://` engine started with "
+      "`--tlsverify` (see `docker.tls.*`)"),
+    S("insecure", "flag", False, "allow plain `tcp://` to an engine beyond loopback (that socket "
+      "is root on its box: anyone who reaches it owns the box)"),
+))
+
+DOCKER_TLS = Section("docker.tls", (
+    S("ca", "text", None, "the CA that signed the engine's certificate (PEM file)",
+      what="a file path"),
+    S("cert", "text", None, "llmswap's client certificate (PEM file)", what="a file path"),
+    S("key", "text", None, "its private key (PEM file)", what="a file path"),
 ))
 
 DEVICE = Section("devices.<name>", (
@@ -306,7 +317,7 @@ KEY = Section("auth.keys[]", (
 ))
 # fmt: on
 
-SECTIONS = (GLOBAL, DOCKER, CONSOLE, DEVICE, MODEL, INFO, SLEEP, REMOTE, AUTH, KEY)
+SECTIONS = (GLOBAL, DOCKER, DOCKER_TLS, CONSOLE, DEVICE, MODEL, INFO, SLEEP, REMOTE, AUTH, KEY)
 
 
 def documented() -> Iterator[tuple[str, Setting]]:

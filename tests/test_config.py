@@ -410,3 +410,24 @@ def test_a_remote_model_needs_its_url_and_takes_no_local_settings(
             parse({"models": {"far": {**remote, **extra}}})
     with pytest.raises(ConfigError, match=r"'models\.far\.remote\.key_env' names NOPE_UNSET"):
         parse({"models": {"far": {"remote": {"url": "https://x/v1", "key_env": "NOPE_UNSET"}}}})
+
+
+def test_plain_tcp_to_another_boxs_engine_is_refused_unless_said_insecure(tmp_path: Path) -> None:
+    models = {"a": {"backend_url": "http://box2:8000/v1", "container_name": "a"}}
+    with pytest.raises(ConfigError, match="plain TCP to another box"):
+        parse({"models": models, "docker": {"base_url": "tcp://box2.lan:2375"}})
+    for docker in (
+        {"base_url": "tcp://box2.lan:2375", "insecure": True},
+        {"base_url": "tcp://127.0.0.1:2375"},
+        {"base_url": "ssh://me@box2.lan"},
+    ):
+        assert parse({"models": models, "docker": docker}).docker.base_url == docker["base_url"]
+    pems = {}
+    for name in ("ca", "cert", "key"):
+        (tmp_path / f"{name}.pem").write_text("-----BEGIN-----")
+        pems[name] = str(tmp_path / f"{name}.pem")
+    tls = parse({"models": models, "docker": {"base_url": "tcp://box2.lan:2376", "tls": pems}})
+    assert tls.docker.tls is not None and tls.docker.tls.ca == pems["ca"]
+    with pytest.raises(ConfigError, match=r"'docker\.tls\.key' must name a PEM file"):
+        bad = {**pems, "key": str(tmp_path / "nope.pem")}
+        parse({"models": models, "docker": {"base_url": "tcp://box2.lan:2376", "tls": bad}})

@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 import treq
 import yaml
@@ -48,14 +49,23 @@ def docker(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     )
 
 
-def ensure_image() -> None:
-    if docker("image", "inspect", IMAGE, check=False).returncode == 0:
+def ensure_image(*engine: str) -> None:
+    if docker(*engine, "image", "inspect", IMAGE, check=False).returncode == 0:
         return
     empty = io.BytesIO()
     tarfile.open(fileobj=empty, mode="w").close()
     subprocess.run(
-        ["docker", "import", "-", IMAGE], input=empty.getvalue(), check=True, capture_output=True
-    )
+        ["docker", *engine, "import", "-", IMAGE], input=empty.getvalue(), check=True,
+        capture_output=True,
+    )  # fmt: skip
+
+
+# The second engine (tests/tools/docker-second-up.sh): TCP with TLS client verification.
+SECOND_URL = "tcp://127.0.0.1:23761"
+CERTS = "/tmp/llmswap-docker2/certs"
+SECOND = ("--host", SECOND_URL, "--tlsverify", "--tlscacert", f"{CERTS}/ca.pem",
+          "--tlscert", f"{CERTS}/cert.pem", "--tlskey", f"{CERTS}/key.pem")  # fmt: skip
+SECOND_TLS = {"ca": f"{CERTS}/ca.pem", "cert": f"{CERTS}/cert.pem", "key": f"{CERTS}/key.pem"}
 
 
 def host_mounts(*extra: str) -> list[str]:
@@ -69,9 +79,10 @@ def host_mounts(*extra: str) -> list[str]:
 
 class DockerTestCase(unittest.TestCase):
     timeout = 180
+    engine: tuple[str, ...] = ()  # the docker CLI's flags for the engine the case uses
 
     def setUp(self) -> None:
-        ensure_image()
+        ensure_image(*self.engine)
         self.tmp = os.path.abspath(self.mktemp())
         os.makedirs(self.tmp)
         self.ledger = os.path.join(self.tmp, "ledger")
@@ -82,16 +93,16 @@ class DockerTestCase(unittest.TestCase):
         self.addCleanup(self.remove_containers)
 
     def remove_containers(self) -> None:
-        names = docker("ps", "-aq", "--filter", f"name={self.prefix}").stdout.split()
+        names = docker(*self.engine, "ps", "-aq", "--filter", f"name={self.prefix}").stdout.split()
         if names:
-            docker("rm", "-f", *names, check=False)
+            docker(*self.engine, "rm", "-f", *names, check=False)
 
     def create(self, name: str, *fake_args: str) -> dict[str, Any]:
         """`docker create` a fake backend container; return its llmswap model entry."""
         port = free_port()
         container = f"{self.prefix}-{name}"
         docker(
-            "create", "--name", container, "--network", "host", "--pid", "host",
+            *self.engine, "create", "--name", container, "--network", "host", "--pid", "host",
             *host_mounts(self.tmp), IMAGE,
             sys.executable, FAKE, "--port", str(port), "--name", name,
             "--ledger", self.ledger, *fake_args,
@@ -120,7 +131,7 @@ class DockerTestCase(unittest.TestCase):
         return [e["name"] for e in read_ledger(self.ledger) if e["event"] == "start"]
 
     def state(self, container: str) -> str:
-        return docker("inspect", "-f", "{{.State.Status}}", container).stdout.strip()
+        return docker(*self.engine, "inspect", "-f", "{{.State.Status}}", container).stdout.strip()
 
 
 class DockerBackendTests(DockerTestCase):
@@ -280,6 +291,38 @@ class SleepingContainerTests(DockerTestCase):
                     if e["event"] in ("sleep", "wake")]  # fmt: skip
         self.assertEqual(self.starts(), ["a", "b"])  # adopted asleep, woken: never restarted
         self.assertEqual(switches[-2:], [("sleep", "a"), ("wake", "b")])
+
+
+class SecondEngineTests(DockerTestCase):
+    """An engine reached over TCP with TLS client certificates, as a second box's would be."""
+
+    engine = SECOND
+
+    @inlineCallbacks
+    def test_containers_on_an_engine_over_tls_swap_one_at_a_time(self) -> Any:
+        models = {"alpha": self.create("alpha"), "beta": self.create("beta")}
+        d = self.daemon(models, docker={"base_url": SECOND_URL, "tls": SECOND_TLS})
+        for name in ("alpha", "beta", "alpha"):
+            r = yield self.chat(d, name)
+            self.assertEqual(r.choices[0].message.content, f"Hello from {name}")
+        self.assertEqual(self.starts(), ["alpha", "beta", "alpha"])
+        self.assertEqual([e for e in read_ledger(self.ledger) if e["event"] == "overlap"], [])
+        self.assertEqual(self.state(models["alpha"]["container_name"]), "running")
+        self.assertEqual(self.state(models["beta"]["container_name"]), "exited")
+        # The first engine never heard of them.
+        self.assertNotEqual(docker("inspect", models["alpha"]["container_name"],
+                                   check=False).returncode, 0)  # fmt: skip
+
+    @inlineCallbacks
+    def test_an_engine_whose_certificate_does_not_verify_is_named_in_the_error(self) -> Any:
+        models = {"alpha": self.create("alpha")}
+        wrong = {**SECOND_TLS, "ca": f"{CERTS}/cert.pem"}  # not the CA that signed the engine
+        d = self.daemon(models, docker={"base_url": SECOND_URL, "tls": wrong})
+        with self.assertRaises(openai.APIStatusError) as caught:
+            yield self.chat(d, "alpha")
+        self.assertEqual(caught.exception.status_code, 503)
+        self.assertIn(f"Cannot reach the Docker engine at {SECOND_URL}", caught.exception.message)
+        self.assertEqual(self.starts(), [])
 
 
 class LlamaContainerTests(DockerTestCase):

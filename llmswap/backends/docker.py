@@ -18,6 +18,7 @@ from typing import Any
 
 import docker
 import docker.errors
+import docker.tls
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -55,6 +56,20 @@ def _engine_error(engine: DockerEngine, e: Exception) -> errors.APIError:
     )
 
 
+class _OwnCA(docker.APIClient):  # type: ignore[misc]
+    """An engine client that verifies the engine against the configured CA only.
+
+    requests lets ``REQUESTS_CA_BUNDLE`` (set on many hosts) replace a session's own CA for each
+    request (psf/requests#3829), so the engine's certificate would be checked against the
+    system's CAs and fail.  The environment's settings are off from the first request (the
+    version check in the constructor); a Docker engine needs none of them.
+    """
+
+    def _retrieve_server_version(self) -> str:
+        self.trust_env = False
+        return str(super()._retrieve_server_version())
+
+
 class DockerClientProvider:
     """One lazily created Docker SDK client shared by all container backends."""
 
@@ -66,7 +81,14 @@ class DockerClientProvider:
         """Called in a worker thread."""
         if self._client is None:
             try:
-                if self.engine.base_url:
+                tls = self.engine.tls
+                if tls is not None:
+                    config = docker.tls.TLSConfig(client_cert=(tls.cert, tls.key),
+                                                  ca_cert=tls.ca, verify=True)  # fmt: skip
+                    client = docker.DockerClient.__new__(docker.DockerClient)
+                    client.api = _OwnCA(base_url=self.engine.base_url, tls=config,
+                                        timeout=int(self.engine.timeout))  # fmt: skip
+                elif self.engine.base_url:
                     client = docker.DockerClient(
                         base_url=self.engine.base_url, timeout=int(self.engine.timeout)
                     )
