@@ -127,6 +127,21 @@ class DockerTestCase(unittest.TestCase):
             reactor, self.threads, client.chat.completions.create, model=model, messages=HI
         )
 
+    @inlineCallbacks
+    def swap_twice(self, **settings: Any) -> Any:
+        """alpha, beta, alpha through a daemon: one container at a time (the ledger says so
+        from the real processes), the evicted one exited."""
+        models = {"alpha": self.create("alpha"), "beta": self.create("beta")}
+        d = self.daemon(models, **settings)
+        for name in ("alpha", "beta", "alpha"):
+            r = yield self.chat(d, name)
+            self.assertEqual(r.choices[0].message.content, f"Hello from {name}")
+        self.assertEqual(self.starts(), ["alpha", "beta", "alpha"])
+        self.assertEqual([e for e in read_ledger(self.ledger) if e["event"] == "overlap"], [])
+        self.assertEqual(self.state(models["alpha"]["container_name"]), "running")
+        self.assertEqual(self.state(models["beta"]["container_name"]), "exited")
+        return models, d
+
     def starts(self) -> list[str]:
         return [e["name"] for e in read_ledger(self.ledger) if e["event"] == "start"]
 
@@ -137,15 +152,7 @@ class DockerTestCase(unittest.TestCase):
 class DockerBackendTests(DockerTestCase):
     @inlineCallbacks
     def test_swap_between_two_containers_one_at_a_time(self) -> Any:
-        models = {"alpha": self.create("alpha"), "beta": self.create("beta")}
-        d = self.daemon(models)
-        for name in ("alpha", "beta", "alpha"):
-            r = yield self.chat(d, name)
-            self.assertEqual(r.choices[0].message.content, f"Hello from {name}")
-        self.assertEqual(self.starts(), ["alpha", "beta", "alpha"])
-        self.assertEqual([e for e in read_ledger(self.ledger) if e["event"] == "overlap"], [])
-        self.assertEqual(self.state(models["alpha"]["container_name"]), "running")
-        self.assertEqual(self.state(models["beta"]["container_name"]), "exited")
+        _, d = yield self.swap_twice()
         health = d.service.health()["models"]
         self.assertEqual(health["alpha"]["container_state"], "running")
         self.assertEqual(health["beta"]["container_state"], "exited")
@@ -300,15 +307,7 @@ class SecondEngineTests(DockerTestCase):
 
     @inlineCallbacks
     def test_containers_on_an_engine_over_tls_swap_one_at_a_time(self) -> Any:
-        models = {"alpha": self.create("alpha"), "beta": self.create("beta")}
-        d = self.daemon(models, docker={"base_url": SECOND_URL, "tls": SECOND_TLS})
-        for name in ("alpha", "beta", "alpha"):
-            r = yield self.chat(d, name)
-            self.assertEqual(r.choices[0].message.content, f"Hello from {name}")
-        self.assertEqual(self.starts(), ["alpha", "beta", "alpha"])
-        self.assertEqual([e for e in read_ledger(self.ledger) if e["event"] == "overlap"], [])
-        self.assertEqual(self.state(models["alpha"]["container_name"]), "running")
-        self.assertEqual(self.state(models["beta"]["container_name"]), "exited")
+        models, _ = yield self.swap_twice(docker={"base_url": SECOND_URL, "tls": SECOND_TLS})
         # The first engine never heard of them.
         self.assertNotEqual(docker("inspect", models["alpha"]["container_name"],
                                    check=False).returncode, 0)  # fmt: skip
