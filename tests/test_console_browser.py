@@ -61,7 +61,12 @@ class ConsoleBrowserTests(DaemonTestCase):
         return self.in_thread(step, self.driver)
 
     def until(self, condition: Callable[[webdriver.Chrome], Any]) -> Any:
-        return self.browse(lambda d: WebDriverWait(d, WAIT).until(condition))
+        """Wait for ``condition``; an element the live view rebuilt while it was read is read
+        again, not an error."""
+        stale = (StaleElementReferenceException,)
+        return self.browse(
+            lambda d: WebDriverWait(d, WAIT, ignored_exceptions=stale).until(condition)
+        )
 
     def cell(self, model: str, column: int) -> Callable[[webdriver.Chrome], str]:
         def text(d: webdriver.Chrome) -> str:
@@ -77,10 +82,7 @@ class ConsoleBrowserTests(DaemonTestCase):
             d.find_element(By.CSS_SELECTOR, selector).click()
             return True
 
-        stale = (StaleElementReferenceException,)
-        return self.browse(
-            lambda d: WebDriverWait(d, WAIT, ignored_exceptions=stale).until(clicked)
-        )
+        return self.until(clicked)
 
     def tab(self, name: str) -> Any:
         return self.browse(

@@ -79,7 +79,8 @@ class DaemonTestCase(unittest.TestCase):
         return deferToThreadPool(reactor, self.client_threads, f, *args, **kw)
 
     def chat(self, model: str, **kw: Any) -> Any:
-        client = self.daemon.client()
+        # Generous: a busy shared machine may take long, and no test is about wall-clock time.
+        client = self.daemon.client(timeout=120)
         return self.in_thread(client.chat.completions.create, model=model, messages=HI, **kw)
 
     def assert_one_at_a_time(self) -> None:
