@@ -37,6 +37,35 @@ _NOT_CARRIED = {
     "setParamsByID": "make a model per variant, or use aliases with one set of `set_params`",
 }
 
+# What carries over (the keys convert() and _model() read).
+_GLOBAL_CARRIED = frozenset(
+    {
+        "models",
+        "macros",
+        "startPort",
+        "includeAliasesInList",
+        "sendLoadingState",
+        "apiKeys",
+        "healthCheckTimeout",
+        "globalTTL",
+    }
+)
+_MODEL_CARRIED = frozenset(
+    {
+        "cmd",
+        "proxy",
+        "checkEndpoint",
+        "ttl",
+        "aliases",
+        "unlisted",
+        "useModelName",
+        "macros",
+        "env",
+        "filters",
+        "sendLoadingState",
+    }
+)
+
 
 def convert(data: Any) -> tuple[dict[str, Any], list[str]]:
     """(llmswap configuration, what was not carried over) for a parsed llama-swap config."""
@@ -57,12 +86,10 @@ def convert(data: Any) -> tuple[dict[str, Any], list[str]]:
     if preload:
         out["preload"] = list(preload)
     for key in data:
-        known = ("models", "macros", "startPort", "includeAliasesInList", "sendLoadingState",
-                 "apiKeys", "healthCheckTimeout", "globalTTL")  # fmt: skip
         if key == "hooks":
             if set(data["hooks"]) - {"on_startup"}:
                 left.append("hooks: only on_startup.preload carries over (as `preload`)")
-        elif key not in known:
+        elif key not in _GLOBAL_CARRIED:
             left.append(f"{key}: {_NOT_CARRIED.get(key, 'unknown to llmswap')}")
     models = {}
     for name, raw in data["models"].items():
@@ -122,10 +149,8 @@ def _model(name: str, raw: Any, top: Mapping[str, Any], left: list[str]) -> dict
         out["set_params"] = dict(filters["setParams"])
     if filters.get("setParamsByID"):
         left.append(f"{where}.filters.setParamsByID: {_NOT_CARRIED['setParamsByID']}")
-    carried = {"cmd", "proxy", "checkEndpoint", "ttl", "aliases", "unlisted", "useModelName",
-               "macros", "env", "filters", "sendLoadingState"}  # fmt: skip
     for key in raw:
-        if key not in carried:
+        if key not in _MODEL_CARRIED:
             left.append(f"{where}.{key}: {_NOT_CARRIED.get(key, 'unknown to llmswap')}")
     return out
 

@@ -70,12 +70,17 @@ class ModelView:
     # Seconds its last load (or wake) took; None: never loaded.
     load_seconds: float | None = None
 
-    def holds(self, asleep: bool | None = None) -> tuple[str, float] | None:
-        """The device and memory it occupies (``asleep``: as if it were asleep)."""
-        sleeping = self.asleep if asleep is None else asleep
-        if sleeping:
+    def footprint(self, asleep: bool) -> tuple[str, float] | None:
+        """The device and memory it occupies awake, or asleep (None: nothing counted)."""
+        if asleep:
             return None if self.sleep_device is None else (self.sleep_device, self.sleep_memory)
-        return (self.device, self.memory) if self.resident or asleep is False else None
+        return self.device, self.memory
+
+    def holds(self) -> tuple[str, float] | None:
+        """The device and memory it occupies now."""
+        if self.asleep:
+            return self.footprint(asleep=True)
+        return self.footprint(asleep=False) if self.resident else None
 
     def lingers(self, now: float, linger: float, bounded: bool) -> float | None:
         """Until when it stays preferred after its last request; None: not lingering."""
@@ -138,7 +143,7 @@ def plan_room(
     Least recently used first, idle models (not in ``busy``) before busy ones.  Config validation
     guarantees a model fits its device on its own, so a plan always exists.
     """
-    need = view.models[target].holds(asleep)
+    need = view.models[target].footprint(asleep)
     if need is None:
         return ()
     device, memory = need
