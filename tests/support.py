@@ -96,10 +96,17 @@ class Daemon:
         )
 
 
+# The anthropic client has no temperature parameter any more; the Messages API still takes it.
+GREEDY = {"temperature": 0}
+
+
 def anthropic_stream(client: Any, model: str, messages: Any) -> tuple[list[str], str]:
-    """A streamed Messages API call through the ``anthropic`` client (blocking): the event
-    types in order, and the final message's text."""
-    with client.messages.stream(model=model, max_tokens=24, messages=messages) as stream:
+    """A streamed Messages API call through the ``anthropic`` client (blocking, greedy so a
+    small model's answer is the same every time): the event types in order, and the final
+    message's text."""
+    with client.messages.stream(
+        model=model, max_tokens=24, messages=messages, extra_body=GREEDY
+    ) as stream:
         kinds = [event.type for event in stream]
         return kinds, stream.get_final_message().content[0].text
 

@@ -22,7 +22,7 @@ from twisted.web.client import Agent
 
 from llmswap.defaults import MAX_TOKENS, default_config, llama_assets
 from tests.fakebackend import live_processes
-from tests.support import Daemon, anthropic_stream, free_port
+from tests.support import GREEDY, Daemon, anthropic_stream, free_port
 
 HI = [{"role": "user", "content": "Write one short sentence about the sea."}]
 # Chat-template tokens (ChatML's, Gemma's) that must never reach a user's answer.
@@ -194,9 +194,11 @@ class LlamaSwapHabitsOnLlamaServerTests(LlamaDaemonCase):
         client = anthropic.Anthropic(base_url=self.daemon.url, api_key="unused", max_retries=0,
                                      timeout=120)  # fmt: skip
         messages = [{"role": "user", "content": "Write one short sentence about the sea."}]
+        # Greedy (temperature 0): a sampled 270M answer is sometimes only whitespace.
         message = yield self.call(
-            client.messages.create, model="gemma3", max_tokens=24, messages=messages
-        )
+            client.messages.create,
+            model="gemma3", max_tokens=24, messages=messages, extra_body=GREEDY,
+        )  # fmt: skip
         self.assertEqual(message.type, "message")
         self.assertTrue(message.content[0].text.strip())
         self.assertGreater(message.usage.output_tokens, 0)
