@@ -120,6 +120,18 @@ class HistoryTests(unittest.TestCase):
         yield wait_for(lambda: len(second.recent()) == 2)
         self.assertEqual([r["model"] for r in second.recent()], ["b", "a"])
 
+    @inlineCallbacks
+    def test_a_stop_during_the_start_leaves_nothing_running(self) -> Any:
+        path = os.path.abspath(self.mktemp())
+        first = Activity(EventBus(), reactor, Console(history=path, activity=10))
+        first.startService()
+        yield first.stopService()  # the database was still being opened and read
+        second = Activity(EventBus(), reactor, Console(history=path, activity=10))
+        second.startService()
+        yield wait_for(lambda: bool(second._loops))  # by now the first's reads are long done
+        yield second.stopService()
+        self.assertEqual((first._db, first._loops), (None, []))  # no timer or pool outlives it
+
 
 class _PushRequest(DummyRequest):  # type: ignore[misc]
     """DummyRequest models pull producers only (it loops on resumeProducing)."""

@@ -66,6 +66,7 @@ class Activity(Service):
         self._rows: deque[dict[str, Any]] = deque(maxlen=console.activity)
         self._unsaved: list[dict[str, Any]] = []
         self._db: adbapi.ConnectionPool | None = None
+        self._opening: Deferred[Any] = succeed(None)
         self._loops: list[LoopingCall] = []
         bus.subscribe(RequestEnded, self._ended)
 
@@ -101,7 +102,7 @@ class Activity(Service):
     def startService(self) -> None:
         super().startService()
         if self._console.history:
-            self._open(self._console.history).addErrback(
+            self._opening = self._open(self._console.history).addErrback(
                 lambda f: log.failure(
                     "activity history {path} unusable", f, path=self._console.history
                 )
@@ -150,6 +151,7 @@ class Activity(Service):
     @inlineCallbacks
     def stopService(self) -> Any:
         super().stopService()
+        yield self._opening  # a stop during the start closes the database after it is read
         for loop in self._loops:
             if loop.running:
                 loop.stop()
