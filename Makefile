@@ -73,6 +73,7 @@ bench: venv bench-tools $(BENCH_VENV)/bin/litellm
 	$(BIN)/python -m bench.memory
 	$(BIN)/python -m bench.swap
 	$(BIN)/python -m bench.scheduler
+	$(BIN)/python -m bench.hosts
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache _trial_temp

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from llmswap import convert, schema
-from llmswap.config import IMPLICIT_DEVICE, Config, ConfigError, derive_health_url, load
+from llmswap.config import IMPLICIT_DEVICE, LOCAL, Config, ConfigError, derive_health_url, load
 
 
 def _changed(section: schema.Section, obj: Any, defaults: dict[str, Any]) -> list[str]:
@@ -37,7 +37,7 @@ def describe(config: Config, path: str) -> list[str]:
     changed = _changed(schema.GLOBAL, config, {"listen": config.listen})
     if changed:
         lines.append(f"  settings: {'; '.join(changed)}")
-    for name, m in config.models.items():
+    for name, m in config.instances.items():  # a model on several hosts: once per host
         how = (
             f"container {m.container_name}" if m.container_name else f"cmd {' '.join(m.cmd or ())}"
         )
@@ -53,7 +53,8 @@ def describe(config: Config, path: str) -> list[str]:
                 "health_url": derive_health_url(m.backend_url),
                 "max_wait_before_swap": schema.GLOBAL["max_wait_before_swap"].default,
                 "drain_timeout": config.request_timeout,
-                "device": IMPLICIT_DEVICE,
+                "device": config.hosts[m.host].device(IMPLICIT_DEVICE),
+                "host": LOCAL,
                 "loading_status": config.loading_status,
             },
         )

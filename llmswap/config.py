@@ -15,15 +15,16 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import attrs
 import yaml
 
-from llmswap import macros
+from llmswap import hostconfig, macros
+from llmswap.hostconfig import DockerEngine, Host
 from llmswap.keys import Auth, parse_auth
 from llmswap.modelconfig import (
     IMPLICIT_DEVICE,
+    LOCAL,
     ModelConfig,
     ModelInfo,
     Sleep,
@@ -33,56 +34,15 @@ from llmswap.modelconfig import (
     model_aliases,
     server_root,
 )
-from llmswap.schema import CONSOLE, DEVICE, DOCKER, DOCKER_TLS, GLOBAL
-from llmswap.values import ConfigError, known_model, size
+from llmswap.schema import CONSOLE, GLOBAL
+from llmswap.values import ConfigError, known_model
 
 __all__ = [
-    "IMPLICIT_DEVICE", "Config", "ConfigError", "ModelConfig", "ModelInfo", "Sleep",
-    "derive_health_url", "load", "parse", "server_root",
+    "IMPLICIT_DEVICE", "LOCAL", "Config", "ConfigError", "DockerEngine", "Host", "ModelConfig",
+    "ModelInfo", "Sleep", "derive_health_url", "load", "parse", "server_root",
 ]  # fmt: skip
 G = GLOBAL
 REMOTE_DEVICE = "remote"
-
-
-@attrs.frozen
-class DockerTLS:
-    """Client certificates for an engine that verifies them (``dockerd --tlsverify``)."""
-
-    ca: str
-    cert: str
-    key: str
-
-
-@attrs.frozen
-class DockerEngine:
-    """Where the Docker engine is: ``None`` means ``DOCKER_HOST`` or the local socket."""
-
-    base_url: str | None = DOCKER["base_url"].default
-    timeout: float = DOCKER["timeout"].default
-    stop_on_exit: bool = DOCKER["stop_on_exit"].default
-    tls: DockerTLS | None = None
-    insecure: bool = DOCKER["insecure"].default
-
-
-def _docker(raw: Any) -> DockerEngine:
-    values = DOCKER.read_all(raw, "docker")
-    tls = values.pop("tls")
-    if tls is not None:
-        files = DOCKER_TLS.read_all(tls, "docker.tls")
-        for key, path in files.items():
-            if path is None or not os.path.isfile(path):
-                raise ConfigError(f"'docker.tls.{key}' must name a PEM file, got {path!r}")
-        tls = DockerTLS(**files)
-    engine = DockerEngine(tls=tls, **values)
-    url = urlsplit(engine.base_url or "")
-    if url.scheme == "tcp" and tls is None and not engine.insecure:
-        if url.hostname not in ("127.0.0.1", "localhost", "::1"):
-            raise ConfigError(
-                f"'docker.base_url' {engine.base_url} is plain TCP to another box: that socket "
-                "is root there, for anyone who reaches it. Give 'docker.tls' (the engine "
-                "started with --tlsverify), use ssh://, or set 'docker.insecure: true'"
-            )
-    return engine
 
 
 @attrs.frozen
@@ -106,7 +66,7 @@ class Config:
     max_body_bytes: int = G["max_body_bytes"].default
     max_upload_bytes: int = G["max_upload_bytes"].default
     log_dir: str | None = None
-    docker: DockerEngine = DockerEngine()
+    docker: DockerEngine = attrs.field(factory=DockerEngine)
     console: Console = Console()
     scheduler: str = G["scheduler"].default
     priority_header: str | None = None
@@ -125,6 +85,21 @@ class Config:
     # Alias -> the model it names.
     aliases: Mapping[str, str] = attrs.field(factory=dict)
     source: str = "<built-in>"
+    # This machine (``local``) and the boxes of ``hosts:``.
+    hosts: Mapping[str, Host] = attrs.field(
+        default=attrs.Factory(
+            lambda c: {LOCAL: Host(LOCAL, c.docker, devices=c.devices)}, takes_self=True
+        )
+    )
+    # What the swap manager runs, by slot name: each model, or of a model that may run on
+    # several hosts, one instance per host (``gemma@box2``), its URLs and devices that host's.
+    instances: Mapping[str, ModelConfig] = attrs.field(
+        default=attrs.Factory(lambda c: dict(c.models), takes_self=True)
+    )
+    # Model -> its instances' names.
+    placements: Mapping[str, tuple[str, ...]] = attrs.field(
+        default=attrs.Factory(lambda c: {n: (n,) for n in c.models}, takes_self=True)
+    )
 
     def resolve(self, name: str) -> str | None:
         """The model a request's ``name`` (a model's or an alias) means; None: no such."""
@@ -135,29 +110,35 @@ class Config:
         """Each model's ``${PORT}``, for the next reload to keep."""
         return {n: m.port for n, m in self.models.items() if m.port is not None}
 
-    def footprint(self, model: str) -> tuple[str, float]:
-        """The device a model occupies and the share of it, for the scheduler."""
-        m = self.models[model]
+    def footprint(self, instance: str) -> tuple[str, float]:
+        """The device an instance occupies and the share of it, for the scheduler."""
+        m = self.instances[instance]
         if m.remote is not None:  # none of ours: a device of its own that never fills
             return REMOTE_DEVICE, 0.0
-        if not self.devices:
-            return IMPLICIT_DEVICE, 1.0
-        return m.device, float(m.memory if m.memory is not None else self.devices[m.device])
+        host = self.hosts[m.host]
+        if not host.devices:
+            return host.device(IMPLICIT_DEVICE), 1.0
+        return m.device, float(m.memory if m.memory is not None else host.devices[m.device])
 
-    def sleep_footprint(self, model: str) -> tuple[str, float] | None:
-        """The device and share a model holds while asleep; None when nothing is counted."""
-        sleep = self.models[model].sleep
+    def sleep_footprint(self, instance: str) -> tuple[str, float] | None:
+        """The device and share an instance holds while asleep; None when nothing is counted."""
+        sleep = self.instances[instance].sleep
         if sleep is None or sleep.memory is None or sleep.device is None:
             return None
         return sleep.device, float(sleep.memory)
 
-    def capacities(self) -> dict[str, float]:
-        out = {name: float(size) for name, size in self.devices.items()}
-        if not self.devices:
-            out = {IMPLICIT_DEVICE: 1.0}
-        if any(m.remote is not None for m in self.models.values()):
+    def capacities(self, host: str | None = None) -> dict[str, float]:
+        """The device budgets of ``host`` (None: of every host), as the policy counts them."""
+        out: dict[str, float] = {}
+        for h in self.hosts.values() if host is None else (self.hosts[host],):
+            out.update(h.capacities())
+        if host in (None, LOCAL) and any(m.remote is not None for m in self.models.values()):
             out[REMOTE_DEVICE] = float("inf")
         return out
+
+    def declared(self) -> dict[str, int]:
+        """Every declared device budget, in bytes, by the policy's names."""
+        return {d: b for h in self.hosts.values() for d, b in h.devices.items()}
 
 
 def parse(
@@ -176,8 +157,8 @@ def parse(
         "drain_timeout": G["drain_timeout"].read(data, "", request_timeout),
         "loading_status": G["loading_status"].read(data, ""),
     }
-    # ${PORT} and ${MODEL_ID} stay until each model's port is known.
-    later = {macros.PORT: "${PORT}", macros.MODEL_ID: "${MODEL_ID}"}
+    # ${PORT}, ${MODEL_ID} and ${HOST} stay until each model's port and hosts are known.
+    later = {m: f"${{{m}}}" for m in (macros.PORT, macros.MODEL_ID, macros.HOST)}
     defined = macros.define(data.get("macros"), "macros", later)
     expanded_models: dict[str, dict[str, Any]] = {}
     for name, raw in models_raw.items():
@@ -188,8 +169,7 @@ def parse(
     wanting = [n for n, raw in expanded_models.items()
                if any(macros.uses(raw.get(k), macros.PORT) for k in macros.EXPANDED)]  # fmt: skip
     ports = macros.assign_ports(wanting, start_port, previous_ports or {})
-    models = {n: model(n, raw, defaults, ports.get(n)) for n, raw in expanded_models.items()}
-    devices = _devices(data.get("devices"), models)
+    hosts, models, instances, placements = _place(data, expanded_models, defaults, ports)
     preload = _preload(data.get("preload"), models)
 
     config = Config(
@@ -201,7 +181,7 @@ def parse(
         max_body_bytes=G["max_body_bytes"].read(data, ""),
         max_upload_bytes=G["max_upload_bytes"].read(data, ""),
         log_dir=G["log_dir"].read(data, ""),
-        docker=_docker(data.get("docker")),
+        docker=hosts[LOCAL].docker,
         console=Console(**CONSOLE.read_all(data.get("console"), "console")),
         scheduler=G["scheduler"].read(data, ""),
         priority_header=G["priority_header"].read(data, ""),
@@ -209,7 +189,7 @@ def parse(
         linger=G["linger"].read(data, ""),
         linger_bound=G["linger_bound"].read(data, ""),
         preload=preload,
-        devices=devices,
+        devices=hosts[LOCAL].devices,
         auth=parse_auth(data.get("auth"), models),
         access_log=G["access_log"].read(data, ""),
         prefetch_reserve=G["prefetch_reserve"].read(data, ""),
@@ -218,68 +198,49 @@ def parse(
         loading_status=defaults["loading_status"],
         aliases=model_aliases(models),
         source=source,
+        hosts=hosts,
+        instances=instances,
+        placements=placements,
     )
     _check_preload_fits(config)
     return config
 
 
-def _devices(raw: Any, models: dict[str, ModelConfig]) -> dict[str, int]:
-    """Validate memory budgets: every model must fit its device on its own."""
-    if raw is None:
-        for m in models.values():
-            if m.memory is not None or m.device != IMPLICIT_DEVICE:
-                raise ConfigError(
-                    f"'models.{m.name}' declares 'memory'/'device' but no 'devices' are declared "
-                    "(e.g. devices: {gpu0: {memory: 24GiB}})"
-                )
-            if m.sleep is not None and m.sleep.memory is not None:
-                raise ConfigError(
-                    f"'models.{m.name}.sleep.memory' is counted on a device, but no 'devices' "
-                    "are declared (e.g. devices: {gpu0: {memory: 24GiB}, ram: {memory: 64GiB}})"
-                )
-        return {}
-    if not isinstance(raw, Mapping) or not raw:
-        raise ConfigError("'devices' must map device names to {memory: SIZE}")
-    devices: dict[str, int] = {}
-    for name, spec in raw.items():
-        if not isinstance(spec, Mapping):
-            raise ConfigError(f"'devices.{name}' must be a mapping like {{memory: 24GiB}}")
-        DEVICE.check_keys(spec, f"devices.{name}")
-        if "memory" not in spec:
-            raise ConfigError(f"'devices.{name}.memory' is required (e.g. 24GiB)")
-        devices[str(name)] = size(spec["memory"], f"devices.{name}.memory")
-    # Devices that only count sleepers (host memory) are never a model's default device.
-    sleepers = {m.sleep.device for m in models.values() if m.sleep is not None and m.sleep.device}
-    runnable = [d for d in devices if d not in sleepers] or list(devices)
-    only = runnable[0] if len(runnable) == 1 else None
-    for name, m in list(models.items()):
-        if m.remote is not None:
-            continue
-        if m.sleep is not None and m.sleep.device is not None:
-            _fits(f"models.{name}.sleep", m.sleep.memory, m.sleep.device, devices)
-        device = m.device
-        if device == IMPLICIT_DEVICE:
-            if only is None:
-                raise ConfigError(
-                    f"'models.{name}.device' is required when several devices are declared "
-                    f"({', '.join(runnable)})"
-                )
-            device = only
-        _fits(f"models.{name}", m.memory, device, devices)
-        models[name] = attrs.evolve(m, device=device)
-    return devices
-
-
-def _fits(where: str, memory: int | None, device: str, devices: Mapping[str, int]) -> None:
-    if device not in devices:
-        raise ConfigError(
-            f"'{where}.device' names unknown device {device!r}; declared: {', '.join(devices)}"
-        )
-    if memory is not None and memory > devices[device]:
-        raise ConfigError(
-            f"'{where}.memory' ({memory / 2**30:.1f} GiB) exceeds device "
-            f"'{device}' ({devices[device] / 2**30:.1f} GiB): it can never be loaded"
-        )
+def _place(
+    data: Mapping[str, Any],
+    raw_models: Mapping[str, dict[str, Any]],
+    defaults: Mapping[str, Any],
+    ports: Mapping[str, int],
+) -> tuple[
+    dict[str, Host], dict[str, ModelConfig], dict[str, ModelConfig], dict[str, tuple[str, ...]]
+]:
+    """The hosts, the models, their instances (one per host a model runs on) and which
+    instances each model has."""
+    read = hostconfig.read_hosts(data)
+    names: dict[str, tuple[str, ...]] = {}  # instance -> (model, host)
+    by_host: dict[str, dict[str, ModelConfig]] = {h: {} for h in read}
+    placements: dict[str, tuple[str, ...]] = {}
+    for name, raw in raw_models.items():
+        on = hostconfig.placement(raw, f"models.{name}", list(read))
+        keys = (name,) if len(on) == 1 else tuple(f"{name}@{h}" for h in on)
+        for key, h in zip(keys, on, strict=True):
+            if key in by_host[h] or (key != name and key in raw_models):
+                raise ConfigError(f"'models.{name}': its instance name {key} is a model's name")
+            address = read[h][0].address
+            by_host[h][key] = model(name, dict(raw), defaults, ports.get(name), h, address)
+            names[key] = (name, h)
+        placements[name] = keys
+    hosts: dict[str, Host] = {}
+    instances: dict[str, ModelConfig] = {}
+    for h, (host, raw_devices) in read.items():
+        hosts[h], placed = hostconfig.budgets(host, raw_devices, by_host[h])
+        instances.update({k: attrs.evolve(m, name=k) for k, m in placed.items()})
+    instances = {k: instances[k] for k in names}  # in the file's order
+    models = {}
+    for name, keys in placements.items():
+        first = instances[keys[0]]
+        models[name] = attrs.evolve(first, name=name, hosts=tuple(names[k][1] for k in keys))
+    return hosts, models, instances, placements
 
 
 def _preload(raw: Any, models: Mapping[str, ModelConfig]) -> tuple[str, ...]:
@@ -296,13 +257,26 @@ def _check_preload_fits(config: Config) -> None:
     """The preloaded models must fit together, by the same accounting the scheduler uses."""
     free = config.capacities()
     for name in config.preload:
-        device, memory = config.footprint(name)
+        device, memory = config.footprint(config.placements[name][0])
         free[device] -= memory
         if free[device] < 0:
             raise ConfigError(
                 f"'preload' models do not fit together on device '{device}' "
                 "(without 'devices' only one model can be loaded at a time)"
             )
+
+
+def reload_changes(old: Config, new: Config) -> tuple[list[str], list[str], list[str]]:
+    """The instances a reload removes, changes (its settings or its host's did) and adds."""
+    before, after = old.instances, new.instances
+
+    def same(name: str) -> bool:
+        host = before[name].host
+        return after[name] == before[name] and new.hosts[host] == old.hosts.get(host)
+
+    removed = [n for n in before if n not in after]
+    changed = [n for n in before if n in after and not same(n)]
+    return removed, changed, [n for n in after if n not in before]
 
 
 def load(path: str | os.PathLike[str], previous_ports: Mapping[str, int] | None = None) -> Config:

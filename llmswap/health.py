@@ -45,10 +45,22 @@ def document(snap: Snapshot, files: Mapping[str, Residency] | None = None) -> di
                 "last_load_seconds": m.last_load_seconds,
                 "waiting": m.waiting,
                 "in_flight": m.in_flight,
+                "host": m.host,
                 **m.backend,
                 **_files(files.get(name)),
             }
             for name, m in snap.models.items()
+        },
+        "hosts": {
+            name: {
+                "engine": h.engine,
+                "address": h.address,
+                "reachable": h.error is None,
+                "error": h.error,
+                "devices": h.devices,
+                "models": list(h.models),
+            }
+            for name, h in snap.hosts.items()
         },
     }
 

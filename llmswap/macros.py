@@ -18,7 +18,7 @@ from llmswap.values import ConfigError, did_you_mean
 
 _MACRO = re.compile(r"\$\{([^}]*)\}")
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,63}")
-PORT, MODEL_ID = "PORT", "MODEL_ID"
+PORT, MODEL_ID, HOST = "PORT", "MODEL_ID", "HOST"
 # The model settings macros are expanded in.
 EXPANDED = ("cmd", "backend_url", "health_url", "env", "cwd", "files", "container_name", "sleep")
 
@@ -34,7 +34,7 @@ def define(raw: Any, where: str, base: Mapping[str, str]) -> dict[str, str]:
         path = f"{where}.{name}"
         if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise ConfigError(f"'{path}': a macro name is 1-63 letters, digits, '_' or '-'")
-        if name in (PORT, MODEL_ID):
+        if name in (PORT, MODEL_ID, HOST):
             raise ConfigError(f"'{path}': {name} is set by llmswap and cannot be defined")
         if isinstance(value, bool):
             value = str(value).lower()

@@ -38,14 +38,24 @@ class _State(Collector):
         state = GaugeMetricFamily(
             "llmswap_model_state", "1 for the state each model is in", labels=["model", "state"]
         )
-        for name, model in self._snapshot().models.items():
+        up = GaugeMetricFamily(
+            "llmswap_host_up", "1 if the host's Docker engine answered its last call",
+            labels=["host"],
+        )  # fmt: skip
+        placed = GaugeMetricFamily(
+            "llmswap_model_host", "1 for the host each model instance runs on",
+            labels=["model", "host"],
+        )  # fmt: skip
+        snap = self._snapshot()
+        for name, model in snap.models.items():
             depth.add_metric([name], model.waiting)
             running.add_metric([name], model.in_flight)
             for s in ModelState:
                 state.add_metric([name, s.value], 1.0 if model.state is s else 0.0)
-        yield depth
-        yield running
-        yield state
+            placed.add_metric([name, model.host], 1.0)
+        for name, host in snap.hosts.items():
+            up.add_metric([name], 0.0 if host.error else 1.0)
+        yield from (depth, running, state, up, placed)
 
 
 class Metrics:

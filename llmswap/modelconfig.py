@@ -20,6 +20,8 @@ from llmswap.values import ConfigError, text
 
 # The device every model occupies in full when no devices are declared: one model at a time.
 IMPLICIT_DEVICE = "default"
+# This machine's host: the top-level ``docker`` and ``devices`` (see llmswap.hostconfig).
+LOCAL = "local"
 G, M = GLOBAL, MODEL
 
 
@@ -136,6 +138,13 @@ class ModelConfig:
     # What ``${PORT}`` is for this model; None: it does not use it.
     port: int | None = None
     remote: Remote | None = None
+    # Where it may run; one host for each of its instances (see llmswap.hostconfig).
+    hosts: tuple[str, ...] = (LOCAL,)
+
+    @property
+    def host(self) -> str:
+        """The host of an instance (of a model that may run on several: the first)."""
+        return self.hosts[0]
 
     def authorization(self) -> bytes | None:
         """The ``Authorization`` header its backend gets instead of the client's, if any."""
@@ -182,10 +191,18 @@ def expanded(name: str, raw: Any, defined: Mapping[str, str]) -> dict[str, Any]:
 
 
 def model(
-    name: str, raw: dict[str, Any], defaults: Mapping[str, Any], port: int | None
+    name: str,
+    raw: dict[str, Any],
+    defaults: Mapping[str, Any],
+    port: int | None,
+    host: str = LOCAL,
+    address: str = "127.0.0.1",
 ) -> ModelConfig:
+    """One model's settings on ``host`` (whose ``address`` is its ``${HOST}``)."""
     where = f"models.{name}"
-    fixed = {macros.MODEL_ID: name, **({macros.PORT: str(port)} if port is not None else {})}
+    fixed = {macros.MODEL_ID: name, macros.HOST: address}
+    if port is not None:
+        fixed[macros.PORT] = str(port)
     for key in macros.EXPANDED:
         if key in raw:
             raw[key] = macros.expand_all(raw[key], fixed, f"{where}.{key}")
@@ -247,6 +264,7 @@ def model(
         loading_status=M["loading_status"].read(raw, where, defaults["loading_status"]),
         port=port,
         remote=remote,
+        hosts=(host,),
     )
 
 

@@ -112,6 +112,11 @@ class _Mapping:
         _libc.munmap(self.address, self.size)
 
 
+def _here(config: Config) -> dict[str, ModelConfig]:
+    """The instances whose files are on this machine (another box's page cache is its own)."""
+    return {n: m for n, m in config.instances.items() if config.hosts[m.host].docker.local}
+
+
 def residency(files: Iterable[str]) -> Residency:
     """Measure, in the calling thread (it makes system calls; never the reactor's)."""
     total = cached = 0
@@ -193,11 +198,12 @@ class Prefetcher(Service):
         self._cancelled.set()
         self._model = None
         config = self._config()
-        if model is None or not self.running or not config.models[model].prefetch:
+        ours = _here(config)
+        if model is None or not self.running or model not in ours or not ours[model].prefetch:
             return
-        spared = [config.models[n] for n in loaded if n in config.models]
+        spared = [ours[n] for n in loaded if n in ours]
         self._model, self._cancelled = model, threading.Event()
-        d = self._in_thread(_read, config.models[model], spared, config.prefetch_reserve,
+        d = self._in_thread(_read, ours[model], spared, config.prefetch_reserve,
                             self._cancelled)  # fmt: skip
         d.addErrback(lambda f: log.failure("prefetch of {model} failed", f, model=model))
 
@@ -210,7 +216,7 @@ class Prefetcher(Service):
         d: Deferred[dict[str, Residency]] = Deferred()
         self._waiting.append(d)
         if len(self._waiting) == 1:
-            models = list(self._config().models.values())
+            models = list(_here(self._config()).values())
             measuring = self._in_thread(_measure, models)
             measuring.addCallbacks(self._measured_now, self._not_measured, (now,))
         return d

@@ -200,7 +200,7 @@ class Proxy:
         reached it, is queued once more.  A second refusal is the client's answer."""
         lease.release()
         log.warn("{model}: {e}; restarting it for the request", model=x.model, e=gone)
-        self._manager.backend_gone(x.model, gone.error.message)
+        self._manager.backend_gone(lease.model, gone.error.message)
         return self._manager.acquire(x.model, x.priority, x.key_name)
 
     # -- the hooks another API overrides ---------------------------------------------------

@@ -220,7 +220,7 @@ class OpenAIResource:
     async def _admin(self, request: IRequest, model: str, change: Any) -> bytes:
         try:
             self._gate.require_admin(request)
-            if model not in self._manager.config.models:
+            if model not in self._manager.backends and model not in self._manager.config.models:
                 raise errors.model_not_found(model, self._manager.models())
             await change(model)
         except errors.APIError as e:

@@ -162,6 +162,24 @@ def plan_room(
     return tuple(evict)
 
 
+def place(options: Sequence[tuple[str, View]]) -> str:
+    """Where a model that may run on several hosts takes a request, given each instance and its
+    host's view: where it is loaded (ready first), else where requests wait for it already,
+    else where loading it evicts least (fewest busy models, then fewest models, then a host
+    with no change under way); the first listed on a tie."""
+
+    def cost(option: tuple[str, View]) -> tuple[bool, bool, bool, int, int, bool]:
+        name, view = option
+        m = view.models[name]
+        waited = {w.model for w in view.waiting}
+        busy = frozenset(n for n, o in view.models.items() if o.in_flight) | waited
+        evict = plan_room(view, name, busy)
+        crowded = sum(e in busy for e in evict)
+        return (not m.ready, not m.resident, name not in waited, crowded, len(evict), view.changing)
+
+    return min(options, key=cost)[0]
+
+
 def _free_slots(view: View) -> dict[str, int]:
     return {
         name: (m.concurrency - m.in_flight if m.ready else 0) for name, m in view.models.items()

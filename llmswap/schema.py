@@ -141,7 +141,9 @@ GLOBAL = Section("", (
       shown_default="`2GiB`"),
     S("log_dir", "text", None, "per-model backend output", what="a directory path",
       shown_default="`$XDG_STATE_HOME/llmswap/logs` or `~/.local/state/llmswap/logs`"),
-    S("docker", "section", None, "the Docker engine (see `docker.*`)"),
+    S("docker", "section", None, "this machine's Docker engine (see `docker.*`)"),
+    S("hosts", "section", None, "more boxes, each a Docker engine with its own devices, by name "
+      "(see `hosts.<name>.*`); this machine is the host `local`"),
     S("scheduler", "choice", SWAP_AWARE, "`swap-aware` or `fifo` (see How swapping works)",
       choices=POLICIES),
     S("max_wait_before_swap", "number", 60.0, "seconds a request for another model may wait "
@@ -209,6 +211,14 @@ DOCKER_TLS = Section("docker.tls", (
     S("key", "text", None, "its private key (PEM file)", what="a file path"),
 ))
 
+HOST = Section("hosts.<name>", (
+    S("docker", "section", None, "its engine, with the keys of `docker.*` (`base_url` required)"),
+    S("address", "text", "127.0.0.1", "what `${HOST}` is in its models' URLs (its name or IP "
+      "as llmswap reaches it)"),
+    S("devices", "section", None, "its memory budgets, as `devices.<name>.memory`; none: one "
+      "model at a time on it"),
+))
+
 DEVICE = Section("devices.<name>", (
     S("memory", "size", None,
       "a device's memory budget (`24GiB`, `16000MiB`, `16GB`; a bare number is GiB)"),
@@ -236,6 +246,10 @@ MODEL = Section("models.<name>", (
       shown_default="global value"),
     S("drain_timeout", "number", None, "as the global key", unit="s",
       shown_default="global value"),
+    S("host", "text", None, "the host it runs on (a name from `hosts`)",
+      shown_default="`local`, this machine"),
+    S("hosts", "list", None, "the hosts it may run on (the same container on each): it is "
+      "served where it is loaded, else loaded where it evicts least"),
     S("device", "text", None, "the device it loads on (required with several devices)",
       shown_default="the only device"),
     S("memory", "size", None, "footprint for the memory budget", shown_default="whole device"),
@@ -317,7 +331,20 @@ KEY = Section("auth.keys[]", (
 ))
 # fmt: on
 
-SECTIONS = (GLOBAL, DOCKER, DOCKER_TLS, CONSOLE, DEVICE, MODEL, INFO, SLEEP, REMOTE, AUTH, KEY)
+SECTIONS = (
+    GLOBAL,
+    DOCKER,
+    DOCKER_TLS,
+    HOST,
+    CONSOLE,
+    DEVICE,
+    MODEL,
+    INFO,
+    SLEEP,
+    REMOTE,
+    AUTH,
+    KEY,
+)
 
 
 def documented() -> Iterator[tuple[str, Setting]]:

@@ -32,7 +32,7 @@ from llmswap.anthropic import AnthropicProxy
 from llmswap.backends.docker import DockerBackend, DockerClientProvider
 from llmswap.backends.process import ProcessBackend
 from llmswap.backends.remote import RemoteBackend
-from llmswap.config import Config, ConfigError, load
+from llmswap.config import Config, ConfigError, load, reload_changes
 from llmswap.console.activity import Activity
 from llmswap.console.live import LiveStreams
 from llmswap.console.logs import OwnLog
@@ -159,14 +159,14 @@ def default_log_dir() -> Path:
 def make_backends(
     config: Config, reactor: Any, only: list[str] | None = None
 ) -> dict[str, IBackend]:
-    docker = DockerClientProvider(config.docker)
+    engines = {name: DockerClientProvider(host.docker) for name, host in config.hosts.items()}
     log_dir = Path(config.log_dir) if config.log_dir else default_log_dir()
     backends: dict[str, IBackend] = {}
-    for name, model in config.models.items():
+    for name, model in config.instances.items():
         if only is not None and name not in only:
             continue
         if model.kind == "docker":
-            backends[name] = DockerBackend(model, docker, reactor)
+            backends[name] = DockerBackend(model, engines[model.host], reactor)
         elif model.kind == "remote":
             backends[name] = RemoteBackend(model)
         else:
@@ -258,8 +258,8 @@ class LLMSwapService(MultiService):
         if new.listen != self.config.listen:
             log.warn("reload: 'listen' changed; it applies at the next restart")
         new = attrs.evolve(new, listen=self.config.listen)
-        old = self.config.models
-        fresh = [n for n in new.models if n not in old or new.models[n] != old[n]]
+        _, changed, added = reload_changes(self.config, new)
+        fresh = changed + added
         backends = make_backends(new, self._reactor, fresh)
         summary = yield self.manager.reconfigure(new, backends)
         self.gate.configure(new.auth, new.console.open)

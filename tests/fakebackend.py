@@ -429,6 +429,7 @@ def main() -> None:
     global ARGS, READY_AT
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="127.0.0.1", help="the address it binds (a box's ${HOST})")
     p.add_argument("--name", default="fake")
     p.add_argument("--startup-delay", type=float, default=0.0)
     p.add_argument("--bind-late", action="store_true", help="refuse connections while loading")
@@ -472,7 +473,7 @@ def main() -> None:
     READY_AT = time.time() + ARGS.startup_delay
     if ARGS.bind_late:
         time.sleep(ARGS.startup_delay)
-    server = ThreadingHTTPServer(("127.0.0.1", ARGS.port), Handler)
+    server = ThreadingHTTPServer((ARGS.host, ARGS.port), Handler)
     server.daemon_threads = True
     if ARGS.close_after is not None:
         threading.Timer(ARGS.close_after, server.shutdown).start()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import memory, overhead, scale, scheduler, streaming, swap
+from bench import hosts, memory, overhead, scale, scheduler, streaming, swap
 
 
 def test_scheduler_benchmark_runs_both_policies() -> None:
@@ -64,3 +64,14 @@ def test_swap_benchmark_decomposes_real_swaps() -> None:
     assert all(v >= 0 for v in out["swaps"][0].values())
     assert set(out["page_cache"]["median_ms"]) == {"evicted", "prefetched", "warm"}
     assert set(out["sleep"]) == {"sleep/wake", "stop/start"}
+
+
+@pytest.mark.docker
+def test_hosts_benchmark_runs_both_workloads_on_one_and_two_hosts() -> None:
+    out = hosts.main(["--requests", "2", "--load", "0.2", "--think", "0.01"])
+    for workload in ("alternating", "two users"):
+        by_setup = out["results"][workload]
+        assert [by_setup[s]["requests"] for s in ("one host", "two hosts")] == [
+            2 if workload == "alternating" else 4
+        ] * 2
+        assert by_setup["two hosts"]["loads"] == 2  # each model loads once, on its own box

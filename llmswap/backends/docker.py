@@ -19,6 +19,7 @@ from typing import Any
 import docker
 import docker.errors
 import docker.tls
+import requests
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -26,7 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from llmswap import errors
-from llmswap.config import DockerEngine, ModelConfig
+from llmswap.config import LOCAL, DockerEngine, ModelConfig
 from llmswap.interfaces import IBackend
 
 log = Logger()
@@ -37,12 +38,8 @@ _SOCKET_HINT = (
 )
 
 
-def _where(engine: DockerEngine) -> str:
-    return engine.base_url or "DOCKER_HOST or the local socket"
-
-
 def _engine_error(engine: DockerEngine, e: Exception) -> errors.APIError:
-    where = _where(engine)
+    where = engine.where
     text = str(e)
     if "Permission denied" in text or "PermissionError" in text:
         return errors.backend_unavailable(
@@ -76,6 +73,8 @@ class DockerClientProvider:
     def __init__(self, engine: DockerEngine) -> None:
         self.engine = engine
         self._client: Any = None
+        # Why the engine did not answer its last call; None: it did (its host's /health).
+        self.lost: str | None = None
 
     def get(self) -> Any:
         """Called in a worker thread."""
@@ -95,10 +94,15 @@ class DockerClientProvider:
                 else:
                     client = docker.from_env(timeout=int(self.engine.timeout))
                 client.ping()
-            except docker.errors.DockerException as e:
-                raise _engine_error(self.engine, e) from None
+            except (docker.errors.DockerException, requests.RequestException) as e:
+                raise self.unreachable(e) from None
             self._client = client
         return self._client
+
+    def unreachable(self, e: Exception) -> errors.APIError:
+        error = _engine_error(self.engine, e)
+        self.lost = error.message
+        return error
 
 
 @implementer(IBackend)
@@ -179,12 +183,16 @@ class DockerBackend:
         }
         if self._exit_code is not None:
             info["exit_code"] = self._exit_code
+        if self._provider.lost is not None:
+            info["engine_error"] = self._provider.lost
         return info
 
     def failure_detail(self) -> str:
         if self._lost is not None:
             return self._lost
-        detail = f"container {self._container_name} is {self._engine_state}"
+        engine = self._provider.engine
+        on = "" if engine.host == LOCAL else f" on host {engine.host}"
+        detail = f"container {self._container_name}{on} is {self._engine_state}"
         if self._exit_code is not None:
             detail += f" (exit code {self._exit_code})"
         return f"{detail}; last log lines:\n{self._log_tail}" if self._log_tail else detail
@@ -235,14 +243,16 @@ class DockerBackend:
     def _container(self) -> Any:
         client = self._provider.get()
         try:
-            return client.containers.get(self._container_name)
+            container = client.containers.get(self._container_name)
         except docker.errors.NotFound:
             raise errors.backend_unavailable(
                 f"Model '{self.name}': container '{self._container_name}' does not exist. Create "
                 f"it first, e.g. `docker create --name {self._container_name} ... llama-server ...`"
             ) from None
-        except docker.errors.DockerException as e:
-            raise _engine_error(self._provider.engine, e) from None
+        except (docker.errors.DockerException, requests.RequestException) as e:
+            raise self._provider.unreachable(e) from None  # requests': no connection at all
+        self._provider.lost = None
+        return container
 
     def _start_sync(self) -> None:
         container = self._container()
@@ -357,7 +367,8 @@ class DockerBackend:
         self._running = False
         if status is _ENGINE:
             self._engine_state = "unknown"
-            self._lost = f"Docker engine at {_where(self._provider.engine)} unreachable: {why}"
+            self._lost = f"Docker engine at {self._provider.engine.where} unreachable: {why}"
+            self._provider.lost = self._lost
         reason = self.failure_detail()
         log.warn("model {model}: {reason}", model=self.name, reason=reason)
         if self._exit_callback is not None:

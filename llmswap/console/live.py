@@ -61,7 +61,8 @@ def state(snap: Snapshot, config: Config) -> dict[str, Any]:
             "in_flight": m.in_flight,
             "ttl": m.ttl,
             "device": device,
-            "memory": memory if config.devices else None,
+            "memory": memory if config.hosts[m.host].devices else None,
+            "host": m.host,
             "sleep_device": sleep_device,
             "sleep_memory": sleep_memory,
             "backend": dict(m.backend),
@@ -72,7 +73,8 @@ def state(snap: Snapshot, config: Config) -> dict[str, Any]:
         "in_flight": snap.in_flight,
         "queue_capacity": snap.queue_capacity,
         "scheduler": snap.scheduler,
-        "devices": {n: float(b) for n, b in config.devices.items()},
+        "devices": {n: float(b) for n, b in config.declared().items()},
+        "hosts": {n: {"engine": h.engine, "error": h.error} for n, h in snap.hosts.items()},
         "models": models,
         "queue": [
             {

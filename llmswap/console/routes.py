@@ -100,8 +100,8 @@ class ConsoleAPI:
             recent = self._own_log.lines(lines)
             follow = self._own_log.follow
         else:
-            if model not in self._manager.config.models:
-                raise errors.model_not_found(model, self._manager.models())
+            if model not in self._manager.backends:  # a model's, or one of its instances'
+                raise errors.model_not_found(model, list(self._manager.backends))
             backend = self._manager.backends[model]
             recent = yield backend.output(lines)
             follow = backend.follow

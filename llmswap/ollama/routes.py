@@ -175,10 +175,11 @@ class OllamaRoutes:
         except errors.APIError as e:
             return errors.render_ollama(request, e)
         snap = self._manager.snapshot()
-        models = self._manager.config.models
+        config = self._manager.config
+        models = config.models
         loaded = []
-        for name in names:
-            m = snap.models[name]
+        for name, instance in [(n, i) for n in names for i in config.placements[n]]:
+            m = snap.models[instance]
             asleep = m.state is ModelState.ASLEEP
             if m.state not in (ModelState.READY, ModelState.DRAINING) and not asleep:
                 continue

@@ -1,10 +1,10 @@
 """The swap manager: which models run, decided by the policy, changed one at a time.
 
-Requests arrive as tickets (:mod:`llmswap.swap.queue`); after every event (arrival, release,
-load finished, a wait bound or TTL expiring) the manager asks :func:`llmswap.scheduler.decide`
-which waiting tickets get a lease on a ready backend and which model to load or unload.  Loads
-and unloads run one at a time under a :class:`DeferredLock` that also guards shutdown; each
-model's own life (start or wake, drain, stop or sleep, crash) is its
+Requests arrive as tickets (:mod:`llmswap.swap.queue`) for a model's instance (placed by
+:func:`llmswap.scheduler.place` when it may run on several hosts); after every event the manager
+asks :func:`llmswap.scheduler.decide`, per host, which tickets get a lease on a ready backend and
+what to load or unload there, one change at a time in the host's
+:class:`~llmswap.swap.lane.Lane` (several hosts' at once).  An instance's own life is its
 :class:`~llmswap.swap.slot.Slot`'s; :mod:`llmswap.swap.room` puts evicted models away.
 
 A lease is held until the last byte of the response was relayed, so a stream never overlaps a
@@ -20,25 +20,18 @@ from functools import partial
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import (
-    CancelledError,
-    Deferred,
-    DeferredList,
-    DeferredLock,
-    gatherResults,
-    inlineCallbacks,
-    succeed,
-)
+from twisted.internet.defer import CancelledError, Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from llmswap import errors, scheduler
-from llmswap.config import Config
+from llmswap.config import Config, reload_changes
 from llmswap.events import Cause, EventBus, RequestAdmitted, RequestQueued, Swap
 from llmswap.interfaces import IBackend
 from llmswap.prefetch import Prefetcher, Residency
-from llmswap.swap import room, snapshot
+from llmswap.swap import lane, room, snapshot
+from llmswap.swap.lane import Lane
 from llmswap.swap.queue import Lease, RequestQueue, Ticket
 from llmswap.swap.reconcile import start_up
 from llmswap.swap.slot import Slot
@@ -68,27 +61,38 @@ class SwapManager(Service):
         self._clock = clock
         self.bus = bus if bus is not None else EventBus()
         self._queue = RequestQueue(clock, lambda: self.config, self._dispatch)
-        self._lock = DeferredLock()
+        self._lanes = {host: Lane(host, self._dispatch) for host in config.hosts}
         self._slots = {name: self._slot(name, backend) for name, backend in backends.items()}
         self._intake: Deferred[None] | None = None
-        # The load or unload under way (the policy starts no other meanwhile); the flag is set
-        # before the change starts, which may run to its end before _begin returns.
-        self._change: Deferred[None] | None = None
-        self._changing = False
         self._dispatching = False
         self._again = False
         self._recheck: IDelayedCall | None = None
         self._on_release = self._released  # bound once: every lease shares it
 
     def _slot(self, name: str, backend: IBackend) -> Slot:
-        return Slot(self.config.models[name], backend, self._clock, self.bus, self._crashed)
+        return Slot(self.config.instances[name], backend, self._clock, self.bus, self._crashed)
+
+    def _on(self, host: str) -> dict[str, Slot]:
+        return {n: s for n, s in self._slots.items() if s.config.host == host}
+
+    def _lane(self, instance: str) -> Lane:
+        return self._lanes[self._slots[instance].config.host]
+
+    def _view_of(self, instance: str) -> scheduler.View:
+        return self.view(self._slots[instance].config.host)
+
+    def _names(self, model: str) -> tuple[str, ...]:
+        """A model's instances; an instance named (``gemma@box2``: admin, console) is itself."""
+        return self.config.placements.get(model) or (model,)
 
     # -- Service ----------------------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
-        # Reconciliation and preload run as the first change: nothing loads before they end.
-        self._begin(self._start_up).addErrback(_logged)
+        # Reconciliation and preload run as each host's first change: nothing loads there
+        # before they end.
+        for each in self._lanes.values():
+            each.begin(self._start_up, each.host).addErrback(_logged)
         self._intake = self._take()
         self._intake.addErrback(self._failed, "intake")
 
@@ -99,12 +103,13 @@ class SwapManager(Service):
             self._intake.cancel()
         if self._recheck is not None and self._recheck.active():
             self._recheck.cancel()
-        if self._change is not None:
-            self._change.cancel()
+        for each in self._lanes.values():
+            if each.change is not None:
+                each.change.cancel()
         for lease in list(self._queue.leases):
             lease.release()
-        d: Deferred[None] = self._lock.run(room.shut_down, self._slots)
-        return d
+        ends = [e.lock.run(room.shut_down, self._on(e.host)) for e in self._lanes.values()]
+        return gatherResults(ends, consumeErrors=True).addCallback(lambda _: None)
 
     # -- what the request path and the admin routes use ---------------------------------------
 
@@ -116,41 +121,50 @@ class SwapManager(Service):
         """
         if not self.running:
             raise errors.shutting_down()
-        ticket = self._queue.enter(model, priority, key)
+        ticket = self._queue.enter(self._place(model), priority, key)
         if self.bus.wants(RequestQueued):
-            self.bus.publish(
-                RequestQueued(ticket.enqueued, ticket.seq, model, key, priority, ticket.position)
-            )
+            at, seq, position = ticket.enqueued, ticket.seq, ticket.position
+            self.bus.publish(RequestQueued(at, seq, ticket.model, key, priority, position))
         return ticket.waiter
 
+    def _place(self, model: str) -> str:
+        names = self._names(model)
+        if len(names) == 1:
+            return names[0]
+        return scheduler.place([(n, self.view(self._slots[n].config.host)) for n in names])
+
     def state(self, model: str) -> ModelState:
-        return self._slots[model].state
+        """A model's state: of its instance that is loaded, if any."""
+        slots = [self._slots[n] for n in self._names(model)]
+        return next((s.state for s in slots if s.state.resident), slots[0].state)
 
     def last_load_seconds(self, model: str) -> float | None:
-        return self._slots[model].last_load_seconds
+        return max(self._slots[n].last_load_seconds or 0 for n in self._names(model)) or None
 
     def load(self, model: str) -> Deferred[None]:
         """Admin: load ``model`` now (evicting what it needs room from, after draining)."""
-        return self._admin(lambda: self._load(model, Cause.ADMIN))
+        name = self._place(model)
+        return self._admin([name], lambda: self._load(name, Cause.ADMIN))
 
     def unload(self, model: str | None = None, cause: Cause = Cause.ADMIN) -> Deferred[None]:
-        """Drain and stop ``model``, or every model when None."""
-        names = [model] if model is not None else list(self._slots)
-        return self._admin(lambda: self._unload(names, cause))
+        """Drain and stop ``model`` (on every host), or every model when None."""
+        names = list(self._slots) if model is None else list(self._names(model))
+        return self._admin(names, lambda: self._unload(names, cause))
 
-    def backend_gone(self, model: str, detail: str) -> None:
-        """A request found ``model``'s ready backend refusing connections: it is failed, then
-        stopped (its process or container may linger), and the next request starts it."""
-        slot = self._slots[model]
+    def backend_gone(self, instance: str, detail: str) -> None:
+        """A request found ``instance``'s ready backend refusing connections: it is failed,
+        then stopped (its process or container may linger), and the next request starts it."""
+        slot = self._slots[instance]
         if slot.ready or slot.state is ModelState.DRAINING:
             slot.set(ModelState.FAILED, detail)
             self._crashed(slot)
-            self._admin(slot.stop).addErrback(_logged)
+            self._admin([instance], slot.stop).addErrback(_logged)
 
     def keep_alive(self, model: str, seconds: float) -> None:
         """Keep ``model`` loaded ``seconds`` after its last request (``inf``: until evicted),
         instead of its ttl, until it is next stopped; the memory budget still evicts it."""
-        self._slots[model].keep_alive = seconds
+        for name in self._names(model):
+            self._slots[name].keep_alive = seconds
         self._dispatch()
 
     def reconfigure(self, config: Config, fresh: Mapping[str, IBackend]) -> Deferred[Any]:
@@ -159,10 +173,10 @@ class SwapManager(Service):
         Removed and changed models that are loaded drain first (in-flight requests finish),
         then stop; requests waiting for a removed model get 404.  Fires with what changed.
         """
-        return self._admin(lambda: self._reconfigure(config, fresh))
+        return self._admin(list(self._slots), lambda: self._reconfigure(config, fresh))
 
     def models(self) -> list[str]:
-        return list(self._slots)
+        return list(self.config.models)
 
     @property
     def backends(self) -> Mapping[str, IBackend]:
@@ -173,10 +187,8 @@ class SwapManager(Service):
         return self._prefetch.residency() if self._prefetch is not None else succeed({})
 
     def snapshot(self, queue: int = 0) -> Snapshot:
-        """What the daemon is doing now, with the ``queue`` oldest waiting requests.
-
-        Its cost does not grow with the number of waiting requests (the counts are kept).
-        """
+        """What the daemon is doing now, with the ``queue`` oldest waiting requests (its cost
+        does not grow with the number waiting: the counts are kept)."""
         return snapshot.take(self._slots, self._queue, self.config, self._clock.seconds(),
                              bool(self.running), queue)  # fmt: skip
 
@@ -193,20 +205,18 @@ class SwapManager(Service):
             slot = self._slots[ticket.model]
             full = not slot.has_room()
             if len(waiting) == 1 and slot.ready and not full:
-                # The hot path: nobody else waits and the model has a free slot; every policy
-                # admits it, so the full decision is skipped.
+                # The hot path: alone, with a free slot, every policy admits it: no decision.
                 self._admit(ticket)
             elif slot.state.resident and (full or not slot.ready):
-                # Its model is loaded and busy, or loading: a new waiter for it can neither be
-                # admitted nor make anything load, so there is nothing to decide.
+                # Its model is busy or loading: a new waiter changes no decision.
                 pass
             else:
                 self._dispatch()
 
-    def view(self) -> scheduler.View:
-        """The picture the policy decides on."""
-        now = self._clock.seconds()
-        return snapshot.policy_view(self._slots, self._queue, self.config, now, self._changing)
+    def view(self, host: str) -> scheduler.View:
+        """The picture the policy decides on for ``host``."""
+        now, changing = self._clock.seconds(), self._lanes[host].changing
+        return snapshot.policy_view(self._on(host), self._queue, self.config, now, changing, host)
 
     def _dispatch(self) -> None:
         """Ask the policy what to do and do it; re-entrant calls become one more round."""
@@ -218,23 +228,35 @@ class SwapManager(Service):
             self._again = True
             while self._again and self.running:
                 self._again = False
-                decision = scheduler.decide(self.view())
-                for seq in decision.admit:
-                    ticket = self._queue.waiting.get(seq)
-                    if ticket is not None:
-                        self._admit(ticket)
-                change = decision.change
-                if isinstance(change, scheduler.Load):
-                    wanted = self._wanted(change.model)
-                    self._begin(self._load, change.model, Cause.REQUEST, wanted).addErrback(_logged)
-                elif isinstance(change, scheduler.Unload):
-                    log.info("model {model}: idle for its ttl, unloading", model=change.model)
-                    self._begin(self._unload, [change.model], Cause.TTL).addErrback(_logged)
-                self._arm_recheck(decision.recheck_at)
-                if not self._changing:  # a load under way reads its own model ahead
-                    self._read_ahead(decision.prefetch)
+                rechecks, ahead, loading_here = [], None, False
+                for each in list(self._lanes.values()):
+                    decision = self._decide(each)
+                    if decision.recheck_at is not None:
+                        rechecks.append(decision.recheck_at)
+                    if self.config.hosts[each.host].docker.local:
+                        loading_here = loading_here or each.changing
+                        ahead = ahead or decision.prefetch
+                self._arm_recheck(min(rechecks, default=None))
+                if not loading_here:  # a load under way reads its own model ahead
+                    self._read_ahead(ahead)
         finally:
             self._dispatching = False
+
+    def _decide(self, each: Lane) -> scheduler.Decision:
+        """Ask the policy for one host: admit, and begin a change there."""
+        decision = scheduler.decide(self.view(each.host))
+        for seq in decision.admit:
+            ticket = self._queue.waiting.get(seq)
+            if ticket is not None:
+                self._admit(ticket)
+        change = decision.change
+        if isinstance(change, scheduler.Load):
+            wanted = partial(self._queue.waiting.count, change.model)  # nonzero: still wanted
+            each.begin(self._load, change.model, Cause.REQUEST, wanted).addErrback(_logged)
+        elif isinstance(change, scheduler.Unload):
+            log.info("model {model}: idle for its ttl, unloading", model=change.model)
+            each.begin(self._unload, [change.model], Cause.TTL).addErrback(_logged)
+        return decision
 
     def _read_ahead(self, model: str | None) -> None:
         if self._prefetch is not None and self._prefetch.reading != model:  # cheap when idle
@@ -264,27 +286,6 @@ class SwapManager(Service):
         if len(self._queue.waiting) or any(s.ttl is not None for s in self._slots.values()):
             self._dispatch()
 
-    def _begin(self, change: Callable[..., Deferred[Any]], *args: Any) -> Deferred[Any]:
-        """Run a load or unload under the lock; the policy starts no other until it ends.
-
-        The returned Deferred carries the change's outcome (an admin call reports it); the
-        policy's own changes are logged here, so their Deferreds are not waited on.
-        """
-        self._changing = True
-        d: Deferred[Any] = self._lock.run(change, *args)
-        self._change = d
-
-        def ended(result: Any) -> Any:
-            self._changing = False
-            self._change = None
-            if isinstance(result, Failure) and not result.check(CancelledError, errors.APIError):
-                log.failure("{change} failed", result, change=change.__name__)
-            self._dispatch()
-            return result
-
-        d.addBoth(ended)
-        return d
-
     def _arm_recheck(self, when: float | None) -> None:
         if self._recheck is not None and self._recheck.active():
             self._recheck.cancel()
@@ -294,17 +295,15 @@ class SwapManager(Service):
             self._recheck = self._clock.callLater(delay, self._dispatch)
 
     @inlineCallbacks
-    def _admin(self, change: Callable[[], Deferred[Any]]) -> Any:
-        """Run an admin change as soon as no other change is under way."""
-        while self._change is not None:
-            # Fires when the change ends, its outcome left to its own chain (consumeErrors off).
-            yield DeferredList([self._change])
+    def _admin(self, names: list[str], change: Callable[[], Deferred[Any]]) -> Any:
+        """Run an admin change as soon as no other change is under way on the hosts of the
+        instances ``names``."""
+        lanes = list(dict.fromkeys(map(self._lane, names)))
+        while (under_way := lane.idle(lanes)) is not None:
+            yield under_way
         if not self.running:
             raise errors.shutting_down()
-        return (yield self._begin(change))
-
-    def _wanted(self, model: str) -> Callable[[], bool]:
-        return lambda: self._queue.waiting.count(model) > 0
+        return (yield lane.begin_everywhere(lanes, change, self._dispatch))
 
     def _crashed(self, slot: Slot) -> None:
         self.bus.publish(Swap(self._clock.seconds(), Cause.CRASH, None, (slot.name,), 0.0))
@@ -312,12 +311,12 @@ class SwapManager(Service):
 
     # -- changes (always under the lock) ------------------------------------------------------
 
-    def _start_up(self) -> Deferred[None]:
+    def _start_up(self, host: str) -> Deferred[None]:
         load = partial(self._load, cause=Cause.PRELOAD)
-        return start_up(self.config, self._slots, self._http, self._clock, load)
+        return start_up(self.config, self._on(host), self._http, self._clock, load)
 
     @inlineCallbacks
-    def _load(self, model: str, cause: Cause, wanted: Callable[[], bool] | None = None) -> Any:
+    def _load(self, model: str, cause: Cause, wanted: Callable[[], int] | None = None) -> Any:
         """Make room for ``model`` (drain, then stop what it evicts) and load it.
 
         ``wanted`` is asked once the evicted models drained: when the requests that caused the
@@ -327,10 +326,11 @@ class SwapManager(Service):
         if slot.ready and slot.backend.alive():
             return None
         self._read_ahead(model)
+        host = slot.config.host
         busy = frozenset(self._queue.waiting.models()) | {
             n for n, s in self._slots.items() if s.in_flight
         }
-        evict = scheduler.plan_room(self.view(), model, busy)
+        evict = scheduler.plan_room(self.view(host), model, busy)
         started = self._clock.seconds()
         yield gatherResults([self._slots[name].drain() for name in evict], consumeErrors=True)
         if wanted is not None and not wanted():
@@ -338,9 +338,9 @@ class SwapManager(Service):
                 self._slots[name].undrain()
             log.info("load of {model} called off: no request waits for it", model=model)
             return None
-        away = yield room.put_away(self._slots, self.view, evict, model, self._http,
+        away = yield room.put_away(self._slots, self._view_of, evict, model, self._http,
                                    self.config.health_interval)  # fmt: skip
-        yield room.clear_strays(self._slots, model)
+        yield room.clear_strays(self._on(host), model)
         stopped = self._clock.seconds()
         try:
             yield slot.start(self._http, self.config.health_interval)
@@ -366,7 +366,7 @@ class SwapManager(Service):
         yield gatherResults([s.drain() for s in slots if s.state.resident], consumeErrors=True)
         alive = [s.name for s in slots if s.backend.alive() and s.config.remote is None]
         sleep = cause is not Cause.RELOAD
-        away = yield room.put_away(self._slots, self.view, alive, None, self._http,
+        away = yield room.put_away(self._slots, self._view_of, alive, None, self._http,
                                    self.config.health_interval, sleep)  # fmt: skip
         if away.unloaded:
             now = self._clock.seconds()
@@ -374,10 +374,7 @@ class SwapManager(Service):
 
     @inlineCallbacks
     def _reconfigure(self, config: Config, fresh: Mapping[str, IBackend]) -> Any:
-        old = self.config.models
-        removed = [n for n in old if n not in config.models]
-        changed = [n for n in old if n in config.models and config.models[n] != old[n]]
-        added = [n for n in config.models if n not in old]
+        removed, changed, added = reload_changes(self.config, config)
         yield self._unload([*removed, *changed], Cause.RELOAD)
         for name in removed:
             self._queue.reject(name, errors.model_not_found(name, list(config.models)))
@@ -385,6 +382,8 @@ class SwapManager(Service):
         self.config = config
         for name in changed + added:
             self._slots[name] = self._slot(name, fresh[name])
+        # Held lanes are let go by the change's end, kept or not.
+        self._lanes = {h: self._lanes.get(h) or Lane(h, self._dispatch) for h in config.hosts}
         self._queue.retime()  # the new request_timeout applies to who waits now
         summary = {"added": added, "removed": removed, "changed": changed}
         said = ", ".join(f"{k} {', '.join(v) or 'none'}" for k, v in summary.items())

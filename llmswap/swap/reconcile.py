@@ -35,9 +35,10 @@ def start_up(
     clock: IReactorTime,
     load: Callable[[str], Deferred[None]],
 ) -> Any:
-    """The manager's first change: nothing else loads before it ends."""
+    """A host's first change (``slots`` are its own): nothing else loads there before it ends.
+    A preloaded model that may run on several hosts loads on its first."""
     yield reconcile(config, slots, http, clock)
-    for model in config.preload:
+    for model in [n for m in config.preload if (n := config.placements[m][0]) in slots]:
         try:
             yield load(model)
         except errors.APIError as e:

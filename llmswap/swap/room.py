@@ -32,7 +32,7 @@ class Away:
 @inlineCallbacks
 def put_away(
     slots: Mapping[str, Slot],
-    view: Callable[[], scheduler.View],
+    view: Callable[[str], scheduler.View],
     names: Iterable[str],
     coming: str | None,
     http: Any,
@@ -50,7 +50,7 @@ def put_away(
 @inlineCallbacks
 def _put_away(
     slots: Mapping[str, Slot],
-    view: Callable[[], scheduler.View],
+    view: Callable[[str], scheduler.View],
     name: str,
     coming: str | None,
     http: Any,
@@ -62,7 +62,7 @@ def _put_away(
         yield slot.stop()
         return [(name, False)]
     keep = frozenset() if coming is None else frozenset({coming})
-    room = scheduler.plan_room(view(), name, keep, asleep=True)
+    room = scheduler.plan_room(view(name), name, keep, asleep=True)
     if coming in room:
         yield slot.stop()
         return [(name, False)]

@@ -15,7 +15,7 @@ from typing import Any
 import attrs
 
 from llmswap import scheduler
-from llmswap.config import Config
+from llmswap.config import LOCAL, Config
 from llmswap.swap.queue import RequestQueue, Ticket
 from llmswap.swap.slot import Slot
 from llmswap.swap.state import ModelState
@@ -44,6 +44,20 @@ class ModelSnapshot:
     in_flight: int
     ttl: float | None  # idle seconds before it is unloaded (a keep_alive's, or its ttl)
     backend: Mapping[str, Any]  # the driver's facts: pid and log, or container and its state
+    host: str = LOCAL
+
+
+@attrs.frozen
+class HostSnapshot:
+    """A host: its engine, ``${HOST}``, budgets, instances, and why its engine did not answer
+    last (None: it did)."""
+
+    name: str
+    engine: str
+    address: str
+    devices: Mapping[str, float]
+    models: tuple[str, ...]
+    error: str | None
 
 
 @attrs.frozen
@@ -56,6 +70,7 @@ class Snapshot:
     in_flight: int
     queue: tuple[Waiter, ...]  # the oldest waiting requests, as many as asked for
     models: Mapping[str, ModelSnapshot]
+    hosts: Mapping[str, HostSnapshot] = attrs.field(factory=dict)
 
     def ready(self) -> list[str]:
         return [n for n, m in self.models.items() if m.state is ModelState.READY]
@@ -75,6 +90,28 @@ def take(
     listed: int,
 ) -> Snapshot:
     """The snapshot at ``now``, listing the ``listed`` oldest waiting requests."""
+    models = {
+        name: ModelSnapshot(
+            name=name,
+            state=slot.state,
+            error=slot.error,
+            since=slot.since,
+            last_used=slot.last_used,
+            last_load_seconds=slot.last_load_seconds,
+            waiting=queue.count(name),
+            in_flight=slot.in_flight,
+            ttl=slot.ttl,
+            backend=slot.backend.describe(),
+            host=slot.config.host,
+        )
+        for name, slot in slots.items()
+    }
+    hosts = {}
+    for name, host in config.hosts.items():
+        on = tuple(n for n, m in models.items() if m.host == name)
+        lost = (models[n].backend.get("engine_error") for n in on)
+        hosts[name] = HostSnapshot(name, host.docker.where, host.address, host.capacities(), on,
+                                   next((e for e in lost if e), None))  # fmt: skip
     return Snapshot(
         at=now,
         running=running,
@@ -86,27 +123,20 @@ def take(
             Waiter(t.model, t.key, round(now - t.enqueued, 3), t.priority, position)
             for position, t in enumerate(queue.oldest(listed), 1)
         ),
-        models={
-            name: ModelSnapshot(
-                name=name,
-                state=slot.state,
-                error=slot.error,
-                since=slot.since,
-                last_used=slot.last_used,
-                last_load_seconds=slot.last_load_seconds,
-                waiting=queue.count(name),
-                in_flight=slot.in_flight,
-                ttl=slot.ttl,
-                backend=slot.backend.describe(),
-            )
-            for name, slot in slots.items()
-        },
+        models=models,
+        hosts=hosts,
     )
 
 
 def policy_view(
-    slots: Mapping[str, Slot], queue: RequestQueue, config: Config, now: float, changing: bool
+    slots: Mapping[str, Slot],
+    queue: RequestQueue,
+    config: Config,
+    now: float,
+    changing: bool,
+    host: str,
 ) -> scheduler.View:
+    """The view of ``host``, whose ``slots`` these are."""
     models = {}
     sampled: list[Ticket] = []
     for name, slot in slots.items():
@@ -136,7 +166,7 @@ def policy_view(
         now=now,
         models=models,
         waiting=[scheduler.Waiting(t.seq, t.model, t.enqueued, t.priority) for t in sampled],
-        devices=config.capacities(),
+        devices=config.capacities(host),
         policy=config.scheduler,
         changing=changing,
         linger=config.linger,

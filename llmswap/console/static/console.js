@@ -120,6 +120,9 @@ function where(m) {
 function renderModels() {
   const rows = [];
   const used = {};
+  // With several hosts each row says which, and an engine that does not answer is shown.
+  const hosts = Object.entries(state.hosts || {});
+  const boxes = hosts.length > 1;
   for (const [name, m] of Object.entries(state.models)) {
     if (["starting", "ready", "draining", "stopping"].includes(m.state) && m.memory) used[m.device] = (used[m.device] || 0) + m.memory;
     // Asleep, it holds host memory on its sleep device instead of its device's.
@@ -131,7 +134,7 @@ function renderModels() {
     const resident = ["starting", "ready", "draining"].includes(m.state);
     rows.push(`<tr data-model="${esc(name)}"><td>${esc(name)}</td>
       <td><span class="state ${m.state}">${m.state}</span>${m.error ? `<div class="error">${esc(m.error)}</div>` : ""}</td>
-      <td>${where(m)}${m.memory ? ` on ${esc(m.device)}` : ""}</td><td>${load}</td><td>${m.waiting}</td><td>${m.in_flight}</td>
+      <td>${where(m)}${boxes ? ` on host ${esc(m.host)}` : ""}${m.memory ? ` on ${esc(m.device)}` : ""}</td><td>${load}</td><td>${m.waiting}</td><td>${m.in_flight}</td>
       <td>${expires}</td><td><button class="act" data-do="${resident ? "unload" : "load"}" data-model="${esc(name)}">${resident ? "Unload" : "Load"}</button></td></tr>`);
   }
   // Only when something shown changed: a row rebuilt between a press and a release eats the click.
@@ -141,7 +144,8 @@ function renderModels() {
     const share = Math.min(1, (used[device] || 0) / size);
     return `<div>${esc(device)} <span class="bar"><span style="width:${(share * 100).toFixed(1)}%"></span></span>
       ${((used[device] || 0) / 2 ** 30).toFixed(1)} of ${(size / 2 ** 30).toFixed(1)} GiB</div>`;
-  }).join("");
+  }).join("") + hosts.filter(([, h]) => h.error).map(([name, h]) =>
+    `<div class="error">host ${esc(name)}: ${esc(h.error)}</div>`).join("");
 }
 
 $("model-rows").addEventListener("click", async (event) => {

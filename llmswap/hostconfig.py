@@ -1,0 +1,228 @@
+"""Hosts: the boxes models run on, each a Docker engine with its own device budgets.
+
+The top-level ``docker:`` and ``devices:`` sections are this machine, the host named ``local``
+(a configuration without ``hosts:`` is exactly that one host, as before).  Each entry of
+``hosts:`` is one more box: its engine (``unix://``, ``ssh://``, or ``tcp://`` with TLS client
+certificates), the ``address`` that ``${HOST}`` expands to in a model's URLs, and its devices.
+
+A device's name is the host's own (``gpu0``); the policy, which sees every host at once, knows it
+as ``box2/gpu0`` so two boxes' ``gpu0`` are never one budget.  The local host's devices keep their
+bare names, so ``/health`` of a one-box configuration reads as it always did.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import attrs
+
+from llmswap.modelconfig import IMPLICIT_DEVICE, ModelConfig
+from llmswap.schema import DEVICE, DOCKER, DOCKER_TLS, HOST
+from llmswap.values import ConfigError, size
+
+LOCAL = "local"
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@attrs.frozen
+class DockerTLS:
+    """Client certificates for an engine that verifies them (``dockerd --tlsverify``)."""
+
+    ca: str
+    cert: str
+    key: str
+
+
+@attrs.frozen
+class DockerEngine:
+    """Where a host's Docker engine is: ``None`` means ``DOCKER_HOST`` or the local socket."""
+
+    base_url: str | None = DOCKER["base_url"].default
+    timeout: float = DOCKER["timeout"].default
+    stop_on_exit: bool = DOCKER["stop_on_exit"].default
+    tls: DockerTLS | None = None
+    insecure: bool = DOCKER["insecure"].default
+    host: str = LOCAL  # the host it is, named in its errors
+
+    @property
+    def where(self) -> str:
+        url = self.base_url or "DOCKER_HOST or the local socket"
+        return url if self.host == LOCAL else f"{url} (host {self.host})"
+
+    @property
+    def local(self) -> bool:
+        """Whether it runs on this machine: its processes and files are ours."""
+        return self.base_url is None or self.base_url.startswith("unix://")
+
+
+@attrs.frozen
+class Host:
+    """One box: its engine, the address its servers answer on, and its device budgets (bytes,
+    by the policy's qualified names)."""
+
+    name: str
+    docker: DockerEngine = DockerEngine()
+    address: str = HOST["address"].default
+    devices: Mapping[str, int] = attrs.field(factory=dict)
+
+    def device(self, name: str) -> str:
+        """A device of this host as the policy knows it."""
+        return name if self.name == LOCAL else f"{self.name}/{name}"
+
+    def capacities(self) -> dict[str, float]:
+        """Its budgets; without declared devices one implicit device: one model at a time."""
+        if not self.devices:
+            return {self.device(IMPLICIT_DEVICE): 1.0}
+        return {name: float(b) for name, b in self.devices.items()}
+
+
+def docker_engine(raw: Any, where: str, host: str = LOCAL) -> DockerEngine:
+    values = DOCKER.read_all(raw, where)
+    tls = values.pop("tls")
+    if tls is not None:
+        files = DOCKER_TLS.read_all(tls, f"{where}.tls")
+        for key, path in files.items():
+            if path is None or not os.path.isfile(path):
+                raise ConfigError(f"'{where}.tls.{key}' must name a PEM file, got {path!r}")
+        tls = DockerTLS(**files)
+    engine = DockerEngine(tls=tls, host=host, **values)
+    url = urlsplit(engine.base_url or "")
+    if url.scheme == "tcp" and tls is None and not engine.insecure:
+        if url.hostname not in _LOOPBACK:
+            raise ConfigError(
+                f"'{where}.base_url' {engine.base_url} is plain TCP to another box: that socket "
+                f"is root there, for anyone who reaches it. Give '{where}.tls' (the engine "
+                f"started with --tlsverify), use ssh://, or set '{where}.insecure: true'"
+            )
+    return engine
+
+
+def read_hosts(data: Mapping[str, Any]) -> dict[str, tuple[Host, Any]]:
+    """Every host with its devices not yet read: this machine first, then ``hosts:``."""
+    out = {LOCAL: (Host(LOCAL, docker_engine(data.get("docker"), "docker")), data.get("devices"))}
+    raw = data.get("hosts")
+    if raw is None:
+        return out
+    if not isinstance(raw, Mapping) or not raw:
+        raise ConfigError("'hosts' must map host names to {docker: {...}, address, devices}")
+    for name, spec in raw.items():
+        where = f"hosts.{name}"
+        if not isinstance(name, str) or not name or "/" in name or "@" in name:
+            raise ConfigError(f"host names are non-empty strings without '/' or '@', got {name!r}")
+        if name == LOCAL:
+            raise ConfigError(
+                f"'{where}': '{LOCAL}' is this machine, set by the top-level 'docker' and "
+                "'devices'; name the host otherwise"
+            )
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"'{where}' must be a mapping like {{docker: {{base_url: ...}}}}")
+        HOST.check_keys(spec, where)
+        if spec.get("docker") is None:
+            raise ConfigError(f"'{where}.docker' is required (its engine's base_url)")
+        engine = docker_engine(spec["docker"], f"{where}.docker", name)
+        address = HOST["address"].read(spec, where)
+        out[name] = (Host(name, engine, address), spec.get("devices"))
+    return out
+
+
+def placement(raw: Mapping[str, Any], where: str, hosts: Sequence[str]) -> tuple[str, ...]:
+    """The hosts a model may run on, from its ``host`` or ``hosts``."""
+    one, several = raw.get("host"), raw.get("hosts")
+    if one is not None and several is not None:
+        raise ConfigError(f"'{where}' has both 'host' and 'hosts': give one")
+    if several is not None:
+        if not isinstance(several, list) or not several or len(set(several)) != len(several):
+            raise ConfigError(f"'{where}.hosts' must list distinct host names")
+        names = tuple(several)
+    else:
+        names = (LOCAL,) if one is None else (one,)
+    for name in names:
+        if name not in hosts:
+            raise ConfigError(f"'{where}' names unknown host {name!r}; hosts: {', '.join(hosts)}")
+    if raw.get("remote") is not None and names != (LOCAL,):
+        raise ConfigError(f"'{where}': a remote model runs on no host of ours; drop 'host'")
+    return names
+
+
+def budgets(
+    host: Host, raw: Any, instances: dict[str, ModelConfig]
+) -> tuple[Host, dict[str, ModelConfig]]:
+    """The host with its devices read, and its model instances with their devices qualified;
+    every model must fit its device on its own."""
+    where = "devices" if host.name == LOCAL else f"hosts.{host.name}.devices"
+    for m in instances.values():
+        if m.kind == "process" and not host.docker.local:
+            raise ConfigError(
+                f"'models.{m.name}' has a 'cmd', which runs on this machine, but its host "
+                f"'{host.name}' is a remote engine ({host.docker.base_url}): run it in a "
+                "container there"
+            )
+    devices = _devices(raw, instances, where)
+    qualified = {n: attrs.evolve(m, device=host.device(m.device)) for n, m in instances.items()}
+    for n, m in qualified.items():
+        if m.sleep is not None and m.sleep.device is not None:
+            sleep = attrs.evolve(m.sleep, device=host.device(m.sleep.device))
+            qualified[n] = attrs.evolve(m, sleep=sleep)
+    return attrs.evolve(host, devices={host.device(d): b for d, b in devices.items()}), qualified
+
+
+def _devices(raw: Any, models: dict[str, ModelConfig], where: str) -> dict[str, int]:
+    """Validate memory budgets (each model's device resolved in ``models``)."""
+    if raw is None:
+        for m in models.values():
+            if m.memory is not None or m.device != IMPLICIT_DEVICE:
+                raise ConfigError(
+                    f"'models.{m.name}' declares 'memory'/'device' but no '{where}' are "
+                    "declared (e.g. devices: {gpu0: {memory: 24GiB}})"
+                )
+            if m.sleep is not None and m.sleep.memory is not None:
+                raise ConfigError(
+                    f"'models.{m.name}.sleep.memory' is counted on a device, but no '{where}' "
+                    "are declared (e.g. devices: {gpu0: {memory: 24GiB}, ram: {memory: 64GiB}})"
+                )
+        return {}
+    if not isinstance(raw, Mapping) or not raw:
+        raise ConfigError(f"'{where}' must map device names to {{memory: SIZE}}")
+    devices: dict[str, int] = {}
+    for name, spec in raw.items():
+        if not isinstance(spec, Mapping):
+            raise ConfigError(f"'{where}.{name}' must be a mapping like {{memory: 24GiB}}")
+        DEVICE.check_keys(spec, f"{where}.{name}")
+        if "memory" not in spec:
+            raise ConfigError(f"'{where}.{name}.memory' is required (e.g. 24GiB)")
+        devices[str(name)] = size(spec["memory"], f"{where}.{name}.memory")
+    # Devices that only count sleepers (host memory) are never a model's default device.
+    sleepers = {m.sleep.device for m in models.values() if m.sleep is not None and m.sleep.device}
+    runnable = [d for d in devices if d not in sleepers] or list(devices)
+    only = runnable[0] if len(runnable) == 1 else None
+    for name, m in list(models.items()):
+        if m.remote is not None:
+            continue
+        if m.sleep is not None and m.sleep.device is not None:
+            _fits(f"models.{m.name}.sleep", m.sleep.memory, m.sleep.device, devices)
+        device = m.device
+        if device == IMPLICIT_DEVICE:
+            if only is None:
+                raise ConfigError(
+                    f"'models.{m.name}.device' is required when several devices are declared "
+                    f"({', '.join(runnable)})"
+                )
+            device = only
+        _fits(f"models.{m.name}", m.memory, device, devices)
+        models[name] = attrs.evolve(m, device=device)
+    return devices
+
+
+def _fits(where: str, memory: int | None, device: str, devices: Mapping[str, int]) -> None:
+    if device not in devices:
+        raise ConfigError(
+            f"'{where}.device' names unknown device {device!r}; declared: {', '.join(devices)}"
+        )
+    if memory is not None and memory > devices[device]:
+        raise ConfigError(
+            f"'{where}.memory' ({memory / 2**30:.1f} GiB) exceeds device "
+            f"'{device}' ({devices[device] / 2**30:.1f} GiB): it can never be loaded"
+        )
