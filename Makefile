@@ -20,8 +20,9 @@ venv: $(STAMP)
 # native one from a plain `pip install` (or other LLAMA_CMAKE_ARGS) is never reused.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 LLAMA_PIP_CACHE ?= $(HOME)/.cache/llmswap/pip-$(shell printf '%s' '$(LLAMA_CMAKE_ARGS)' | md5sum | cut -c1-8)
-PIP_PROGRESS := grep --line-buffered -E '^\s*\[ *[0-9]+%\]|^Collecting|^Building wheel|^Successfully|ERROR|error:' \
-	| sed -u 's/^/   /'
+# (grep finds nothing when all is installed already: that is not a failure.)
+PIP_PROGRESS := { grep --line-buffered -E '^\s*\[ *[0-9]+%\]|^Collecting|^Building wheel|^Successfully|ERROR|error:' \
+	|| true; } | sed -u 's/^/   /'
 
 $(STAMP): setup.cfg pyproject.toml
 	@echo ">> Creating $(VENV) and installing llmswap with its test and llama.cpp extras."

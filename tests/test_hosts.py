@@ -162,7 +162,7 @@ class TwoBoxesTests(HostsTestCase):
         listed = yield self.in_thread(d.client().models.list)
         self.assertEqual(sorted(m.id for m in listed.data), ["a", "g"])
         ps = yield self.in_thread(get_json, d.url + "/api/ps")  # Ollama's loaded models
-        self.assertEqual(sorted(m["name"] for m in ps["models"]), ["a", "g"])
+        self.assertEqual(sorted(m["name"] for m in ps["models"]), ["a:latest", "g:latest"])
 
 
 class EngineFaultTests(HostsTestCase):

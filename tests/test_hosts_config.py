@@ -159,3 +159,20 @@ class HostsOnAClockTests(unittest.TestCase):
         self.assertEqual(console["models"]["g@box1"]["host"], "box1")
         self.assertEqual(console["hosts"]["box1"], {"engine": "unix:///run/box1.sock (host box1)",
                                                     "error": None})  # fmt: skip
+
+    def test_a_reload_that_drops_a_host_stops_its_models_and_the_rest_serve_on(self) -> None:
+        self.successResultOf(self.manager.acquire("c")).release()
+        cmd = {"cmd": "x", "backend_url": "http://${MODEL_ID}-${HOST}:1/v1", "startup_timeout": 60}
+        new = parse({
+            "hosts": {"box1": {"docker": {"base_url": "unix:///run/box1.sock"}, "address": "box1"}},
+            "models": {"a": {**cmd, "host": "box1"}, "b": {**cmd, "host": "box1"},
+                       "g": {**cmd, "host": "box1"}},
+            "linger": 0,
+        })  # fmt: skip
+        fresh = {"g": MemoryBackend("g", self.events)}
+        summary = self.successResultOf(self.manager.reconfigure(new, fresh))
+        self.assertEqual(summary, {"added": ["g"], "removed": ["c", "g@box1", "g@box2"],
+                                   "changed": []})  # fmt: skip
+        self.assertEqual(self.events, ["start c", "stop c"])
+        self.successResultOf(self.manager.acquire("a")).release()
+        self.assertEqual(list(health.document(self.manager.snapshot())["hosts"]), ["local", "box1"])

@@ -88,9 +88,11 @@ class DockerClientProvider:
                     client.api = _OwnCA(base_url=self.engine.base_url, tls=config,
                                         timeout=int(self.engine.timeout))  # fmt: skip
                 elif self.engine.base_url:
-                    client = docker.DockerClient(
-                        base_url=self.engine.base_url, timeout=int(self.engine.timeout)
-                    )
+                    # ssh:// through the system's ssh (its keys and config, as the docker CLI),
+                    # not paramiko, which llmswap does not install.
+                    ssh = self.engine.base_url.startswith("ssh://")
+                    client = docker.DockerClient(base_url=self.engine.base_url, use_ssh_client=ssh,
+                                                 timeout=int(self.engine.timeout))  # fmt: skip
                 else:
                     client = docker.from_env(timeout=int(self.engine.timeout))
                 client.ping()

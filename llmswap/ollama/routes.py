@@ -302,7 +302,8 @@ class OllamaRoutes:
 
     def _listed(self, cfg: ModelConfig) -> dict[str, Any]:
         name = translate.tagged(cfg.name)
-        _, memory = self._manager.config.footprint(cfg.name)
+        config = self._manager.config
+        _, memory = config.footprint(config.placements[cfg.name][0])  # on several hosts: alike
         size = cfg.memory or (int(memory) if memory > 1 else 0)
         return {
             "name": name,

@@ -380,10 +380,10 @@ class SwapManager(Service):
             self._queue.reject(name, errors.model_not_found(name, list(config.models)))
             del self._slots[name]
         self.config = config
-        for name in changed + added:
-            self._slots[name] = self._slot(name, fresh[name])
         # Held lanes are let go by the change's end, kept or not.
         self._lanes = {h: self._lanes.get(h) or Lane(h, self._dispatch) for h in config.hosts}
+        for name in changed + added:
+            self._slots[name] = self._slot(name, fresh[name])
         self._queue.retime()  # the new request_timeout applies to who waits now
         summary = {"added": added, "removed": removed, "changed": changed}
         said = ", ".join(f"{k} {', '.join(v) or 'none'}" for k, v in summary.items())
