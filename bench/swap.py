@@ -43,7 +43,9 @@ from bench.harness import PYTHON, ROOT, free_port, get, llmswap, post, save
 
 
 class Poller(threading.Thread):
-    """Records when each watched condition first holds after ``arm()``."""
+    """Records when each watched condition first holds after ``arm()``, in order: a stage is
+    recorded only once the ones before it were (llmswap may see its backend healthy between
+    this poller's own two checks, which would put "ready" before "healthy")."""
 
     def __init__(self, interval: float, checks: dict[str, Any]) -> None:
         super().__init__(daemon=True)
@@ -61,8 +63,11 @@ class Poller(threading.Thread):
         while not self.stop.is_set():
             if self.armed.is_set():
                 for name, check in self.checks.items():
-                    if name not in self.seen and check():
-                        self.seen[name] = time.monotonic()
+                    if name in self.seen:
+                        continue
+                    if not check():
+                        break
+                    self.seen[name] = time.monotonic()
             time.sleep(self.interval)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
@@ -130,7 +131,8 @@ class HostsOnAClockTests(unittest.TestCase):
         # MemoryHTTP answers by the URL's host name: model-box.
         by_url = {n.replace("@", "-") if "@" in n else f"{n}-{m.host}": self.backends[n]
                   for n, m in config.instances.items()}  # fmt: skip
-        self.manager = SwapManager(config, self.backends, MemoryHTTP(by_url), self.clock)
+        self.http = MemoryHTTP(by_url)
+        self.manager = SwapManager(config, self.backends, self.http, self.clock)
         self.manager.startService()
         self.addCleanup(self.manager.stopService)
 
@@ -176,3 +178,18 @@ class HostsOnAClockTests(unittest.TestCase):
         self.assertEqual(self.events, ["start c", "stop c"])
         self.successResultOf(self.manager.acquire("a")).release()
         self.assertEqual(list(health.document(self.manager.snapshot())["hosts"]), ["local", "box1"])
+
+    def test_a_host_whose_engine_hangs_at_start_up_holds_no_other_host(self) -> None:
+        self.manager.stopService()
+        hung: Deferred[bool] = Deferred()
+        self.backends["c"].adopt = lambda: hung  # type: ignore[method-assign]
+        manager = SwapManager(self.manager.config, self.backends, self.http, self.clock)
+        manager.startService()
+        self.addCleanup(manager.stopService)
+        lease = self.successResultOf(manager.acquire("a"))  # box1 reconciled and serves
+        lease.release()
+        waiting = manager.acquire("c")  # box2 is still being reconciled
+        self.assertNoResult(waiting)
+        hung.callback(False)
+        self.successResultOf(waiting).release()
+        self.assertEqual(self.events, ["start a", "start c"])
