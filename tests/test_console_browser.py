@@ -22,7 +22,7 @@ from twisted.internet.defer import inlineCallbacks
 from tests.fakebackend import live_processes
 from tests.support import wait_for
 from tests.test_console import ADMIN
-from tests.test_daemon import DaemonTestCase
+from tests.test_daemon import HI, DaemonTestCase
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 WAIT = 20  # seconds a browser step may take at most
@@ -202,6 +202,25 @@ class ConsoleBrowserTests(DaemonTestCase):
     def chat_with_key(self, model: str) -> Any:
         headers = {"Authorization": [f"Bearer {ADMIN}"]}
         return self.post("/v1/chat/completions", {"model": model}, headers=headers)
+
+    @inlineCallbacks
+    def test_hosts_each_row_names_its_box_and_an_engine_that_does_not_answer_is_shown(
+        self,
+    ) -> Any:
+        away = "unix:///nonexistent/box2.sock"
+        hosts = {"box1": {"docker": {"base_url": "unix:///run/box1.sock"}},
+                 "box2": {"docker": {"base_url": away}}}  # fmt: skip
+        ghost = {"container_name": "ghost", "backend_url": "http://${HOST}:9/v1", "host": "box2"}
+        self.start({"chat": {**self.fake("chat"), "host": "box1"}, "ghost": ghost}, hosts=hosts)
+        yield self.chat("chat")
+        failed = self.post("/v1/chat/completions", {"model": "ghost", "messages": HI})
+        self.assertEqual((yield failed).code, 503)  # box2's engine is not there
+        self.driver = yield self.in_thread(chromium)
+        yield self.browse(lambda d: d.get(self.daemon.url + "/ui/"))
+        yield self.until(lambda d: "on host box1" in self.cell("chat", 2)(d))
+        self.assertIn("on host box2", (yield self.browse(self.cell("ghost", 2))))
+        shown = yield self.until(lambda d: d.find_element(By.ID, "budgets").text)
+        self.assertIn(f"host box2: Cannot reach the Docker engine at {away} (host box2)", shown)
 
 
 if not os.path.exists("/usr/bin/chromedriver"):  # `make test` installs it (browser-up.sh)

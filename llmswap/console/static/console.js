@@ -120,7 +120,8 @@ function where(m) {
 function renderModels() {
   const rows = [];
   const used = {};
-  // With several hosts each row says which, and an engine that does not answer is shown.
+  // With several hosts each row says which (a device's name says it already), and an engine
+  // that does not answer is shown.
   const hosts = Object.entries(state.hosts || {});
   const boxes = hosts.length > 1;
   for (const [name, m] of Object.entries(state.models)) {
@@ -134,7 +135,7 @@ function renderModels() {
     const resident = ["starting", "ready", "draining"].includes(m.state);
     rows.push(`<tr data-model="${esc(name)}"><td>${esc(name)}</td>
       <td><span class="state ${m.state}">${m.state}</span>${m.error ? `<div class="error">${esc(m.error)}</div>` : ""}</td>
-      <td>${where(m)}${boxes ? ` on host ${esc(m.host)}` : ""}${m.memory ? ` on ${esc(m.device)}` : ""}</td><td>${load}</td><td>${m.waiting}</td><td>${m.in_flight}</td>
+      <td>${where(m)}${m.memory ? ` on ${esc(m.device)}` : boxes ? ` on host ${esc(m.host)}` : ""}</td><td>${load}</td><td>${m.waiting}</td><td>${m.in_flight}</td>
       <td>${expires}</td><td><button class="act" data-do="${resident ? "unload" : "load"}" data-model="${esc(name)}">${resident ? "Unload" : "Load"}</button></td></tr>`);
   }
   // Only when something shown changed: a row rebuilt between a press and a release eats the click.
