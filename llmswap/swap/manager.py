@@ -33,7 +33,7 @@ from llmswap.prefetch import Prefetcher, Residency
 from llmswap.swap import lane, room, snapshot
 from llmswap.swap.lane import Lane
 from llmswap.swap.queue import Lease, RequestQueue, Ticket
-from llmswap.swap.reconcile import start_up
+from llmswap.swap.reconcile import start_up, stop_strays
 from llmswap.swap.slot import Slot
 from llmswap.swap.snapshot import Snapshot
 from llmswap.swap.state import ModelState
@@ -384,6 +384,7 @@ class SwapManager(Service):
         self._lanes = {h: self._lanes.get(h) or Lane(h, self._dispatch) for h in config.hosts}
         for name in changed + added:
             self._slots[name] = self._slot(name, fresh[name])
+        yield stop_strays([self._slots[n] for n in changed + added])
         self._queue.retime()  # the new request_timeout applies to who waits now
         summary = {"added": added, "removed": removed, "changed": changed}
         said = ", ".join(f"{k} {', '.join(v) or 'none'}" for k, v in summary.items())

@@ -1,4 +1,4 @@
-"""Start-up: reconciliation, then preload.
+"""Start-up: reconciliation, then preload; after a reload, the new backends' strays.
 
 Reconciliation restores the memory budget over backends an earlier daemon left running.
 
@@ -78,3 +78,19 @@ def reconcile(config: Config, slots: Mapping[str, Slot], http: Any, clock: IReac
         slot.adopted(asleep)
         log.info("start-up: adopted {model} as {state}", model=slot.name, state=slot.state)
     return None
+
+
+@inlineCallbacks
+def stop_strays(slots: list[Slot]) -> Any:
+    """A reload's new backends: one already running (its container started by hand, or left by
+    the model's old settings) is stopped, never adopted: other models are loaded now, and what it
+    holds is not counted anywhere."""
+    for slot in slots:
+        try:
+            running = yield slot.backend.adopt()
+        except Exception as e:
+            log.error("model {model}: cannot inspect after the reload: {e}", model=slot.name, e=e)
+            continue
+        if running:
+            log.info("reload: stopping {model}, found running", model=slot.name)
+            yield slot.stop()
