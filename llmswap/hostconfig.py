@@ -19,11 +19,10 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from llmswap.modelconfig import IMPLICIT_DEVICE, ModelConfig
+from llmswap.modelconfig import IMPLICIT_DEVICE, LOCAL, ModelConfig
 from llmswap.schema import DEVICE, DOCKER, DOCKER_TLS, HOST
 from llmswap.values import ConfigError, size
 
-LOCAL = "local"
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
