@@ -66,7 +66,6 @@ class Config:
     max_body_bytes: int = G["max_body_bytes"].default
     max_upload_bytes: int = G["max_upload_bytes"].default
     log_dir: str | None = None
-    docker: DockerEngine = attrs.field(factory=DockerEngine)
     console: Console = Console()
     scheduler: str = G["scheduler"].default
     priority_header: str | None = None
@@ -74,8 +73,6 @@ class Config:
     linger: float = G["linger"].default
     linger_bound: bool = G["linger_bound"].default
     preload: tuple[str, ...] = ()
-    # Device name -> memory budget in bytes; empty means one implicit device, one model.
-    devices: Mapping[str, int] = attrs.field(factory=dict)
     auth: Auth | None = None
     access_log: bool = G["access_log"].default
     prefetch_reserve: int = G["prefetch_reserve"].default
@@ -85,12 +82,9 @@ class Config:
     # Alias -> the model it names.
     aliases: Mapping[str, str] = attrs.field(factory=dict)
     source: str = "<built-in>"
-    # This machine (``local``) and the boxes of ``hosts:``.
-    hosts: Mapping[str, Host] = attrs.field(
-        default=attrs.Factory(
-            lambda c: {LOCAL: Host(LOCAL, c.docker, devices=c.devices)}, takes_self=True
-        )
-    )
+    # This machine (``local``: the top-level ``docker`` and ``devices``) and the boxes of
+    # ``hosts:``.
+    hosts: Mapping[str, Host] = attrs.field(factory=lambda: {LOCAL: Host(LOCAL)})
     # What the swap manager runs, by slot name: each model, or of a model that may run on
     # several hosts, one instance per host (``gemma@box2``), its URLs and devices that host's.
     instances: Mapping[str, ModelConfig] = attrs.field(
@@ -100,6 +94,16 @@ class Config:
     placements: Mapping[str, tuple[str, ...]] = attrs.field(
         default=attrs.Factory(lambda c: {n: (n,) for n in c.models}, takes_self=True)
     )
+
+    @property
+    def docker(self) -> DockerEngine:
+        """This machine's engine."""
+        return self.hosts[LOCAL].docker
+
+    @property
+    def devices(self) -> Mapping[str, int]:
+        """This machine's device budgets in bytes; empty: one implicit device, one model."""
+        return self.hosts[LOCAL].devices
 
     def resolve(self, name: str) -> str | None:
         """The model a request's ``name`` (a model's or an alias) means; None: no such."""
@@ -181,7 +185,6 @@ def parse(
         max_body_bytes=G["max_body_bytes"].read(data, ""),
         max_upload_bytes=G["max_upload_bytes"].read(data, ""),
         log_dir=G["log_dir"].read(data, ""),
-        docker=hosts[LOCAL].docker,
         console=Console(**CONSOLE.read_all(data.get("console"), "console")),
         scheduler=G["scheduler"].read(data, ""),
         priority_header=G["priority_header"].read(data, ""),
@@ -189,7 +192,6 @@ def parse(
         linger=G["linger"].read(data, ""),
         linger_bound=G["linger_bound"].read(data, ""),
         preload=preload,
-        devices=hosts[LOCAL].devices,
         auth=parse_auth(data.get("auth"), models),
         access_log=G["access_log"].read(data, ""),
         prefetch_reserve=G["prefetch_reserve"].read(data, ""),
