@@ -197,9 +197,11 @@ class Prefetcher(Service):
             return
         self._cancelled.set()
         self._model = None
+        if model is None or not self.running:
+            return
         config = self._config()
         ours = _here(config)
-        if model is None or not self.running or model not in ours or not ours[model].prefetch:
+        if model not in ours or not ours[model].prefetch:
             return
         spared = [ours[n] for n in loaded if n in ours]
         self._model, self._cancelled = model, threading.Event()

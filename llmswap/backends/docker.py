@@ -88,8 +88,8 @@ class DockerClientProvider:
                     client.api = _OwnCA(base_url=self.engine.base_url, tls=config,
                                         timeout=int(self.engine.timeout))  # fmt: skip
                 elif self.engine.base_url:
-                    # ssh:// through the system's ssh (its keys and config, as the docker CLI),
-                    # not paramiko, which llmswap does not install.
+                    # ssh:// through the system's ssh (its keys and config, as the docker CLI
+                    # does); the SDK still needs its ssh extra (paramiko) to open ssh:// at all.
                     ssh = self.engine.base_url.startswith("ssh://")
                     client = docker.DockerClient(base_url=self.engine.base_url, use_ssh_client=ssh,
                                                  timeout=int(self.engine.timeout))  # fmt: skip
