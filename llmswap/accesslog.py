@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import ILogObserver, LogEvent, Logger, globalLogPublisher
 from zope.interface import implementer
 
+from llmswap.errors import printable
 from llmswap.events import EventBus, RequestEnded
 
 # Seconds.  Batches of about 15 lines at 1,500 requests/s already cost what a longer delay's
@@ -63,7 +64,8 @@ class AccessLog(Service):
         # model name is the client's text), so the log observer has no field to look up; the
         # fields stay in the event for structured (JSON) observers.
         line = (
-            f"{e.method} {e.path} model={e.model} key={e.key} stream={e.stream} "
+            f"{printable(e.method)} {printable(e.path)} model={printable(e.model)} key={e.key} "
+            f"stream={e.stream} "
             f"status={e.status} queue_wait={e.queue_wait or 0.0:.3f}s duration={e.duration:.3f}s"
         )
         self.logger.info(

@@ -134,7 +134,7 @@ def check_size(upload: BinaryIO, max_bytes: int) -> None:
     """413 for an uploaded body (a file) over ``max_bytes``."""
     upload.seek(0, os.SEEK_END)
     if upload.tell() > max_bytes:
-        raise errors.too_large(upload.tell(), max_bytes)
+        raise errors.too_large(upload.tell(), max_bytes, "max_upload_bytes")
 
 
 def form_model(request: IRequest, upload: BinaryIO, max_bytes: int) -> str:

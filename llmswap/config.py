@@ -35,7 +35,7 @@ from llmswap.modelconfig import (
     server_root,
 )
 from llmswap.schema import CONSOLE, GLOBAL
-from llmswap.values import ConfigError, known_model
+from llmswap.values import ConfigError, known_model, names
 
 __all__ = [
     "IMPLICIT_DEVICE", "LOCAL", "Config", "ConfigError", "DockerEngine", "Host", "ModelConfig",
@@ -43,6 +43,10 @@ __all__ = [
 ]  # fmt: skip
 G = GLOBAL
 REMOTE_DEVICE = "remote"
+# What the Docker SDK reads from the environment (docker.from_env), and systemd's directory of
+# credentials (where key files may live).
+DOCKER_ENV = ("DOCKER_HOST", "DOCKER_TLS_VERIFY", "DOCKER_CERT_PATH", "DOCKER_CONFIG",
+              "DOCKER_CONTEXT", "CREDENTIALS_DIRECTORY")  # fmt: skip
 
 
 @attrs.frozen
@@ -50,6 +54,8 @@ class Console:
     """The web console: who may use it without keys, and how much it remembers."""
 
     open: bool = CONSOLE["open"].default
+    hosts: tuple[str, ...] = ()
+    unix_is_loopback: bool = CONSOLE["unix_is_loopback"].default
     activity: int = CONSOLE["activity"].default
     history: str | None = None
     history_days: float = CONSOLE["history_days"].default
@@ -65,6 +71,9 @@ class Config:
     health_interval: float = G["health_interval"].default
     max_body_bytes: int = G["max_body_bytes"].default
     max_upload_bytes: int = G["max_upload_bytes"].default
+    idle_timeout: float = G["idle_timeout"].default
+    max_connections: int = G["max_connections"].default
+    pass_env: tuple[str, ...] = ()
     log_dir: str | None = None
     console: Console = Console()
     scheduler: str = G["scheduler"].default
@@ -108,6 +117,18 @@ class Config:
     def resolve(self, name: str) -> str | None:
         """The model a request's ``name`` (a model's or an alias) means; None: no such."""
         return name if name in self.models else self.aliases.get(name)
+
+    @property
+    def hidden_env(self) -> frozenset[str]:
+        """Variables of llmswap's environment that hold its secrets or steer its engines:
+        backends do not inherit them, unless ``pass_env`` names them."""
+        names = set(DOCKER_ENV)
+        if self.auth is not None:
+            names.update(k.env for k in self.auth.keys if k.env)
+        for m in self.models.values():
+            if m.remote is not None and m.remote.key_env:
+                names.add(m.remote.key_env)
+        return frozenset(names - set(self.pass_env))
 
     @property
     def ports(self) -> dict[str, int]:
@@ -184,8 +205,11 @@ def parse(
         health_interval=G["health_interval"].read(data, ""),
         max_body_bytes=G["max_body_bytes"].read(data, ""),
         max_upload_bytes=G["max_upload_bytes"].read(data, ""),
+        idle_timeout=G["idle_timeout"].read(data, ""),
+        max_connections=G["max_connections"].read(data, ""),
+        pass_env=names(data.get("pass_env"), "pass_env"),
         log_dir=G["log_dir"].read(data, ""),
-        console=Console(**CONSOLE.read_all(data.get("console"), "console")),
+        console=_console(data.get("console")),
         scheduler=G["scheduler"].read(data, ""),
         priority_header=G["priority_header"].read(data, ""),
         keepalive_interval=G["keepalive_interval"].read(data, ""),
@@ -243,6 +267,12 @@ def _place(
         first = instances[keys[0]]
         models[name] = attrs.evolve(first, name=name, hosts=tuple(names[k][1] for k in keys))
     return hosts, models, instances, placements
+
+
+def _console(raw: Any) -> Console:
+    values = CONSOLE.read_all(raw, "console")
+    values["hosts"] = tuple(h.lower() for h in names(values["hosts"] or None, "console.hosts"))
+    return Console(**values)
 
 
 def _preload(raw: Any, models: Mapping[str, ModelConfig]) -> tuple[str, ...]:

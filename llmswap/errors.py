@@ -23,10 +23,22 @@ QUOTE_LIMIT = 200
 
 
 def quote(text: str, limit: int = QUOTE_LIMIT) -> str:
-    """Client text as an error message may show it: at most ``limit`` characters."""
+    """Client text as an error message (or a log line) may show it: at most ``limit``
+    characters, control characters escaped."""
     if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... ({len(text)} characters)"
+        return printable(text)
+    return f"{printable(text[:limit])}... ({len(text)} characters)"
+
+
+# Line breaks and other control characters, as Python escapes them: client text in a log line
+# cannot start a line of its own (a forged entry) or move a terminal's cursor.
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F, 0x85)} | {
+    0x2028: "\\u2028", 0x2029: "\\u2029", 0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}  # fmt: skip
+
+
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped."""
+    return text if text.isprintable() else text.translate(_CONTROLS)
 
 
 @attrs.define(eq=False)
@@ -63,6 +75,10 @@ def render(request: IRequest, err: APIError) -> bytes:
 def render_ollama(request: IRequest, err: APIError) -> bytes:
     """The same in Ollama's shape, ``{"error": "..."}``, which its clients raise."""
     _status(request, err)
+    return ollama_body(err)
+
+
+def ollama_body(err: APIError) -> bytes:
     return json.dumps({"error": err.message}).encode()
 
 
@@ -77,6 +93,10 @@ _ANTHROPIC_TYPES = {
 def render_anthropic(request: IRequest, err: APIError) -> bytes:
     """The same in Anthropic's shape, ``{"type": "error", "error": {"type", "message"}}``."""
     _status(request, err)
+    return anthropic_body(err)
+
+
+def anthropic_body(err: APIError) -> bytes:
     kind = _ANTHROPIC_TYPES.get(err.status, "api_error")
     return json.dumps({"type": "error", "error": {"type": kind, "message": err.message}}).encode()
 
@@ -103,8 +123,10 @@ def bad_request(message: str, code: str = "invalid_request", param: str | None =
     return _client(400, message, code, param=param)
 
 
-def too_large(size: int, limit: int) -> APIError:
-    message = f"Request body of {size} bytes exceeds the limit of {limit} bytes (max_body_bytes)"
+def too_large(size: int | None, limit: int, setting: str = "max_body_bytes") -> APIError:
+    """``size`` None: a chunked body, cut where it passed the limit."""
+    what = f"Request body of {size} bytes" if size is not None else "Request body"
+    message = f"{what} exceeds the limit of {limit} bytes ({setting})"
     return _client(413, message, "request_too_large")
 
 
@@ -159,8 +181,26 @@ def unauthorized(message: str) -> APIError:
     return _client(401, message, "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
-def admin_required(key: str) -> APIError:
-    return _client(403, f"API key '{key}' may not use admin endpoints", "admin_required")
+def forbidden(key: str, what: str, code: str) -> APIError:
+    return _client(403, f"API key '{key}' {what}", code)
+
+
+def foreign_host(host: str) -> APIError:
+    message = (
+        f"Host '{host}' is not one of this daemon's names: without auth, the console, the logs "
+        "and the /admin/ routes answer to loopback names, IP addresses and console.hosts"
+    )
+    return _client(403, message, "foreign_host")
+
+
+def foreign_origin(origin: str) -> APIError:
+    message = f"A page of another origin ({origin}) may not use the console or the /admin/ routes"
+    return _client(403, message, "cross_site_request")
+
+
+def management_route(path: str) -> APIError:
+    message = f"'{quote(path)}' manages the backend itself: only admin keys may use it"
+    return _client(403, message, "management_route")
 
 
 def not_local() -> APIError:

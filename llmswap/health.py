@@ -1,7 +1,9 @@
 """The ``GET /health`` document, from a snapshot.
 
 Its first keys are the original proxy's (``status``, ``current_model``, ``queue_size``,
-``message``), which users' monitoring reads; the rest say what every model is doing.
+``message``), which users' monitoring reads; the rest say what every model is doing.  Without
+``details`` (anyone but an admin, unless ``auth.open_health: full``) it shows states and counts
+only: no pids, paths, URLs, engine addresses or backend output, which may hold users' prompts.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from llmswap.swap.state import ModelState
 QUEUE_SHOWN = 100
 
 
-def document(snap: Snapshot, files: Mapping[str, Residency] | None = None) -> dict[str, Any]:
+def document(
+    snap: Snapshot, files: Mapping[str, Residency] | None = None, details: bool = True
+) -> dict[str, Any]:
     """``files``: how much of each model's weight files is in the page cache."""
     files = files or {}
     ready = snap.ready()
@@ -46,19 +50,17 @@ def document(snap: Snapshot, files: Mapping[str, Residency] | None = None) -> di
                 "waiting": m.waiting,
                 "in_flight": m.in_flight,
                 "host": m.host,
-                **m.backend,
+                **(m.backend if details else {}),
                 **_files(files.get(name)),
             }
             for name, m in snap.models.items()
         },
         "hosts": {
             name: {
-                "engine": h.engine,
-                "address": h.address,
                 "reachable": h.error is None,
-                "error": h.error,
                 "devices": h.devices,
                 "models": list(h.models),
+                **({"engine": h.engine, "address": h.address, "error": h.error} if details else {}),
             }
             for name, h in snap.hosts.items()
         },

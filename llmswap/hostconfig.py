@@ -88,15 +88,27 @@ def docker_engine(raw: Any, where: str, host: str = LOCAL) -> DockerEngine:
                 raise ConfigError(f"'{where}.tls.{key}' must name a PEM file, got {path!r}")
         tls = DockerTLS(**files)
     engine = DockerEngine(tls=tls, host=host, **values)
-    url = urlsplit(engine.base_url or "")
-    if url.scheme == "tcp" and tls is None and not engine.insecure:
-        if url.hostname not in _LOOPBACK:
-            raise ConfigError(
-                f"'{where}.base_url' {engine.base_url} is plain TCP to another box: that socket "
-                f"is root there, for anyone who reaches it. Give '{where}.tls' (the engine "
-                f"started with --tlsverify), use ssh://, or set '{where}.insecure: true'"
-            )
+    given = engine.base_url or os.environ.get("DOCKER_HOST", "")
+    from_env = engine.base_url is None
+    if not engine.insecure and tls is None and _plain_tcp(given, from_env):
+        origin = f"'{where}.base_url' {given}" if not from_env else f"DOCKER_HOST {given}"
+        raise ConfigError(
+            f"{origin} is plain TCP to another box: that socket is root there, for anyone who "
+            f"reaches it. Give '{where}.tls' (the engine started with --tlsverify), use "
+            f"ssh://, or set '{where}.insecure: true'"
+        )
     return engine
+
+
+def _plain_tcp(address: str, from_env: bool) -> bool:
+    """Whether the Docker SDK would reach ``address`` over plain TCP beyond loopback: what it
+    takes for TCP (``tcp://``, ``http://``, a bare ``host:port``) without TLS."""
+    if not address or address.startswith(("unix://", "npipe://", "ssh://", "https://", "/")):
+        return False
+    if from_env and os.environ.get("DOCKER_TLS_VERIFY"):  # docker.from_env speaks TLS then
+        return False
+    url = urlsplit(address if "://" in address else f"tcp://{address}")
+    return url.scheme in ("tcp", "http") and url.hostname not in _LOOPBACK
 
 
 def read_hosts(data: Mapping[str, Any]) -> dict[str, tuple[Host, Any]]:

@@ -47,10 +47,12 @@ class IBackend(Interface):
         """Call ``callback(reason)`` when the server exits without being asked to stop."""
 
     def describe() -> dict[str, Any]:
-        """Driver-specific facts for ``GET /health`` (pid, container state, last exit...)."""
+        """Driver-specific facts for admins' ``GET /health`` (pid, container state, last exit,
+        its last output lines...)."""
 
     def failure_detail() -> str:
-        """A short human explanation of why the server last died (exit code, log tail)."""
+        """A short human explanation of why the server last died (its exit code; never its
+        output, which may hold users' prompts: clients see this)."""
 
     def output(lines: int) -> Deferred[list[str]]:
         """The last ``lines`` lines the server printed (its log file, the engine's log)."""

@@ -24,18 +24,26 @@ class APIKey:
 
     name: str
     secret: str = attrs.field(repr=False)
+    env: str | None = None  # the environment variable it came from (backends never see it)
     models: frozenset[str] | None = None
     priority: int = KEY["priority"].default
     rpm: int | None = None
     max_concurrent: int | None = None
     admin: bool = KEY["admin"].default
+    unload: bool = KEY["unload"].default
+    upstream: bool = KEY["upstream"].default
+
+    @property
+    def may_unload(self) -> bool:
+        return self.admin or self.unload
 
 
 @attrs.frozen
 class Auth:
     keys: tuple[APIKey, ...]
-    # /health and /metrics answer without a key (monitoring, load balancers).
-    open_health: bool = AUTH["open_health"].default
+    # /health and /metrics without a key (monitoring, load balancers): "true" (states and
+    # counts), "full" (backend details too) or "false".
+    open_health: str = AUTH["open_health"].default
 
 
 # Keys copied from examples and tutorials: refused wherever they appear in a key.
@@ -106,11 +114,14 @@ def parse_auth(raw: Any, models: Mapping[str, Any]) -> Auth | None:
             APIKey(
                 name=name,
                 secret=_secret(entry, where),
+                env=entry.get("key_env"),
                 models=None if allowed is None else frozenset(allowed),
                 priority=KEY["priority"].read(entry, where),
                 rpm=KEY["rpm"].read(entry, where),
                 max_concurrent=KEY["max_concurrent"].read(entry, where),
                 admin=KEY["admin"].read(entry, where),
+                unload=KEY["unload"].read(entry, where),
+                upstream=KEY["upstream"].read(entry, where),
             )
         )
     names = [k.name for k in keys]
@@ -118,4 +129,7 @@ def parse_auth(raw: Any, models: Mapping[str, Any]) -> Auth | None:
         raise ConfigError("'auth.keys': every key needs its own name")
     if len({k.secret for k in keys}) != len(keys):
         raise ConfigError("'auth.keys': two entries have the same key")
-    return Auth(tuple(keys), AUTH["open_health"].read(raw, "auth"))
+    open_health = raw.get("open_health", AUTH["open_health"].default)
+    if isinstance(open_health, bool):  # YAML's true/false
+        open_health = str(open_health).lower()
+    return Auth(tuple(keys), AUTH["open_health"].check(open_health, "auth.open_health"))

@@ -16,7 +16,7 @@ import attrs
 
 from llmswap import macros
 from llmswap.schema import GLOBAL, INFO, MODEL, REMOTE, SLEEP
-from llmswap.values import ConfigError, text
+from llmswap.values import ConfigError, names
 
 # The device every model occupies in full when no devices are declared: one model at a time.
 IMPLICIT_DEVICE = "default"
@@ -97,6 +97,7 @@ class Remote:
 
     url: str
     key_env: str | None = None
+    upstream: bool = REMOTE["upstream"].default  # /upstream/ may reach its inference routes
 
     def authorization(self) -> bytes | None:
         """The ``Authorization`` header it gets (read at each request: a rotated key applies)."""
@@ -256,7 +257,7 @@ def model(
         sleep=_sleep(raw.get("sleep"), f"{where}.sleep", backend_url),
         files=M["files"].read(raw, where),
         prefetch=M["prefetch"].read(raw, where),
-        aliases=_names(raw.get("aliases"), f"{where}.aliases"),
+        aliases=names(raw.get("aliases"), f"{where}.aliases"),
         unlisted=M["unlisted"].read(raw, where),
         use_model_name=M["use_model_name"].read(raw, where),
         strip_params=_params(raw.get("strip_params"), f"{where}.strip_params"),
@@ -277,25 +278,17 @@ def _remote(raw: Any, where: str) -> Remote | None:
     key_env = values["key_env"]
     if key_env is not None and not os.environ.get(key_env):
         raise ConfigError(f"'{where}.key_env' names {key_env}, which is not set")
-    return Remote(values["url"], key_env)
-
-
-def _names(raw: Any, where: str) -> tuple[str, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        raise ConfigError(f"'{where}' must be a list of names")
-    return tuple(text(n, f"{where}[{i}]", "a non-empty name") for i, n in enumerate(raw))
+    return Remote(values["url"], key_env, values["upstream"])
 
 
 def _params(raw: Any, where: str) -> tuple[str, ...]:
     """Field names; llama-swap's comma-separated string too."""
     if isinstance(raw, str):
         raw = [p.strip() for p in raw.split(",") if p.strip()]
-    names = _names(raw, where)
-    if "model" in names:
+    fields = names(raw, where)
+    if "model" in fields:
         raise ConfigError(f"'{where}' cannot remove 'model': it routes the request")
-    return names
+    return fields
 
 
 def _set_params(raw: Any, where: str) -> dict[str, Any]:

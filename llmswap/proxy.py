@@ -36,11 +36,12 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 
-from llmswap import errors, filters
+from llmswap import errors, filters, surface
 from llmswap.access import Gate, nothing_to_release
 from llmswap.bodies import form_model, parse_body
 from llmswap.config import Config, server_root
 from llmswap.events import EventBus, RequestEnded
+from llmswap.headers import KEY_HEADERS
 from llmswap.keepalive import KeepAlive
 from llmswap.keys import APIKey
 from llmswap.relay import (
@@ -59,12 +60,11 @@ from llmswap.swap.state import ModelState
 log = Logger()
 
 CLIENT_CLOSED = 499  # nginx's convention for "client went away before the answer"
-# llmswap's own keys are not the backend's business.
-_KEY_HEADERS = frozenset({b"authorization", b"x-api-key"})
 
 
 def internal_error(failure: Failure, request: IRequest) -> errors.APIError:
-    log.failure("unexpected error handling {path}", failure, path=request.path)
+    path = errors.printable(request.path.decode("latin-1"))
+    log.failure("unexpected error handling {path}", failure, path=path)
     return errors.internal()
 
 
@@ -165,6 +165,8 @@ class Proxy:
             raise errors.model_not_found(x.model, self._gate.visible(key, self._manager.models()))
         x.model = sys.intern(model)  # a configured name: one string, not one per request
         self._gate.check_model(key, x.model)
+        if self._config.models[x.model].remote is not None:
+            self.check_remote(x)
         x.priority = key.priority if key is not None else self._priority(request)
         x.release_key = self._gate.admit(key)
         return self._manager.acquire(x.model, x.priority, x.key_name)
@@ -238,12 +240,20 @@ class Proxy:
     def served(self, x: Exchange) -> None:
         """The answer was relayed and the lease released."""
 
+    def check_remote(self, x: Exchange) -> None:
+        """A remote model's key is the operator's whole account there: only the inference
+        routes reach it (404 for any other path)."""
+        path = x.request.path
+        if not (path.startswith(b"/v1/") and surface.inference(path[3:].decode("latin-1"))):
+            raise errors.unknown_url(x.request.method.decode("latin-1"),
+                                     path.decode("latin-1"))  # fmt: skip
+
     def render_error(self, request: IRequest, err: errors.APIError) -> bytes:
         return errors.render(request, err)
 
     def dropped_headers(self) -> frozenset[bytes]:
         """Request headers not forwarded: llmswap's own API keys are not the backend's."""
-        return _KEY_HEADERS if self._gate.enabled else frozenset()
+        return KEY_HEADERS if self._gate.enabled else frozenset()
 
     def _ended(self, failure: Failure | None, x: Exchange) -> None:
         """Answer what stopped the request, if anything; finish it; account for it.

@@ -37,27 +37,13 @@ from twisted.web.client import (
     ResponseDone,
 )
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IRequest
 from zope.interface import implementer
 
 from llmswap import errors
+from llmswap.headers import HOP_BY_HOP, request_headers
 from llmswap.interfaces import IAnswerWriter
 
-# Per RFC 9110 these describe one connection, not the message; the rest pass through.
-_HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-_NOT_FORWARDED = _HOP_BY_HOP | {b"host", b"content-length"}
 _DECODER = json.JSONDecoder()
 
 
@@ -165,14 +151,6 @@ def speed_from(tail: bytes) -> float | None:
     timings = _last_object(tail, b"timings")
     speed = timings.get("predicted_per_second") if timings else None
     return float(speed) if isinstance(speed, int | float) else None
-
-
-def _request_headers(request: IRequest, drop: frozenset[bytes]) -> Headers:
-    out = Headers()
-    for name, values in request.requestHeaders.getAllRawHeaders():
-        if name.lower() not in _NOT_FORWARDED and name.lower() not in drop:
-            out.setRawHeaders(name, values)
-    return out
 
 
 def started_writing(request: IRequest) -> bool:
@@ -306,7 +284,7 @@ class Relay:
         else:
             body.seek(0)
             producer = FileBodyProducer(body)
-        headers = _request_headers(request, drop)
+        headers = request_headers(request, drop)
         if authorization is not None:
             headers.removeHeader(b"x-api-key")
             headers.setRawHeaders(b"authorization", [authorization])
@@ -331,7 +309,7 @@ class Relay:
             elif not committed:
                 request.setResponseCode(response.code, response.phrase)
                 for name, values in response.headers.getAllRawHeaders():
-                    if name.lower() not in _HOP_BY_HOP:
+                    if name.lower() not in HOP_BY_HOP:
                         request.responseHeaders.setRawHeaders(name, values)
             response.deliverBody(pipe)
             return pipe.done.addCallback(ended, response.code)

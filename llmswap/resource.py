@@ -20,15 +20,26 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import RequestRedirect
 
 from llmswap import errors, health, upstream
-from llmswap.access import Gate
+from llmswap.access import Caller, Gate
 from llmswap.console.routes import ConsoleAPI
 from llmswap.metrics import Metrics
 from llmswap.proxy import Proxy, internal_error
 from llmswap.swap.manager import SwapManager
 
 log = Logger()
+
+# The console's pages and data: its own script and style only (no inline code, nothing from
+# elsewhere), never framed (clickjacking), types as sent, no referrer to other sites.
+CONSOLE_HEADERS = (
+    (b"content-security-policy", b"default-src 'self'; img-src 'self' data:; object-src 'none'; "
+     b"base-uri 'none'; form-action 'self'; frame-ancestors 'none'"),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+)  # fmt: skip
 
 
 def _json(request: IRequest, status: int, payload: Any) -> bytes:
@@ -84,7 +95,7 @@ class OpenAIResource:
         request.redirect(b"/ui/")  # type: ignore[attr-defined]
         return b""
 
-    @app.route("/ui/", branch=True)
+    @app.route("/ui/", branch=True, methods=["GET", "HEAD"])
     def ui(self, request: IRequest) -> Any:
         return self._console_call(request, lambda c: c.static)
 
@@ -118,6 +129,8 @@ class OpenAIResource:
 
     def _console_call(self, request: IRequest, call: Callable[[ConsoleAPI], Any]) -> Any:
         """A console route's answer; its errors (at once or later) OpenAI-shaped."""
+        for name, value in CONSOLE_HEADERS:
+            request.setHeader(name, value)
         try:
             if self._console is None:
                 raise errors.unknown_url(
@@ -145,9 +158,10 @@ class OpenAIResource:
             self._gate.protect_health(request)
         except errors.APIError as e:
             return errors.render(request, e)
+        details = self._gate.health_details(request)
         d = self._manager.files()
         return d.addCallback(lambda files: _json(request, 200, health.document(
-            self._manager.snapshot(health.QUEUE_SHOWN), files)))  # fmt: skip
+            self._manager.snapshot(health.QUEUE_SHOWN), files, details)))  # fmt: skip
 
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: IRequest) -> Any:
@@ -190,16 +204,16 @@ class OpenAIResource:
 
     @app.route("/admin/models/<model>/load", methods=["POST"])
     async def admin_load(self, request: IRequest, model: str) -> bytes:
-        return await self._admin(request, model, self._manager.load)
+        return await self._admin(request, model, self._manager.load, Caller.ADMIN)
 
     @app.route("/admin/models/<model>/unload", methods=["POST"])
     async def admin_unload(self, request: IRequest, model: str) -> bytes:
-        return await self._admin(request, model, self._manager.unload)
+        return await self._admin(request, model, self._manager.unload, Caller.UNLOAD)
 
     @app.route("/admin/unload", methods=["POST"])
     async def admin_unload_all(self, request: IRequest) -> bytes:
         try:
-            self._gate.require_admin(request)
+            self._gate.require(request, Caller.UNLOAD)
             await self._manager.unload()
         except errors.APIError as e:
             return errors.render(request, e)
@@ -217,15 +231,15 @@ class OpenAIResource:
             return errors.render(request, e)
         return _json(request, 200, {"reloaded": True, "changes": summary})
 
-    async def _admin(self, request: IRequest, model: str, change: Any) -> bytes:
+    async def _admin(self, request: IRequest, model: str, change: Any, caller: Caller) -> bytes:
         try:
-            self._gate.require_admin(request)
+            self._gate.require(request, caller)
             if model not in self._manager.backends and model not in self._manager.config.models:
                 raise errors.model_not_found(model, self._manager.models())
             await change(model)
         except errors.APIError as e:
             return errors.render(request, e)
-        log.info("admin: {path} done", path=request.path.decode("latin-1"))
+        log.info("admin: {path} done", path=errors.printable(request.path.decode("latin-1")))
         state = self._manager.state(model).value
         return _json(request, 200, {"model": model, "state": state})
 
@@ -252,14 +266,23 @@ class OpenAIResource:
         try:
             if self._upstream is None:
                 raise errors.unknown_url(request.method.decode("latin-1"), "/upstream/")
-            found = upstream.target(self._manager.config, request.uri)
+            key = self._gate.require(request, Caller.UPSTREAM)
+            visible = self._gate.visible(key, self._manager.models())
+            found = upstream.target(self._manager.config, request.uri, visible)
+            upstream.check_reach(self._manager.config, found, request.method, self._gate.may(
+                key, Caller.ADMIN))  # fmt: skip
         except errors.APIError as e:
             return errors.render(request, e)
         return self._upstream.handle(request, found)
 
-    @app.handle_errors(NotFound, MethodNotAllowed)
+    @app.handle_errors(NotFound, MethodNotAllowed, RequestRedirect)
     def routing_error(self, request: IRequest, failure: Failure) -> bytes:
-        return errors.render(request, errors.routing(request, failure))
+        """An unknown path (werkzeug's redirect to a slashed path too: no API client follows
+        one), or a method its route does not take; in Ollama's shape below /api."""
+        err = errors.routing(request, failure)
+        if request.path == b"/api" or request.path.startswith(b"/api/"):
+            return errors.render_ollama(request, err)
+        return errors.render(request, err)
 
     @app.handle_errors(Exception)
     def internal_error(self, request: IRequest, failure: Failure) -> bytes:

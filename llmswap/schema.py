@@ -139,6 +139,13 @@ GLOBAL = Section("", (
     S("max_upload_bytes", "size", 2 * 2**30, "larger multipart (audio, image) and "
       "`/upstream/` bodies get 413; they are relayed from a temporary file, not memory",
       shown_default="`2GiB`"),
+    S("idle_timeout", "number", 60.0, "seconds a client connection may stay open with no request "
+      "under way (a stream or a waiting request is not idle)", unit="s"),
+    S("max_connections", "number", 4096, "client connections open at once; more are refused at "
+      "once (bounded further by the descriptor limit, which llmswap raises to its hard limit)",
+      unit="connections", integer=True),
+    S("pass_env", "list", (), "environment variables backends inherit although llmswap reads them "
+      "(an API key's `key_env`, a remote model's, `DOCKER_*`): by default they are removed"),
     S("log_dir", "text", None, "per-model backend output", what="a directory path",
       shown_default="`$XDG_STATE_HOME/llmswap/logs` or `~/.local/state/llmswap/logs`"),
     S("docker", "section", None, "this machine's Docker engine (see `docker.*`)"),
@@ -183,6 +190,11 @@ GLOBAL = Section("", (
 CONSOLE = Section("console", (
     S("open", "flag", False, "without `auth`, let clients beyond loopback use the console, the "
       "logs and the `/admin/` routes (with `auth` they need an admin key)"),
+    S("hosts", "list", (), "without `auth`: host names (the `Host` header) the console and the "
+      "`/admin/` routes answer to besides loopback names and IP addresses (a DNS-rebinding page "
+      "comes with a name of its own)"),
+    S("unix_is_loopback", "flag", False, "clients on a `unix:` listening socket count as loopback "
+      "(leave off when a reverse proxy on the socket serves the LAN)"),
     S("activity", "number", 1000, "finished requests the Activity view keeps in memory",
       unit="requests", integer=True),
     S("history", "text", None, "SQLite file that keeps the activity across restarts",
@@ -278,6 +290,8 @@ REMOTE = Section("models.<name>.remote", (
     S("url", "url", None, "its OpenAI base URL, e.g. `https://box2.lan:8888/v1` (required)"),
     S("key_env", "text", None, "environment variable with its API key, sent as `Authorization: "
       "Bearer` instead of the client's"),
+    S("upstream", "flag", False, "`/upstream/` may reach it (its inference routes only, with its "
+      "key)"),
 ))
 
 SLEEP = Section("models.<name>.sleep", (
@@ -311,7 +325,9 @@ INFO = Section("models.<name>.info", (
 
 AUTH = Section("auth", (
     S("keys", "list", None, "the API keys (see `auth.keys[].*`)"),
-    S("open_health", "flag", True, "`/health` and `/metrics` answer without a key"),
+    S("open_health", "choice", "true", "`/health` and `/metrics` answer without a key: `true` "
+      "(states and counts), `full` (backend details too: pids, paths, URLs, output lines) or "
+      "`false` (a key needed; details need an admin key)", choices=("true", "false", "full")),
 ))
 
 KEY = Section("auth.keys[]", (
@@ -327,7 +343,9 @@ KEY = Section("auth.keys[]", (
       integer=True),
     S("max_concurrent", "number", None, "requests queued + running at once", unit="requests",
       integer=True),
-    S("admin", "flag", False, "may call `/admin/...`"),
+    S("admin", "flag", False, "may call `/admin/...`, the console and `/upstream/`"),
+    S("unload", "flag", False, "may unload models (`/admin/unload`, Ollama's `keep_alive: 0`)"),
+    S("upstream", "flag", False, "may use `/upstream/` (never a backend's management routes)"),
 ))
 # fmt: on
 

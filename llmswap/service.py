@@ -8,7 +8,6 @@ also owns what a configuration reload replaces: backends, keys (the gate), relay
 from __future__ import annotations
 
 import os
-import weakref
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,14 +15,9 @@ from typing import Any
 import attrs
 from treq.client import HTTPClient
 from twisted.application.service import MultiService, Service
-from twisted.internet import endpoints
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.interfaces import IListeningPort
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
-from twisted.web.server import Request, Site
 
 from llmswap import errors, health
 from llmswap.access import Gate
@@ -46,89 +40,11 @@ from llmswap.prefetch import Prefetcher
 from llmswap.proxy import Proxy
 from llmswap.relay import Relay, backend_agent
 from llmswap.resource import OpenAIResource
+from llmswap.site import HTTPService, LLMSwapSite
 from llmswap.swap.manager import SwapManager
 from llmswap.upstream import UpstreamProxy
 
 log = Logger()
-
-# Responses still being written get this long to finish at shutdown.
-_CLOSE_GRACE = 5.0
-
-
-class _Request(Request):
-    """Bodies are relayed as bytes, never read as HTML forms: skip Twisted's form parsing, which
-    runs every POST's content type through ``email.message`` (about 14% of the CPU at
-    saturation, profiled)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, parsePOSTFormSubmission=False, **kwargs)
-
-
-class _Site(Site):
-    """The HTTP site; it remembers its connections so shutdown can hang up idle keep-alive
-    clients.  A weak set rather than a wrapping factory: no extra layer on every read and
-    write, and a closed connection drops out by itself."""
-
-    noisy = False
-    displayTracebacks = False
-
-    def __init__(self, resource: Any) -> None:
-        super().__init__(resource, requestFactory=_Request)
-        self._open: weakref.WeakSet[Any] = weakref.WeakSet()
-
-    def buildProtocol(self, addr: Any) -> Any:
-        protocol = super().buildProtocol(addr)
-        # Site builds a proxy that picks HTTP/1.1 or HTTP/2; the channel behind it holds the
-        # transport.
-        self._open.add(getattr(protocol, "_channel", protocol))
-        return protocol
-
-    def log(self, request: Any) -> None:
-        """Skip the access log: the resource logs a richer line (model, queue wait)."""
-
-    def _connected(self) -> list[Any]:
-        return [p for p in self._open if getattr(p.transport, "connected", False)]
-
-    @inlineCallbacks
-    def close_all(self, clock: Any) -> Any:
-        for protocol in self._connected():
-            protocol.transport.loseConnection()
-        deadline = clock.seconds() + _CLOSE_GRACE
-        while self._connected() and clock.seconds() < deadline:
-            yield deferLater(clock, 0.01, lambda: None)
-        for protocol in self._connected():
-            protocol.transport.abortConnection()
-
-
-class HTTPService(Service):
-    """Listens on a strports endpoint; like strports.service, but it keeps the bound port.
-
-    A failure to listen (port in use) is raised from startService, so ``twistd`` exits with
-    the reason instead of running a daemon nobody can reach.
-    """
-
-    def __init__(self, description: str, site: Any, reactor: Any) -> None:
-        self._endpoint = endpoints.serverFromString(reactor, description)
-        self._site = site
-        self.port: IListeningPort | None = None
-
-    def startService(self) -> None:
-        super().startService()
-        d = self._endpoint.listen(self._site)
-        failures: list[Failure] = []
-        d.addCallbacks(self._listening, failures.append)
-        if failures:
-            failures[0].raiseException()
-
-    def _listening(self, port: IListeningPort) -> None:
-        self.port = port
-
-    def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        if self.port is None:
-            return None
-        port, self.port = self.port, None
-        return port.stopListening()  # type: ignore[no-any-return]
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
@@ -170,7 +86,7 @@ def make_backends(
         elif model.kind == "remote":
             backends[name] = RemoteBackend(model)
         else:
-            backends[name] = ProcessBackend(model, reactor, log_dir)
+            backends[name] = ProcessBackend(model, reactor, log_dir, config.hidden_env)
     return backends
 
 
@@ -194,7 +110,7 @@ class LLMSwapService(MultiService):
         self.manager = SwapManager(config, backends, http, reactor, self.bus, prefetch)
         self.manager.setServiceParent(self)
         self.metrics = Metrics(self.bus, self.manager.snapshot)
-        self.gate = Gate(config.auth, reactor, config.console.open)
+        self.gate = Gate(config.auth, reactor, config.console)
         self.relay = Relay(agent, reactor, config.request_timeout)
         parts = (self.manager, self.relay, self.gate, self.bus, reactor)
         proxy, anthropic, upstream = Proxy(*parts), AnthropicProxy(*parts), UpstreamProxy(*parts)
@@ -208,9 +124,9 @@ class LLMSwapService(MultiService):
         for each in (proxy, anthropic):  # their timers for waiting streams
             each.keepalive.setServiceParent(self)
         AccessLog(reactor, self.bus, lambda: self.config.access_log).setServiceParent(self)
-        self._site = _Site(api.resource())
+        self._site = LLMSwapSite(api.resource(), self.gate, lambda: self.config)
         self._reactor = reactor
-        self.web = HTTPService(config.listen, self._site, reactor)
+        self.web = HTTPService(config, self._site, reactor)
         self.web.setServiceParent(self)
 
     def _console(self, config: Config, reactor: Any) -> ConsoleAPI:
@@ -262,7 +178,8 @@ class LLMSwapService(MultiService):
         fresh = changed + added
         backends = make_backends(new, self._reactor, fresh)
         summary = yield self.manager.reconfigure(new, backends)
-        self.gate.configure(new.auth, new.console.open)
+        self.gate.configure(new.auth, new.console)
+        self._site.configure(new)
         self.relay.idle_timeout = new.request_timeout
         return summary
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import signal
 from typing import Any
@@ -16,6 +17,7 @@ from llmswap.errors import APIError
 from llmswap.service import LLMSwapService, make_service
 
 log = Logger()
+_PR_SET_DUMPABLE = 4  # linux/prctl.h
 
 
 class Options(usage.Options):
@@ -81,9 +83,21 @@ class _HangupService(Service):
         self._daemon.reload().addErrback(lambda f: f.trap(APIError))
 
 
+def _not_dumpable() -> None:
+    """Backends run as llmswap's user; without this they could read llmswap's environment
+    (the keys' variables) and memory through /proc.  Not dumpable, those files are root's."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl")
+    except (OSError, AttributeError) as e:
+        log.warn("cannot hide llmswap's memory and environment from its backends: {e}", e=e)
+
+
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor
 
+    _not_dumpable()
     config: Config = options["loaded"]
     daemon = make_service(config, reactor)
     _HangupService(daemon, reactor).setServiceParent(daemon)

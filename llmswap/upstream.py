@@ -1,9 +1,14 @@
 """``/upstream/<model>/<path>``: any method and path, relayed to a model's own server.
 
-llama-server's ``/props``, ``/slots``, ``/metrics`` and web UI, vLLM's ``/metrics``: the model is
-loaded as for any request (the same gate, queue and lease, so the key must be allowed the
-model), then the request goes to the server's root as it came, its body relayed from the
-temporary file Twisted keeps it in, its answer streamed back.
+llama-server's ``/props`` and web UI, vLLM's ``/metrics``: the model is loaded as for any
+request (the same gate, queue and lease, so the key must be allowed the model), then the request
+goes to the server's root as it came, its body relayed from the temporary file Twisted keeps it
+in, its answer streamed back.
+
+It is an operator's tool (:mod:`llmswap.surface`): admin keys, or keys with ``upstream: true``.
+A backend's management routes (sleep, weights, slots...) are for admin keys only, whatever the
+key; a ``remote:`` model is reached only when it says ``upstream: true``, and then only on the
+inference routes, since its key is the operator's whole account there.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from typing import Any
 import attrs
 from twisted.internet.defer import Deferred
 
-from llmswap import errors
+from llmswap import errors, surface
 from llmswap.bodies import check_size
 from llmswap.config import Config, server_root
 from llmswap.keys import APIKey
@@ -30,9 +35,9 @@ class Target:
     path: str  # below the server's root, with the query
 
 
-def target(config: Config, uri: bytes) -> Target:
+def target(config: Config, uri: bytes, visible: list[str]) -> Target:
     """The model an ``/upstream/`` URI names (the longest name or alias it starts with: names
-    may hold slashes) and the path after it; 404 when none."""
+    may hold slashes) and the path after it; 404 (listing the ``visible`` models) when none."""
     rest = uri[len(PREFIX) :].decode("latin-1")
     path, _, query = rest.partition("?")
     names = sorted([*config.models, *config.aliases], key=len, reverse=True)
@@ -40,7 +45,21 @@ def target(config: Config, uri: bytes) -> Target:
         if path == name or path.startswith(name + "/"):
             below = path[len(name) :] or "/"
             return Target(name, below + (f"?{query}" if query else ""))
-    raise errors.model_not_found(errors.quote(path.split("/")[0]), list(config.models))
+    raise errors.model_not_found(errors.quote(path.split("/")[0]), visible)
+
+
+def check_reach(config: Config, found: Target, method: bytes, admin: bool) -> None:
+    """403 for a backend's management route unless ``admin``; 404 for a remote model that
+    did not open itself to ``/upstream/``, or for anything but its inference routes."""
+    path = found.path.partition("?")[0]
+    model = config.models.get(config.resolve(found.model) or "")
+    remote = model.remote if model is not None else None
+    if remote is not None and not (
+        remote.upstream and method == b"POST" and surface.inference(path, below_v1=False)
+    ):
+        raise errors.unknown_url(method.decode("latin-1"), f"/upstream/{found.model}{path}")
+    if not admin and surface.management(path, method):
+        raise errors.management_route(path)
 
 
 class UpstreamProxy(Proxy):
@@ -56,6 +75,9 @@ class UpstreamProxy(Proxy):
         assert x.upload is not None
         check_size(x.upload, self._config.max_upload_bytes)
         x.model, x.stream = found.model, False
+
+    def check_remote(self, x: Exchange) -> None:
+        """The route checked its path already (:func:`check_reach`)."""
 
     def forward(self, x: Exchange, lease: Lease) -> Deferred[Relayed]:
         assert x.upload is not None

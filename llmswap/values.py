@@ -120,6 +120,15 @@ def paths(value: Any, path: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def names(raw: Any, where: str) -> tuple[str, ...]:
+    """A list of non-empty names (aliases, fields, environment variables, host names)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(f"'{where}' must be a list of names")
+    return tuple(text(n, f"{where}[{i}]", "a non-empty name") for i, n in enumerate(raw))
+
+
 def choice(value: Any, path: str, choices: tuple[str, ...]) -> Any:
     if value not in choices:
         raise ConfigError(f"'{path}' must be one of {', '.join(choices)}, got {value!r}")

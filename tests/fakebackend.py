@@ -157,7 +157,14 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _witness(self) -> None:
+        """``--log-requests``: every request's method, path and cookies go to the ledger."""
+        if ARGS.log_requests:
+            _ledger("request", method=self.command, path=self.path,
+                    cookie=self.headers.get("Cookie"))  # fmt: skip
+
     def do_GET(self) -> None:
+        self._witness()
         if self.path == "/health":
             if ARGS.never_ready or time.time() < READY_AT:
                 self._send(
@@ -180,6 +187,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send(404, {"error": {"message": "not found"}})
 
     def do_POST(self) -> None:
+        self._witness()
         path = self.path.split("?")[0]
         if ARGS.sleep_mode and path in ("/sleep", "/wake_up"):
             self.rfile.read(int(self.headers.get("Content-Length", "0")))
@@ -444,6 +452,7 @@ def main() -> None:
     )
     p.add_argument("--child", action="store_true", help="fork a child process into our group")
     p.add_argument("--ledger", default=None)
+    p.add_argument("--log-requests", action="store_true", help="ledger every request's path")
     p.add_argument("--echo", action="store_true", help="answer chats with the body received")
     p.add_argument(
         "--max-peers", type=int, default=1, help="how many other backends may live beside us"

@@ -214,7 +214,9 @@ class AccessTests(StubCase):
 
     def test_admin_routes_need_an_admin_key(self) -> None:
         self.assert_error(self.request("POST", "/admin/unload"), 401, "invalid_api_key")
-        self.assert_error(self.request("POST", "/admin/unload", key=ALICE), 403, "admin_required")
+        self.assert_error(
+            self.request("POST", "/admin/unload", key=ALICE), 403, "unload_not_allowed"
+        )
         self.assert_error(
             self.request("POST", "/admin/models/gemma/load", key=ALICE), 403, "admin_required"
         )

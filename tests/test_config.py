@@ -199,7 +199,7 @@ def test_api_keys_from_config_environment_and_file(
             },
         }
     )
-    assert config.auth is not None and not config.auth.open_health
+    assert config.auth is not None and config.auth.open_health == "false"
     alice, bob, carol = config.auth.keys
     assert (alice.models, alice.priority) == (frozenset({"a"}), 3)
     assert (bob.secret, bob.rpm, bob.max_concurrent) == ("sk-bob-0123456789abcdefghijkl", 30, 2)

@@ -56,7 +56,7 @@ def test_without_auth_only_loopback_may_use_the_console_unless_it_is_opened() ->
         gate.require_admin(_request("192.168.1.20"))
     assert (e.value.status, e.value.code) == (403, "admin_not_local")
     assert "console.open: true" in e.value.message and "auth.keys" in e.value.message
-    Gate(None, Clock(), console_open=True).require_admin(_request("192.168.1.20"))
+    Gate(None, Clock(), Console(open=True)).require_admin(_request("192.168.1.20"))
 
 
 def test_a_session_is_an_httponly_token_for_an_admin_key_and_changes_need_the_header() -> None:

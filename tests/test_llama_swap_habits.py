@@ -161,7 +161,8 @@ class HabitTests(DaemonTestCase):
 
     @inlineCallbacks
     def test_the_key_must_be_allowed_the_upstream_model(self) -> Any:
-        keys = [{"name": "alice", "key": "sk-alice-0123456789abcdef", "models": ["a"]}]
+        keys = [{"name": "alice", "key": "sk-alice-0123456789abcdef", "models": ["a"],
+                 "upstream": True}]  # fmt: skip
         daemon = self.start({"a": self.fake("a"), "b": self.fake("b")}, auth={"keys": keys})
         headers = {"Authorization": ["Bearer sk-alice-0123456789abcdef"]}
         response = yield self.http.get(daemon.url + "/upstream/b/health", headers=headers)

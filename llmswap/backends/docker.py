@@ -185,6 +185,8 @@ class DockerBackend:
         }
         if self._exit_code is not None:
             info["exit_code"] = self._exit_code
+        if self._log_tail:
+            info["output"] = self._log_tail.splitlines()
         if self._provider.lost is not None:
             info["engine_error"] = self._provider.lost
         return info
@@ -197,7 +199,7 @@ class DockerBackend:
         detail = f"container {self._container_name}{on} is {self._engine_state}"
         if self._exit_code is not None:
             detail += f" (exit code {self._exit_code})"
-        return f"{detail}; last log lines:\n{self._log_tail}" if self._log_tail else detail
+        return detail
 
     def output(self, lines: int) -> Deferred[list[str]]:
         def read() -> list[str]:

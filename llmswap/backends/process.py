@@ -126,10 +126,14 @@ class ProcessBackend:
         model: ModelConfig,
         reactor: Any,
         log_dir: Path | None,
+        hidden_env: frozenset[str] = frozenset(),
     ) -> None:
+        """``hidden_env``: variables of llmswap's environment the backend does not inherit
+        (API keys, remote models' keys, Docker engine settings)."""
         assert model.cmd is not None
         self.name = model.name
         self._model = model
+        self._hidden_env = hidden_env
         self._reactor = reactor
         self._clock: IReactorTime = reactor
         self._log_path = log_dir / log_file_name(model.name) if log_dir else None
@@ -150,7 +154,8 @@ class ProcessBackend:
     def start(self) -> Deferred[None]:
         if self._transport is not None:
             return succeed(None)
-        env = {**os.environ, **self._model.env}
+        inherited = {k: v for k, v in os.environ.items() if k not in self._hidden_env}
+        env = {**inherited, **self._model.env}
         assert self._model.cmd is not None
         argv0 = self._model.cmd[0]
         if shutil.which(argv0, path=env.get("PATH")) is None:
@@ -234,12 +239,11 @@ class ProcessBackend:
             info["log"] = str(self._log_path)
         if self._last_exit is not None:
             info["last_exit"] = self._last_exit
+            info["output"] = self.output_tail(lines=8).splitlines()
         return info
 
     def failure_detail(self) -> str:
-        detail = self._last_exit or "not running"
-        tail = self.output_tail(lines=8)
-        return f"{detail}; last output:\n{tail}" if tail else detail
+        return self._last_exit or "not running"
 
     # -- helpers --------------------------------------------------------------------------
 

@@ -46,7 +46,7 @@ class RemoteBackend:
         return {"kind": "remote", "url": self._url}
 
     def failure_detail(self) -> str:
-        return f"remote endpoint {self._url}"
+        return "remote endpoint"
 
     def output(self, lines: int) -> Deferred[list[str]]:
         return succeed([f"(a remote endpoint at {self._url}: its output is not llmswap's)"])

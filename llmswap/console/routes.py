@@ -2,7 +2,7 @@
 
 Every data route needs :meth:`llmswap.access.Gate.require_admin`; the static files (the page
 and its script, no data) are served to anyone, so that a browser without a session can show the
-login form.
+login form.  A stream opened with a session (the live events, a log follow) ends with it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.interfaces import IPushProducer
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource
+from twisted.web.resource import IResource, Resource
 from twisted.web.static import File
 from zope.interface import implementer
 
@@ -47,7 +47,7 @@ def _count(request: IRequest, name: str, default: int, limit: int) -> int:
     text = _arg(request, name)
     if text is None:
         return default
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise errors.bad_request(f"'{name}' must be a whole number, got {errors.quote(text)!r}")
     return min(int(text), limit)
 
@@ -69,11 +69,18 @@ class ConsoleAPI:
         self._own_log = own_log
         self._live = live
         self.static: IResource = File(str(STATIC))
+        self.static.childNotFound = _NoSuchFile()  # type: ignore[attr-defined,assignment]
 
     def events(self, request: IRequest) -> Any:
         self._gate.require_admin(request)
         self._live.add(request)
+        self._end_with_session(request)
         return ANSWERED_LATER
+
+    def _end_with_session(self, request: IRequest) -> None:
+        """A stream opened with a browser's session ends at its logout or expiry."""
+        ended = self._gate.hold_open(request, lambda: _finish(request))
+        request.notifyFinish().addBoth(lambda _: ended())  # type: ignore[attr-defined]
 
     def activity(self, request: IRequest) -> bytes:
         self._gate.require_admin(request)
@@ -112,6 +119,7 @@ class ConsoleAPI:
             return text
         request.write(text)
         _Follow(request, follow).start()
+        self._end_with_session(request)
         return ANSWERED_LATER
 
     def login(self, request: IRequest) -> bytes:
@@ -130,6 +138,22 @@ class ConsoleAPI:
             b"set-cookie", SESSION_COOKIE + b"=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"
         )
         return _json(request, {"session": False})
+
+
+class _NoSuchFile(Resource):
+    """A missing console file: an API-shaped 404, not twisted.web's HTML page."""
+
+    isLeaf = True
+
+    def render(self, request: IRequest) -> bytes:
+        path = request.path.decode("latin-1")
+        return errors.render(request, errors.unknown_url(request.method.decode("latin-1"), path))
+
+
+def _finish(request: IRequest) -> None:
+    if not getattr(request, "finished", True) and not getattr(request, "_disconnected", True):
+        request.unregisterProducer()  # type: ignore[attr-defined]
+        request.finish()
 
 
 @implementer(IPushProducer)

@@ -21,9 +21,10 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import RequestRedirect
 
 from llmswap import errors, filters
-from llmswap.access import Gate
+from llmswap.access import Caller, Gate
 from llmswap.bodies import json_object
 from llmswap.config import ModelConfig, server_root
 from llmswap.events import Cause
@@ -58,6 +59,7 @@ class Call:
     path: str = ""
     keep_alive: float | None = None
     load_only: bool = False
+    may_unload: bool = False  # keep_alive 0 unloads: the key's permission (admin or unload)
 
 
 def _empty_answer(call: Call, reason: str) -> dict[str, Any]:
@@ -124,6 +126,8 @@ class OllamaProxy(Proxy):
     def served(self, x: Exchange) -> None:
         seconds = x.call.keep_alive
         if seconds == 0:
+            if not x.call.may_unload:  # the model stays, under its ttl
+                return
             d = self._manager.unload(x.model, Cause.KEEP_ALIVE)
             d.addErrback(lambda f: log.failure("keep_alive 0: unloading {m}", f, m=x.model))
         elif seconds is not None:
@@ -257,7 +261,7 @@ class OllamaRoutes:
     def blobs(self, request: IRequest, digest: str) -> bytes:
         return errors.render_ollama(request, errors.not_supported("blobs"))
 
-    @app.handle_errors(NotFound, MethodNotAllowed)
+    @app.handle_errors(NotFound, MethodNotAllowed, RequestRedirect)
     def routing_error(self, request: IRequest, failure: Failure) -> bytes:
         return errors.render_ollama(request, errors.routing(request, failure))
 
@@ -272,17 +276,25 @@ class OllamaRoutes:
             call = Call(kind, _body(request, self._manager.config.max_body_bytes))
             call.keep_alive = translate.keep_alive(call.request.get("keep_alive"))
             call.load_only = _empty(call)
-            if call.load_only and call.keep_alive == 0:
-                return self._unload(request, call)
+            if call.keep_alive == 0:
+                key = self._gate.identify(request)
+                call.may_unload = self._gate.may(key, Caller.UNLOAD)
+                if call.load_only:
+                    return self._unload(request, call)
         except errors.APIError as e:
             return errors.render_ollama(request, e)
         return self._proxy.handle(request, call)
 
     @inlineCallbacks
     def _unload(self, request: IRequest, call: Call) -> Any:
-        """Open WebUI's eject: an empty request with keep_alive 0 unloads, never loads."""
+        """Open WebUI's eject: an empty request with keep_alive 0 unloads, never loads.  A key
+        without the permission is answered as Ollama answers for a model it keeps loaded (a
+        load's answer), and the model stays."""
         try:
             model = self._allowed(request, call.request.get("model"))
+            if not call.may_unload:
+                log.info("keep_alive 0 from a key that may not unload: {m} stays", m=model)
+                return _json(request, _empty_answer(call, "load"))
             yield self._manager.unload(model, Cause.KEEP_ALIVE)
         except errors.APIError as e:
             return errors.render_ollama(request, e)
@@ -320,7 +332,7 @@ class OllamaRoutes:
             "parent_model": "",
             "format": "gguf",
             "family": info.family or "",
-            "families": [info.family] if info.family else None,
+            "families": [info.family] if info.family else [],
             "parameter_size": info.parameter_size or "",
             "quantization_level": info.quantization_level or "",
         }

@@ -7,6 +7,7 @@ README ("Ollama API").  Durations in Ollama's answers are nanoseconds.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Collection, Mapping
 from datetime import UTC, datetime
@@ -28,6 +29,7 @@ OPTIONS = {
     "min_p": "min_p",  # llama.cpp and vLLM extension
 }
 _DURATION = re.compile(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_FOREVER = 100 * 365 * 86400.0  # seconds: Ollama clients mean "keep it loaded"
 _UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 # Base64 openings of the image formats vision models take.
 _IMAGE_TYPES = {
@@ -90,7 +92,10 @@ def keep_alive(value: Any) -> float | None:
             seconds = sum(float(n) * _UNIT[u] for n, u in parts)
     else:
         raise errors.bad_request("keep_alive must be a duration like 5m or 300", "invalid_type")
-    return float("inf") if seconds < 0 else seconds
+    if math.isnan(seconds):
+        raise errors.bad_request("keep_alive must be a duration like 5m or 300", "invalid_type")
+    # Negative (Ollama's "forever") and beyond a century alike: kept until the room is needed.
+    return float("inf") if seconds < 0 or seconds > _FOREVER else seconds
 
 
 def _object(data: Any, what: str) -> dict[str, Any]:
@@ -150,6 +155,8 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
             raise errors.bad_request(f"messages[{n}].role must be system, user, assistant or tool")
         msg: dict[str, Any] = {"role": role, "content": _content(m.get("content"), m.get("images"))}
         calls = m.get("tool_calls")
+        if calls is not None and not isinstance(calls, list):
+            raise errors.bad_request(f"messages[{n}].tool_calls must be a list", "invalid_type")
         if role == "assistant" and calls:
             msg["tool_calls"] = []
             for i, call in enumerate(calls):

@@ -134,7 +134,10 @@ class Slot:
                 raise
             detail = self.as_api_error(e).message
             self.set(S.FAILED, detail)
-            log.error("model {model}: failed to start: {detail}", model=self.name, detail=detail)
+            lines = "\n".join(self.backend.describe().get("output", ()))
+            output = f"; last output:\n{lines}" if lines else ""  # the operator's log only
+            log.error("model {model}: failed to start: {detail}{output}", model=self.name,
+                      detail=detail, output=output)  # fmt: skip
             raise
         now = self._clock.seconds()
         self.last_load_seconds = round(now - started, 3)

@@ -1,0 +1,53 @@
+"""Which headers cross llmswap between a client and a backend.
+
+Hop-by-hop headers describe one connection, never the message.  llmswap's own credentials are
+not the backend's business: its API keys (dropped by the request path when keys are on) and its
+console's session cookie (always: a logged-in browser's requests through ``/upstream/`` would
+otherwise hand it to a model's server, a remote one included).
+"""
+
+from __future__ import annotations
+
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IRequest
+
+from llmswap.access import SESSION_COOKIE
+
+# Per RFC 9110 these describe one connection, not the message; the rest pass through.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+_NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length"}
+# llmswap's own API keys: dropped whenever keys are on (a remote model gets its own instead).
+KEY_HEADERS = frozenset({b"authorization", b"x-api-key"})
+
+
+def request_headers(request: IRequest, drop: frozenset[bytes]) -> Headers:
+    """The headers a backend gets of ``request``, without those named in ``drop``."""
+    out = Headers()
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        lowered = name.lower()
+        if lowered == b"cookie":
+            values = _without_session(values)
+        if lowered not in _NOT_FORWARDED and lowered not in drop and values:
+            out.setRawHeaders(name, values)
+    return out
+
+
+def _without_session(values: list[bytes]) -> list[bytes]:
+    """Cookie headers without llmswap's own session (a console login is not the backend's)."""
+    kept = []
+    for value in values:
+        pairs = [p for p in value.split(b";") if not p.strip().startswith(SESSION_COOKIE + b"=")]
+        if any(p.strip() for p in pairs):
+            kept.append(b";".join(pairs).strip())
+    return kept
