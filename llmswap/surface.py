@@ -14,6 +14,7 @@ checks that every route of the resource tree has its row here.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from urllib.parse import unquote, unquote_to_bytes
 
@@ -181,6 +182,7 @@ def inference(path: str, below_v1: bool = True) -> bool:
 UNKNOWN = Route("*", _ANY, Body.SMALL, Caller.ANYONE, "an error: no such route")
 
 
+@functools.lru_cache(maxsize=1024)  # a client's paths are few; the table walk is not free
 def route(method: bytes, path: bytes) -> Route:
     for r in ROUTES:
         if r.matches(method, path):
