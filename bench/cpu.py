@@ -7,7 +7,7 @@ once, in turn, as ``twistd llmswap`` with ``PYTHONPATH`` set to the tree (both t
 same directory: where the code runs from shows in the figures), without keys and with an
 ``auth`` section (a key checked on every request).
 
-    git worktree add /tmp/ab/before <commit>; cp -r llmswap twisted /tmp/ab/after/
+    git worktree add /tmp/ab/before <commit>; git worktree add /tmp/ab/after HEAD
     python -m bench.cpu /tmp/ab/before /tmp/ab/after [--rounds 6] [--seconds 4]
 """
 
