@@ -187,6 +187,15 @@ class Gate:
             raise errors.forbidden(key.name, refusal, code)
         return key
 
+    def permits(self, request: IRequest, caller: Caller) -> bool:
+        """Whether ``request``'s caller has ``caller``'s permission (without keys: a client on
+        this machine, unless the console is open, whose request no other site made)."""
+        try:
+            self.require(request, caller)
+        except errors.APIError:
+            return False
+        return True
+
     def may(self, key: APIKey | None, caller: Caller) -> bool:
         """Whether an identified caller (None: auth is off) has ``caller``'s permission."""
         return key is None or _NEEDS[caller][0](key)
@@ -279,11 +288,7 @@ class Gate:
         engine addresses): to admins, or to anyone with ``open_health: full``."""
         if self.auth is not None and self.auth.open_health == "full":
             return True
-        try:
-            self.require(request, Caller.ADMIN)
-        except errors.APIError:
-            return False
-        return True
+        return self.permits(request, Caller.ADMIN)
 
     def check_model(self, key: APIKey | None, model: str) -> None:
         if key is not None and key.models is not None and model not in key.models:

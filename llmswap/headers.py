@@ -27,6 +27,12 @@ HOP_BY_HOP = frozenset(
     }
 )
 _NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length"}
+# A backend's answer never sets cookies on llmswap's origin: one could replace the console's
+# session, or plant one for a page it serves through /upstream/.
+NOT_RELAYED = HOP_BY_HOP | {b"set-cookie", b"content-security-policy"}
+# What a page a backend serves through /upstream/ runs under: scripts in an opaque origin, never
+# llmswap's (whose console holds an admin's session).
+UPSTREAM_POLICY = b"sandbox allow-scripts allow-forms allow-popups"
 # llmswap's own API keys: dropped whenever keys are on (a remote model gets its own instead).
 KEY_HEADERS = frozenset({b"authorization", b"x-api-key"})
 

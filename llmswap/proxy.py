@@ -37,7 +37,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET
 
 from llmswap import errors, filters, surface
-from llmswap.access import Gate, nothing_to_release
+from llmswap.access import Caller, Gate, nothing_to_release
 from llmswap.bodies import form_model, parse_body
 from llmswap.config import Config, server_root
 from llmswap.events import EventBus, RequestEnded
@@ -165,8 +165,7 @@ class Proxy:
             raise errors.model_not_found(x.model, self._gate.visible(key, self._manager.models()))
         x.model = sys.intern(model)  # a configured name: one string, not one per request
         self._gate.check_model(key, x.model)
-        if self._config.models[x.model].remote is not None:
-            self.check_remote(x)
+        self.check_path(x)
         x.priority = key.priority if key is not None else self._priority(request)
         x.release_key = self._gate.admit(key)
         return self._manager.acquire(x.model, x.priority, x.key_name)
@@ -240,13 +239,12 @@ class Proxy:
     def served(self, x: Exchange) -> None:
         """The answer was relayed and the lease released."""
 
-    def check_remote(self, x: Exchange) -> None:
-        """A remote model's key is the operator's whole account there: only the inference
-        routes reach it (404 for any other path)."""
-        path = x.request.path
-        if not (path.startswith(b"/v1/") and surface.inference(path[3:].decode("latin-1"))):
-            raise errors.unknown_url(x.request.method.decode("latin-1"),
-                                     path.decode("latin-1"))  # fmt: skip
+    def check_path(self, x: Exchange) -> None:
+        """What the relayed path may reach (:func:`llmswap.surface.check_relayed`)."""
+        remote = self._config.models[x.model].remote is not None
+        surface.check_relayed(
+            x.request, remote, lambda: self._gate.permits(x.request, Caller.ADMIN)
+        )
 
     def render_error(self, request: IRequest, err: errors.APIError) -> bytes:
         return errors.render(request, err)

@@ -27,6 +27,7 @@ from twisted.internet.interfaces import (
     IStreamClientEndpoint,
 )
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import (
     URI,
@@ -41,9 +42,10 @@ from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IRequ
 from zope.interface import implementer
 
 from llmswap import errors
-from llmswap.headers import HOP_BY_HOP, request_headers
+from llmswap.headers import NOT_RELAYED, request_headers
 from llmswap.interfaces import IAnswerWriter
 
+log = Logger()
 _DECODER = json.JSONDecoder()
 
 
@@ -309,7 +311,7 @@ class Relay:
             elif not committed:
                 request.setResponseCode(response.code, response.phrase)
                 for name, values in response.headers.getAllRawHeaders():
-                    if name.lower() not in HOP_BY_HOP:
+                    if name.lower() not in NOT_RELAYED:
                         request.responseHeaders.setRawHeaders(name, values)
             response.deliverBody(pipe)
             return pipe.done.addCallback(ended, response.code)
@@ -346,9 +348,9 @@ class Relay:
             )
         if f.check(CancelledError, errors.APIError):
             return f
-        err = errors.backend_error(
-            f"Model '{model}' backend at {url} is unreachable: {f.getErrorMessage()}"
-        )
+        log.warn("{model}: backend at {url} unreachable: {e}", model=model, url=url,
+                 e=f.getErrorMessage())  # fmt: skip
+        err = errors.backend_error(f"Model '{model}' backend is unreachable")
         return Failure(BackendGone(err) if f.check(ConnectError) else err)
 
     def _mid_body(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import functools
 import re
+from collections.abc import Callable
 from urllib.parse import unquote, unquote_to_bytes
 
 import attrs
@@ -177,6 +178,20 @@ def inference(path: str, below_v1: bool = True) -> bool:
             return False
         path = path[3:]
     return path in INFERENCE
+
+
+def check_relayed(request: IRequest, remote: bool, admin: Callable[[], bool]) -> None:
+    """A path relayed to a backend as it came must be plain (no encoded, dot or empty segments
+    its router would resolve elsewhere); a backend's management routes (``/v1/load_lora_adapter``
+    ...) are for ``admin`` callers only, as through ``/upstream/``; a remote model, whose key is
+    the operator's whole account there, is reached on its inference routes only (else 404)."""
+    path = request.path.decode("latin-1")
+    if "%" in path or normalized(path) != path.lower():
+        raise errors.bad_request(f"Invalid path {errors.quote(path)!r}", "invalid_url")
+    if management(path) and not admin():
+        raise errors.management_route(path)
+    if remote and not (path.startswith("/v1/") and inference(path[3:])):
+        raise errors.unknown_url(request.method.decode("latin-1"), path)
 
 
 UNKNOWN = Route("*", _ANY, Body.SMALL, Caller.ANYONE, "an error: no such route")

@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred
 from llmswap import errors, surface
 from llmswap.bodies import check_size
 from llmswap.config import Config, server_root
+from llmswap.headers import UPSTREAM_POLICY
 from llmswap.keys import APIKey
 from llmswap.proxy import Exchange, Proxy
 from llmswap.relay import Relayed
@@ -76,11 +77,12 @@ class UpstreamProxy(Proxy):
         check_size(x.upload, self._config.max_upload_bytes)
         x.model, x.stream = found.model, False
 
-    def check_remote(self, x: Exchange) -> None:
+    def check_path(self, x: Exchange) -> None:
         """The route checked its path already (:func:`check_reach`)."""
 
     def forward(self, x: Exchange, lease: Lease) -> Deferred[Relayed]:
         assert x.upload is not None
+        x.request.setHeader(b"content-security-policy", UPSTREAM_POLICY)
         url = server_root(lease.backend_url) + x.call.path
         return self._relay.forward(x.request, x.model, url, x.upload, self.dropped_headers(),
                                    authorization=lease.authorization)  # fmt: skip

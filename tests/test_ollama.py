@@ -260,7 +260,7 @@ class RoutesTests(unittest.TestCase):
 
     def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body))
-        d = self.stub.request(method, "http://llmswap" + path, data=data)
+        d = self.stub.request(method, "http://localhost" + path, data=data)
         self.stub.flush()
         response = self.successResultOf(d)
         content = self.successResultOf(response.content())

@@ -746,3 +746,56 @@ def test_urllib_gets_the_413_of_a_large_upload(keyed: Running) -> None:
         urllib.request.urlopen(request, timeout=30)
     assert caught.value.code == 413
     assert json.load(caught.value)["error"]["code"] == "request_too_large"
+
+
+# From the review: the relayed routes, keep_alive, what /upstream/ pages may do.
+
+
+def test_relayed_routes_never_reach_management_or_resolve_elsewhere(keyed: Running) -> None:
+    assert chat(keyed.port, BOB).status == 200
+    before = len(read_ledger(keyed.ledger))
+    body = json.dumps({"model": "alpha", "lora_name": "x", "lora_path": "/tmp/x"}).encode()
+    post = {**bearer(BOB), "Content-Type": "application/json"}
+    for path in ("/v1/load_lora_adapter", "/v1/models/load"):
+        answer = call(keyed.port, "POST", path, body, post)
+        assert answer.status == 403 and answer.json()["error"]["code"] == "management_route"
+    for path in ("/v1/../sleep", "/v1/x/../../sleep", "/v1/chat%2F..%2F..%2Fsleep",
+                 "/%76%31/../sleep?level=1"):  # fmt: skip
+        answer = call(keyed.port, "POST", path, body, post)
+        assert answer.status in (400, 404), (path, answer.body)
+    reached = [e["path"] for e in read_ledger(keyed.ledger)[before:] if e["event"] == "request"]
+    assert [p for p in reached if p != "/health"] == []
+
+
+def test_a_short_keep_alive_is_an_unload_too(keyed: Running) -> None:
+    assert chat(keyed.port, BOB).status == 200
+    body = json.dumps({"model": "alpha", "messages": [], "keep_alive": "1ms"}).encode()
+    assert call(keyed.port, "POST", "/api/chat", body, bearer(BOB)).status == 200
+    one = {**HI, "stream": False, "keep_alive": 0.001}
+    assert (
+        call(keyed.port, "POST", "/api/chat", json.dumps(one).encode(), bearer(BOB)).status == 200
+    )
+    # Its ttl (none) stands: the unload's timer would have been armed with the answer.
+    assert health(keyed)["models"]["alpha"]["state"] == "ready"
+    show = call(keyed.port, "POST", "/api/show", json.dumps({"model": "alpha"}).encode(),
+                bearer(BOB))  # fmt: skip
+    assert show.status == 200 and "127.0.0.1" not in show.body.decode()
+
+
+def test_a_page_served_through_upstream_runs_sandboxed(keyed: Running) -> None:
+    answer = call(keyed.port, "GET", "/upstream/alpha/v1/models", headers=bearer(ALICE))
+    assert answer.status == 200
+    assert answer.headers["content-security-policy"].startswith("sandbox")
+    assert "set-cookie" not in answer.headers
+
+
+def test_without_auth_no_other_site_unloads_through_keep_alive(open_daemon: Running) -> None:
+    port = open_daemon.port
+    assert chat(port, "", HI).status == 200
+    body = json.dumps({"model": "alpha", "keep_alive": 0}).encode()
+    foreign = {"Host": f"evil.example:{port}", "Origin": "http://evil.example",
+               "Content-Type": "text/plain"}  # fmt: skip
+    answer = call(port, "POST", "/api/generate", body, foreign)
+    assert answer.status == 200 and answer.json()["done_reason"] == "load"
+    assert health(open_daemon)["models"]["alpha"]["state"] == "ready"
+    assert call(port, "POST", "/api/generate", body).json()["done_reason"] == "unload"

@@ -130,8 +130,13 @@ class OllamaProxy(Proxy):
                 return
             d = self._manager.unload(x.model, Cause.KEEP_ALIVE)
             d.addErrback(lambda f: log.failure("keep_alive 0: unloading {m}", f, m=x.model))
-        elif seconds is not None:
+        elif seconds is not None and (x.call.may_unload or not self._shortens(x.model, seconds)):
             self._manager.keep_alive(x.model, seconds)
+
+    def _shortens(self, model: str, seconds: float) -> bool:
+        """Whether a keep_alive would unload ``model`` sooner than its ttl: an unload too."""
+        ttl = self._config.models[model].ttl
+        return ttl is None or seconds < ttl
 
     def render_error(self, request: IRequest, err: errors.APIError) -> bytes:
         return errors.render_ollama(request, err)
@@ -227,7 +232,7 @@ class OllamaRoutes:
         return _json(
             request,
             {
-                "modelfile": f"# served by llmswap: {cfg.kind} backend at {cfg.backend_url}",
+                "modelfile": f"# served by llmswap: a {cfg.kind} backend",
                 "parameters": "",
                 "template": "",
                 "details": self._details(cfg),
@@ -276,10 +281,9 @@ class OllamaRoutes:
             call = Call(kind, _body(request, self._manager.config.max_body_bytes))
             call.keep_alive = translate.keep_alive(call.request.get("keep_alive"))
             call.load_only = _empty(call)
-            if call.keep_alive == 0:
-                key = self._gate.identify(request)
-                call.may_unload = self._gate.may(key, Caller.UNLOAD)
-                if call.load_only:
+            if call.keep_alive is not None:
+                call.may_unload = self._gate.permits(request, Caller.UNLOAD)
+                if call.load_only and call.keep_alive == 0:
                     return self._unload(request, call)
         except errors.APIError as e:
             return errors.render_ollama(request, e)
