@@ -205,10 +205,7 @@ class Gate:
         host = getattr(address, "host", None)
         if host is None:  # a UNIX socket: maybe a reverse proxy serving the whole LAN
             return self.console.unix_is_loopback
-        try:
-            return ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback(host)
 
     def _same_site(self, request: IRequest) -> None:
         """Without keys, a browser on this machine is the attack path: a page of another site
@@ -361,6 +358,14 @@ def _host_name(header: bytes | None) -> str | None:
     if text.startswith("["):
         return text[1:].partition("]")[0]
     return text.rpartition(":")[0] if text.count(":") == 1 else text
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (a name is not: it may resolve anywhere)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _is_address(name: str) -> bool:

@@ -18,7 +18,6 @@ Only HTTP/1.1 is spoken (no HTTP/2 over TLS): these limits live in the HTTP/1.1 
 
 from __future__ import annotations
 
-import ipaddress
 import resource
 from collections.abc import Callable
 from typing import Any, cast
@@ -35,7 +34,7 @@ from twisted.web.http import RESPONSES, HTTPChannel
 from twisted.web.server import Request, Site
 
 from llmswap import errors, surface
-from llmswap.access import Gate
+from llmswap.access import Gate, is_loopback
 from llmswap.config import Config
 
 log = Logger()
@@ -260,7 +259,7 @@ class HTTPService(Service):
     def _listening(self, port: IListeningPort) -> None:
         self.port = port
         host = getattr(port.getHost(), "host", None)
-        if host is not None and self._config.auth is None and not _loopback(host):
+        if host is not None and self._config.auth is None and not is_loopback(host):
             log.warn(
                 "listening on {host} beyond loopback without an auth section: anyone on the "
                 "network may use every model (see docs/security.md)",
@@ -273,10 +272,3 @@ class HTTPService(Service):
             return None
         port, self.port = self.port, None
         return port.stopListening()  # type: ignore[no-any-return]
-
-
-def _loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,17 @@ def fake_model(name: str, ledger: str | None = None, **opts: Any) -> dict[str, A
             cmd += [flag, str(value)]
     entry["cmd"] = cmd
     return entry
+
+
+def terminate(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a daemon started as users start it: SIGTERM (a clean shutdown), SIGKILL after 30 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def read_ledger(path: str) -> list[dict[str, Any]]:

@@ -25,7 +25,6 @@ import functools
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -53,7 +52,7 @@ from schemathesis.errors import FailureGroup
 
 from llmswap.ollama.routes import OllamaRoutes
 from llmswap.resource import OpenAIResource
-from tests.support import fake_model, free_port
+from tests.support import fake_model, free_port, terminate
 from tests.test_openapi import DOC, METHODS, served
 
 OLLAMA_DOC = Path(__file__).resolve().parent / "data" / "ollama-openapi.yaml"
@@ -183,13 +182,7 @@ def _start(tmp: Path, keys: bool) -> Daemon:
 
 
 def _stop(daemon: Daemon) -> None:
-    if daemon.alive():
-        daemon.proc.send_signal(signal.SIGTERM)
-        try:
-            daemon.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            daemon.proc.kill()
-            daemon.proc.wait()
+    terminate(daemon.proc)
 
 
 @pytest.fixture(scope="module")

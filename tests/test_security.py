@@ -25,7 +25,7 @@ import attrs
 import pytest
 import yaml
 
-from tests.support import FAKE, fake_model, free_port, read_ledger
+from tests.support import FAKE, fake_model, free_port, read_ledger, terminate
 from tests.test_twistd import TWISTD
 
 ADMIN = "sk-admin-" + "a" * 32
@@ -110,13 +110,7 @@ def launch(tmp_path: Path, config: dict[str, Any], env: dict[str, str] | None = 
 
 
 def stop(running: Running) -> None:
-    if running.proc.poll() is None:
-        running.proc.send_signal(signal.SIGTERM)
-        try:
-            running.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            running.proc.kill()
-            running.proc.wait()
+    terminate(running.proc)
     assert "Traceback" not in running.output()
 
 
