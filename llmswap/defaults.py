@@ -21,6 +21,7 @@ from llmswap.config import Config, ConfigError, ModelConfig, ModelInfo
 
 # Three consecutive ports from here; only one of them listens at a time.
 BASE_PORT = 18081
+PORTS = (BASE_PORT, BASE_PORT + 1, BASE_PORT + 2)
 # Tokens a demo model generates at most per request, unless the request asks for fewer.
 MAX_TOKENS = 256
 
@@ -61,13 +62,15 @@ def _llama(
     )
 
 
-def default_config(base_port: int = BASE_PORT) -> Config:
+def default_config(ports: tuple[int, int, int] = PORTS) -> Config:
+    """The three models, on ``ports`` (a test gives ports it knows free: a base port's
+    neighbours may be any process's)."""
     binary, gguf = llama_assets()
     models = [
-        _llama("gemma3", binary, gguf, base_port, "-c", "4096", "--temp", "0.7"),
-        _llama("gemma3-creative", binary, gguf, base_port + 1, "-c", "2048", "--temp", "1.2"),
+        _llama("gemma3", binary, gguf, ports[0], "-c", "4096", "--temp", "0.7"),
+        _llama("gemma3-creative", binary, gguf, ports[1], "-c", "2048", "--temp", "1.2"),
         _llama(
-            *("gemma3-embed", binary, gguf, base_port + 2),
+            *("gemma3-embed", binary, gguf, ports[2]),
             *("--embeddings", "--pooling", "mean"),
             kind="embedding",
         ),

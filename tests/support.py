@@ -30,6 +30,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(count: int) -> tuple[int, ...]:
+    """``count`` distinct free ports (each held while the next is picked)."""
+    held = [socket.socket() for _ in range(count)]
+    try:
+        for s in held:
+            s.bind(("127.0.0.1", 0))
+        return tuple(int(s.getsockname()[1]) for s in held)
+    finally:
+        for s in held:
+            s.close()
+
+
 # fake_model options that are llmswap model settings rather than fakebackend.py flags.
 _SETTINGS = (
     *("concurrency", "ttl", "memory", "device", "max_wait_before_swap", "drain_timeout"),

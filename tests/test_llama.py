@@ -22,7 +22,7 @@ from twisted.web.client import Agent
 
 from llmswap.defaults import MAX_TOKENS, default_config, llama_assets
 from tests.fakebackend import live_processes
-from tests.support import GREEDY, Daemon, anthropic_stream, free_port
+from tests.support import GREEDY, Daemon, anthropic_stream, free_ports
 
 HI = [{"role": "user", "content": "Write one short sentence about the sea."}]
 # Chat-template tokens (ChatML's, Gemma's) that must never reach a user's answer.
@@ -48,7 +48,8 @@ class LlamaDaemonCase(unittest.TestCase):
         self.threads = ThreadPool(minthreads=0, maxthreads=4, name="test-clients")
         self.threads.start()
         self.addCleanup(self.threads.stop)
-        config = default_config(base_port=free_port())
+        a, b, c = free_ports(3)
+        config = default_config((a, b, c))
         self.daemon = Daemon.from_config(config, os.path.abspath(self.mktemp()))
         self.daemon.start()
         self.addCleanup(self.daemon.stop)
