@@ -104,7 +104,7 @@ def measure(layer: str, pending: int) -> float:
 
     service = None
     if layer == "llmswap":
-        from llmswap.config import parse
+        from llmswap.config.config import parse
         from llmswap.service import make_service
 
         port = free_port()

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def decompose(args: argparse.Namespace) -> dict[str, Any]:
-    from llmswap.defaults import llama_assets
+    from llmswap.config.defaults import llama_assets
 
     binary, gguf = llama_assets()
     names = ["gemma3", "gemma3-creative"]
@@ -203,7 +203,7 @@ def chat_body(model: str, tokens: int) -> bytes:
 def page_cache(args: argparse.Namespace) -> dict[str, Any]:
     """One model busy answering; a request for another arrives: its load with its weights
     evicted, read ahead meanwhile, or cached."""
-    from llmswap.defaults import llama_assets
+    from llmswap.config.defaults import llama_assets
 
     binary, gguf = llama_assets()
     # Beside the cached GGUF (a real disk, where eviction means something), one copy per case.

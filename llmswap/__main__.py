@@ -15,8 +15,11 @@ from typing import Any
 
 import yaml
 
-from llmswap import convert, schema
-from llmswap.config import IMPLICIT_DEVICE, LOCAL, Config, ConfigError, derive_health_url, load
+from llmswap.config import convert, schema
+from llmswap.config.config import Config, load
+from llmswap.config.host import IMPLICIT_DEVICE, LOCAL
+from llmswap.config.model import derive_health_url
+from llmswap.config.values import ConfigError
 
 
 def _changed(section: schema.Section, obj: Any, defaults: dict[str, Any]) -> list[str]:

@@ -34,8 +34,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.web.iweb import IRequest
 
 from llmswap import errors
-from llmswap.config import Console
-from llmswap.keys import APIKey, Auth
+from llmswap.config.config import Console
+from llmswap.config.keys import APIKey, Auth
 
 
 def _digest(secret: str | bytes) -> bytes:

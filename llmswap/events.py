@@ -19,9 +19,32 @@ from typing import Any, TypeVar
 import attrs
 from twisted.logger import Logger
 
-from llmswap.swap.state import ModelState
-
 log = Logger()
+
+
+class ModelState(enum.StrEnum):
+    """The states a model is reported in (``/health``, metrics, the console); the swap
+    manager's table of legal transitions between them is :mod:`llmswap.swap.state`."""
+
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPING = "stopping"
+    # Its process lives with its device memory released (a backend's sleep mode): it wakes
+    # much faster than it starts, and holds only host memory meanwhile.
+    ASLEEP = "asleep"
+    FAILED = "failed"
+
+    @property
+    def resident(self) -> bool:
+        """Whether a model in this state may hold device memory (the budget counts it)."""
+        return self in _RESIDENT
+
+
+_RESIDENT = frozenset(
+    {ModelState.STARTING, ModelState.READY, ModelState.DRAINING, ModelState.STOPPING}
+)
 
 
 class Cause(enum.StrEnum):

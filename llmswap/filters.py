@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from llmswap.modelconfig import ModelConfig
+from llmswap.config.model import ModelConfig
 
 
 def apply(data: dict[str, Any], model: ModelConfig) -> dict[str, Any]:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from llmswap.prefetch import Residency
+from llmswap.events import ModelState
+from llmswap.swap.prefetch import Residency
 from llmswap.swap.snapshot import Snapshot
-from llmswap.swap.state import ModelState
 
 # /health lists this many waiting requests (the counts per model cover all of them).
 QUEUE_SHOWN = 100

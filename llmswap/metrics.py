@@ -16,9 +16,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.twisted import MetricsResource
 
-from llmswap.events import EventBus, RequestEnded, Swap
+from llmswap.events import EventBus, ModelState, RequestEnded, Swap
 from llmswap.swap.snapshot import Snapshot
-from llmswap.swap.state import ModelState
 
 _FAST = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 _LOADS = (0.5, 1, 2, 5, 10, 20, 30, 60, 90, 120, 180, 300, 600)

@@ -39,11 +39,12 @@ from twisted.web.server import NOT_DONE_YET
 from llmswap import errors, filters, surface
 from llmswap.access import Caller, Gate, nothing_to_release
 from llmswap.bodies import form_model, parse_body
-from llmswap.config import Config, server_root
-from llmswap.events import EventBus, RequestEnded
+from llmswap.config.config import Config
+from llmswap.config.keys import APIKey
+from llmswap.config.model import server_root
+from llmswap.events import EventBus, ModelState, RequestEnded
 from llmswap.headers import KEY_HEADERS
 from llmswap.keepalive import KeepAlive
-from llmswap.keys import APIKey
 from llmswap.relay import (
     BackendGone,
     Relay,
@@ -55,7 +56,6 @@ from llmswap.relay import (
 )
 from llmswap.swap.manager import SwapManager
 from llmswap.swap.queue import Lease
-from llmswap.swap.state import ModelState
 
 log = Logger()
 

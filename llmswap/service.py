@@ -26,7 +26,8 @@ from llmswap.anthropic import AnthropicProxy
 from llmswap.backends.docker import DockerBackend, DockerClientProvider
 from llmswap.backends.process import ProcessBackend
 from llmswap.backends.remote import RemoteBackend
-from llmswap.config import Config, ConfigError, load, reload_changes
+from llmswap.config.config import Config, load, reload_changes
+from llmswap.config.values import ConfigError
 from llmswap.console.activity import Activity
 from llmswap.console.live import LiveStreams
 from llmswap.console.logs import OwnLog
@@ -36,12 +37,12 @@ from llmswap.events import EventBus
 from llmswap.interfaces import IBackend
 from llmswap.metrics import Metrics
 from llmswap.ollama.routes import OllamaProxy, OllamaRoutes
-from llmswap.prefetch import Prefetcher
 from llmswap.proxy import Proxy
 from llmswap.relay import Relay, backend_agent
 from llmswap.resource import OpenAIResource
 from llmswap.site import HTTPService, LLMSwapSite
 from llmswap.swap.manager import SwapManager
+from llmswap.swap.prefetch import Prefetcher
 from llmswap.upstream import UpstreamProxy
 
 log = Logger()

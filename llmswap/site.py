@@ -35,7 +35,7 @@ from twisted.web.server import Request, Site
 
 from llmswap import errors, surface
 from llmswap.access import Gate, is_loopback
-from llmswap.config import Config
+from llmswap.config.config import Config
 
 log = Logger()
 

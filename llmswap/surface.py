@@ -24,7 +24,7 @@ from twisted.web.iweb import IRequest
 
 from llmswap import errors
 from llmswap.access import Caller, Gate
-from llmswap.config import Config
+from llmswap.config.config import Config
 
 
 class Body(enum.Enum):

@@ -12,7 +12,8 @@ from twisted.application.service import IService, Service
 from twisted.logger import Logger
 from twisted.python import usage
 
-from llmswap.config import Config, ConfigError, load
+from llmswap.config.config import Config, load
+from llmswap.config.values import ConfigError
 from llmswap.errors import APIError
 from llmswap.service import LLMSwapService, make_service
 
@@ -43,7 +44,7 @@ class Options(usage.Options):
     def _load(self) -> Config:
         if self["config"]:
             return load(self["config"])
-        from llmswap.defaults import default_config
+        from llmswap.config.defaults import default_config
 
         return default_config()
 

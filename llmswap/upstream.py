@@ -20,9 +20,10 @@ from twisted.internet.defer import Deferred
 
 from llmswap import errors, surface
 from llmswap.bodies import check_size
-from llmswap.config import Config, server_root
+from llmswap.config.config import Config
+from llmswap.config.keys import APIKey
+from llmswap.config.model import server_root
 from llmswap.headers import UPSTREAM_POLICY
-from llmswap.keys import APIKey
 from llmswap.proxy import Exchange, Proxy
 from llmswap.relay import Relayed
 from llmswap.swap.queue import Lease

@@ -18,7 +18,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
 from twisted.internet.task import deferLater
 
-from llmswap.config import Config, parse
+from llmswap.config.config import Config, parse
 from llmswap.service import LLMSwapService, make_service
 
 FAKE = str(Path(__file__).with_name("fakebackend.py"))

@@ -12,7 +12,7 @@ from twisted.trial import unittest
 
 from llmswap.access import Gate
 from llmswap.accesslog import AccessLog
-from llmswap.config import Config, parse
+from llmswap.config.config import Config, parse
 from llmswap.events import EventBus
 from llmswap.metrics import Metrics
 from llmswap.proxy import Proxy

@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from llmswap import schema
 from llmswap.__main__ import main
-from llmswap.config import Config, ConfigError, load, parse
+from llmswap.config import schema
+from llmswap.config.config import Config, load, parse
+from llmswap.config.values import ConfigError
 
 SEED = textwrap.dedent(
     """\

@@ -17,7 +17,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from llmswap import errors
 from llmswap.access import Gate
-from llmswap.config import Console, parse
+from llmswap.config.config import Console, parse
 from llmswap.console.activity import Activity
 from llmswap.console.live import INTERVAL, PENDING, LiveStreams
 from llmswap.events import EventBus, RequestEnded

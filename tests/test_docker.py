@@ -329,7 +329,7 @@ class LlamaContainerTests(DockerTestCase):
 
     @inlineCallbacks
     def test_swap_between_two_llama_server_containers(self) -> Any:
-        from llmswap.defaults import llama_assets
+        from llmswap.config.defaults import llama_assets
         from tests.test_llama import llama_server_groups
 
         binary, gguf = llama_assets()

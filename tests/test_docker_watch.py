@@ -12,7 +12,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial import unittest
 
 from llmswap.backends.docker import DockerBackend, DockerClientProvider
-from llmswap.config import parse
+from llmswap.config.config import parse
 
 
 class Container:

@@ -9,10 +9,11 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
-from llmswap.config import parse
+from llmswap.config.config import parse
 from llmswap.events import (
     Cause,
     EventBus,
+    ModelState,
     ModelStateChanged,
     RequestAdmitted,
     RequestQueued,
@@ -20,7 +21,7 @@ from llmswap.events import (
 )
 from llmswap.interfaces import IBackend
 from llmswap.swap.manager import SwapManager
-from llmswap.swap.state import TRANSITIONS, IllegalTransition, ModelState
+from llmswap.swap.state import TRANSITIONS, IllegalTransition
 from llmswap.testing import MemoryBackend, MemoryHTTP
 
 S = ModelState

@@ -10,10 +10,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from llmswap import health, scheduler
-from llmswap.config import ConfigError, parse, reload_changes
+from llmswap import health
+from llmswap.config.config import parse, reload_changes
+from llmswap.config.values import ConfigError
 from llmswap.console import live
 from llmswap.errors import APIError
+from llmswap.swap import policy
 from llmswap.swap.manager import SwapManager
 from llmswap.testing import MemoryBackend, MemoryHTTP
 
@@ -97,23 +99,23 @@ def test_a_reload_restarts_the_models_of_a_host_whose_engine_changed() -> None:
     assert reload_changes(before, after) == ([], ["a"], [])
 
 
-def view(models: dict[str, scheduler.ModelView], waiting: tuple[str, ...] = ()) -> scheduler.View:
-    queued = [scheduler.Waiting(i, m, 0.0) for i, m in enumerate(waiting)]
-    return scheduler.View(now=10.0, models=models, waiting=queued)
+def view(models: dict[str, policy.ModelView], waiting: tuple[str, ...] = ()) -> policy.View:
+    queued = [policy.Waiting(i, m, 0.0) for i, m in enumerate(waiting)]
+    return policy.View(now=10.0, models=models, waiting=queued)
 
 
 def test_placement_prefers_where_it_is_loaded_then_where_it_evicts_least() -> None:
-    idle = scheduler.ModelView("x", resident=True, ready=True)
-    busy = scheduler.ModelView("x", resident=True, ready=True, in_flight=1)
-    loaded_here = view({"g@1": scheduler.ModelView("g@1", resident=True, ready=True)})
-    empty = view({"g@2": scheduler.ModelView("g@2")})
-    assert scheduler.place([("g@2", empty), ("g@1", loaded_here)]) == "g@1"
-    holds_idle = view({"x": idle, "g@1": scheduler.ModelView("g@1")})
-    holds_busy = view({"x": busy, "g@2": scheduler.ModelView("g@2")})
-    assert scheduler.place([("g@1", holds_idle), ("g@2", empty)]) == "g@2"  # evicts nothing
-    assert scheduler.place([("g@2", holds_busy), ("g@1", holds_idle)]) == "g@1"  # idle first
-    waited = view({"x": idle, "g@1": scheduler.ModelView("g@1")}, waiting=("g@1",))
-    assert scheduler.place([("g@2", empty), ("g@1", waited)]) == "g@1"  # joins its waiters
+    idle = policy.ModelView("x", resident=True, ready=True)
+    busy = policy.ModelView("x", resident=True, ready=True, in_flight=1)
+    loaded_here = view({"g@1": policy.ModelView("g@1", resident=True, ready=True)})
+    empty = view({"g@2": policy.ModelView("g@2")})
+    assert policy.place([("g@2", empty), ("g@1", loaded_here)]) == "g@1"
+    holds_idle = view({"x": idle, "g@1": policy.ModelView("g@1")})
+    holds_busy = view({"x": busy, "g@2": policy.ModelView("g@2")})
+    assert policy.place([("g@1", holds_idle), ("g@2", empty)]) == "g@2"  # evicts nothing
+    assert policy.place([("g@2", holds_busy), ("g@1", holds_idle)]) == "g@1"  # idle first
+    waited = view({"x": idle, "g@1": policy.ModelView("g@1")}, waiting=("g@1",))
+    assert policy.place([("g@2", empty), ("g@1", waited)]) == "g@1"  # joins its waiters
 
 
 class HostsOnAClockTests(unittest.TestCase):

@@ -1,6 +1,6 @@
 """End to end with the real llama.cpp llama-server and the real Gemma 3 270M GGUF.
 
-The models are the built-in defaults of `make run` (llmswap.defaults), on free ports.
+The models are the built-in defaults of `make run` (llmswap.config.defaults), on free ports.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 from twisted.web.client import Agent
 
-from llmswap.defaults import MAX_TOKENS, default_config, llama_assets
+from llmswap.config.defaults import MAX_TOKENS, default_config, llama_assets
 from tests.fakebackend import live_processes
 from tests.support import GREEDY, Daemon, anthropic_stream, free_ports
 

@@ -9,7 +9,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from llmswap import health
-from llmswap.config import parse
+from llmswap.config.config import parse
 from llmswap.errors import APIError
 from llmswap.swap.manager import SwapManager
 from llmswap.testing import MemoryBackend, MemoryHTTP

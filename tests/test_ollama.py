@@ -14,7 +14,7 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from llmswap import errors
 from llmswap.access import Gate
-from llmswap.config import parse
+from llmswap.config.config import parse
 from llmswap.events import EventBus
 from llmswap.metrics import Metrics
 from llmswap.ollama import stream, translate

@@ -14,7 +14,7 @@ from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.logger import globalLogPublisher
 
 from llmswap.accesslog import FLUSH_DELAY
-from llmswap.config import load
+from llmswap.config.config import load
 from tests.fakebackend import live_peers
 from tests.support import Daemon, samples, sleep, wait_for
 from tests.test_daemon import DaemonTestCase, overlaps, starts

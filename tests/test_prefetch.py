@@ -13,9 +13,9 @@ from twisted.internet.defer import CancelledError, inlineCallbacks, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SkipTest
 
-from llmswap.config import parse
-from llmswap.prefetch import CHUNK, Prefetcher, read_ahead, residency, weight_files
+from llmswap.config.config import parse
 from llmswap.swap.manager import SwapManager
+from llmswap.swap.prefetch import CHUNK, Prefetcher, read_ahead, residency, weight_files
 from llmswap.testing import MemoryBackend, MemoryHTTP
 from tests.support import wait_for
 from tests.test_daemon import HI, DaemonTestCase

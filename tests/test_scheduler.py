@@ -14,18 +14,8 @@ import attrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmswap.scheduler import (
-    FIFO,
-    SWAP_AWARE,
-    Decision,
-    Load,
-    ModelView,
-    Unload,
-    View,
-    Waiting,
-    decide,
-    plan_room,
-)
+from llmswap.config.schema import FIFO, SWAP_AWARE
+from llmswap.swap.policy import Decision, Load, ModelView, Unload, View, Waiting, decide, plan_room
 
 
 def view(

@@ -11,7 +11,7 @@ from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from llmswap import health
-from llmswap.config import parse
+from llmswap.config.config import parse
 from llmswap.events import Swap
 from llmswap.swap.manager import SwapManager
 from llmswap.testing import MemoryBackend, MemoryHTTP

@@ -13,10 +13,10 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from llmswap import errors, surface
 from llmswap.access import Caller, Gate
-from llmswap.config import Console, parse
+from llmswap.config.config import Console, parse
+from llmswap.config.values import ConfigError
 from llmswap.ollama.routes import OllamaRoutes
 from llmswap.resource import OpenAIResource
-from llmswap.values import ConfigError
 
 ADMIN = "sk-admin-0123456789abcdefghij"
 ROTATED = "sk-admin-rotated-0123456789ab"

@@ -27,7 +27,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from llmswap import errors
-from llmswap.config import LOCAL, DockerEngine, ModelConfig
+from llmswap.config.host import LOCAL, DockerEngine
+from llmswap.config.model import ModelConfig
 from llmswap.interfaces import IBackend
 
 log = Logger()

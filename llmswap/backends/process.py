@@ -29,7 +29,7 @@ from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
 from llmswap import errors
-from llmswap.config import ModelConfig
+from llmswap.config.model import ModelConfig
 from llmswap.interfaces import IBackend
 
 log = Logger()

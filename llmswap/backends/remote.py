@@ -14,7 +14,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from llmswap.config import ModelConfig
+from llmswap.config.model import ModelConfig
 from llmswap.interfaces import IBackend
 
 

@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from llmswap.config import Console
+from llmswap.config.config import Console
 from llmswap.events import EventBus, RequestEnded
 
 log = Logger()

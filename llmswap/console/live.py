@@ -23,7 +23,7 @@ from twisted.internet.task import LoopingCall
 from twisted.web.iweb import IRequest
 from zope.interface import implementer
 
-from llmswap.config import Config
+from llmswap.config.config import Config
 from llmswap.console.activity import record
 from llmswap.console.timeline import change, swap
 from llmswap.events import (

@@ -26,15 +26,14 @@ from werkzeug.routing import RequestRedirect
 from llmswap import errors, filters
 from llmswap.access import Caller, Gate
 from llmswap.bodies import json_object
-from llmswap.config import ModelConfig, server_root
-from llmswap.events import Cause
-from llmswap.keys import APIKey
+from llmswap.config.keys import APIKey
+from llmswap.config.model import ModelConfig, server_root
+from llmswap.events import Cause, ModelState
 from llmswap.ollama import stream, translate
 from llmswap.proxy import Exchange, Proxy, internal_error
 from llmswap.relay import Relayed
 from llmswap.swap.manager import SwapManager
 from llmswap.swap.queue import Lease
-from llmswap.swap.state import ModelState
 
 log = Logger()
 

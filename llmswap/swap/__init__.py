@@ -1,6 +1,6 @@
 """Swapping: which model backends run, one model's life, and the queue of waiting requests.
 
-- :mod:`~llmswap.swap.state`: a model's states and the legal transitions between them.
+- :mod:`~llmswap.swap.state`: the legal transitions between a model's states.
 - :mod:`~llmswap.swap.queue`: tickets, the waiting room, leases and the one expiry timer.
 - :mod:`~llmswap.swap.slot`: one model's backend life (start, healthy, drain, stop, crash).
 - :mod:`~llmswap.swap.readiness`: health polling.

@@ -1,8 +1,8 @@
 """The swap manager: which models run, decided by the policy, changed one at a time.
 
 Requests arrive as tickets (:mod:`llmswap.swap.queue`) for a model's instance (placed by
-:func:`llmswap.scheduler.place` when it may run on several hosts); after every event the manager
-asks :func:`llmswap.scheduler.decide`, per host, which tickets get a lease on a ready backend and
+:func:`llmswap.swap.policy.place` when it may run on several hosts); after every event the manager
+asks :func:`llmswap.swap.policy.decide`, per host, which tickets get a lease on a ready backend and
 what to load or unload there, one change at a time in the host's
 :class:`~llmswap.swap.lane.Lane` (several hosts' at once).  An instance's own life is its
 :class:`~llmswap.swap.slot.Slot`'s; :mod:`llmswap.swap.room` puts evicted models away.
@@ -25,18 +25,17 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from llmswap import errors, scheduler
-from llmswap.config import Config, reload_changes
-from llmswap.events import Cause, EventBus, RequestAdmitted, RequestQueued, Swap
+from llmswap import errors
+from llmswap.config.config import Config, reload_changes
+from llmswap.events import Cause, EventBus, ModelState, RequestAdmitted, RequestQueued, Swap
 from llmswap.interfaces import IBackend
-from llmswap.prefetch import Prefetcher, Residency
-from llmswap.swap import lane, room, snapshot
+from llmswap.swap import lane, policy, room, snapshot
 from llmswap.swap.lane import Lane
+from llmswap.swap.prefetch import Prefetcher, Residency
 from llmswap.swap.queue import Lease, RequestQueue, Ticket
 from llmswap.swap.reconcile import start_up, stop_strays
 from llmswap.swap.slot import Slot
 from llmswap.swap.snapshot import Snapshot
-from llmswap.swap.state import ModelState
 
 log = Logger()
 
@@ -78,7 +77,7 @@ class SwapManager(Service):
     def _lane(self, instance: str) -> Lane:
         return self._lanes[self._slots[instance].config.host]
 
-    def _view_of(self, instance: str) -> scheduler.View:
+    def _view_of(self, instance: str) -> policy.View:
         return self.view(self._slots[instance].config.host)
 
     def _names(self, model: str) -> tuple[str, ...]:
@@ -131,7 +130,7 @@ class SwapManager(Service):
         names = self._names(model)
         if len(names) == 1:
             return names[0]
-        return scheduler.place([(n, self.view(self._slots[n].config.host)) for n in names])
+        return policy.place([(n, self.view(self._slots[n].config.host)) for n in names])
 
     def state(self, model: str) -> ModelState:
         """A model's state: of its instance that is loaded, if any."""
@@ -213,7 +212,7 @@ class SwapManager(Service):
             else:
                 self._dispatch()
 
-    def view(self, host: str) -> scheduler.View:
+    def view(self, host: str) -> policy.View:
         """The picture the policy decides on for ``host``."""
         now, changing = self._clock.seconds(), self._lanes[host].changing
         return snapshot.policy_view(self._on(host), self._queue, self.config, now, changing, host)
@@ -242,18 +241,18 @@ class SwapManager(Service):
         finally:
             self._dispatching = False
 
-    def _decide(self, each: Lane) -> scheduler.Decision:
+    def _decide(self, each: Lane) -> policy.Decision:
         """Ask the policy for one host: admit, and begin a change there."""
-        decision = scheduler.decide(self.view(each.host))
+        decision = policy.decide(self.view(each.host))
         for seq in decision.admit:
             ticket = self._queue.waiting.get(seq)
             if ticket is not None:
                 self._admit(ticket)
         change = decision.change
-        if isinstance(change, scheduler.Load):
+        if isinstance(change, policy.Load):
             wanted = partial(self._queue.waiting.count, change.model)  # nonzero: still wanted
             each.begin(self._load, change.model, Cause.REQUEST, wanted).addErrback(_logged)
-        elif isinstance(change, scheduler.Unload):
+        elif isinstance(change, policy.Unload):
             log.info("model {model}: idle for its ttl, unloading", model=change.model)
             each.begin(self._unload, [change.model], Cause.TTL).addErrback(_logged)
         return decision
@@ -330,7 +329,7 @@ class SwapManager(Service):
         busy = frozenset(self._queue.waiting.models()) | {
             n for n, s in self._slots.items() if s.in_flight
         }
-        evict = scheduler.plan_room(self.view(host), model, busy)
+        evict = policy.plan_room(self.view(host), model, busy)
         started = self._clock.seconds()
         yield gatherResults([self._slots[name].drain() for name in evict], consumeErrors=True)
         if wanted is not None and not wanted():

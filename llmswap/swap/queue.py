@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred, DeferredQueue
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from llmswap import errors
-from llmswap.config import Config
+from llmswap.config.config import Config
 from llmswap.swap.slot import Slot
 
 

@@ -19,7 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from llmswap import errors
-from llmswap.config import Config
+from llmswap.config.config import Config
 from llmswap.swap import sleep
 from llmswap.swap.readiness import probe
 from llmswap.swap.slot import Slot

@@ -15,7 +15,7 @@ import attrs
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import Logger
 
-from llmswap import scheduler
+from llmswap.swap import policy
 from llmswap.swap.slot import Slot
 
 log = Logger()
@@ -32,7 +32,7 @@ class Away:
 @inlineCallbacks
 def put_away(
     slots: Mapping[str, Slot],
-    view: Callable[[str], scheduler.View],
+    view: Callable[[str], policy.View],
     names: Iterable[str],
     coming: str | None,
     http: Any,
@@ -50,7 +50,7 @@ def put_away(
 @inlineCallbacks
 def _put_away(
     slots: Mapping[str, Slot],
-    view: Callable[[str], scheduler.View],
+    view: Callable[[str], policy.View],
     name: str,
     coming: str | None,
     http: Any,
@@ -62,7 +62,7 @@ def _put_away(
         yield slot.stop()
         return [(name, False)]
     keep = frozenset() if coming is None else frozenset({coming})
-    room = scheduler.plan_room(view(name), name, keep, asleep=True)
+    room = policy.plan_room(view(name), name, keep, asleep=True)
     if coming in room:
         yield slot.stop()
         return [(name, False)]

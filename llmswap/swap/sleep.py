@@ -20,7 +20,7 @@ from twisted.internet.defer import CancelledError, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 
-from llmswap.config import Sleep
+from llmswap.config.model import Sleep
 from llmswap.errors import quote
 
 JSON = {b"Content-Type": [b"application/json"]}

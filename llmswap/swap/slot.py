@@ -18,12 +18,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from llmswap import errors
-from llmswap.config import ModelConfig
-from llmswap.events import EventBus, ModelStateChanged
+from llmswap.config.model import ModelConfig
+from llmswap.events import EventBus, ModelState, ModelStateChanged
 from llmswap.interfaces import IBackend
 from llmswap.swap import sleep
 from llmswap.swap.readiness import BackendDied, wait_healthy
-from llmswap.swap.state import ModelState, check
+from llmswap.swap.state import check
 
 log = Logger()
 S = ModelState

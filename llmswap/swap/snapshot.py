@@ -3,7 +3,7 @@
 - :class:`Snapshot` (:func:`take`): what ``/health``, metrics and the console read; its readers
   never touch the manager's live state, and its cost does not grow with the number of waiting
   requests.
-- :func:`policy_view`: the :class:`llmswap.scheduler.View` the policy decides on, with only the
+- :func:`policy_view`: the :class:`llmswap.swap.policy.View` the policy decides on, with only the
   waiting requests the policy can use (see :meth:`~llmswap.swap.queue.WaitingRoom.sample`).
 """
 
@@ -14,11 +14,12 @@ from typing import Any
 
 import attrs
 
-from llmswap import scheduler
-from llmswap.config import LOCAL, Config
+from llmswap.config.config import Config
+from llmswap.config.host import LOCAL
+from llmswap.events import ModelState
+from llmswap.swap import policy
 from llmswap.swap.queue import RequestQueue, Ticket
 from llmswap.swap.slot import Slot
-from llmswap.swap.state import ModelState
 
 
 @attrs.frozen
@@ -135,7 +136,7 @@ def policy_view(
     now: float,
     changing: bool,
     host: str,
-) -> scheduler.View:
+) -> policy.View:
     """The view of ``host``, whose ``slots`` these are."""
     models = {}
     sampled: list[Ticket] = []
@@ -143,7 +144,7 @@ def policy_view(
         cfg = slot.config
         device, memory = config.footprint(name)
         sleep_device, sleep_memory = config.sleep_footprint(name) or (None, 0.0)
-        models[name] = scheduler.ModelView(
+        models[name] = policy.ModelView(
             name=name,
             resident=slot.resident,
             ready=slot.ready,
@@ -162,10 +163,10 @@ def policy_view(
         )
         free = cfg.concurrency - slot.in_flight if slot.ready else 0
         sampled += queue.waiting.sample(name, max(0, free) + 1)
-    return scheduler.View(
+    return policy.View(
         now=now,
         models=models,
-        waiting=[scheduler.Waiting(t.seq, t.model, t.enqueued, t.priority) for t in sampled],
+        waiting=[policy.Waiting(t.seq, t.model, t.enqueued, t.priority) for t in sampled],
         devices=config.capacities(host),
         policy=config.scheduler,
         changing=changing,

@@ -9,49 +9,30 @@ through :func:`check`, and a transition missing from the table is a bug that rai
 
 from __future__ import annotations
 
-import enum
+from llmswap.events import ModelState
 
-
-class ModelState(enum.StrEnum):
-    STOPPED = "stopped"
-    STARTING = "starting"
-    READY = "ready"
-    DRAINING = "draining"
-    STOPPING = "stopping"
-    # Its process lives with its device memory released (a backend's sleep mode): it wakes
-    # much faster than it starts, and holds only host memory meanwhile.
-    ASLEEP = "asleep"
-    FAILED = "failed"
-
-    @property
-    def resident(self) -> bool:
-        """Whether a model in this state may hold device memory (the budget counts it)."""
-        return self in _RESIDENT
-
-
-_RESIDENT = frozenset(
-    {ModelState.STARTING, ModelState.READY, ModelState.DRAINING, ModelState.STOPPING}
-)
-
-S = ModelState
 TRANSITIONS: dict[ModelState, frozenset[ModelState]] = {
     # Started by a load; adopted as ready (or asleep) at start-up; a stray server (started by
     # hand, or left by a crash) stopped before a load.
-    S.STOPPED: frozenset({S.STARTING, S.READY, S.ASLEEP, S.STOPPING}),
+    ModelState.STOPPED: frozenset(
+        {ModelState.STARTING, ModelState.READY, ModelState.ASLEEP, ModelState.STOPPING}
+    ),
     # Healthy; failed to start; stopped after a failed or cancelled start.
-    S.STARTING: frozenset({S.READY, S.FAILED, S.STOPPING, S.STOPPED}),
+    ModelState.STARTING: frozenset(
+        {ModelState.READY, ModelState.FAILED, ModelState.STOPPING, ModelState.STOPPED}
+    ),
     # Evicted (drains first); stopped outright; exited by itself.
-    S.READY: frozenset({S.DRAINING, S.STOPPING, S.FAILED}),
+    ModelState.READY: frozenset({ModelState.DRAINING, ModelState.STOPPING, ModelState.FAILED}),
     # Drained and stopped; eviction called off (nobody waits any more); exited by itself.
-    S.DRAINING: frozenset({S.STOPPING, S.READY, S.FAILED}),
+    ModelState.DRAINING: frozenset({ModelState.STOPPING, ModelState.READY, ModelState.FAILED}),
     # Confirmed gone; confirmed asleep (a sleep is a stop that keeps the process); gone after a
     # failed start, which is reported as such.
-    S.STOPPING: frozenset({S.STOPPED, S.ASLEEP, S.FAILED}),
+    ModelState.STOPPING: frozenset({ModelState.STOPPED, ModelState.ASLEEP, ModelState.FAILED}),
     # Woken by a load (its device memory is counted from the first wake call); stopped for
-    # real (its host memory is wanted, or llmswap stops); exited by itself; adopted at start-up.
-    S.ASLEEP: frozenset({S.STARTING, S.STOPPING, S.FAILED}),
+    # real (its host memory is wanted, or llmswap stops); exited by itself.
+    ModelState.ASLEEP: frozenset({ModelState.STARTING, ModelState.STOPPING, ModelState.FAILED}),
     # Restarted by the next request; its leftover process stopped.
-    S.FAILED: frozenset({S.STARTING, S.STOPPING}),
+    ModelState.FAILED: frozenset({ModelState.STARTING, ModelState.STOPPING}),
 }
 
 

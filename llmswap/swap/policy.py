@@ -32,9 +32,7 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
-FIFO = "fifo"
-SWAP_AWARE = "swap-aware"
-POLICIES = (SWAP_AWARE, FIFO)
+from llmswap.config.schema import FIFO, SWAP_AWARE
 
 
 @attrs.frozen

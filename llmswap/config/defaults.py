@@ -17,7 +17,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmswap.config import Config, ConfigError, ModelConfig, ModelInfo
+from llmswap.config.config import Config
+from llmswap.config.model import ModelConfig, ModelInfo
+from llmswap.config.values import ConfigError
 
 # Three consecutive ports from here; only one of them listens at a time.
 BASE_PORT = 18081

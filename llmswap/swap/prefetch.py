@@ -31,7 +31,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from llmswap.config import Config, ModelConfig
+from llmswap.config.config import Config
+from llmswap.config.model import ModelConfig
 
 log = Logger()
 

@@ -1,7 +1,7 @@
 """Every configuration setting, declared once: its type, default, unit and help text.
 
 The key whitelists (a typo is an error naming the key's full path and the closest valid
-spelling), the defaults of the :mod:`llmswap.config` classes, ``check-config``'s output and the
+spelling), the defaults of the :mod:`.config` classes, ``check-config``'s output and the
 README's table of settings (``python -m llmswap settings``) all derive from these declarations,
 so a setting cannot be documented with one default and parsed with another.
 """
@@ -13,8 +13,12 @@ from typing import Any
 
 import attrs
 
-from llmswap.scheduler import POLICIES, SWAP_AWARE
-from llmswap.values import PLAIN, ConfigError, choice, did_you_mean, number, text
+from llmswap.config.values import PLAIN, ConfigError, choice, did_you_mean, number, text
+
+# The scheduling policies a configuration may name; llmswap.swap.policy implements them.
+FIFO = "fifo"
+SWAP_AWARE = "swap-aware"
+POLICIES = (SWAP_AWARE, FIFO)
 
 
 @attrs.frozen
@@ -57,7 +61,7 @@ class Setting:
         if self.kind == "choice":
             return choice(value, path, self.choices)
         plain = PLAIN.get(self.kind)
-        # Sections and lists are parsed by llmswap.config, which knows their shape.
+        # Sections and lists are parsed by llmswap.config.config, which knows their shape.
         return value if plain is None else plain(value, path)
 
     def default_text(self) -> str:

@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from llmswap.values import ConfigError, did_you_mean
+from llmswap.config.values import ConfigError, did_you_mean
 
 _MACRO = re.compile(r"\$\{([^}]*)\}")
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,63}")

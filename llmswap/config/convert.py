@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from llmswap.values import ConfigError
+from llmswap.config.values import ConfigError
 
 # llama-swap keys llmswap has no use for, and why.
 _NOT_CARRIED = {

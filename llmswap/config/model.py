@@ -1,8 +1,8 @@
 """One model's settings: what they are (attrs classes) and how they are read from the file.
 
-Macros are expanded first (:mod:`llmswap.macros`), then every key is checked by its declaration
-in :mod:`llmswap.schema`; how models fit together (devices, aliases used twice, preload) is
-:mod:`llmswap.config`'s business.
+Macros are expanded first (:mod:`.macros`), then every key is checked by its declaration
+in :mod:`.schema`; how models fit together (devices, aliases used twice, preload) is
+:mod:`.config`'s business.
 """
 
 from __future__ import annotations
@@ -14,14 +14,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 import attrs
 
-from llmswap import macros
-from llmswap.schema import GLOBAL, INFO, MODEL, REMOTE, SLEEP
-from llmswap.values import ConfigError, names
+from llmswap.config import macros
+from llmswap.config.host import IMPLICIT_DEVICE, LOCAL
+from llmswap.config.schema import GLOBAL, INFO, MODEL, REMOTE, SLEEP
+from llmswap.config.values import ConfigError, names
 
-# The device every model occupies in full when no devices are declared: one model at a time.
-IMPLICIT_DEVICE = "default"
-# This machine's host: the top-level ``docker`` and ``devices`` (see llmswap.hostconfig).
-LOCAL = "local"
 G, M = GLOBAL, MODEL
 
 
@@ -127,7 +124,7 @@ class ModelConfig:
     memory: int | None = None
     info: ModelInfo = ModelInfo()
     sleep: Sleep | None = None
-    # Weight files to read ahead; None: found in ``cmd`` (see llmswap.prefetch).
+    # Weight files to read ahead; None: found in ``cmd`` (see llmswap.swap.prefetch).
     files: tuple[str, ...] | None = None
     prefetch: bool = M["prefetch"].default
     aliases: tuple[str, ...] = ()
@@ -139,7 +136,7 @@ class ModelConfig:
     # What ``${PORT}`` is for this model; None: it does not use it.
     port: int | None = None
     remote: Remote | None = None
-    # Where it may run; one host for each of its instances (see llmswap.hostconfig).
+    # Where it may run; one host for each of its instances (see llmswap.config.host).
     hosts: tuple[str, ...] = (LOCAL,)
 
     @property

@@ -14,8 +14,8 @@ from typing import Any
 
 import attrs
 
-from llmswap.schema import AUTH, KEY
-from llmswap.values import ConfigError, known_model
+from llmswap.config.schema import AUTH, KEY
+from llmswap.config.values import ConfigError, known_model
 
 
 @attrs.frozen

@@ -2,11 +2,11 @@
 
 A file written for the original proxy (top-level ``queue_size`` and ``request_timeout``; per model
 ``container_name``, ``backend_url``, ``health_url``, ``startup_timeout``) loads unchanged.  Every
-key is declared once in :mod:`llmswap.schema` (type, default, unit, help), which checks it: a typo
+key is declared once in :mod:`.schema` (type, default, unit, help), which checks it: a typo
 is an error naming the key's full path and the closest valid spelling, because a silently
 ignored ``startup_timout`` costs a user a 180 s mystery.  This module knows how the settings fit
 together (models that fit their devices, ``${PORT}``s, a name used twice...); one model's own
-settings are :mod:`llmswap.modelconfig`'s.
+settings are :mod:`llmswap.config.model`'s.
 """
 
 from __future__ import annotations
@@ -19,28 +19,19 @@ from typing import Any
 import attrs
 import yaml
 
-from llmswap import hostconfig, macros
-from llmswap.hostconfig import DockerEngine, Host
-from llmswap.keys import Auth, parse_auth
-from llmswap.modelconfig import (
-    IMPLICIT_DEVICE,
-    LOCAL,
+from llmswap.config import macros
+from llmswap.config.devices import budgets
+from llmswap.config.host import IMPLICIT_DEVICE, LOCAL, DockerEngine, Host, placement, read_hosts
+from llmswap.config.keys import Auth, parse_auth
+from llmswap.config.model import (
     ModelConfig,
-    ModelInfo,
-    Sleep,
-    derive_health_url,
     expanded,
     model,
     model_aliases,
-    server_root,
 )
-from llmswap.schema import CONSOLE, GLOBAL
-from llmswap.values import ConfigError, known_model, names
+from llmswap.config.schema import CONSOLE, GLOBAL
+from llmswap.config.values import ConfigError, known_model, names
 
-__all__ = [
-    "IMPLICIT_DEVICE", "LOCAL", "Config", "ConfigError", "DockerEngine", "Host", "ModelConfig",
-    "ModelInfo", "Sleep", "derive_health_url", "load", "parse", "server_root",
-]  # fmt: skip
 G = GLOBAL
 REMOTE_DEVICE = "remote"
 # What the Docker SDK reads from the environment (docker.from_env), and systemd's directory of
@@ -242,12 +233,12 @@ def _place(
 ]:
     """The hosts, the models, their instances (one per host a model runs on) and which
     instances each model has."""
-    read = hostconfig.read_hosts(data)
+    read = read_hosts(data)
     names: dict[str, tuple[str, ...]] = {}  # instance -> (model, host)
     by_host: dict[str, dict[str, ModelConfig]] = {h: {} for h in read}
     placements: dict[str, tuple[str, ...]] = {}
     for name, raw in raw_models.items():
-        on = hostconfig.placement(raw, f"models.{name}", list(read))
+        on = placement(raw, f"models.{name}", list(read))
         keys = (name,) if len(on) == 1 else tuple(f"{name}@{h}" for h in on)
         for key, h in zip(keys, on, strict=True):
             if key in by_host[h] or (key != name and key in raw_models):
@@ -259,7 +250,7 @@ def _place(
     hosts: dict[str, Host] = {}
     instances: dict[str, ModelConfig] = {}
     for h, (host, raw_devices) in read.items():
-        hosts[h], placed = hostconfig.budgets(host, raw_devices, by_host[h])
+        hosts[h], placed = budgets(host, raw_devices, by_host[h])
         instances.update({k: attrs.evolve(m, name=k) for k, m in placed.items()})
     instances = {k: instances[k] for k in names}  # in the file's order
     models = {}
