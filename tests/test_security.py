@@ -28,6 +28,8 @@ import yaml
 from tests.support import FAKE, fake_model, free_port, read_ledger, terminate
 from tests.test_twistd import TWISTD
 
+pytestmark = pytest.mark.slow
+
 ADMIN = "sk-admin-" + "a" * 32
 ALICE = "sk-alice-" + "b" * 32  # alpha and the remote models, with upstream: true
 BOB = "sk-bob-" + "c" * 32  # alpha only, no permission beyond it

@@ -21,6 +21,8 @@ import yaml
 from tests.fakebackend import live_peers
 from tests.support import fake_model, free_port
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 
