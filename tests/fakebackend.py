@@ -166,7 +166,8 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._witness()
         if self.path == "/health":
-            if ARGS.never_ready or time.time() < READY_AT:
+            held = ARGS.ready_when is not None and not os.path.exists(ARGS.ready_when)
+            if ARGS.never_ready or held or time.time() < READY_AT:
                 self._send(
                     503,
                     {
@@ -445,11 +446,8 @@ def main() -> None:
     p.add_argument("--token-delay", type=float, default=0.0)
     p.add_argument("--tokens", type=int, default=5)
     p.add_argument("--crash-after", type=int, default=None)
-    p.add_argument("--exit-after", type=float, default=None, help="die by itself after S seconds")
+    p.add_argument("--ready-when", default=None, help="not ready until this file exists")
     p.add_argument("--ignore-sigterm", action="store_true")
-    p.add_argument(
-        "--close-after", type=float, default=None, help="stop listening after S seconds, alive"
-    )
     p.add_argument("--child", action="store_true", help="fork a child process into our group")
     p.add_argument("--ledger", default=None)
     p.add_argument("--log-requests", action="store_true", help="ledger every request's path")
@@ -477,17 +475,18 @@ def main() -> None:
         subprocess.Popen(
             [sys.executable, "-c", "import time; time.sleep(1000)", "fake-child", ARGS.ledger or ""]
         )
-    if ARGS.exit_after is not None:
-        threading.Timer(ARGS.exit_after, lambda: os._exit(7)).start()
+    # A test decides when a backend fails, by signal, instead of racing a timer:
+    # SIGUSR1 is a crash (exit code 7); SIGUSR2 closes the port while the process lives on.
+    signal.signal(signal.SIGUSR1, lambda *_: (_ledger("crash"), _gpu(False), os._exit(7)))
     READY_AT = time.time() + ARGS.startup_delay
     if ARGS.bind_late:
         time.sleep(ARGS.startup_delay)
     server = ThreadingHTTPServer((ARGS.host, ARGS.port), Handler)
     server.daemon_threads = True
-    if ARGS.close_after is not None:
-        threading.Timer(ARGS.close_after, server.shutdown).start()
+    # shutdown() waits for serve_forever(), which this (the main) thread runs: not from here.
+    signal.signal(signal.SIGUSR2, lambda *_: threading.Thread(target=server.shutdown).start())
     server.serve_forever()
-    # --close-after: the port refuses connections from now on, the process lives on.
+    # SIGUSR2: the port refuses connections from now on, the process lives on.
     server.server_close()
     for connection in list(OPEN):
         connection.shutdown(socket.SHUT_RDWR)

@@ -15,7 +15,7 @@ import attrs
 import openai
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred
+from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
 from twisted.internet.task import deferLater
 
 from llmswap.config.config import Config, parse
@@ -89,6 +89,13 @@ def read_ledger(path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def signal_backend(ledger: str, name: str, signum: int) -> None:
+    """Send ``signum`` to the fake backend ``name`` started last (SIGUSR1 crashes it, SIGUSR2
+    closes its port): the test says when a backend fails, no timer races the test's own steps."""
+    pid = [e["pid"] for e in read_ledger(ledger) if e["event"] == "start" and e["name"] == name]
+    os.kill(pid[-1], signum)
+
+
 class Daemon:
     """llmswap running in this process on a loopback port, on the test's reactor."""
 
@@ -112,6 +119,9 @@ class Daemon:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> Deferred[None]:
+        """Stop it (a test may stop it early; the cleanup's second call does nothing)."""
+        if not self.service.running:
+            return succeed(None)
         d: Deferred[None] = self.service.stopService()
         return d
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +25,16 @@ from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from tests.fakebackend import live_peers, live_processes
-from tests.support import FAKE, Daemon, fake_model, free_port, read_ledger, samples, wait_for
+from tests.support import (
+    FAKE,
+    Daemon,
+    fake_model,
+    free_port,
+    read_ledger,
+    samples,
+    signal_backend,
+    wait_for,
+)
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -232,8 +242,9 @@ class FailureTests(DaemonTestCase):
 
     @inlineCallbacks
     def test_backend_dying_while_idle_is_reported_and_restarted(self) -> Any:
-        self.start({"alpha": self.fake("alpha", exit_after=1.5)})
+        self.start({"alpha": self.fake("alpha")})
         yield self.chat("alpha")
+        signal_backend(self.ledger, "alpha", signal.SIGUSR1)
         health: dict[str, Any] = {}
 
         @inlineCallbacks
@@ -454,8 +465,9 @@ class BackendGoneTests(DaemonTestCase):
     ) -> Any:
         """Its process lives but its port is closed (as a container whose engine died): the
         request that finds out is not the client's problem."""
-        daemon = self.start({"a": self.fake("a", close_after=1.0)})
+        daemon = self.start({"a": self.fake("a")})
         yield self.chat("a")
+        signal_backend(self.ledger, "a", signal.SIGUSR2)
         yield wait_for(lambda: "closed" in [e["event"] for e in read_ledger(self.ledger)])
         self.assertEqual(daemon.service.health()["models"]["a"]["state"], "ready")  # unnoticed
         answer = yield self.chat("a")
@@ -478,8 +490,9 @@ class RemoteModelTests(DaemonTestCase):
         yield wait_for(lambda: _answers(port), timeout=20)
         os.environ["LLMSWAP_TEST_REMOTE_KEY"] = "sk-remote-0123"
         self.addCleanup(os.environ.pop, "LLMSWAP_TEST_REMOTE_KEY")
+        loaded = os.path.abspath(self.mktemp())  # local is not ready until this file exists
         models = {
-            "local": self.fake("local", startup_delay=3),
+            "local": self.fake("local", ready_when=loaded),
             "cluster": {"remote": {"url": f"http://127.0.0.1:{port}/v1",
                                    "key_env": "LLMSWAP_TEST_REMOTE_KEY"}},
         }  # fmt: skip
@@ -497,6 +510,7 @@ class RemoteModelTests(DaemonTestCase):
         self.assertEqual(daemon.service.health()["models"]["local"]["state"], "starting")
         self.assertEqual(raw.parse().choices[0].message.content, "Hello from cluster")
         self.assertEqual(raw.headers["x-got-authorization"], "Bearer sk-remote-0123")
+        open(loaded, "w").close()
         yield loading
         self.assertEqual(starts(self.ledger), ["local"])  # llmswap started only its own
         health = daemon.service.health()["models"]["cluster"]

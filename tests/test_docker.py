@@ -206,9 +206,10 @@ class DockerBackendTests(DockerTestCase):
 
     @inlineCallbacks
     def test_container_crash_is_reported_with_exit_code_and_restarted(self) -> Any:
-        models = {"crashy": self.create("crashy", "--exit-after", "1.5")}
+        models = {"crashy": self.create("crashy")}
         d = self.daemon(models)
         yield self.chat(d, "crashy")
+        docker("kill", "--signal", "USR1", models["crashy"]["container_name"])  # a crash: code 7
         service = d.service
         yield wait_for(lambda: service.health()["models"]["crashy"]["state"] == "failed", 20)
         info = service.health()["models"]["crashy"]

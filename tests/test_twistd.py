@@ -209,22 +209,28 @@ def test_systemd_unit_verifies_and_its_commands_run(tmp_path: Path) -> None:
     models = {"alpha": fake_model("alpha", str(tmp_path / "ledger"))}
     config.write_text(yaml.safe_dump({"listen": f"tcp:{port}:interface=127.0.0.1",
                                       "log_dir": str(tmp_path), "models": models}))  # fmt: skip
-    proc = subprocess.Popen(
-        [TWISTD, *argv[1:5], str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        cwd=tmp_path,
-    )  # fmt: skip
+    out = tmp_path / "out"
+    with out.open("wb") as sink:
+        proc = subprocess.Popen(
+            [TWISTD, *argv[1:5], str(config)], stdout=sink, stderr=subprocess.STDOUT, cwd=tmp_path
+        )
     try:
         wait_listening(f"http://127.0.0.1:{port}", proc)
         proc.send_signal(signal.SIGHUP)
-        time.sleep(0.5)
+        # The reload's own summary line, then the daemon still alive: ExecReload did not kill it.
+        deadline = time.monotonic() + 30
+        while "configuration reloaded from" not in out.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, out.read_text()
+            time.sleep(0.05)
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
     finally:
         if proc.poll() is None:
             proc.kill()
-    output = proc.stdout.read().decode() if proc.stdout else ""
+    output = out.read_text()
     assert "reloading the configuration" in output
+    assert "added none, removed none, changed none" in output
     assert "Server Shut Down." in output
 
 
