@@ -26,8 +26,8 @@ from tests.fakebackend import live_processes
 from tests.support import GREEDY, Daemon, anthropic_stream, free_ports
 
 HI = [{"role": "user", "content": "Write one short sentence about the sea."}]
-# Chat-template tokens (ChatML's, Gemma's) that must never reach a user's answer.
-TEMPLATE_TOKENS = r"<\|im_|<start_of_turn>|<end_of_turn>|<\|endoftext"
+# Special tokens (ChatML's, Gemma's turns, images and end) that must never reach an answer.
+TEMPLATE_TOKENS = r"<\|im_|<start_of_|<end_of_|<eos>|<\|endoftext"
 
 
 def llama_server_groups() -> set[int]:
@@ -69,6 +69,39 @@ class LlamaServerTests(LlamaDaemonCase):
 
     def call(self, f: Any, *args: Any, **kw: Any) -> Any:
         return deferToThreadPool(reactor, self.threads, f, *args, **kw)
+
+    @inlineCallbacks
+    def test_the_users_messages_reach_the_model_in_gemmas_turns(self) -> Any:
+        """The prompt llama-server renders holds the message, in Gemma's turn markers."""
+        agent = treq.client.HTTPClient(Agent(reactor))
+        said = "Name three colours of the sea."
+        response = yield agent.post(
+            self.daemon.url + "/upstream/gemma3/apply-template",
+            json={"messages": [{"role": "user", "content": said}]},
+        )
+        self.assertEqual(response.code, 200)
+        prompt = (yield response.json())["prompt"]
+        self.assertIn(f"<start_of_turn>user\n{said}<end_of_turn>", prompt)
+        self.assertTrue(prompt.endswith("<start_of_turn>model\n"), prompt)
+
+        def asked(text: str) -> Any:
+            return self.call(
+                self.client.chat.completions.create,
+                model="gemma3", max_tokens=16, extra_body=GREEDY,
+                messages=[{"role": "user", "content": text}],
+            )  # fmt: skip
+
+        short = yield asked("Hi")
+        long = yield asked("Hi. " + said + " Answer in one short sentence, please.")
+        # Each word of the message is in the prompt the model read.
+        self.assertGreater(long.usage.prompt_tokens, short.usage.prompt_tokens + 10)
+        # A raw completion samples from any token; the image markers are banned at the source.
+        raw = yield self.call(
+            self.client.completions.create, model="gemma3", prompt="Once upon a time", max_tokens=64
+        )
+        for text in (short.choices[0].message.content, long.choices[0].message.content,
+                     raw.choices[0].text):  # fmt: skip
+            self.assertNotRegex(text, TEMPLATE_TOKENS)
 
     @inlineCallbacks
     def test_chat_stream_completions_embeddings_models_and_swaps(self) -> Any:

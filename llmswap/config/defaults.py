@@ -7,8 +7,16 @@ a real stop and load), and an embedding model.  All are ``llama-server`` process
 Each is started with:
 - ``--alias NAME``: llama-server reports the model by this name in its answers (``"model"``)
   and ``/v1/models``; without it, clients such as Open WebUI show the GGUF's file path.
-- ``--chat-template gemma``: the bundled GGUF carries no chat template, and llama-server's
-  fallback (ChatML) leaks ``<|im_end|>`` tokens into Gemma's answers.
+- ``--no-jinja --chat-template gemma``: the bundled GGUF carries no chat template (llama-server
+  would fall back to ChatML, not Gemma's turns).  llama-server renders templates with Jinja by
+  default, and under Jinja ``gemma`` is not the built-in template's name but a template whose
+  whole text is the word "gemma": every request's messages were dropped.  Without Jinja the
+  name picks llama.cpp's built-in Gemma template (``<start_of_turn>user ... <start_of_turn>model``).
+- ``--logit-bias`` against tokens 255999 and 256000 (``<start_of_image>``, ``<end_of_image>``):
+  the GGUF marks them user-defined rather than control tokens, so llama-server prints them as
+  text when sampled, and this base model samples them (worst after a broken prompt, still from a
+  raw ``/v1/completions`` prompt).  A request that sends its own ``logit_bias`` replaces this
+  list (llama-server's rule), and may see them again.
 - ``-n 256``: it is a small base model that rarely stops by itself; without a cap a chat request
   without ``max_tokens`` generates until its context is full (4,096 tokens).
 """
@@ -26,6 +34,8 @@ BASE_PORT = 18081
 PORTS = (BASE_PORT, BASE_PORT + 1, BASE_PORT + 2)
 # Tokens a demo model generates at most per request, unless the request asks for fewer.
 MAX_TOKENS = 256
+# <start_of_image> and <end_of_image>: never sampled (see the module's docstring).
+_NO_IMAGE_TOKENS = ("--logit-bias", "255999-inf", "--logit-bias", "256000-inf")
 
 
 def llama_assets(cache_dir: Path | None = None) -> tuple[str, str]:
@@ -59,7 +69,8 @@ def _llama(
         cmd=(
             binary,
             *("-m", gguf, "--alias", name, "--host", "127.0.0.1", "--port", str(port)),
-            *("--chat-template", "gemma", "-n", str(MAX_TOKENS), *extra),
+            *("--no-jinja", "--chat-template", "gemma", *_NO_IMAGE_TOKENS),
+            *("-n", str(MAX_TOKENS), *extra),
         ),
     )
 
