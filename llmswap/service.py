@@ -23,7 +23,8 @@ from llmswap import errors, health
 from llmswap.access import Gate
 from llmswap.accesslog import AccessLog
 from llmswap.anthropic import AnthropicProxy
-from llmswap.backends.docker import DockerBackend, DockerClientProvider
+from llmswap.backends.docker import DockerBackend
+from llmswap.backends.engine import DockerClientProvider
 from llmswap.backends.process import ProcessBackend
 from llmswap.backends.remote import RemoteBackend
 from llmswap.config.config import Config, load, reload_changes

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import urllib.error
 import urllib.request
 import uuid
@@ -26,12 +27,15 @@ import pytest
 import treq
 import yaml
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from llmswap.backends.docker import DockerBackend
+from llmswap.backends.engine import DockerClientProvider
+from llmswap.config.config import parse
 from tests.fakebackend import live_peers
 from tests.support import FAKE, Daemon, free_port, read_ledger, wait_for
 from tests.test_twistd import TWISTD, wait_listening
@@ -234,6 +238,83 @@ class DockerBackendTests(DockerTestCase):
         self.assertEqual(self.state(name), "exited")
         self.assertEqual(docker("inspect", "-f", "{{.State.ExitCode}}", name).stdout.strip(), "137")
         self.assertEqual([e for e in read_ledger(self.ledger) if e["event"] == "overlap"], [])
+
+
+def _serves(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+# What the driver's state is made of: written by the reactor's thread, and by no other.
+DRIVER_STATE = {"_running", "_stopping", "_engine_state", "_exit_code", "_log_tail", "_lost",
+                "_watch", "lost"}  # fmt: skip
+
+
+class DriverThreadTests(DockerTestCase):
+    @inlineCallbacks
+    def test_watchers_and_pool_threads_at_once_leave_the_reactor_the_engines_picture(
+        self,
+    ) -> Any:
+        """Rounds of: three containers started at once (pool threads, then a watcher thread
+        each), then at the same moment one crashes (its watcher sees the die), one is stopped
+        by llmswap (a pool thread) and one by someone else (its watcher again).  Every time the
+        state the reactor reads is the engine's, and no thread but the reactor's wrote it."""
+        off_reactor: list[str] = []
+
+        def witness(obj: object, name: str, value: Any) -> None:
+            if name in DRIVER_STATE and threading.current_thread() is not threading.main_thread():
+                off_reactor.append(f"{name} by {threading.current_thread().name}")
+            object.__setattr__(obj, name, value)
+
+        class Provider(DockerClientProvider):
+            __setattr__ = witness
+
+        class Backend(DockerBackend):
+            __setattr__ = witness
+
+        names = ("crashes", "stopped", "stopped-by-someone")
+        models = {n: self.create(n) for n in names}
+        config = parse({"models": models})
+        provider = Provider(config.docker)
+        backends = {n: Backend(config.models[n], provider, reactor) for n in names}
+        exits: dict[str, list[str]] = {n: [] for n in names}
+        for n, b in backends.items():
+            b.on_exit(exits[n].append)
+        self.addCleanup(lambda: DeferredList([b.shutdown() for b in backends.values()]))
+        container = {n: m["container_name"] for n, m in models.items()}
+
+        def cli(*args: str) -> Any:
+            return deferToThreadPool(reactor, self.threads, docker, *args)
+
+        for round_ in range(1, 5):
+            started = yield DeferredList([b.start() for b in backends.values()], consumeErrors=True)
+            self.assertTrue(all(ok for ok, _ in started), started)
+            self.assertTrue(all(b.alive() for b in backends.values()))
+            # Serving, so its signal handlers are in place (the daemon waits for this too).
+            yield wait_for(lambda: all(_serves(m["health_url"]) for m in models.values()), 30)
+            yield DeferredList([
+                cli("kill", "--signal", "USR1", container["crashes"]),
+                backends["stopped"].stop(),
+                cli("stop", "-t", "5", container["stopped-by-someone"]),
+            ], fireOnOneErrback=True)  # fmt: skip
+            want = [round_, 0, round_]
+            yield wait_for(lambda w=want: [len(exits[n]) for n in names] == w, 30)
+            for n, b in backends.items():
+                state, code = docker(
+                    "inspect", "-f", "{{.State.Status}} {{.State.ExitCode}}", container[n]
+                ).stdout.split()
+                described = b.describe()
+                self.assertFalse(b.alive(), n)
+                self.assertEqual((described["container_state"], described["exit_code"]),
+                                 (state, int(code)), n)  # fmt: skip
+            self.assertEqual(backends["crashes"].describe()["exit_code"], 7)
+            self.assertIn("(exit code 7)", exits["crashes"][-1])
+            self.assertIn("exited (exit code 0)", exits["stopped-by-someone"][-1])
+        self.assertIsNone(provider.lost)
+        self.assertEqual(off_reactor, [])
 
 
 class ReconciliationTests(DockerTestCase):

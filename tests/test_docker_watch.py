@@ -11,7 +11,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial import unittest
 
-from llmswap.backends.docker import DockerBackend, DockerClientProvider
+from llmswap.backends.docker import DockerBackend
+from llmswap.backends.engine import DockerClientProvider
 from llmswap.config.config import parse
 
 

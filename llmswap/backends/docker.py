@@ -2,12 +2,17 @@
 
 The user creates each container once (``docker create --name qwen3-server ... llama-server ...``);
 llmswap only starts and stops it.  The Docker SDK is blocking, so every call runs in a thread
-(``deferToThread``).  While a container runs, a thread of its own follows the engine's event
-stream for it: an exit by itself (OOM, crash) is noticed at once and reported with its exit code
-and log tail, and an engine that goes away is reported as such (its models fail, naming it,
-rather than requests meeting a refused port).  On daemon shutdown the container is left
-running by default, so a restarted llmswap adopts the loaded model instead of reloading it for
-minutes (``docker.stop_on_exit: true`` stops it instead).
+(``deferToThread``).  Threads only read the engine: each returns what it saw (:class:`_Seen`)
+and the reactor writes the backend's state from it, so nothing shared is written off the reactor.
+
+While a container runs, a thread of its own follows the engine's event stream for it: an exit
+by itself (OOM, crash) is noticed at once and reported with its exit code and log tail, and an
+engine that goes away is reported as such (its models fail, naming it, rather than requests
+meeting a refused port).  On daemon shutdown the container is left running by default, so a
+restarted llmswap adopts the loaded model instead of reloading it for minutes
+(``docker.stop_on_exit: true`` stops it instead).  Log follows (the console's live logs) block
+for as long as they are read, so they get a small pool of their own and never take the threads
+that swaps need.
 """
 
 from __future__ import annotations
@@ -16,96 +21,50 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import docker
 import docker.errors
-import docker.tls
 import requests
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from llmswap import errors
-from llmswap.config.host import LOCAL, DockerEngine
+from llmswap.backends.engine import DockerClientProvider
+from llmswap.config.host import LOCAL
 from llmswap.config.model import ModelConfig
 from llmswap.interfaces import IBackend
 
 log = Logger()
 
-_SOCKET_HINT = (
-    "Is dockerd running? When llmswap itself runs in a container, mount the socket with "
-    "-v /var/run/docker.sock:/var/run/docker.sock (or set docker.base_url / DOCKER_HOST)."
-)
+# Log follows one container may have open at once (console viewers); more wait for a thread.
+LOG_FOLLOWS = 4
 
 
-def _engine_error(engine: DockerEngine, e: Exception) -> errors.APIError:
-    where = engine.where
-    text = str(e)
-    if "Permission denied" in text or "PermissionError" in text:
-        return errors.backend_unavailable(
-            f"Permission denied on the Docker engine socket at {where}: run llmswap as root or "
-            "as a user in the socket's group (usually 'docker'); in a container, mount "
-            "-v /var/run/docker.sock:/var/run/docker.sock and add "
-            "--group-add $(stat -c %g /var/run/docker.sock)."
-        )
-    return errors.backend_unavailable(
-        f"Cannot reach the Docker engine at {where}: {text}. {_SOCKET_HINT}"
-    )
+@attrs.frozen
+class _Seen:
+    """What the engine said of a container, read in a thread and applied on the reactor."""
 
+    status: str
+    exit_code: int | None
+    log_tail: str | None = None  # read only when it does not run
 
-class _OwnCA(docker.APIClient):  # type: ignore[misc]
-    """An engine client that verifies the engine against the configured CA only.
+    @classmethod
+    def of(cls, container: Any, tail: bool = False) -> _Seen:
+        """In a thread: ``container`` was just read (or reloaded) from the engine."""
+        status = str(container.status)
+        if status == "running":
+            return cls(status, None)
+        code = container.attrs.get("State", {}).get("ExitCode")
+        text = container.logs(tail=8).decode("utf-8", "replace").rstrip() if tail else None
+        return cls(status, code, text)
 
-    requests lets ``REQUESTS_CA_BUNDLE`` (set on many hosts) replace a session's own CA for each
-    request (psf/requests#3829), so the engine's certificate would be checked against the
-    system's CAs and fail.  The environment's settings are off from the first request (the
-    version check in the constructor); a Docker engine needs none of them.
-    """
-
-    def _retrieve_server_version(self) -> str:
-        self.trust_env = False
-        return str(super()._retrieve_server_version())
-
-
-class DockerClientProvider:
-    """One lazily created Docker SDK client shared by all container backends."""
-
-    def __init__(self, engine: DockerEngine) -> None:
-        self.engine = engine
-        self._client: Any = None
-        # Why the engine did not answer its last call; None: it did (its host's /health).
-        self.lost: str | None = None
-
-    def get(self) -> Any:
-        """Called in a worker thread."""
-        if self._client is None:
-            try:
-                tls = self.engine.tls
-                if tls is not None:
-                    config = docker.tls.TLSConfig(client_cert=(tls.cert, tls.key),
-                                                  ca_cert=tls.ca, verify=True)  # fmt: skip
-                    client = docker.DockerClient.__new__(docker.DockerClient)
-                    client.api = _OwnCA(base_url=self.engine.base_url, tls=config,
-                                        timeout=int(self.engine.timeout))  # fmt: skip
-                elif self.engine.base_url:
-                    # ssh:// through the system's ssh (its keys and config, as the docker CLI
-                    # does); the SDK still needs its ssh extra (paramiko) to open ssh:// at all.
-                    ssh = self.engine.base_url.startswith("ssh://")
-                    client = docker.DockerClient(base_url=self.engine.base_url, use_ssh_client=ssh,
-                                                 timeout=int(self.engine.timeout))  # fmt: skip
-                else:
-                    client = docker.from_env(timeout=int(self.engine.timeout))
-                client.ping()
-            except (docker.errors.DockerException, requests.RequestException) as e:
-                raise self.unreachable(e) from None
-            self._client = client
-        return self._client
-
-    def unreachable(self, e: Exception) -> errors.APIError:
-        error = _engine_error(self.engine, e)
-        self.lost = error.message
-        return error
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
 
 
 @implementer(IBackend)
@@ -127,42 +86,66 @@ class DockerBackend:
         self._lost: str | None = None  # why the engine was last unreachable
         self._exit_callback: Callable[[str], None] | None = None
         self._watch: _Watch | None = None
+        self._log_threads: ThreadPool | None = None  # started by the first log follow
+        self._follows: set[Callable[[], None]] = set()
 
     # -- IBackend -------------------------------------------------------------------------
 
     def start(self) -> Deferred[None]:
         d = self._in_thread(self._start_sync)
-        d.addCallback(lambda _: self._watch_start())
-        return d
+
+        def started(seen: _Seen) -> None:
+            self._note(seen)
+            self._running = seen.running
+            if not seen.running:
+                raise errors.backend_unavailable(
+                    f"Model '{self.name}': container '{self._container_name}' exited right "
+                    f"after start: {self.failure_detail()}"
+                )
+            log.info("model {m}: started container {c}", m=self.name, c=self._container_name)
+            self._watch_start()
+
+        return d.addCallback(started)
 
     def stop(self) -> Deferred[None]:
         self._watch_stop()
         self._stopping = True
         d = self._in_thread(self._stop_sync)
 
+        def stopped(seen: _Seen) -> None:
+            self._note(seen)
+            if seen.running:
+                raise errors.backend_unavailable(
+                    f"Model '{self.name}': container '{self._container_name}' still runs after stop"
+                )
+            self._running = False
+
         def done(result: Any) -> Any:
             self._stopping = False
-            if not isinstance(result, Failure):
-                self._running = False
             return result
 
-        d.addBoth(done)
-        return d
+        return d.addCallback(stopped).addBoth(done)
 
     def adopt(self) -> Deferred[bool]:
-        d: Deferred[bool] = self._in_thread(self._adopt_sync)
+        d = self._in_thread(self._read_sync)
 
-        def adopted(running: bool) -> bool:
-            if running:
+        def adopted(seen: _Seen) -> bool:
+            self._note(seen)
+            self._running = seen.running
+            if seen.running:
                 self._watch_start()
-            return running
+            return seen.running
 
-        d.addCallback(adopted)
-        return d
+        return d.addCallback(adopted)
 
     def shutdown(self) -> Deferred[None]:
+        for stop in list(self._follows):
+            stop()
+        threads, self._log_threads = self._log_threads, None
+        # Joining the follows' threads may wait on the engine: not on the reactor.
+        closed = self._in_thread(threads.stop) if threads is not None else succeed(None)
         if self._provider.engine.stop_on_exit:
-            return self.stop()
+            return closed.addCallback(lambda _: self.stop())
         self._watch_stop()
         if self._running:
             log.info(
@@ -170,7 +153,7 @@ class DockerBackend:
                 model=self.name,
                 c=self._container_name,
             )
-        return succeed(None)
+        return closed
 
     def alive(self) -> bool:
         return self._running
@@ -207,13 +190,18 @@ class DockerBackend:
             raw = self._container().logs(tail=lines)
             return str(raw.decode("utf-8", "replace")).splitlines()
 
-        return self._in_thread(read)
+        d: Deferred[list[str]] = self._in_thread(read)
+        return d
 
     def follow(self, line: Callable[[str], None]) -> Callable[[], None]:
-        """The engine's log stream, read in a pool thread until stopped (the stream is closed,
-        which ends the thread's read)."""
+        """The engine's log stream, read in a thread of the follows' own pool until stopped
+        (the stream is closed, which ends the thread's read)."""
         stopped = threading.Event()
         streams: list[Any] = []
+        if self._log_threads is None:
+            self._log_threads = ThreadPool(0, LOG_FOLLOWS, name=f"docker-logs-{self.name}")
+            self._log_threads.start()
+        pool = self._log_threads
 
         def read() -> None:
             stream = self._container().logs(stream=True, follow=True, tail=0)
@@ -227,23 +215,24 @@ class DockerBackend:
                     self._reactor.callFromThread(line, raw.decode("utf-8", "replace"))
 
         def stop() -> None:
+            self._follows.discard(stop)
             stopped.set()
             for stream in streams:
                 stream.close()
 
-        self._in_thread(read).addErrback(
-            lambda f: (
-                None
-                if stopped.is_set()
-                else log.warn("{m}: log stream: {e}", m=self.name, e=f.value)
-            )
-        )
+        def failed(f: Failure) -> None:
+            if not stopped.is_set():
+                log.warn("{m}: log stream: {e}", m=self.name, e=f.value)
+
+        self._follows.add(stop)
+        self._in_thread(read, pool).addErrback(failed)
         return stop
 
-    # -- blocking parts, run in the reactor's thread pool -----------------------------------
+    # -- blocking parts: they read the engine in a thread and return what they saw ----------
 
-    def _in_thread(self, fn: Callable[[], Any]) -> Deferred[Any]:
-        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), fn)
+    def _in_thread(self, fn: Callable[[], Any], pool: ThreadPool | None = None) -> Deferred[Any]:
+        d = deferToThreadPool(self._reactor, pool or self._reactor.getThreadPool(), fn)
+        return d.addBoth(self._provider.witness)
 
     def _container(self) -> Any:
         client = self._provider.get()
@@ -256,10 +245,9 @@ class DockerBackend:
             ) from None
         except (docker.errors.DockerException, requests.RequestException) as e:
             raise self._provider.unreachable(e) from None  # requests': no connection at all
-        self._provider.lost = None
         return container
 
-    def _start_sync(self) -> None:
+    def _start_sync(self) -> _Seen:
         container = self._container()
         try:
             container.start()
@@ -269,16 +257,9 @@ class DockerBackend:
                 f"Model '{self.name}': container '{self._container_name}' failed to start: "
                 f"{e.explanation or e}"
             ) from None
-        self._note(container)
-        self._running = container.status == "running"
-        if not self._running:
-            raise errors.backend_unavailable(
-                f"Model '{self.name}': container '{self._container_name}' exited right after "
-                f"start: {self.failure_detail()}"
-            )
-        log.info("model {model}: started container {c}", model=self.name, c=self._container_name)
+        return _Seen.of(container, tail=True)
 
-    def _stop_sync(self) -> None:
+    def _stop_sync(self) -> _Seen:
         container = self._container()
         timeout = self._model.stop_timeout
         try:
@@ -295,34 +276,18 @@ class DockerBackend:
             raise errors.backend_unavailable(
                 f"Model '{self.name}': container '{self._container_name}' did not stop: {e}"
             ) from None
-        self._note(container)
-        if container.status == "running":
-            raise errors.backend_unavailable(
-                f"Model '{self.name}': container '{self._container_name}' still runs after stop"
-            )
+        return _Seen.of(container)
 
-    def _adopt_sync(self) -> bool:
-        container = self._container()
-        self._note(container)
-        self._running = container.status == "running"
-        return self._running
+    def _read_sync(self) -> _Seen:
+        return _Seen.of(self._container(), tail=True)
 
-    def _inspect_sync(self) -> str:
-        container = self._container()
-        self._note(container)
-        if container.status != "running":
-            tail = container.logs(tail=8).decode("utf-8", "replace").rstrip()
-            self._log_tail = tail
-        return str(container.status)
-
-    def _note(self, container: Any) -> None:
+    def _note(self, seen: _Seen) -> None:
+        """On the reactor: the backend's view of its container becomes what a thread saw."""
         self._lost = None
-        self._engine_state = str(container.status)
-        state = container.attrs.get("State", {})
-        if container.status != "running":
-            self._exit_code = state.get("ExitCode")
-        else:
-            self._exit_code = None
+        self._engine_state = seen.status
+        self._exit_code = seen.exit_code
+        if seen.log_tail is not None:
+            self._log_tail = seen.log_tail
 
     # -- exit watcher -------------------------------------------------------------------------
 
@@ -342,7 +307,9 @@ class DockerBackend:
 
     def _follow(self, watch: _Watch) -> None:
         """In its own thread (it blocks for as long as the container runs): the engine's
-        ``die`` events for this container; the outcome goes to the reactor."""
+        ``die`` events for this container.  What it saw goes to the reactor; ``None``: the
+        engine, not the container, went away."""
+        seen: _Seen | None = None
         why = "its event stream ended"
         try:
             stream = self._provider.get().events(
@@ -350,27 +317,28 @@ class DockerBackend:
                 filters={"type": "container", "container": self._container_name, "event": "die"},
             )
             watch.stream = stream
-            status = self._inspect_sync()  # a death before the subscription
-            if status == "running" and not watch.closed:
+            seen = self._read_sync()  # a death before the subscription
+            if seen.running and not watch.closed:
+                seen = None
                 for _ in stream:
-                    status = self._inspect_sync()
+                    seen = self._read_sync()
                     break
-                else:
-                    status = _ENGINE
         except Exception as e:
-            status, why = _ENGINE, str(e)
+            seen, why = None, str(e)
         if not watch.closed:
-            self._reactor.callFromThread(self._followed, watch, status, why)
+            self._reactor.callFromThread(self._followed, watch, seen, why)
 
-    def _followed(self, watch: _Watch, status: str, why: str) -> None:
+    def _followed(self, watch: _Watch, seen: _Seen | None, why: str) -> None:
         if watch is not self._watch or self._stopping or not self._running:
             return
         self._watch = None
-        if status == "running":  # died and was started again by someone: keep watching
-            self._watch_start()
-            return
+        if seen is not None:
+            self._note(seen)
+            if seen.running:  # died and was started again by someone: keep watching
+                self._watch_start()
+                return
         self._running = False
-        if status is _ENGINE:
+        if seen is None:
             self._engine_state = "unknown"
             self._lost = f"Docker engine at {self._provider.engine.where} unreachable: {why}"
             self._provider.lost = self._lost
@@ -378,9 +346,6 @@ class DockerBackend:
         log.warn("model {model}: {reason}", model=self.name, reason=reason)
         if self._exit_callback is not None:
             self._exit_callback(reason)
-
-
-_ENGINE = "engine unreachable"  # the watch's outcome when the engine, not the container, went
 
 
 class _Watch:
