@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from llmswap.config import convert, schema
+from llmswap.config import convert, schema, settings
 from llmswap.config.config import Config, load
 from llmswap.config.host import IMPLICIT_DEVICE, LOCAL
 from llmswap.config.model import derive_health_url
@@ -37,7 +37,7 @@ def _changed(section: schema.Section, obj: Any, defaults: dict[str, Any]) -> lis
 
 def describe(config: Config, path: str) -> list[str]:
     lines = [f"{path}: OK, {len(config.models)} models, listen {config.listen}"]
-    changed = _changed(schema.GLOBAL, config, {"listen": config.listen})
+    changed = _changed(settings.GLOBAL, config, {"listen": config.listen})
     if changed:
         lines.append(f"  settings: {'; '.join(changed)}")
     for name, m in config.instances.items():  # a model on several hosts: once per host
@@ -45,7 +45,7 @@ def describe(config: Config, path: str) -> list[str]:
             f"container {m.container_name}" if m.container_name else f"cmd {' '.join(m.cmd or ())}"
         )
         derived = _changed(
-            schema.MODEL,
+            settings.MODEL,
             m,
             {
                 # Shown already, or derived from other settings.
@@ -54,7 +54,7 @@ def describe(config: Config, path: str) -> list[str]:
                 "container_name": m.container_name,
                 "startup_timeout": m.startup_timeout,
                 "health_url": derive_health_url(m.backend_url),
-                "max_wait_before_swap": schema.GLOBAL["max_wait_before_swap"].default,
+                "max_wait_before_swap": settings.GLOBAL["max_wait_before_swap"].default,
                 "drain_timeout": config.request_timeout,
                 "device": config.hosts[m.host].device(IMPLICIT_DEVICE),
                 "host": LOCAL,
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "settings":
-        print(schema.markdown_table())
+        print(settings.markdown_table())
         return 0
     if args.command == "convert-llama-swap":
         return _convert(args.path)

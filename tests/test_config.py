@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from llmswap.__main__ import main
-from llmswap.config import schema
+from llmswap.config import settings
 from llmswap.config.config import Config, load, parse
 from llmswap.config.values import ConfigError
 
@@ -235,7 +235,7 @@ def test_duplicate_keys_are_refused() -> None:
 
 def test_readme_lists_every_setting_as_the_schema_declares_it() -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
-    assert schema.markdown_table() in readme, "regenerate it: python -m llmswap settings"
+    assert settings.markdown_table() in readme, "regenerate it: python -m llmswap settings"
 
 
 def test_settings_command_prints_every_key_with_its_default(
@@ -243,7 +243,7 @@ def test_settings_command_prints_every_key_with_its_default(
 ) -> None:
     assert main(["settings"]) == 0
     out = capsys.readouterr().out
-    for path, setting in schema.documented():
+    for path, setting in settings.documented():
         assert f"| `{path}` |" in out
         assert setting.help
     assert "| `queue_size` | `50` | requests |" in out
@@ -255,12 +255,12 @@ def test_defaults_are_the_schemas_whether_parsed_or_built() -> None:
     built = Config(models=parsed.models)
     for key in ("listen", "queue_size", "request_timeout", "health_interval", "max_body_bytes",
                 "scheduler", "keepalive_interval", "linger", "access_log"):  # fmt: skip
-        assert getattr(parsed, key) == getattr(built, key) == schema.GLOBAL[key].default, key
+        assert getattr(parsed, key) == getattr(built, key) == settings.GLOBAL[key].default, key
     m = parsed.models["m"]
     for key in ("startup_timeout", "stop_timeout", "concurrency"):
-        assert getattr(m, key) == schema.MODEL[key].default, key
+        assert getattr(m, key) == settings.MODEL[key].default, key
     assert m.drain_timeout == parsed.request_timeout
-    assert parsed.docker.timeout == schema.DOCKER["timeout"].default
+    assert parsed.docker.timeout == settings.DOCKER["timeout"].default
 
 
 def test_check_config_shows_what_differs_from_the_defaults(

@@ -24,8 +24,6 @@ from llmswap.swap.manager import SwapManager
 from llmswap.swap.state import TRANSITIONS, IllegalTransition
 from llmswap.testing import MemoryBackend, MemoryHTTP
 
-S = ModelState
-
 
 def test_the_in_memory_fakes_provide_the_backend_interface() -> None:
     assert verifyObject(IBackend, MemoryBackend("a", []))
@@ -35,15 +33,22 @@ def test_every_state_has_its_transitions_and_ready_is_reached_only_from_loading_
     None
 ):
     assert set(TRANSITIONS) == set(ModelState)
-    assert {old for old, new in TRANSITIONS.items() if S.READY in new} == {
-        S.STOPPED,  # adopted at start-up
-        S.STARTING,
-        S.DRAINING,  # eviction called off
+    assert {old for old, new in TRANSITIONS.items() if ModelState.READY in new} == {
+        ModelState.STOPPED,  # adopted at start-up
+        ModelState.STARTING,
+        ModelState.DRAINING,  # eviction called off
     }
-    assert TRANSITIONS[S.STOPPING] == {S.STOPPED, S.ASLEEP, S.FAILED}
+    assert TRANSITIONS[ModelState.STOPPING] == {
+        ModelState.STOPPED,
+        ModelState.ASLEEP,
+        ModelState.FAILED,
+    }
     # A sleeper is awake only through a load (wake), never straight back to serving.
-    assert S.READY not in TRANSITIONS[S.ASLEEP]
-    assert {old for old, new in TRANSITIONS.items() if S.ASLEEP in new} == {S.STOPPED, S.STOPPING}
+    assert ModelState.READY not in TRANSITIONS[ModelState.ASLEEP]
+    assert {old for old, new in TRANSITIONS.items() if ModelState.ASLEEP in new} == {
+        ModelState.STOPPED,
+        ModelState.STOPPING,
+    }
 
 
 def test_bus_delivers_by_kind_and_a_cancelled_subscription_hears_nothing() -> None:
@@ -139,8 +144,8 @@ class ManagerEventTests(unittest.TestCase):
         self.successResultOf(self.manager.acquire("a")).release()
         slot = self.manager._slots["a"]
         with pytest.raises(IllegalTransition, match=r"model a: ready -> starting"):
-            slot.set(S.STARTING)
-        self.assertIs(self.manager.state("a"), S.READY)
+            slot.set(ModelState.STARTING)
+        self.assertIs(self.manager.state("a"), ModelState.READY)
 
     def test_snapshot_counts_every_waiting_request_and_lists_only_those_asked_for(self) -> None:
         held = self.successResultOf(self.manager.acquire("a"))

@@ -14,7 +14,7 @@ import attrs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmswap.config.schema import FIFO, SWAP_AWARE
+from llmswap.config.settings import FIFO, SWAP_AWARE
 from llmswap.swap.policy import Decision, Load, ModelView, Unload, View, Waiting, decide, plan_room
 
 

@@ -1,6 +1,7 @@
 """Configuration: ``llmswap.yaml`` in, immutable attrs classes out; nothing here runs anything.
 
-- :mod:`~llmswap.config.schema`: every key once (type, default, unit, help); typos named.
+- :mod:`~llmswap.config.schema`: how a setting is declared and read (typos named).
+- :mod:`~llmswap.config.settings`: every setting, declared once (type, default, unit, help).
 - :mod:`~llmswap.config.values`: how each kind of value is checked and converted.
 - :mod:`~llmswap.config.macros`: llama-swap's ``macros`` and ``${PORT}`` expansion.
 - :mod:`~llmswap.config.model`: one model's settings (:class:`ModelConfig`).

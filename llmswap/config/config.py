@@ -29,10 +29,9 @@ from llmswap.config.model import (
     model,
     model_aliases,
 )
-from llmswap.config.schema import CONSOLE, GLOBAL
+from llmswap.config.settings import CONSOLE, GLOBAL
 from llmswap.config.values import ConfigError, known_model, names
 
-G = GLOBAL
 REMOTE_DEVICE = "remote"
 # What the Docker SDK reads from the environment (docker.from_env), and systemd's directory of
 # credentials (where key files may live).
@@ -56,29 +55,29 @@ class Console:
 @attrs.frozen
 class Config:
     models: Mapping[str, ModelConfig]
-    listen: str = G["listen"].default
-    queue_size: int = G["queue_size"].default
-    request_timeout: float = G["request_timeout"].default
-    health_interval: float = G["health_interval"].default
-    max_body_bytes: int = G["max_body_bytes"].default
-    max_upload_bytes: int = G["max_upload_bytes"].default
-    idle_timeout: float = G["idle_timeout"].default
-    max_connections: int = G["max_connections"].default
+    listen: str = GLOBAL["listen"].default
+    queue_size: int = GLOBAL["queue_size"].default
+    request_timeout: float = GLOBAL["request_timeout"].default
+    health_interval: float = GLOBAL["health_interval"].default
+    max_body_bytes: int = GLOBAL["max_body_bytes"].default
+    max_upload_bytes: int = GLOBAL["max_upload_bytes"].default
+    idle_timeout: float = GLOBAL["idle_timeout"].default
+    max_connections: int = GLOBAL["max_connections"].default
     pass_env: tuple[str, ...] = ()
     log_dir: str | None = None
     console: Console = Console()
-    scheduler: str = G["scheduler"].default
+    scheduler: str = GLOBAL["scheduler"].default
     priority_header: str | None = None
-    keepalive_interval: float = G["keepalive_interval"].default
-    linger: float = G["linger"].default
-    linger_bound: bool = G["linger_bound"].default
+    keepalive_interval: float = GLOBAL["keepalive_interval"].default
+    linger: float = GLOBAL["linger"].default
+    linger_bound: bool = GLOBAL["linger_bound"].default
     preload: tuple[str, ...] = ()
     auth: Auth | None = None
-    access_log: bool = G["access_log"].default
-    prefetch_reserve: int = G["prefetch_reserve"].default
-    start_port: int = G["start_port"].default
-    list_aliases: bool = G["list_aliases"].default
-    loading_status: str = G["loading_status"].default
+    access_log: bool = GLOBAL["access_log"].default
+    prefetch_reserve: int = GLOBAL["prefetch_reserve"].default
+    start_port: int = GLOBAL["start_port"].default
+    list_aliases: bool = GLOBAL["list_aliases"].default
+    loading_status: str = GLOBAL["loading_status"].default
     # Alias -> the model it names.
     aliases: Mapping[str, str] = attrs.field(factory=dict)
     source: str = "<built-in>"
@@ -163,15 +162,15 @@ def parse(
     """Validate an already-parsed YAML document."""
     if not isinstance(data, Mapping):
         raise ConfigError("the configuration must be a mapping with a 'models' key")
-    G.check_keys(data, "")
+    GLOBAL.check_keys(data, "")
     models_raw = data.get("models")
     if not isinstance(models_raw, Mapping) or not models_raw:
         raise ConfigError("'models' must map at least one model name to its settings")
-    request_timeout = G["request_timeout"].read(data, "")
+    request_timeout = GLOBAL["request_timeout"].read(data, "")
     defaults = {
-        "max_wait_before_swap": G["max_wait_before_swap"].read(data, ""),
-        "drain_timeout": G["drain_timeout"].read(data, "", request_timeout),
-        "loading_status": G["loading_status"].read(data, ""),
+        "max_wait_before_swap": GLOBAL["max_wait_before_swap"].read(data, ""),
+        "drain_timeout": GLOBAL["drain_timeout"].read(data, "", request_timeout),
+        "loading_status": GLOBAL["loading_status"].read(data, ""),
     }
     # ${PORT}, ${MODEL_ID} and ${HOST} stay until each model's port and hosts are known.
     later = {m: f"${{{m}}}" for m in (macros.PORT, macros.MODEL_ID, macros.HOST)}
@@ -181,7 +180,7 @@ def parse(
         if not isinstance(name, str) or not name:
             raise ConfigError(f"model names must be non-empty strings, got {name!r}")
         expanded_models[name] = expanded(name, raw, defined)
-    start_port = G["start_port"].read(data, "")
+    start_port = GLOBAL["start_port"].read(data, "")
     wanting = [n for n, raw in expanded_models.items()
                if any(macros.uses(raw.get(k), macros.PORT) for k in macros.EXPANDED)]  # fmt: skip
     ports = macros.assign_ports(wanting, start_port, previous_ports or {})
@@ -190,28 +189,28 @@ def parse(
 
     config = Config(
         models=models,
-        listen=G["listen"].read(data, ""),
-        queue_size=G["queue_size"].read(data, ""),
+        listen=GLOBAL["listen"].read(data, ""),
+        queue_size=GLOBAL["queue_size"].read(data, ""),
         request_timeout=request_timeout,
-        health_interval=G["health_interval"].read(data, ""),
-        max_body_bytes=G["max_body_bytes"].read(data, ""),
-        max_upload_bytes=G["max_upload_bytes"].read(data, ""),
-        idle_timeout=G["idle_timeout"].read(data, ""),
-        max_connections=G["max_connections"].read(data, ""),
+        health_interval=GLOBAL["health_interval"].read(data, ""),
+        max_body_bytes=GLOBAL["max_body_bytes"].read(data, ""),
+        max_upload_bytes=GLOBAL["max_upload_bytes"].read(data, ""),
+        idle_timeout=GLOBAL["idle_timeout"].read(data, ""),
+        max_connections=GLOBAL["max_connections"].read(data, ""),
         pass_env=names(data.get("pass_env"), "pass_env"),
-        log_dir=G["log_dir"].read(data, ""),
+        log_dir=GLOBAL["log_dir"].read(data, ""),
         console=_console(data.get("console")),
-        scheduler=G["scheduler"].read(data, ""),
-        priority_header=G["priority_header"].read(data, ""),
-        keepalive_interval=G["keepalive_interval"].read(data, ""),
-        linger=G["linger"].read(data, ""),
-        linger_bound=G["linger_bound"].read(data, ""),
+        scheduler=GLOBAL["scheduler"].read(data, ""),
+        priority_header=GLOBAL["priority_header"].read(data, ""),
+        keepalive_interval=GLOBAL["keepalive_interval"].read(data, ""),
+        linger=GLOBAL["linger"].read(data, ""),
+        linger_bound=GLOBAL["linger_bound"].read(data, ""),
         preload=preload,
         auth=parse_auth(data.get("auth"), models),
-        access_log=G["access_log"].read(data, ""),
-        prefetch_reserve=G["prefetch_reserve"].read(data, ""),
+        access_log=GLOBAL["access_log"].read(data, ""),
+        prefetch_reserve=GLOBAL["prefetch_reserve"].read(data, ""),
         start_port=start_port,
-        list_aliases=G["list_aliases"].read(data, ""),
+        list_aliases=GLOBAL["list_aliases"].read(data, ""),
         loading_status=defaults["loading_status"],
         aliases=model_aliases(models),
         source=source,

@@ -14,7 +14,7 @@ import attrs
 
 from llmswap.config.host import IMPLICIT_DEVICE, LOCAL, Host
 from llmswap.config.model import ModelConfig
-from llmswap.config.schema import DEVICE
+from llmswap.config.settings import DEVICE
 from llmswap.config.values import ConfigError, size
 
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import attrs
 
-from llmswap.config.schema import DOCKER, DOCKER_TLS, HOST
+from llmswap.config.settings import DOCKER, DOCKER_TLS, HOST
 from llmswap.config.values import ConfigError
 
 # This machine's host: the top-level ``docker`` and ``devices``.

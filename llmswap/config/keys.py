@@ -14,7 +14,7 @@ from typing import Any
 
 import attrs
 
-from llmswap.config.schema import AUTH, KEY
+from llmswap.config.settings import AUTH, KEY
 from llmswap.config.values import ConfigError, known_model
 
 

@@ -16,10 +16,8 @@ import attrs
 
 from llmswap.config import macros
 from llmswap.config.host import IMPLICIT_DEVICE, LOCAL
-from llmswap.config.schema import GLOBAL, INFO, MODEL, REMOTE, SLEEP
+from llmswap.config.settings import GLOBAL, INFO, MODEL, REMOTE, SLEEP
 from llmswap.config.values import ConfigError, names
-
-G, M = GLOBAL, MODEL
 
 
 @attrs.frozen
@@ -109,16 +107,16 @@ class ModelConfig:
     name: str
     backend_url: str
     health_url: str
-    startup_timeout: float = M["startup_timeout"].default
-    stop_timeout: float = M["stop_timeout"].default
+    startup_timeout: float = MODEL["startup_timeout"].default
+    stop_timeout: float = MODEL["stop_timeout"].default
     container_name: str | None = None
     cmd: tuple[str, ...] | None = None
     env: Mapping[str, str] = attrs.field(factory=dict)
     cwd: str | None = None
-    concurrency: int = M["concurrency"].default
+    concurrency: int = MODEL["concurrency"].default
     ttl: float | None = None
-    max_wait_before_swap: float = G["max_wait_before_swap"].default
-    drain_timeout: float = G["request_timeout"].default
+    max_wait_before_swap: float = GLOBAL["max_wait_before_swap"].default
+    drain_timeout: float = GLOBAL["request_timeout"].default
     device: str = IMPLICIT_DEVICE
     # Bytes on ``device``; None means the whole device.
     memory: int | None = None
@@ -126,13 +124,13 @@ class ModelConfig:
     sleep: Sleep | None = None
     # Weight files to read ahead; None: found in ``cmd`` (see llmswap.swap.prefetch).
     files: tuple[str, ...] | None = None
-    prefetch: bool = M["prefetch"].default
+    prefetch: bool = MODEL["prefetch"].default
     aliases: tuple[str, ...] = ()
-    unlisted: bool = M["unlisted"].default
+    unlisted: bool = MODEL["unlisted"].default
     use_model_name: str | None = None
     strip_params: tuple[str, ...] = ()
     set_params: Mapping[str, Any] = attrs.field(factory=dict)
-    loading_status: str = G["loading_status"].default
+    loading_status: str = GLOBAL["loading_status"].default
     # What ``${PORT}`` is for this model; None: it does not use it.
     port: int | None = None
     remote: Remote | None = None
@@ -177,7 +175,7 @@ def expanded(name: str, raw: Any, defined: Mapping[str, str]) -> dict[str, Any]:
     where = f"models.{name}"
     if not isinstance(raw, Mapping):
         raise ConfigError(f"'{where}' must be a mapping of settings, got {raw!r}")
-    M.check_keys(raw, where)
+    MODEL.check_keys(raw, where)
     own = macros.define(raw.get("macros"), f"{where}.macros", defined)
     out = dict(raw)
     for key in macros.EXPANDED:
@@ -220,10 +218,10 @@ def model(
             f"'{where}.backend_url' is required (e.g. http://127.0.0.1:8081/v1), unless "
             "'cmd' uses ${PORT}"
         )
-    backend_url = M["backend_url"].read(raw, where)
-    health_url = M["health_url"].read(raw, where) or derive_health_url(backend_url)
-    container = M["container_name"].read(raw, where)
-    cmd = M["cmd"].read(raw, where)
+    backend_url = MODEL["backend_url"].read(raw, where)
+    health_url = MODEL["health_url"].read(raw, where) or derive_health_url(backend_url)
+    container = MODEL["container_name"].read(raw, where)
+    cmd = MODEL["cmd"].read(raw, where)
     if [container, cmd, remote].count(None) != 2:
         raise ConfigError(
             f"'{where}' needs exactly one of 'container_name' (a Docker container), 'cmd' (a "
@@ -231,35 +229,35 @@ def model(
         )
     if container is not None and ("env" in raw or "cwd" in raw):
         raise ConfigError(f"'{where}': 'env' and 'cwd' apply to 'cmd' models, not containers")
-    memory = M["memory"].read(raw, where)
+    memory = MODEL["memory"].read(raw, where)
     return ModelConfig(
         name=name,
         backend_url=backend_url,
         health_url=health_url,
-        startup_timeout=M["startup_timeout"].read(raw, where),
-        stop_timeout=M["stop_timeout"].read(raw, where),
+        startup_timeout=MODEL["startup_timeout"].read(raw, where),
+        stop_timeout=MODEL["stop_timeout"].read(raw, where),
         container_name=container,
         cmd=cmd,
-        env=M["env"].read(raw, where) or {},
-        cwd=M["cwd"].read(raw, where),
-        concurrency=M["concurrency"].read(raw, where),
-        ttl=M["ttl"].read(raw, where),
-        max_wait_before_swap=M["max_wait_before_swap"].read(
+        env=MODEL["env"].read(raw, where) or {},
+        cwd=MODEL["cwd"].read(raw, where),
+        concurrency=MODEL["concurrency"].read(raw, where),
+        ttl=MODEL["ttl"].read(raw, where),
+        max_wait_before_swap=MODEL["max_wait_before_swap"].read(
             raw, where, defaults["max_wait_before_swap"]
         ),
-        drain_timeout=M["drain_timeout"].read(raw, where, defaults["drain_timeout"]),
-        device=M["device"].read(raw, where) or IMPLICIT_DEVICE,
+        drain_timeout=MODEL["drain_timeout"].read(raw, where, defaults["drain_timeout"]),
+        device=MODEL["device"].read(raw, where) or IMPLICIT_DEVICE,
         memory=memory,
         info=_info(raw.get("info"), f"{where}.info"),
         sleep=_sleep(raw.get("sleep"), f"{where}.sleep", backend_url),
-        files=M["files"].read(raw, where),
-        prefetch=M["prefetch"].read(raw, where),
+        files=MODEL["files"].read(raw, where),
+        prefetch=MODEL["prefetch"].read(raw, where),
         aliases=names(raw.get("aliases"), f"{where}.aliases"),
-        unlisted=M["unlisted"].read(raw, where),
-        use_model_name=M["use_model_name"].read(raw, where),
+        unlisted=MODEL["unlisted"].read(raw, where),
+        use_model_name=MODEL["use_model_name"].read(raw, where),
         strip_params=_params(raw.get("strip_params"), f"{where}.strip_params"),
         set_params=_set_params(raw.get("set_params"), f"{where}.set_params"),
-        loading_status=M["loading_status"].read(raw, where, defaults["loading_status"]),
+        loading_status=MODEL["loading_status"].read(raw, where, defaults["loading_status"]),
         port=port,
         remote=remote,
         hosts=(host,),

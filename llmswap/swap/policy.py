@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
-from llmswap.config.schema import FIFO, SWAP_AWARE
+from llmswap.config.settings import FIFO, SWAP_AWARE
 
 
 @attrs.frozen

@@ -26,7 +26,6 @@ from llmswap.swap.readiness import BackendDied, wait_healthy
 from llmswap.swap.state import check
 
 log = Logger()
-S = ModelState
 
 
 class Slot:
@@ -46,7 +45,7 @@ class Slot:
         self._clock = clock
         self._bus = bus
         self._on_crash = on_crash
-        self.state = S.STOPPED
+        self.state = ModelState.STOPPED
         self.error: str | None = None
         self.since = clock.seconds()
         self.last_load_seconds: float | None = None
@@ -69,17 +68,17 @@ class Slot:
     @property
     def resident(self) -> bool:
         """Holds (or may hold) device memory: what the budget must count."""
-        if self.state is S.ASLEEP:
+        if self.state is ModelState.ASLEEP:
             return False
         return self.state.resident or self.backend.alive()
 
     @property
     def asleep(self) -> bool:
-        return self.state is S.ASLEEP
+        return self.state is ModelState.ASLEEP
 
     @property
     def ready(self) -> bool:
-        return self.state is S.READY
+        return self.state is ModelState.READY
 
     @property
     def ttl(self) -> float | None:
@@ -113,8 +112,8 @@ class Slot:
         """Launch (or wake) the backend and wait until it answers healthy; READY, or FAILED
         and raise."""
         cfg = self.config
-        self.woke = self.state is S.ASLEEP and self.backend.alive()
-        self.set(S.STARTING)
+        self.woke = self.state is ModelState.ASLEEP and self.backend.alive()
+        self.set(ModelState.STARTING)
         started = self._clock.seconds()
         try:
             if self.woke:
@@ -127,13 +126,13 @@ class Slot:
                                    health_interval, self.backend.alive)  # fmt: skip
         except BaseException as e:
             if self.backend.alive():
-                self.set(S.STOPPING)
+                self.set(ModelState.STOPPING)
                 yield self.backend.stop()
             if isinstance(e, CancelledError):  # shutting down, not the backend's fault
-                self.set(S.STOPPED)
+                self.set(ModelState.STOPPED)
                 raise
             detail = self.as_api_error(e).message
-            self.set(S.FAILED, detail)
+            self.set(ModelState.FAILED, detail)
             lines = "\n".join(self.backend.describe().get("output", ()))
             output = f"; last output:\n{lines}" if lines else ""  # the operator's log only
             log.error("model {model}: failed to start: {detail}{output}", model=self.name,
@@ -142,7 +141,7 @@ class Slot:
         now = self._clock.seconds()
         self.last_load_seconds = round(now - started, 3)
         self.last_used = now
-        self.set(S.READY)
+        self.set(ModelState.READY)
 
     @inlineCallbacks
     def _wake(self, http: Any, interval: float) -> Any:
@@ -158,13 +157,13 @@ class Slot:
 
     def adopted(self, asleep: bool = False) -> None:
         self.last_used = self._clock.seconds()
-        self.set(S.ASLEEP if asleep else S.READY)
+        self.set(ModelState.ASLEEP if asleep else ModelState.READY)
 
     @inlineCallbacks
     def drain(self) -> Any:
         """No new admissions; wait (at most ``drain_timeout``) until running requests finish."""
-        if self.state is S.READY:
-            self.set(S.DRAINING)
+        if self.state is ModelState.READY:
+            self.set(ModelState.DRAINING)
         if not self.in_flight:
             return None
         idle: Deferred[None] = Deferred()
@@ -185,16 +184,16 @@ class Slot:
 
     def undrain(self) -> None:
         """The eviction was called off: take requests again."""
-        if self.state is S.DRAINING:
-            self.set(S.READY)
+        if self.state is ModelState.DRAINING:
+            self.set(ModelState.READY)
 
     @inlineCallbacks
     def stop(self) -> Any:
         """Stop the backend; fires once it is confirmed gone."""
-        self.set(S.STOPPING)
+        self.set(ModelState.STOPPING)
         yield self.backend.stop()
         self.keep_alive = None
-        self.set(S.STOPPED)
+        self.set(ModelState.STOPPED)
 
     @inlineCallbacks
     def put_to_sleep(self, http: Any, interval: float) -> Any:
@@ -202,25 +201,25 @@ class Slot:
         it.  A sleep that fails or is not confirmed in time stops the backend instead: either
         way its device memory is free when this fires.  True when it sleeps."""
         assert self.config.sleep is not None
-        self.set(S.STOPPING)
+        self.set(ModelState.STOPPING)
         self.keep_alive = None
         try:
             yield sleep.put_to_sleep(self._clock, http, self.config.sleep, interval)
         except sleep.SleepFailed as e:
             log.warn("model {model}: sleep failed ({e}); stopping it", model=self.name, e=e)
             yield self.backend.stop()
-            self.set(S.STOPPED)
+            self.set(ModelState.STOPPED)
             return False
         if not self.backend.alive():  # it exited meanwhile; _exited saw STOPPING
-            self.set(S.STOPPED)
+            self.set(ModelState.STOPPED)
             return False
-        self.set(S.ASLEEP)
+        self.set(ModelState.ASLEEP)
         return True
 
     def _exited(self, reason: str) -> None:
         """The backend died on its own: report it; the next request for it restarts it."""
-        if self.state in (S.READY, S.DRAINING, S.ASLEEP):
-            self.set(S.FAILED, f"backend {self.backend.failure_detail()}")
+        if self.state in (ModelState.READY, ModelState.DRAINING, ModelState.ASLEEP):
+            self.set(ModelState.FAILED, f"backend {self.backend.failure_detail()}")
             self._on_crash(self)
 
     def as_api_error(self, e: BaseException) -> errors.APIError:
