@@ -21,6 +21,7 @@ from typing import Any, BinaryIO
 
 import attrs
 from klein.interfaces import IKleinRequest
+from twisted.application.service import MultiService
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -44,7 +45,7 @@ from llmswap.config.keys import APIKey
 from llmswap.config.model import server_root
 from llmswap.events import EventBus, ModelState, RequestEnded
 from llmswap.headers import KEY_HEADERS
-from llmswap.keepalive import KeepAlive
+from llmswap.heartbeat import Heartbeat
 from llmswap.relay import (
     BackendGone,
     Relay,
@@ -94,8 +95,11 @@ class Exchange:
     upload: BinaryIO | None = None
 
 
-class Proxy:
+class Proxy(MultiService):
     """Carries relayed requests through the gate, the queue and the relay.
+
+    A Service: the timer of its waiting streams (:attr:`heartbeat`) is its child, so adding
+    the proxy to the daemon's tree starts and stops it.
 
     This class speaks the OpenAI API; another API subclasses it and overrides the hooks
     :meth:`parse`, :meth:`forward`, :meth:`served` and :meth:`render_error`.
@@ -112,10 +116,11 @@ class Proxy:
         self._gate = gate
         self._bus = bus
         self._clock = clock
-        # A Service: the daemon's service tree stops its timer.
-        self.keepalive: KeepAlive[Exchange] = KeepAlive(
+        super().__init__()
+        self.heartbeat: Heartbeat[Exchange] = Heartbeat(
             clock, lambda: self._config.keepalive_interval, self._still_waiting
         )
+        self.heartbeat.setServiceParent(self)
         self._on_lease = self._serve
         self._on_failure = self._ended
 
@@ -132,7 +137,7 @@ class Proxy:
         if not d.called:  # it waits in the queue
             _forget_routing(request)
             if x.stream and self.comments_while_waiting:
-                self.keepalive.add(x)  # until _serve or _ended
+                self.heartbeat.add(x)  # until _serve or _ended
                 if self._reasoning(x):  # a chat client shows it at once, not in 5 s
                     self._still_waiting(x)
         # The callbacks share one arguments tuple, the bound methods are made once, no kwargs
@@ -175,7 +180,7 @@ class Proxy:
         """Relay the request to the backend its lease names; release the lease after it."""
         failure = None
         try:
-            self.keepalive.discard(x)
+            self.heartbeat.discard(x)
             request = x.request
             x.waited = lease.waited
             if not started_writing(request):
@@ -258,7 +263,7 @@ class Proxy:
 
         The end of every request's chain, so it logs what it cannot handle rather than raise.
         """
-        self.keepalive.discard(x)
+        self.heartbeat.discard(x)
         if x.upload is not None:
             x.upload.close()
         request = x.request

@@ -123,8 +123,8 @@ class LLMSwapService(MultiService):
             self.manager, proxy, self.gate, self.metrics, reactor, self.reload, routes.resource(),
             console, anthropic, upstream,
         )  # fmt: skip
-        for each in (proxy, anthropic):  # their timers for waiting streams
-            each.keepalive.setServiceParent(self)
+        for each in (proxy, anthropic, upstream, ollama):  # their waiting streams' timers
+            each.setServiceParent(self)
         AccessLog(reactor, self.bus, lambda: self.config.access_log).setServiceParent(self)
         self._site = LLMSwapSite(api.resource(), self.gate, lambda: self.config)
         self._reactor = reactor

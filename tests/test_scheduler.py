@@ -15,7 +15,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmswap.config.settings import FIFO, SWAP_AWARE
-from llmswap.swap.policy import Decision, Load, ModelView, Unload, View, Waiting, decide, plan_room
+from llmswap.swap.policy import (
+    Arrival,
+    Decision,
+    Load,
+    ModelView,
+    Unload,
+    View,
+    Waiting,
+    decide,
+    on_arrival,
+    plan_eviction,
+)
 
 
 def view(
@@ -104,12 +115,12 @@ def test_sleepers_hold_host_memory_and_the_least_recently_used_one_makes_room() 
     ]
     v = view(10, models, [("b", 0)], devices={"gpu": 1.0, "ram": 2.0})
     # Sleepers hold no GPU memory: waking b only needs a off the GPU.
-    assert plan_room(v, "b") == ("a",)
+    assert plan_eviction(v, "b") == ("a",)
     assert decide(v).change == Load("b", ("a",))
     # a asleep needs host memory: the least recently used sleeper is stopped for it, but not
     # b, which is waking (its host memory is freed by the wake, too late to make room).
-    assert plan_room(v, "a", asleep=True) == ("b",)
-    assert plan_room(v, "a", frozenset({"b"}), asleep=True) == ("c",)
+    assert plan_eviction(v, "a", asleep=True) == ("b",)
+    assert plan_eviction(v, "a", frozenset({"b"}), asleep=True) == ("c",)
 
 
 def test_priority_picks_the_next_model_and_the_order_within_a_model() -> None:
@@ -170,7 +181,7 @@ def test_devices_are_accounted_separately() -> None:
     devices = {"gpu0": 8.0, "gpu1": 8.0}
     a = ready("a", device="gpu0", memory=8.0)
     b = idle("b", device="gpu1", memory=8.0)
-    assert plan_room(view(0, [a, b], [], devices=devices), "b") == ()
+    assert plan_eviction(view(0, [a, b], [], devices=devices), "b") == ()
 
 
 # -- properties -----------------------------------------------------------------------------------
@@ -245,6 +256,23 @@ def test_decisions_respect_slots_budget_and_order(v: View) -> None:
     if v.policy == FIFO:
         arrival = sorted(by_seq)
         assert list(d.admit) == arrival[: len(d.admit)]
+
+
+@settings(max_examples=400, deadline=None)
+@given(views(), st.sampled_from(NAMES))
+def test_the_arrival_fast_path_agrees_with_the_policies(before: View, name: str) -> None:
+    """The manager skips :func:`decide` when a request arrives (:func:`on_arrival`): what it
+    does instead is what the policy would have decided."""
+    m = before.models[name]
+    seq = max((w.seq for w in before.waiting), default=-1) + 1
+    after = attrs.evolve(before, waiting=[*before.waiting, Waiting(seq, name, before.now)])
+    arrival = on_arrival(not before.waiting, m.resident, m.ready, m.in_flight < m.concurrency)
+    if arrival is Arrival.ADMIT:
+        assert decide(after).admit == (seq,)
+    elif arrival is Arrival.WAIT:
+        # Nothing to admit, and no change the last decision (before it came) did not call for.
+        assert seq not in decide(after).admit
+        assert decide(after).change in (None, decide(before).change)
 
 
 # -- a simulated workload: no starvation beyond the bound ------------------------------------------

@@ -39,7 +39,7 @@ from llmswap.swap.snapshot import Snapshot
 
 INTERVAL = 0.25
 PENDING = 500
-KEEPALIVE = 15.0  # seconds between comments that keep proxies from closing an idle stream
+HEARTBEAT = 15.0  # seconds between comments that keep proxies from closing an idle stream
 QUEUE_SHOWN = 200
 _KINDS = (RequestQueued, RequestAdmitted, RequestEnded, ModelStateChanged, Swap)
 RESYNC = b"event: resync\ndata: {}\n\n"
@@ -158,16 +158,16 @@ class LiveStreams(Service):
         self._rows: deque[tuple[str, dict[str, Any]]] = deque(maxlen=PENDING)
         self._dropped = False
         self._flush: IDelayedCall | None = None
-        self._keepalive: LoopingCall | None = None
+        self._heartbeat: LoopingCall | None = None
 
     def add(self, request: IRequest) -> None:
         stream = LiveStream(request, self._catch_up, self._closed)
         self._open.add(stream)
         if self._subscription is None:  # nobody watching costs nothing
             self._subscription = self._bus.subscribe_all(_KINDS, self._event)
-            self._keepalive = LoopingCall(self._send, b": idle\n\n")
-            self._keepalive.clock = self._clock
-            self._keepalive.start(KEEPALIVE, now=False)
+            self._heartbeat = LoopingCall(self._send, b": idle\n\n")
+            self._heartbeat.clock = self._clock
+            self._heartbeat.start(HEARTBEAT, now=False)
         stream.start()
 
     def _catch_up(self) -> bytes:
@@ -214,9 +214,9 @@ class LiveStreams(Service):
         if self._subscription is not None:
             self._subscription.cancel()
             self._subscription = None
-        if self._keepalive is not None and self._keepalive.running:
-            self._keepalive.stop()
-        self._keepalive = None
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
+        self._heartbeat = None
         if self._flush is not None and self._flush.active():
             self._flush.cancel()
         self._flush = None

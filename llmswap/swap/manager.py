@@ -5,7 +5,7 @@ Requests arrive as tickets (:mod:`llmswap.swap.queue`) for a model's instance (p
 asks :func:`llmswap.swap.policy.decide`, per host, which tickets get a lease on a ready backend and
 what to load or unload there, one change at a time in the host's
 :class:`~llmswap.swap.lane.Lane` (several hosts' at once).  An instance's own life is its
-:class:`~llmswap.swap.slot.Slot`'s; :mod:`llmswap.swap.room` puts evicted models away.
+:class:`~llmswap.swap.slot.Slot`'s; :mod:`llmswap.swap.eviction` puts evicted models away.
 
 A lease is held until the last byte of the response was relayed, so a stream never overlaps a
 load that needs its memory: an evicted model first drains (no new admissions, in-flight requests
@@ -29,7 +29,7 @@ from llmswap import errors
 from llmswap.config.config import Config, reload_changes
 from llmswap.events import Cause, EventBus, ModelState, RequestAdmitted, RequestQueued, Swap
 from llmswap.interfaces import IBackend
-from llmswap.swap import lane, policy, room, snapshot
+from llmswap.swap import eviction, lane, policy, snapshot
 from llmswap.swap.lane import Lane
 from llmswap.swap.prefetch import Prefetcher, Residency
 from llmswap.swap.queue import Lease, RequestQueue, Ticket
@@ -107,7 +107,7 @@ class SwapManager(Service):
                 each.change.cancel()
         for lease in list(self._queue.leases):
             lease.release()
-        ends = [e.lock.run(room.shut_down, self._on(e.host)) for e in self._lanes.values()]
+        ends = [e.lock.run(eviction.shut_down, self._on(e.host)) for e in self._lanes.values()]
         return gatherResults(ends, consumeErrors=True).addCallback(lambda _: None)
 
     # -- what the request path and the admin routes use ---------------------------------------
@@ -188,8 +188,8 @@ class SwapManager(Service):
     def snapshot(self, queue: int = 0) -> Snapshot:
         """What the daemon is doing now, with the ``queue`` oldest waiting requests (its cost
         does not grow with the number waiting: the counts are kept)."""
-        return snapshot.take(self._slots, self._queue, self.config, self._clock.seconds(),
-                             bool(self.running), queue)  # fmt: skip
+        now, running = self._clock.seconds(), bool(self.running)
+        return snapshot.take(self._slots, self._queue, self.config, now, running, queue)
 
     # -- scheduling ---------------------------------------------------------------------------
 
@@ -202,14 +202,11 @@ class SwapManager(Service):
             waiting = self._queue.waiting
             waiting.add(ticket)
             slot = self._slots[ticket.model]
-            full = not slot.has_room()
-            if len(waiting) == 1 and slot.ready and not full:
-                # The hot path: alone, with a free slot, every policy admits it: no decision.
+            alone, free = len(waiting) == 1, slot.has_free_slot()
+            arrival = policy.on_arrival(alone, slot.state.resident, slot.ready, free)
+            if arrival is policy.Arrival.ADMIT:
                 self._admit(ticket)
-            elif slot.state.resident and (full or not slot.ready):
-                # Its model is busy or loading: a new waiter changes no decision.
-                pass
-            else:
+            elif arrival is policy.Arrival.DECIDE:
                 self._dispatch()
 
     def view(self, host: str) -> policy.View:
@@ -227,19 +224,19 @@ class SwapManager(Service):
             self._again = True
             while self._again and self.running:
                 self._again = False
-                rechecks, ahead, loading_here = [], None, False
-                for each in list(self._lanes.values()):
-                    decision = self._decide(each)
-                    if decision.recheck_at is not None:
-                        rechecks.append(decision.recheck_at)
-                    if self.config.hosts[each.host].docker.local:
-                        loading_here = loading_here or each.changing
-                        ahead = ahead or decision.prefetch
-                self._arm_recheck(min(rechecks, default=None))
-                if not loading_here:  # a load under way reads its own model ahead
-                    self._read_ahead(ahead)
+                self._round()
         finally:
             self._dispatching = False
+
+    def _round(self) -> None:
+        """One decision per host, then the one recheck timer and this box's read-ahead."""
+        decisions = {each.host: self._decide(each) for each in list(self._lanes.values())}
+        rechecks = [d.recheck_at for d in decisions.values() if d.recheck_at is not None]
+        self._arm_recheck(min(rechecks, default=None))
+        here = [h for h in decisions if self.config.hosts[h].docker.local]
+        ahead = [decisions[h].prefetch for h in here if decisions[h].prefetch]
+        if not any(self._lanes[h].changing for h in here):  # a load reads its own model ahead
+            self._read_ahead(ahead[0] if ahead else None)
 
     def _decide(self, each: Lane) -> policy.Decision:
         """Ask the policy for one host: admit, and begin a change there."""
@@ -329,7 +326,7 @@ class SwapManager(Service):
         busy = frozenset(self._queue.waiting.models()) | {
             n for n, s in self._slots.items() if s.in_flight
         }
-        evict = policy.plan_room(self.view(host), model, busy)
+        evict = policy.plan_eviction(self.view(host), model, busy)
         started = self._clock.seconds()
         yield gatherResults([self._slots[name].drain() for name in evict], consumeErrors=True)
         if wanted is not None and not wanted():
@@ -337,12 +334,12 @@ class SwapManager(Service):
                 self._slots[name].undrain()
             log.info("load of {model} called off: no request waits for it", model=model)
             return None
-        away = yield room.put_away(self._slots, self._view_of, evict, model, self._http,
-                                   self.config.health_interval)  # fmt: skip
-        yield room.clear_strays(self._on(host), model)
+        interval, http = self.config.health_interval, self._http
+        away = yield eviction.put_away(self._slots, self._view_of, evict, model, http, interval)
+        yield eviction.clear_strays(self._on(host), model)
         stopped = self._clock.seconds()
         try:
-            yield slot.start(self._http, self.config.health_interval)
+            yield slot.start(self._http, interval)
         except BaseException as e:
             if not isinstance(e, CancelledError):
                 err = slot.as_api_error(e)
@@ -350,8 +347,8 @@ class SwapManager(Service):
                 raise err from None
             raise
         loaded = self._clock.seconds()
-        swap = Swap(loaded, cause, model, away.unloaded, stopped - started, loaded - stopped,
-                    slot.woke, away.slept)  # fmt: skip
+        took = (stopped - started, loaded - stopped)
+        swap = Swap(loaded, cause, model, away.unloaded, *took, slot.woke, away.slept)
         self.bus.publish(swap)
         log.info("{swap}", swap=swap.summary())
         return None
@@ -364,9 +361,10 @@ class SwapManager(Service):
         started = self._clock.seconds()
         yield gatherResults([s.drain() for s in slots if s.state.resident], consumeErrors=True)
         alive = [s.name for s in slots if s.backend.alive() and s.config.remote is None]
-        sleep = cause is not Cause.RELOAD
-        away = yield room.put_away(self._slots, self._view_of, alive, None, self._http,
-                                   self.config.health_interval, sleep)  # fmt: skip
+        sleep, interval = cause is not Cause.RELOAD, self.config.health_interval
+        away = yield eviction.put_away(
+            self._slots, self._view_of, alive, None, self._http, interval, sleep
+        )
         if away.unloaded:
             now = self._clock.seconds()
             self.bus.publish(Swap(now, cause, None, away.unloaded, now - started, slept=away.slept))
@@ -396,4 +394,5 @@ class SwapManager(Service):
 
 
 def _logged(failure: Failure) -> None:
-    """The end of a change nobody waits for: _begin logged it, and its requests were answered."""
+    """The end of a change nobody waits for: its lane logged it, and its requests were
+    answered."""

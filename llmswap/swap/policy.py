@@ -28,6 +28,7 @@ model that wakes in 0.3 s is not kept 2 s for a request that could have paid the
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping, Sequence
 
 import attrs
@@ -132,7 +133,24 @@ def decide(view: View) -> Decision:
     return _swap_aware(view)
 
 
-def plan_room(
+class Arrival(enum.Enum):
+    """What one request's arrival calls for, known without building a :class:`View`."""
+
+    ADMIT = "admit"  # alone, for a ready instance with room: every policy admits it
+    WAIT = "wait"  # its instance is loading, or busy at its concurrency: no decision changes
+    DECIDE = "decide"  # anything else: ask :func:`decide`
+
+
+def on_arrival(alone: bool, resident: bool, ready: bool, free_slot: bool) -> Arrival:
+    """The hot path: most requests find their model loaded and idle, and need no decision."""
+    if alone and ready and free_slot:
+        return Arrival.ADMIT
+    if resident and not (ready and free_slot):
+        return Arrival.WAIT
+    return Arrival.DECIDE
+
+
+def plan_eviction(
     view: View, target: str, busy: frozenset[str] = frozenset(), asleep: bool = False
 ) -> tuple[str, ...]:
     """Which models to evict so ``target`` fits on its device (``asleep``: so it may sleep on
@@ -171,7 +189,7 @@ def place(options: Sequence[tuple[str, View]]) -> str:
         m = view.models[name]
         waited = {w.model for w in view.waiting}
         busy = frozenset(n for n, o in view.models.items() if o.in_flight) | waited
-        evict = plan_room(view, name, busy)
+        evict = plan_eviction(view, name, busy)
         crowded = sum(e in busy for e in evict)
         return (not m.ready, not m.resident, name not in waited, crowded, len(evict), view.changing)
 
@@ -194,7 +212,7 @@ def _fifo(view: View) -> Decision:
             free[w.model] -= 1
             continue
         if not view.models[w.model].resident and not view.changing:
-            change = Load(w.model, plan_room(view, w.model))
+            change = Load(w.model, plan_eviction(view, w.model))
         break  # strict arrival order: nobody overtakes the head
     if change is None and not view.waiting:
         return _idle_unload(view, tuple(admit), frozenset())
@@ -250,7 +268,7 @@ def _swap_aware(view: View) -> Decision:
     candidates = [ws[0] for name, ws in remaining.items() if not view.models[name].resident]
     blocked: str | None = None
     for w in sorted(candidates, key=urgency):
-        evict = plan_room(view, w.model, busy)
+        evict = plan_eviction(view, w.model, busy)
         blockers = [e for e in evict if e in busy]
         if not blockers or (overdue(w) and not any(batch_pending(e) for e in blockers)):
             return Decision(tuple(admit), Load(w.model, evict))

@@ -89,7 +89,7 @@ class Slot:
             return self.config.ttl
         return None if math.isinf(self.keep_alive) else self.keep_alive
 
-    def has_room(self) -> bool:
+    def has_free_slot(self) -> bool:
         return self.in_flight < self.config.concurrency
 
     # -- requests -------------------------------------------------------------------------

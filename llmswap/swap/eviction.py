@@ -62,7 +62,7 @@ def _put_away(
         yield slot.stop()
         return [(name, False)]
     keep = frozenset() if coming is None else frozenset({coming})
-    room = policy.plan_room(view(name), name, keep, asleep=True)
+    room = policy.plan_eviction(view(name), name, keep, asleep=True)
     if coming in room:
         yield slot.stop()
         return [(name, False)]

@@ -1,9 +1,12 @@
-"""Keep-alive for streams waiting in the queue: one timer for all of them.
+"""The heartbeat of streams waiting in the queue (their loading comments): one timer for all.
 
 A client whose stream waits minutes for a model to load must keep seeing bytes, or it (or a
-proxy in between) gives up.  Every ``interval`` one LoopingCall says something to each waiting
-stream, and it runs only while some stream waits: ten thousand waiting streams cost one timer
-and a set entry each, not a timer, a LoopingCall and their Deferreds each.
+proxy in between) gives up.  (Not HTTP keep-alive, nor Ollama's ``keep_alive``: a model's
+time loaded after its last request, :attr:`llmswap.swap.slot.Slot.keep_alive`.)
+
+Every ``interval`` one LoopingCall says something to each waiting stream, and it runs only
+while some stream waits: ten thousand waiting streams cost one timer and a set entry each, not
+a timer, a LoopingCall and their Deferreds each.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ log = Logger()
 T = TypeVar("T")
 
 
-class KeepAlive(Service, Generic[T]):
+class Heartbeat(Service, Generic[T]):
     """Calls ``say(item)`` every ``interval()`` seconds for each item added and not discarded.
 
     The first call for an item comes within one interval of its arrival (the tick is shared).
@@ -59,11 +62,11 @@ class KeepAlive(Service, Generic[T]):
             try:
                 self._say(item)
             except Exception:  # one broken stream must not silence the others
-                log.failure("keep-alive comment failed; that stream gets no more")
+                log.failure("loading comment failed; that stream gets no more")
                 self._waiting.discard(item)
 
     def _failed(self, failure: Failure) -> None:
-        log.failure("keep-alive timer failed; the next waiting stream restarts it", failure)
+        log.failure("heartbeat timer failed; the next waiting stream restarts it", failure)
         self._loop = None
 
     def _stop(self) -> None:
