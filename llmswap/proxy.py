@@ -46,15 +46,9 @@ from llmswap.config.model import server_root
 from llmswap.events import EventBus, ModelState, RequestEnded
 from llmswap.headers import KEY_HEADERS
 from llmswap.heartbeat import Heartbeat
-from llmswap.relay import (
-    BackendGone,
-    Relay,
-    Relayed,
-    speed_from,
-    sse_event,
-    started_writing,
-    usage_from,
-)
+from llmswap.relay.forward import BackendGone, Relay, Relayed, started_writing
+from llmswap.relay.usage import speed_from, usage_from
+from llmswap.responses import sse_event
 from llmswap.swap.manager import SwapManager
 from llmswap.swap.queue import Lease
 

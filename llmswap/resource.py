@@ -8,7 +8,6 @@ client can provoke comes back OpenAI-shaped with a fitting status (built in
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +26,7 @@ from llmswap.access import Caller, Gate
 from llmswap.console.routes import ConsoleAPI
 from llmswap.metrics import Metrics
 from llmswap.proxy import Proxy, internal_error
+from llmswap.responses import json_body
 from llmswap.swap.manager import SwapManager
 
 log = Logger()
@@ -40,12 +40,6 @@ CONSOLE_HEADERS = (
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
 )  # fmt: skip
-
-
-def _json(request: IRequest, status: int, payload: Any) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"content-type", b"application/json")
-    return json.dumps(payload).encode()
 
 
 class OpenAIResource:
@@ -160,7 +154,7 @@ class OpenAIResource:
             return errors.render(request, e)
         details = self._gate.health_details(request)
         d = self._manager.files()
-        return d.addCallback(lambda files: _json(request, 200, health.document(
+        return d.addCallback(lambda files: json_body(request, health.document(
             self._manager.snapshot(health.QUEUE_SHOWN), files, details)))  # fmt: skip
 
     @app.route("/metrics", methods=["GET"])
@@ -184,7 +178,7 @@ class OpenAIResource:
             if not m.unlisted:
                 names = (name, *m.aliases) if config.list_aliases else (name,)
                 data += [self._model_object(n) for n in names]
-        return _json(request, 200, {"object": "list", "data": data})
+        return json_body(request, {"object": "list", "data": data})
 
     @app.route("/v1/models/<path:model_id>", methods=["GET"])
     def model(self, request: IRequest, model_id: str) -> bytes:
@@ -196,7 +190,7 @@ class OpenAIResource:
                 raise errors.model_not_found(errors.quote(model_id), visible)
         except errors.APIError as e:
             return errors.render(request, e)
-        return _json(request, 200, self._model_object(model_id))
+        return json_body(request, self._model_object(model_id))
 
     def _model_object(self, name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": int(self._clock.seconds()),
@@ -218,7 +212,7 @@ class OpenAIResource:
         except errors.APIError as e:
             return errors.render(request, e)
         states = {name: self._manager.state(name).value for name in self._manager.models()}
-        return _json(request, 200, {"models": states})
+        return json_body(request, {"models": states})
 
     @app.route("/admin/reload", methods=["POST"])
     async def admin_reload(self, request: IRequest) -> bytes:
@@ -229,7 +223,7 @@ class OpenAIResource:
             summary = await self._reload()
         except errors.APIError as e:
             return errors.render(request, e)
-        return _json(request, 200, {"reloaded": True, "changes": summary})
+        return json_body(request, {"reloaded": True, "changes": summary})
 
     async def _admin(self, request: IRequest, model: str, change: Any, caller: Caller) -> bytes:
         try:
@@ -241,7 +235,7 @@ class OpenAIResource:
             return errors.render(request, e)
         log.info("admin: {path} done", path=errors.printable(request.path.decode("latin-1")))
         state = self._manager.state(model).value
-        return _json(request, 200, {"model": model, "state": state})
+        return json_body(request, {"model": model, "state": state})
 
     @app.route("/v1/<path:_endpoint>", methods=["POST"])
     def proxy(self, request: IRequest, _endpoint: str) -> IResource:

@@ -39,7 +39,8 @@ from llmswap.interfaces import IBackend
 from llmswap.metrics import Metrics
 from llmswap.ollama.routes import OllamaProxy, OllamaRoutes
 from llmswap.proxy import Proxy
-from llmswap.relay import Relay, backend_agent
+from llmswap.relay.agent import backend_agent
+from llmswap.relay.forward import Relay
 from llmswap.resource import OpenAIResource
 from llmswap.site import HTTPService, LLMSwapSite
 from llmswap.swap.manager import SwapManager

@@ -25,7 +25,7 @@ from llmswap.config.keys import APIKey
 from llmswap.config.model import server_root
 from llmswap.headers import UPSTREAM_POLICY
 from llmswap.proxy import Exchange, Proxy
-from llmswap.relay import Relayed
+from llmswap.relay.forward import Relayed
 from llmswap.swap.queue import Lease
 
 PREFIX = b"/upstream/"

@@ -16,7 +16,7 @@ from llmswap.config.config import Config, parse
 from llmswap.events import EventBus
 from llmswap.metrics import Metrics
 from llmswap.proxy import Proxy
-from llmswap.relay import Relay
+from llmswap.relay.forward import Relay
 from llmswap.resource import OpenAIResource
 from llmswap.service import make_backends
 from llmswap.swap.manager import SwapManager

@@ -20,7 +20,7 @@ from llmswap.metrics import Metrics
 from llmswap.ollama import stream, translate
 from llmswap.ollama.routes import OllamaProxy, OllamaRoutes
 from llmswap.proxy import Proxy
-from llmswap.relay import Relay
+from llmswap.relay.forward import Relay
 from llmswap.resource import OpenAIResource
 from llmswap.swap.manager import SwapManager
 from llmswap.testing import MemoryBackend, MemoryHTTP

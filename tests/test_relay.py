@@ -1,18 +1,252 @@
-"""The relay's connection plumbing to backends (the relay itself is exercised end to end)."""
+"""The relay on a memory reactor: what a client gets when a backend fails before its headers,
+in the middle of a body, stays silent, or when the client leaves (the same paths run end to end
+with real processes in test_daemon.py).  Twisted tests its own proxy this way."""
 
 from __future__ import annotations
 
-from twisted.internet.endpoints import HostnameEndpoint
-from twisted.internet.testing import MemoryReactorClock
-from twisted.trial import unittest
-from twisted.web.client import URI
+import json
+from types import SimpleNamespace
+from typing import Any
 
-from llmswap.relay import _Endpoints
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial import unittest
+from twisted.web.client import URI, ResponseDone
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer
+from twisted.web.test.requesthelper import DummyRequest
+from zope.interface import implementer
+
+from llmswap import errors
+from llmswap.relay.agent import Endpoints
+from llmswap.relay.forward import BackendGone, Relay, Relayed
+from llmswap.relay.usage import speed_from, usage_from
+
+URL = "http://127.0.0.1:8081/v1/chat/completions"
+BODY = b'{"model": "m", "messages": [], "vendor_field": 1}'
+
+
+class Sink:
+    """Where a body producer writes: the bytes the backend would receive."""
+
+    def __init__(self) -> None:
+        self.data = b""
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+@implementer(IAgent)
+class Backend:
+    """An Agent whose answers the test gives, one request at a time."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[bytes, bytes, Headers, bytes]] = []
+        self.answer: Deferred[Any] = Deferred()
+        self.cancelled = False
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> Deferred[Any]:
+        sink = Sink()
+        assert bodyProducer is not None and headers is not None
+        bodyProducer.startProducing(sink)
+        self.received.append((method, uri, headers, sink.data))
+
+        def cancel(_: Deferred[Any]) -> None:
+            self.cancelled = True
+
+        self.answer = Deferred(cancel)
+        return self.answer
+
+
+class Response:
+    """A backend's response whose body the test delivers chunk by chunk."""
+
+    def __init__(self, code: int, content_type: bytes, phrase: bytes = b"OK") -> None:
+        self.code, self.phrase, self.length = code, phrase, UNKNOWN_LENGTH
+        self.headers = Headers({b"content-type": [content_type], b"x-backend": [b"yes"]})
+        self.transport = StringTransport()
+        self.protocol: Any = None
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def end(self, reason: BaseException | None = None) -> None:
+        self.protocol.connectionLost(Failure(reason or ResponseDone()))
+
+
+class Client:
+    """A client's request as the relay sees it, with a connection it can abort."""
+
+    def __init__(self, committed: bool = False) -> None:
+        self.request = DummyRequest([b"v1", b"chat", b"completions"])
+        self.request.method = b"POST"
+        self.request.requestHeaders.setRawHeaders(b"authorization", [b"Bearer llmswap-key"])
+        self.request.requestHeaders.setRawHeaders(b"x-client", [b"kept"])
+        self.aborted = False
+        self.request.channel = SimpleNamespace(
+            transport=SimpleNamespace(abortConnection=self.abort)
+        )
+        if committed:  # a 200 event stream already went out (loading comments)
+            self.request.startedWriting = 1
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.request.written)
+
+
+class RelayTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.backend = Backend()
+        self.relay = Relay(self.backend, self.clock, idle_timeout=30)
+        self.client = Client()
+
+    def forward(self, client: Client | None = None, **kw: Any) -> Deferred[Relayed]:
+        client = client or self.client
+        return self.relay.forward(client.request, "m", URL, BODY, **kw)
+
+    def test_the_body_goes_out_as_sent_and_the_answer_comes_back_as_it_arrives(self) -> None:
+        done = self.forward(drop=frozenset({b"authorization"}))
+        method, uri, headers, body = self.backend.received[0]
+        self.assertEqual((method, uri, body), (b"POST", URL.encode(), BODY))
+        self.assertIsNone(headers.getRawHeaders(b"authorization"))  # llmswap's key stays here
+        self.assertEqual(headers.getRawHeaders(b"x-client"), [b"kept"])
+        response = Response(200, b"text/event-stream")
+        self.backend.answer.callback(response)
+        response.send(b'data: {"a": 1}\n\n')
+        self.assertEqual(self.client.body, b'data: {"a": 1}\n\n')  # before the end
+        self.assertNoResult(done)
+        self.clock.advance(5)
+        response.send(b'data: {"usage": {"prompt_tokens": 3, "completion_tokens": 2}}\n\n')
+        response.end()
+        relayed = self.successResultOf(done)
+        self.assertEqual((relayed.status, relayed.first_byte_at), (200, 0))
+        self.assertEqual(usage_from(relayed.tail), (3, 2))
+        self.assertEqual(self.client.request.responseHeaders.getRawHeaders(b"x-backend"), [b"yes"])
+
+    def test_a_refused_connection_is_backend_gone_so_the_request_may_be_sent_again(self) -> None:
+        done = self.forward()
+        self.backend.answer.errback(ConnectionRefusedError())
+        failure = self.failureResultOf(done, BackendGone)
+        self.assertEqual(failure.value.error.status, 502)
+        self.assertEqual(self.client.body, b"")
+
+    def test_a_backend_lost_before_its_headers_is_a_502_in_the_apis_shape(self) -> None:
+        done = self.forward()
+        self.backend.answer.errback(ConnectionLost("reset"))
+        failure = self.failureResultOf(done, errors.APIError)
+        self.assertEqual(failure.value.status, 502)
+        self.assertIn("Model 'm' backend is unreachable", failure.value.message)
+
+    def test_silence_before_the_headers_is_a_504_and_the_backend_request_is_cancelled(
+        self,
+    ) -> None:
+        done = self.forward()
+        self.clock.advance(29)
+        self.assertNoResult(done)
+        self.clock.advance(1)
+        failure = self.failureResultOf(done, errors.APIError)
+        self.assertEqual(failure.value.status, 504)
+        self.assertIn("request_timeout (30 s)", failure.value.message)
+        self.assertTrue(self.backend.cancelled)
+
+    def test_a_stream_cut_mid_body_ends_with_an_error_event_never_a_silent_end(self) -> None:
+        done = self.forward()
+        response = Response(200, b"text/event-stream")
+        self.backend.answer.callback(response)
+        response.send(b'data: {"a": 1}\n\n')
+        response.end(ConnectionLost("reset"))
+        self.assertEqual(self.successResultOf(done).status, 0)  # cut off
+        last = self.client.body.split(b"\n\n")[-2]
+        self.assertTrue(last.startswith(b"data: "))
+        error = json.loads(last[len(b"data: ") :])["error"]
+        self.assertEqual(error["message"], "Model 'm' stream interrupted: the backend closed the "
+                         "connection")  # fmt: skip
+        self.assertFalse(self.client.aborted)
+
+    def test_a_silent_json_body_aborts_the_client_connection(self) -> None:
+        done = self.forward()
+        response = Response(200, b"application/json")
+        self.backend.answer.callback(response)
+        response.send(b'{"choices": [')
+        self.clock.advance(30)
+        self.assertTrue(response.transport.producerState == "stopped")  # backend read stopped
+        response.end(ConnectionLost("aborted"))
+        self.assertEqual(self.successResultOf(done).status, 0)
+        # Half a JSON body must not look complete: the connection is cut, not finished.
+        self.assertTrue(self.client.aborted)
+        self.assertEqual(self.client.body, b'{"choices": [')
+
+    def test_a_backend_error_after_loading_comments_travels_as_an_error_event(self) -> None:
+        client = Client(committed=True)
+        done = self.forward(client)
+        response = Response(500, b"application/json", b"Internal Server Error")
+        self.backend.answer.callback(response)
+        response.send(b'{"error": {"message": "out of memory", "code": 500}}')
+        response.end()
+        self.assertEqual(self.successResultOf(done).status, 500)
+        self.assertEqual(
+            client.body, b'data: {"error": {"message": "out of memory", "code": 500}}\n\n'
+        )
+
+    def test_a_backend_error_that_is_not_json_is_quoted_capped(self) -> None:
+        client = Client(committed=True)
+        done = self.forward(client)
+        response = Response(503, b"text/html", b"Unavailable")
+        self.backend.answer.callback(response)
+        response.send(b"<html>" + b"x" * 5000)
+        response.end()
+        self.successResultOf(done)
+        error = json.loads(client.body[len(b"data: ") :])["error"]
+        self.assertTrue(error["message"].startswith("Model 'm' answered 503: <html>xxx"))
+        self.assertLess(len(error["message"]), 300)
+
+    def test_a_client_that_leaves_cancels_the_unanswered_request_or_stops_the_body(self) -> None:
+        waiting = self.forward()
+        waiting.cancel()
+        self.assertTrue(self.backend.cancelled)
+        self.failureResultOf(waiting, CancelledError)
+
+        reading = self.forward(Client())
+        response = Response(200, b"text/event-stream")
+        self.backend.answer.callback(response)
+        response.send(b"data: 1\n\n")
+        reading.cancel()
+        self.assertEqual(response.transport.producerState, "stopped")
+        self.failureResultOf(reading, CancelledError)
+
+
+def test_usage_and_speed_come_from_the_last_objects_of_the_tail() -> None:
+    tail = (b'data: {"usage": {"prompt_tokens": 1, "completion_tokens": 1}}\n\n'
+            b'data: {"usage": {"input_tokens": 7, "output_tokens": 9}, '
+            b'"timings": {"predicted_per_second": 41.5}}\n\n')  # fmt: skip
+    assert usage_from(tail) == (7, 9)
+    assert speed_from(tail) == 41.5
+    assert usage_from(b'{"usage": {"prompt_tokens": "x"}}') is None
+    assert usage_from(b'..."usage": {"prompt_tok') is None  # cut: not parsed, not guessed
+    assert speed_from(b"{}") is None
 
 
 class EndpointTests(unittest.TestCase):
     def test_one_endpoint_per_backend_origin_and_tls_for_https(self) -> None:
-        endpoints = _Endpoints(MemoryReactorClock())
+        endpoints = Endpoints(MemoryReactorClock())
 
         def at(url: bytes) -> object:
             return endpoints.endpointForURI(URI.fromBytes(url))

@@ -35,6 +35,7 @@ from llmswap.events import (
     Subscription,
     Swap,
 )
+from llmswap.responses import sse_event
 from llmswap.swap.snapshot import Snapshot
 
 INTERVAL = 0.25
@@ -42,7 +43,7 @@ PENDING = 500
 HEARTBEAT = 15.0  # seconds between comments that keep proxies from closing an idle stream
 QUEUE_SHOWN = 200
 _KINDS = (RequestQueued, RequestAdmitted, RequestEnded, ModelStateChanged, Swap)
-RESYNC = b"event: resync\ndata: {}\n\n"
+RESYNC = sse_event(b"{}", "resync")
 
 
 def state(snap: Snapshot, config: Config) -> dict[str, Any]:
@@ -133,10 +134,6 @@ class LiveStream:
         self._on_close(self)
 
 
-def _sse(kind: str, data: Any) -> bytes:
-    return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
-
-
 class LiveStreams(Service):
     """Every open console's stream, and the one subscription and timer they share."""
 
@@ -171,7 +168,9 @@ class LiveStreams(Service):
         stream.start()
 
     def _catch_up(self) -> bytes:
-        return _sse("state", state(self._snapshot(QUEUE_SHOWN), self._config()))
+        return sse_event(
+            json.dumps(state(self._snapshot(QUEUE_SHOWN), self._config())).encode(), "state"
+        )
 
     def _event(self, e: Any) -> None:
         row: tuple[str, dict[str, Any]] | None = None
@@ -198,7 +197,7 @@ class LiveStreams(Service):
         for kind in ("activity", "timeline"):
             batch = [row for k, row in rows if k == kind]
             if batch:
-                out.append(_sse(kind, batch))
+                out.append(sse_event(json.dumps(batch).encode(), kind))
         self._send(b"".join(out))
 
     def _send(self, payload: bytes) -> None:

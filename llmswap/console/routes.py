@@ -7,7 +7,6 @@ login form.  A stream opened with a session (the live events, a log follow) ends
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,16 +25,11 @@ from llmswap.console.live import LiveStreams
 from llmswap.console.logs import OwnLog
 from llmswap.console.timeline import Timeline
 from llmswap.proxy import ANSWERED_LATER
+from llmswap.responses import json_body
 from llmswap.swap.manager import SwapManager
 
 STATIC = Path(__file__).with_name("static")
 _FOLLOW_PENDING = 2000  # lines a slow follower may fall behind before lines are dropped
-
-
-def _json(request: IRequest, payload: Any) -> bytes:
-    request.setHeader(b"content-type", b"application/json")
-    request.setHeader(b"cache-control", b"no-store")
-    return json.dumps(payload).encode()
 
 
 def _arg(request: IRequest, name: str) -> str | None:
@@ -90,11 +84,11 @@ class ConsoleAPI:
             status=_count(request, "status", 0, 999) or None,
             limit=_count(request, "limit", 1000, 100_000),
         )
-        return _json(request, {"activity": rows})
+        return json_body(request, {"activity": rows}, no_store=True)
 
     def timeline(self, request: IRequest) -> bytes:
         self._gate.require_admin(request)
-        return _json(request, self._timeline.since())
+        return json_body(request, self._timeline.since(), no_store=True)
 
     @inlineCallbacks
     def logs(self, request: IRequest, model: str | None) -> Any:
@@ -130,14 +124,14 @@ class ConsoleAPI:
             f"{SESSION_COOKIE.decode()}={token}; HttpOnly; SameSite=Strict; Path=/; "
             f"Max-Age={seconds}{secure}".encode(),
         )
-        return _json(request, {"session": True, "expires_in": seconds})
+        return json_body(request, {"session": True, "expires_in": seconds}, no_store=True)
 
     def logout(self, request: IRequest) -> bytes:
         self._gate.close_session(request)
         request.setHeader(
             b"set-cookie", SESSION_COOKIE + b"=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0"
         )
-        return _json(request, {"session": False})
+        return json_body(request, {"session": False}, no_store=True)
 
 
 class _NoSuchFile(Resource):

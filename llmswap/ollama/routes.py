@@ -31,7 +31,8 @@ from llmswap.config.model import ModelConfig, server_root
 from llmswap.events import Cause, ModelState
 from llmswap.ollama import stream, translate
 from llmswap.proxy import Exchange, Proxy, internal_error
-from llmswap.relay import Relayed
+from llmswap.relay.forward import Relayed
+from llmswap.responses import json_body
 from llmswap.swap.manager import SwapManager
 from llmswap.swap.queue import Lease
 
@@ -41,11 +42,6 @@ log = Logger()
 API_VERSION = "0.12.6"
 _PROPS_TIMEOUT = 2.0
 _NEVER = timedelta(days=365 * 100)  # Ollama's expires_at for a model kept loaded for good
-
-
-def _json(request: IRequest, payload: Any) -> bytes:
-    request.setHeader(b"content-type", b"application/json")
-    return json.dumps(payload).encode()
 
 
 @attrs.define(eq=False)
@@ -113,7 +109,7 @@ class OllamaProxy(Proxy):
         call: Call = x.call
         request = x.request
         if call.load_only:
-            request.write(_json(request, _empty_answer(call, "load")))
+            request.write(json_body(request, _empty_answer(call, "load")))
             return succeed(Relayed(200))
         writer = stream.OllamaWriter(
             request, self._clock, call.kind, call.name, x.stream, x.started, lease.load_seconds
@@ -165,7 +161,7 @@ class OllamaRoutes:
 
     @app.route("/version", methods=["GET"])
     def version(self, request: IRequest) -> bytes:
-        return _json(request, {"version": API_VERSION})
+        return json_body(request, {"version": API_VERSION})
 
     @app.route("/tags", methods=["GET"])
     def tags(self, request: IRequest) -> bytes:
@@ -174,7 +170,7 @@ class OllamaRoutes:
         except errors.APIError as e:
             return errors.render_ollama(request, e)
         models = self._manager.config.models
-        return _json(request, {"models": [self._listed(models[n]) for n in names]})
+        return json_body(request, {"models": [self._listed(models[n]) for n in names]})
 
     @app.route("/ps", methods=["GET"])
     def ps(self, request: IRequest) -> bytes:
@@ -205,7 +201,7 @@ class OllamaRoutes:
             if models[name].info.context_length:
                 entry["context_length"] = models[name].info.context_length
             loaded.append(entry)
-        return _json(request, {"models": loaded})
+        return json_body(request, {"models": loaded})
 
     @app.route("/show", methods=["POST"])
     @inlineCallbacks
@@ -228,7 +224,7 @@ class OllamaRoutes:
         model_info: dict[str, Any] = {"general.architecture": family}
         if context:
             model_info[f"{family}.context_length"] = context
-        return _json(
+        return json_body(
             request,
             {
                 "modelfile": f"# served by llmswap: a {cfg.kind} backend",
@@ -297,11 +293,11 @@ class OllamaRoutes:
             model = self._allowed(request, call.request.get("model"))
             if not call.may_unload:
                 log.info("keep_alive 0 from a key that may not unload: {m} stays", m=model)
-                return _json(request, _empty_answer(call, "load"))
+                return json_body(request, _empty_answer(call, "load"))
             yield self._manager.unload(model, Cause.KEEP_ALIVE)
         except errors.APIError as e:
             return errors.render_ollama(request, e)
-        return _json(request, _empty_answer(call, "unload"))
+        return json_body(request, _empty_answer(call, "unload"))
 
     def _allowed(self, request: IRequest, name: Any) -> str:
         """The configured model ``name`` means, if the caller's key may use it (404 lists

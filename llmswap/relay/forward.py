@@ -11,102 +11,26 @@ for the whole stream; cancelling it (the client went away) aborts the backend co
 from __future__ import annotations
 
 import json
-from collections import deque
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO
 
 import attrs
 import treq
-from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectError
-from twisted.internet.interfaces import (
-    IConsumer,
-    IDelayedCall,
-    IPushProducer,
-    IReactorTime,
-    IStreamClientEndpoint,
-)
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    URI,
-    Agent,
-    BrowserLikePolicyForHTTPS,
-    FileBodyProducer,
-    HTTPConnectionPool,
-    ResponseDone,
-)
-from twisted.web.http import PotentialDataLoss
-from twisted.web.iweb import IAgent, IAgentEndpointFactory, IBodyProducer, IRequest
-from zope.interface import implementer
+from twisted.web.client import FileBodyProducer
+from twisted.web.iweb import IAgent, IRequest
 
 from llmswap import errors
 from llmswap.headers import NOT_RELAYED, request_headers
 from llmswap.interfaces import IAnswerWriter
+from llmswap.relay.body import BytesBody
+from llmswap.relay.pipe import Pipe
+from llmswap.responses import sse_event
 
 log = Logger()
-_DECODER = json.JSONDecoder()
-
-
-class _Pipe(Protocol):
-    """Copies a backend response body to the client request as it arrives.
-
-    It exists from the moment the request is sent: its one timer measures the backend's silence
-    (no response headers, or no body bytes, for ``idle_timeout``) across the whole exchange.
-    """
-
-    def __init__(
-        self,
-        request: IRequest,
-        clock: IReactorTime,
-        idle_timeout: float,
-        writer: IAnswerWriter | None,
-    ) -> None:
-        self.done: Deferred[None] = Deferred()
-        self._request = request
-        # Where the body goes: the client as it is, or a writer that translates it.
-        self._write = request.write if writer is None else writer.data
-        self._clock = clock
-        self._idle_timeout = idle_timeout
-        self._timer: IDelayedCall = clock.callLater(idle_timeout, self._went_idle)
-        self.unanswered: Deferred[Any] | None = None  # the request, until its headers arrive
-        self.idle = False
-        self.first_at: float | None = None
-        # The last chunks, for the usage object at the end: kept, not parsed, per chunk.
-        self.tail: deque[bytes] = deque(maxlen=4)
-
-    def answered(self) -> None:
-        self.unanswered = None
-        self._timer.reset(self._idle_timeout)
-
-    def dataReceived(self, data: bytes) -> None:
-        self._timer.reset(self._idle_timeout)
-        if self.first_at is None:
-            self.first_at = self._clock.seconds()
-        self.tail.append(data)
-        self._write(data)
-
-    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
-        self.stop_timer()
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.done.callback(None)
-        else:
-            self.done.errback(reason)
-
-    def abort(self) -> None:
-        if self.unanswered is not None:
-            self.unanswered.cancel()
-        elif self.transport is not None:
-            cast(IPushProducer, self.transport).stopProducing()
-
-    def stop_timer(self) -> None:
-        if self._timer.active():
-            self._timer.cancel()
-
-    def _went_idle(self) -> None:
-        self.idle = True
-        self.abort()
 
 
 @attrs.frozen
@@ -119,50 +43,9 @@ class Relayed:
     tail: bytes = b""
 
 
-def _last_object(tail: bytes, key: bytes) -> dict[str, Any] | None:
-    """The JSON object after the last ``"key":`` in ``tail``, if it parses."""
-    at = tail.rfind(b'"' + key + b'"')
-    start = tail.find(b"{", at) if at >= 0 else -1
-    if start < 0:
-        return None
-    try:
-        found, _ = _DECODER.raw_decode(tail[start:].decode("utf-8", "replace"))
-    except ValueError:
-        return None
-    return found if isinstance(found, dict) else None
-
-
-def usage_from(tail: bytes) -> tuple[int, int] | None:
-    """(prompt_tokens, completion_tokens) from the last ``"usage"`` object in a response's
-    ``tail`` (backends put it at the end of an answer, or in the last event of a stream);
-    Anthropic's Messages API calls them input and output tokens."""
-    usage = _last_object(tail, b"usage")
-    if usage is None:
-        return None
-    if "input_tokens" in usage:
-        prompt, completion = usage.get("input_tokens"), usage.get("output_tokens", 0)
-    else:
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
-    if not isinstance(prompt, int) or not isinstance(completion, int):
-        return None
-    return prompt, completion
-
-
-def speed_from(tail: bytes) -> float | None:
-    """Generated tokens per second as llama-server measured them (its ``timings``)."""
-    timings = _last_object(tail, b"timings")
-    speed = timings.get("predicted_per_second") if timings else None
-    return float(speed) if isinstance(speed, int | float) else None
-
-
 def started_writing(request: IRequest) -> bool:
     """Whether the status line and headers already went out (Request has it; IRequest not)."""
     return bool(getattr(request, "startedWriting", False))
-
-
-def sse_event(payload: bytes) -> bytes:
-    """One SSE event: how an error reaches a stream whose 200 already went out."""
-    return b"data: " + payload + b"\n\n"
 
 
 def _error_event(model: str, code: int, body: bytes) -> bytes:
@@ -176,63 +59,6 @@ def _error_event(model: str, code: int, body: bytes) -> bytes:
         text = body[:200].decode("utf-8", "replace")
         payload = errors.backend_error(f"Model '{model}' answered {code}: {text}").body()
     return sse_event(payload)
-
-
-@implementer(IAgentEndpointFactory)
-class _Endpoints:
-    """Builds each backend origin's endpoint once.
-
-    Agent's own factory builds a new HostnameEndpoint for every request, IDNA-encoding the host
-    each time: about 9% of the CPU of a relayed request (profiled).  Backends are few.
-    """
-
-    def __init__(self, reactor: Any) -> None:
-        self._reactor = reactor
-        self._https = BrowserLikePolicyForHTTPS()
-        self._built: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
-
-    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
-        key = (uri.scheme, uri.host, uri.port)
-        endpoint = self._built.get(key)
-        if endpoint is None:
-            endpoint = HostnameEndpoint(self._reactor, uri.host.decode("ascii"), uri.port)
-            if uri.scheme == b"https":
-                tls = self._https.creatorForNetloc(uri.host, uri.port)
-                endpoint = wrapClientTLS(tls, endpoint)
-            self._built[key] = endpoint
-        return endpoint
-
-
-def backend_agent(reactor: Any, pool: HTTPConnectionPool) -> Agent:
-    """The Agent for everything sent to backends (health polls and relayed requests)."""
-    agent: Agent = Agent.usingEndpointFactory(reactor, _Endpoints(reactor), pool)
-    return agent
-
-
-@implementer(IBodyProducer)
-class _Body:
-    """The request body, written in one go: it is already in memory.
-
-    (treq would wrap it in a FileBodyProducer, which writes from a cooperator task on a later
-    reactor turn: measurable latency on every request.)
-    """
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self.length = len(data)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._data)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class BackendGone(Exception):
@@ -280,9 +106,9 @@ class Relay:
         SSE stream, an aborted connection otherwise, so it never looks like a complete answer).
         """
         assert self._agent is not None
-        pipe = _Pipe(request, self._clock, self.idle_timeout, writer)
+        pipe = Pipe(request, self._clock, self.idle_timeout, writer)
         if isinstance(body, bytes):
-            producer: Any = _Body(body)
+            producer: Any = BytesBody(body)
         else:
             body.seek(0)
             producer = FileBodyProducer(body)
@@ -338,7 +164,7 @@ class Relay:
         sent.addCallback(got_response).addCallbacks(finished, failed)
         return result
 
-    def _before_headers(self, f: Failure, pipe: _Pipe, model: str, url: str) -> Failure:
+    def _before_headers(self, f: Failure, pipe: Pipe, model: str, url: str) -> Failure:
         if pipe.idle:
             return Failure(
                 errors.gateway_timeout(
@@ -354,7 +180,7 @@ class Relay:
         return Failure(BackendGone(err) if f.check(ConnectError) else err)
 
     def _mid_body(
-        self, request: IRequest, model: str, pipe: _Pipe, writer: IAnswerWriter | None
+        self, request: IRequest, model: str, pipe: Pipe, writer: IAnswerWriter | None
     ) -> None:
         why = (
             f"no data for request_timeout ({self.idle_timeout:g} s)"
