@@ -14,6 +14,6 @@ from llmswap import errors
 from llmswap.proxy import Proxy
 
 
-class AnthropicProxy(Proxy):
+class AnthropicProxy(Proxy[None]):
     def render_error(self, request: IRequest, err: errors.APIError) -> bytes:
         return errors.render_anthropic(request, err)

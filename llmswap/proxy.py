@@ -13,11 +13,10 @@ an ``async def`` route 1.5 KB more; docs/benchmarks.md counts what a waiting req
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from collections.abc import Callable
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Generic, TypeVar
 
 import attrs
 from klein.interfaces import IKleinRequest
@@ -64,14 +63,18 @@ def internal_error(failure: Failure, request: IRequest) -> errors.APIError:
 
 
 _NOT_RELAYED = Relayed(0)
+# What an API's route read of a request before the proxy takes it (Ollama's call, /upstream/'s
+# target; None for OpenAI's and Anthropic's, whose bodies the proxy reads itself).
+CallT = TypeVar("CallT")
 
 
 @attrs.define(eq=False)
-class Exchange:
+class Exchange(Generic[CallT]):
     """One proxied request, from admission to its RequestEnded event."""
 
     request: IRequest
     started: float
+    call: CallT
     body: bytes = b""
     model: str = "-"
     stream: bool = False
@@ -82,14 +85,13 @@ class Exchange:
     status: int = 0
     gone: bool = False  # the client hung up
     answering: Deferred[Any] | None = None  # the chain that answers it
-    call: Any = None  # what another API's route read of the request (see Proxy's hooks)
     priority: int = 0
     # A body relayed from the temporary file Twisted keeps it in (a multipart upload), not
     # read into memory.
     upload: BinaryIO | None = None
 
 
-class Proxy(MultiService):
+class Proxy(MultiService, Generic[CallT]):
     """Carries relayed requests through the gate, the queue and the relay.
 
     A Service: the timer of its waiting streams (:attr:`heartbeat`) is its child, so adding
@@ -111,7 +113,7 @@ class Proxy(MultiService):
         self._bus = bus
         self._clock = clock
         super().__init__()
-        self.heartbeat: Heartbeat[Exchange] = Heartbeat(
+        self.heartbeat: Heartbeat[Exchange[CallT]] = Heartbeat(
             clock, lambda: self._config.keepalive_interval, self._still_waiting
         )
         self.heartbeat.setServiceParent(self)
@@ -122,11 +124,9 @@ class Proxy(MultiService):
     def _config(self) -> Config:
         return self._manager.config
 
-    def handle(self, request: IRequest, call: Any = None) -> IResource:
+    def handle(self, request: IRequest, call: CallT) -> IResource:
         """Take over ``request``; what the route returns (it is answered later)."""
-        x = Exchange(request, self._clock.seconds())
-        if call is not None:
-            x.call = call
+        x = Exchange(request, self._clock.seconds(), call)
         d: Deferred[Any] = maybeDeferred(self._admit, x)
         if not d.called:  # it waits in the queue
             _forget_routing(request)
@@ -143,7 +143,7 @@ class Proxy(MultiService):
         finished.addCallbacks(passthru, _hung_up, errbackArgs=args)
         return ANSWERED_LATER
 
-    def _admit(self, x: Exchange) -> Deferred[Lease]:
+    def _admit(self, x: Exchange[CallT]) -> Deferred[Lease]:
         """Check the request and queue it; fires with a lease on the model's backend."""
         request = x.request
         key = self._gate.identify(request)
@@ -170,7 +170,7 @@ class Proxy(MultiService):
         return self._manager.acquire(x.model, x.priority, x.key_name)
 
     @inlineCallbacks
-    def _serve(self, lease: Lease, x: Exchange) -> Any:
+    def _serve(self, lease: Lease, x: Exchange[CallT]) -> Any:
         """Relay the request to the backend its lease names; release the lease after it."""
         failure = None
         try:
@@ -194,7 +194,7 @@ class Proxy(MultiService):
             self.served(x)
         self._ended(failure, x)
 
-    def _once_more(self, lease: Lease, x: Exchange, gone: BackendGone) -> Deferred[Lease]:
+    def _once_more(self, lease: Lease, x: Exchange[CallT], gone: BackendGone) -> Deferred[Lease]:
         """The model's ready backend refused the connection (it died, or its engine did, and
         nobody noticed yet): the model is failed and restarted, and the request, which never
         reached it, is queued once more.  A second refusal is the client's answer."""
@@ -210,7 +210,7 @@ class Proxy(MultiService):
         content_type = request.getHeader(b"content-type") or b""
         return content_type.lower().startswith(b"multipart/form-data")
 
-    def parse(self, x: Exchange, key: APIKey | None) -> None:
+    def parse(self, x: Exchange[CallT], key: APIKey | None) -> None:
         """Read the request body (``x.body``, or the ``x.upload`` file) of ``key``'s caller:
         set ``x.model`` and ``x.stream``."""
         if x.upload is not None:
@@ -218,7 +218,7 @@ class Proxy(MultiService):
             return
         x.model, x.stream = parse_body(x.body, self._config.max_body_bytes)
 
-    def forward(self, x: Exchange, lease: Lease) -> Deferred[Relayed]:
+    def forward(self, x: Exchange[CallT], lease: Lease) -> Deferred[Relayed]:
         """Send the request to the backend the lease names; fires after the answer's end."""
         request = x.request
         uri = request.uri.decode("latin-1")
@@ -235,10 +235,10 @@ class Proxy(MultiService):
         return self._relay.forward(request, x.model, url, body, self.dropped_headers(),
                                    authorization=lease.authorization)  # fmt: skip
 
-    def served(self, x: Exchange) -> None:
+    def served(self, x: Exchange[CallT]) -> None:
         """The answer was relayed and the lease released."""
 
-    def check_path(self, x: Exchange) -> None:
+    def check_path(self, x: Exchange[CallT]) -> None:
         """What the relayed path may reach (:func:`llmswap.surface.check_relayed`)."""
         remote = self._config.models[x.model].remote is not None
         surface.check_relayed(
@@ -252,7 +252,7 @@ class Proxy(MultiService):
         """Request headers not forwarded: llmswap's own API keys are not the backend's."""
         return KEY_HEADERS if self._gate.enabled else frozenset()
 
-    def _ended(self, failure: Failure | None, x: Exchange) -> None:
+    def _ended(self, failure: Failure | None, x: Exchange[CallT]) -> None:
         """Answer what stopped the request, if anything; finish it; account for it.
 
         The end of every request's chain, so it logs what it cannot handle rather than raise.
@@ -275,7 +275,7 @@ class Proxy(MultiService):
         # poll; the call it schedules runs after it.
         self._clock.callLater(0, self._clock.callLater, 0, self._account, x, duration)
 
-    def _account(self, x: Exchange, duration: float) -> None:
+    def _account(self, x: Exchange[CallT], duration: float) -> None:
         """Publish the ended request: metrics count it, the access log writes its line."""
         relayed = x.relayed
         first = relayed.first_byte_at - x.started if x.stream and relayed.first_byte_at else None
@@ -301,7 +301,7 @@ class Proxy(MultiService):
             )
         )
 
-    def _answer_failure(self, failure: Failure, x: Exchange) -> None:
+    def _answer_failure(self, failure: Failure, x: Exchange[CallT]) -> None:
         """OpenAI-shaped, or an event in a stream already committed by "loading" comments."""
         if x.gone and failure.check(CancelledError):  # nobody is left to answer
             x.status = CLIENT_CLOSED
@@ -330,7 +330,7 @@ class Proxy(MultiService):
         except ValueError:
             raise errors.invalid_priority(header, value) from None
 
-    def _reasoning(self, x: Exchange) -> bool:
+    def _reasoning(self, x: Exchange[CallT]) -> bool:
         """Whether a waiting chat stream is told its model's progress as reasoning."""
         model = self._config.models.get(x.model)
         return (
@@ -339,7 +339,7 @@ class Proxy(MultiService):
             and x.request.path == b"/v1/chat/completions"
         )
 
-    def _still_waiting(self, x: Exchange) -> None:
+    def _still_waiting(self, x: Exchange[CallT]) -> None:
         """While a stream waits: an SSE comment, so clients and proxies keep the connection, or
         (``loading_status: reasoning``) a ``reasoning_content`` delta chat clients show as
         thinking: "loading gemma3, 12 s, usually 40 s"."""
@@ -369,11 +369,11 @@ def _forget_routing(request: IRequest) -> None:
     URL's parts, about 0.6 KB): nothing reads it once the route has returned, and a request may
     wait in the queue for minutes."""
     if isinstance(request, Componentized):
-        with contextlib.suppress(KeyError):  # a Klein that keeps nothing there
-            request.unsetComponent(IKleinRequest)
+        # A KeyError: this Klein keeps it elsewhere (test_api.py finds that out first).
+        request.unsetComponent(IKleinRequest)
 
 
-def _hung_up(failure: Failure, x: Exchange) -> None:
+def _hung_up(failure: Failure, x: Exchange[CallT]) -> None:
     x.gone = True
     if x.answering is not None:
         x.answering.cancel()  # drops a waiting ticket, or aborts the backend request

@@ -50,15 +50,15 @@ class OpenAIResource:
     def __init__(
         self,
         manager: SwapManager,
-        proxy: Proxy,
+        proxy: Proxy[None],
         gate: Gate,
         metrics: Metrics,
         clock: IReactorTime,
         reload: Callable[[], Deferred[Any]] | None = None,
         ollama: IResource | None = None,
         console: ConsoleAPI | None = None,
-        anthropic: Proxy | None = None,
-        upstream: Proxy | None = None,
+        anthropic: Proxy[None] | None = None,
+        upstream: upstream.UpstreamProxy | None = None,
     ) -> None:
         self._manager = manager
         self._proxy = proxy
@@ -239,7 +239,7 @@ class OpenAIResource:
 
     @app.route("/v1/<path:_endpoint>", methods=["POST"])
     def proxy(self, request: IRequest, _endpoint: str) -> IResource:
-        return self._proxy.handle(request)
+        return self._proxy.handle(request, None)
 
     # llama.cpp's own routes, routed by the model in the body like the OpenAI ones.
     @app.route("/infill", methods=["POST"])
@@ -248,12 +248,12 @@ class OpenAIResource:
     @app.route("/tokenize", methods=["POST"])
     @app.route("/detokenize", methods=["POST"])
     def llama_cpp(self, request: IRequest) -> IResource:
-        return self._proxy.handle(request)
+        return self._proxy.handle(request, None)
 
     @app.route("/v1/messages", methods=["POST"])
     @app.route("/v1/messages/count_tokens", methods=["POST"])
     def anthropic(self, request: IRequest) -> IResource:
-        return self._anthropic.handle(request)
+        return self._anthropic.handle(request, None)
 
     @app.route("/upstream/<path:_rest>")
     def upstream(self, request: IRequest, _rest: str) -> Any:

@@ -116,8 +116,12 @@ class LLMSwapService(MultiService):
         self.gate = Gate(config.auth, reactor, config.console)
         self.relay = Relay(agent, reactor, config.request_timeout)
         parts = (self.manager, self.relay, self.gate, self.bus, reactor)
-        proxy, anthropic, upstream = Proxy(*parts), AnthropicProxy(*parts), UpstreamProxy(*parts)
-        ollama = OllamaProxy(*parts)
+        proxy: Proxy[None] = Proxy(*parts)
+        anthropic, upstream, ollama = (
+            AnthropicProxy(*parts),
+            UpstreamProxy(*parts),
+            OllamaProxy(*parts),
+        )
         routes = OllamaRoutes(self.manager, ollama, self.gate, http, reactor)
         console = self._console(config, reactor)
         api = OpenAIResource(

@@ -64,7 +64,7 @@ def check_reach(config: Config, found: Target, method: bytes, admin: bool) -> No
         raise errors.management_route(path)
 
 
-class UpstreamProxy(Proxy):
+class UpstreamProxy(Proxy[Target]):
     """The request path with the model from the URL and the body relayed untouched."""
 
     comments_while_waiting = False  # the answer is the backend's, whatever it is
@@ -72,16 +72,16 @@ class UpstreamProxy(Proxy):
     def uploads(self, request: Any) -> bool:
         return True
 
-    def parse(self, x: Exchange, key: APIKey | None) -> None:
+    def parse(self, x: Exchange[Target], key: APIKey | None) -> None:
         found: Target = x.call
         assert x.upload is not None
         check_size(x.upload, self._config.max_upload_bytes)
         x.model, x.stream = found.model, False
 
-    def check_path(self, x: Exchange) -> None:
+    def check_path(self, x: Exchange[Target]) -> None:
         """The route checked its path already (:func:`check_reach`)."""
 
-    def forward(self, x: Exchange, lease: Lease) -> Deferred[Relayed]:
+    def forward(self, x: Exchange[Target], lease: Lease) -> Deferred[Relayed]:
         assert x.upload is not None
         x.request.setHeader(b"content-security-policy", UPSTREAM_POLICY)
         url = server_root(lease.backend_url) + x.call.path

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from klein import Klein
+from klein.interfaces import IKleinRequest
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
@@ -15,7 +17,7 @@ from llmswap.accesslog import AccessLog
 from llmswap.config.config import Config, parse
 from llmswap.events import EventBus
 from llmswap.metrics import Metrics
-from llmswap.proxy import Proxy
+from llmswap.proxy import Proxy, _forget_routing
 from llmswap.relay.forward import Relay
 from llmswap.resource import OpenAIResource
 from llmswap.service import make_backends
@@ -259,3 +261,28 @@ class HostileInputTests(StubCase):
         )
         self.assertIn("x" * 200 + "... (200000 characters)", message)
         self.assertLess(len(message), 400)
+
+
+class RoutingMemoryTests(unittest.TestCase):
+    def test_a_waiting_request_keeps_nothing_of_its_routing(self) -> None:
+        """Klein keeps a URL map adapter on each request (about 0.6 KB); a request that waits
+        in the queue for minutes drops it.  A Klein that keeps it elsewhere fails here."""
+        app, seen = Klein(), {}
+
+        def kept(request: Any) -> list[object]:
+            # Componentized's cache of adapters (getComponent would make a fresh one).
+            return [a for a in request._adapterCache.values() if IKleinRequest.providedBy(a)]
+
+        @app.route("/v1/chat/completions", methods=["POST"])
+        def route(request: Any) -> bytes:
+            seen["klein's"] = kept(request)
+            _forget_routing(request)
+            seen["after"] = kept(request)
+            return b"queued"
+
+        response = self.successResultOf(
+            StubTreq(app.resource()).post("http://127.0.0.1/v1/chat/completions", data=b"{}")
+        )
+        self.assertEqual(self.successResultOf(response.content()), b"queued")
+        self.assertEqual(len(seen["klein's"]), 1)
+        self.assertEqual(seen["after"], [])

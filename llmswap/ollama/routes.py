@@ -77,12 +77,12 @@ def _empty(call: Call) -> bool:
     return False
 
 
-class OllamaProxy(Proxy):
+class OllamaProxy(Proxy[Call]):
     """The request path with Ollama's hooks: parse and translate, write NDJSON, keep_alive."""
 
     comments_while_waiting = False  # an NDJSON client would choke on SSE comments
 
-    def parse(self, x: Exchange, key: APIKey | None) -> None:
+    def parse(self, x: Exchange[Call], key: APIKey | None) -> None:
         call: Call = x.call
         data = call.request
         models = self._config.models
@@ -105,7 +105,7 @@ class OllamaProxy(Proxy):
     def uploads(self, request: IRequest) -> bool:
         return False  # the route read the body already: Ollama's requests are JSON
 
-    def forward(self, x: Exchange, lease: Lease) -> Deferred[Relayed]:
+    def forward(self, x: Exchange[Call], lease: Lease) -> Deferred[Relayed]:
         call: Call = x.call
         request = x.request
         if call.load_only:
@@ -118,7 +118,7 @@ class OllamaProxy(Proxy):
         return self._relay.forward(request, x.model, url, x.body, self.dropped_headers(), writer,
                                    lease.authorization)  # fmt: skip
 
-    def served(self, x: Exchange) -> None:
+    def served(self, x: Exchange[Call]) -> None:
         seconds = x.call.keep_alive
         if seconds == 0:
             if not x.call.may_unload:  # the model stays, under its ttl
