@@ -25,7 +25,7 @@ def document(
     """``files``: how much of each model's weight files is in the page cache."""
     files = files or {}
     ready = snap.ready()
-    starting = [n for n, m in snap.models.items() if m.state is ModelState.STARTING]
+    starting = [n for n, m in snap.instances.items() if m.state is ModelState.STARTING]
     if starting:
         message = f"Loading model {starting[0]}"
     elif ready:
@@ -53,7 +53,7 @@ def document(
                 **(m.backend if details else {}),
                 **_files(files.get(name)),
             }
-            for name, m in snap.models.items()
+            for name, m in snap.instances.items()
         },
         "hosts": {
             name: {

@@ -6,12 +6,15 @@
   container ids, log capture) stays behind it, so a new kind of backend is one new module.
 - :class:`IAnswerWriter`, between the relay and an API whose answers are not the backend's
   bytes (Ollama's): the relay hands it the backend's answer as it arrives.
+- :class:`BackendHTTP`, what the swap machinery asks of an HTTP client for a backend's control
+  routes (health, sleep, ``/props``): treq's ``HTTPClient``, or :mod:`llmswap.testing`'s
+  in-memory one.  A structural type (treq's class cannot declare a zope interface).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
@@ -76,3 +79,22 @@ class IAnswerWriter(Interface):
 
     def fail(message: str) -> None:
         """The backend's body broke off after ``start``: end the answer with this error."""
+
+
+class BackendResponse(Protocol):
+    """A control route's answer, as treq's response gives it."""
+
+    @property
+    def code(self) -> int: ...
+
+    def collect(self, collector: Callable[[bytes], None]) -> Deferred[None]: ...
+
+    def content(self) -> Deferred[bytes]: ...
+
+
+class BackendHTTP(Protocol):
+    """GET and POST to a backend's control routes."""
+
+    def get(self, url: str) -> Deferred[Any]: ...
+
+    def post(self, url: str, *, data: bytes, headers: Any) -> Deferred[Any]: ...

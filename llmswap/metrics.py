@@ -46,7 +46,7 @@ class _State(Collector):
             labels=["model", "host"],
         )  # fmt: skip
         snap = self._snapshot()
-        for name, model in snap.models.items():
+        for name, model in snap.instances.items():
             depth.add_metric([name], model.waiting)
             running.add_metric([name], model.in_flight)
             for s in ModelState:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any, BinaryIO, Generic, TypeVar
 
 import attrs
@@ -170,7 +170,7 @@ class Proxy(MultiService, Generic[CallT]):
         return self._manager.acquire(x.model, x.priority, x.key_name)
 
     @inlineCallbacks
-    def _serve(self, lease: Lease, x: Exchange[CallT]) -> Any:
+    def _serve(self, lease: Lease, x: Exchange[CallT]) -> Generator[Deferred[Any], Any, None]:
         """Relay the request to the backend its lease names; release the lease after it."""
         failure = None
         try:
@@ -200,7 +200,7 @@ class Proxy(MultiService, Generic[CallT]):
         reached it, is queued once more.  A second refusal is the client's answer."""
         lease.release()
         log.warn("{model}: {e}; restarting it for the request", model=x.model, e=gone)
-        self._manager.backend_gone(lease.model, gone.error.message)
+        self._manager.backend_gone(lease.instance, gone.error.message)
         return self._manager.acquire(x.model, x.priority, x.key_name)
 
     # -- the hooks another API overrides ---------------------------------------------------

@@ -8,7 +8,7 @@ also owns what a configuration reload replaces: backends, keys (the gate), relay
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +161,7 @@ class LLMSwapService(MultiService):
         return health.document(self.manager.snapshot(health.QUEUE_SHOWN))
 
     @inlineCallbacks
-    def reload(self) -> Any:
+    def reload(self) -> Generator[Deferred[Any], Any, dict[str, list[str]]]:
         """Re-read the configuration file and apply it without dropping a request.
 
         A configuration that does not validate is refused with its error; the running one keeps
@@ -184,14 +184,14 @@ class LLMSwapService(MultiService):
         _, changed, added = reload_changes(self.config, new)
         fresh = changed + added
         backends = make_backends(new, self._reactor, fresh)
-        summary = yield self.manager.reconfigure(new, backends)
+        summary: dict[str, list[str]] = yield self.manager.reconfigure(new, backends)
         self.gate.configure(new.auth, new.console)
         self._site.configure(new)
         self.relay.idle_timeout = new.request_timeout
         return summary
 
     @inlineCallbacks
-    def stopService(self) -> Any:
+    def stopService(self) -> Generator[Deferred[Any], Any, None]:
         """Stop children one after another, last started first.
 
         MultiService would stop them all at once; the order matters here: stop listening, then

@@ -19,7 +19,7 @@ Only HTTP/1.1 is spoken (no HTTP/2 over TLS): these limits live in the HTTP/1.1 
 from __future__ import annotations
 
 import resource
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any, cast
 
 from twisted.application.service import Service
@@ -193,7 +193,7 @@ class LLMSwapSite(Site):
         return [p.transport for p in self._open if getattr(p.transport, "connected", False)]
 
     @inlineCallbacks
-    def close_all(self, clock: Any) -> Any:
+    def close_all(self, clock: Any) -> Generator[Deferred[Any], Any, None]:
         for transport in self._connected():
             transport.loseConnection()
         deadline = clock.seconds() + _CLOSE_GRACE

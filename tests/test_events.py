@@ -154,7 +154,7 @@ class ManagerEventTests(unittest.TestCase):
             self.clock.advance(1)
         snap = self.manager.snapshot(queue=3)
         self.assertEqual((snap.waiting, snap.in_flight), (30, 1))
-        self.assertEqual(snap.models["a"].waiting, 30)
+        self.assertEqual(snap.instances["a"].waiting, 30)
         self.assertEqual([(w.position, w.priority, w.age) for w in snap.queue],
                          [(1, 0, 30.0), (2, 1, 29.0), (3, 2, 28.0)])  # fmt: skip
         self.assertEqual(self.manager.snapshot().queue, ())

@@ -101,7 +101,7 @@ def test_a_reload_restarts_the_models_of_a_host_whose_engine_changed() -> None:
 
 def view(models: dict[str, policy.ModelView], waiting: tuple[str, ...] = ()) -> policy.View:
     queued = [policy.Waiting(i, m, 0.0) for i, m in enumerate(waiting)]
-    return policy.View(now=10.0, models=models, waiting=queued)
+    return policy.View(now=10.0, instances=models, waiting=queued)
 
 
 def test_placement_prefers_where_it_is_loaded_then_where_it_evicts_least() -> None:

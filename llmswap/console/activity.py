@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections import deque
+from collections.abc import Generator
 from typing import Any
 
 from twisted.application.service import Service
@@ -109,7 +110,7 @@ class Activity(Service):
             )
 
     @inlineCallbacks
-    def _open(self, path: str) -> Any:
+    def _open(self, path: str) -> Generator[Deferred[Any], Any, None]:
         db = adbapi.ConnectionPool("sqlite3", path, check_same_thread=False, cp_min=1, cp_max=1)
         yield db.runOperation(_SCHEMA)
         yield db.runOperation("CREATE INDEX IF NOT EXISTS activity_at ON activity (at)")
@@ -149,7 +150,7 @@ class Activity(Service):
         return d
 
     @inlineCallbacks
-    def stopService(self) -> Any:
+    def stopService(self) -> Generator[Deferred[Any], Any, None]:
         super().stopService()
         yield self._opening  # a stop during the start closes the database after it is read
         for loop in self._loops:

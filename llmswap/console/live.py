@@ -49,7 +49,7 @@ RESYNC = sse_event(b"{}", "resync")
 def state(snap: Snapshot, config: Config) -> dict[str, Any]:
     """The Models and Queue views' data."""
     models = {}
-    for name, m in snap.models.items():
+    for name, m in snap.instances.items():
         device, memory = config.footprint(name)
         sleep_device, sleep_memory = config.sleep_footprint(name) or (None, None)
         models[name] = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Generator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -29,6 +30,7 @@ from llmswap.bodies import json_object
 from llmswap.config.keys import APIKey
 from llmswap.config.model import ModelConfig, server_root
 from llmswap.events import Cause, ModelState
+from llmswap.interfaces import BackendHTTP, BackendResponse
 from llmswap.ollama import stream, translate
 from llmswap.proxy import Exchange, Proxy, internal_error
 from llmswap.relay.forward import Relayed
@@ -147,7 +149,12 @@ class OllamaRoutes:
     app = Klein()
 
     def __init__(
-        self, manager: SwapManager, proxy: OllamaProxy, gate: Gate, http: Any, clock: IReactorTime
+        self,
+        manager: SwapManager,
+        proxy: OllamaProxy,
+        gate: Gate,
+        http: BackendHTTP,
+        clock: IReactorTime,
     ) -> None:
         self._manager = manager
         self._proxy = proxy
@@ -183,7 +190,7 @@ class OllamaRoutes:
         models = config.models
         loaded = []
         for name, instance in [(n, i) for n in names for i in config.placements[n]]:
-            m = snap.models[instance]
+            m = snap.instances[instance]
             asleep = m.state is ModelState.ASLEEP
             if m.state not in (ModelState.READY, ModelState.DRAINING) and not asleep:
                 continue
@@ -205,7 +212,7 @@ class OllamaRoutes:
 
     @app.route("/show", methods=["POST"])
     @inlineCallbacks
-    def show(self, request: IRequest) -> Any:
+    def show(self, request: IRequest) -> Generator[Deferred[Any], Any, bytes]:
         try:
             data = _body(request, self._manager.config.max_body_bytes)
             model = self._allowed(request, data.get("model") or data.get("name"))
@@ -285,7 +292,7 @@ class OllamaRoutes:
         return self._proxy.handle(request, call)
 
     @inlineCallbacks
-    def _unload(self, request: IRequest, call: Call) -> Any:
+    def _unload(self, request: IRequest, call: Call) -> Generator[Deferred[Any], Any, bytes]:
         """Open WebUI's eject: an empty request with keep_alive 0 unloads, never loads.  A key
         without the permission is answered as Ollama answers for a model it keeps loaded (a
         load's answer), and the model stays."""
@@ -340,13 +347,13 @@ class OllamaRoutes:
         return self._since.isoformat().replace("+00:00", "Z")
 
     @inlineCallbacks
-    def _props(self, cfg: ModelConfig) -> Any:
+    def _props(self, cfg: ModelConfig) -> Generator[Deferred[Any], Any, dict[str, Any] | None]:
         """llama-server's ``/props`` (context size, modalities); None from other servers."""
         url = server_root(cfg.backend_url) + "/props"
         try:
             d = self._http.get(url)
             d.addTimeout(_PROPS_TIMEOUT, self._clock)
-            response = yield d
+            response: BackendResponse = yield d
             body = yield response.content()
             return json.loads(body) if response.code == 200 else None
         except Exception:

@@ -8,13 +8,14 @@ other model, it is stopped.  Either way its device memory is confirmed free when
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from typing import Any
 
 import attrs
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.logger import Logger
 
+from llmswap.interfaces import BackendHTTP
 from llmswap.swap import policy
 from llmswap.swap.slot import Slot
 
@@ -35,10 +36,10 @@ def put_away(
     view: Callable[[str], policy.View],
     names: Iterable[str],
     coming: str | None,
-    http: Any,
+    http: BackendHTTP,
     interval: float,
     sleep: bool = True,
-) -> Any:
+) -> Generator[Deferred[Any], Any, Away]:
     """Sleep (when ``sleep`` and it can) or stop each of ``names``, one after another; fires
     with the :class:`Away`, the sleepers stopped for room included."""
     away: list[tuple[str, bool]] = []
@@ -53,10 +54,10 @@ def _put_away(
     view: Callable[[str], policy.View],
     name: str,
     coming: str | None,
-    http: Any,
+    http: BackendHTTP,
     interval: float,
     sleep: bool,
-) -> Any:
+) -> Generator[Deferred[Any], Any, list[tuple[str, bool]]]:
     slot = slots[name]
     if not sleep or slot.config.sleep is None or slot.asleep or not slot.backend.alive():
         yield slot.stop()
@@ -75,7 +76,7 @@ def _put_away(
 
 
 @inlineCallbacks
-def shut_down(slots: Mapping[str, Slot]) -> Any:
+def shut_down(slots: Mapping[str, Slot]) -> Generator[Deferred[Any], Any, None]:
     """llmswap stops: every backend stopped (sleepers too), or left to be adopted where the
     driver can (containers, unless ``docker.stop_on_exit``)."""
     for name, slot in slots.items():
@@ -86,7 +87,7 @@ def shut_down(slots: Mapping[str, Slot]) -> Any:
 
 
 @inlineCallbacks
-def clear_strays(slots: Mapping[str, Slot], coming: str) -> Any:
+def clear_strays(slots: Mapping[str, Slot], coming: str) -> Generator[Deferred[Any], Any, None]:
     """Stop what runs uncounted (a crashed model's leftover process, a container started by
     hand); sleepers are counted on their own device and stay."""
     for name, other in slots.items():

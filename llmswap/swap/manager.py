@@ -15,7 +15,7 @@ mean "memory freed", not "signal sent"), and only then does the next model start
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from functools import partial
 from typing import Any
 
@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from llmswap import errors
 from llmswap.config.config import Config, reload_changes
 from llmswap.events import Cause, EventBus, ModelState, RequestAdmitted, RequestQueued, Swap
-from llmswap.interfaces import IBackend
+from llmswap.interfaces import BackendHTTP, IBackend
 from llmswap.swap import eviction, lane, policy, snapshot
 from llmswap.swap.lane import Lane
 from llmswap.swap.prefetch import Prefetcher, Residency
@@ -49,7 +49,7 @@ class SwapManager(Service):
         self,
         config: Config,
         backends: Mapping[str, IBackend],
-        http: Any,
+        http: BackendHTTP,
         clock: IReactorTime,
         bus: EventBus | None = None,
         prefetch: Prefetcher | None = None,
@@ -123,7 +123,7 @@ class SwapManager(Service):
         ticket = self._queue.enter(self._place(model), priority, key)
         if self.bus.wants(RequestQueued):
             at, seq, position = ticket.enqueued, ticket.seq, ticket.position
-            self.bus.publish(RequestQueued(at, seq, ticket.model, key, priority, position))
+            self.bus.publish(RequestQueued(at, seq, ticket.instance, key, priority, position))
         return ticket.waiter
 
     def _place(self, model: str) -> str:
@@ -194,14 +194,14 @@ class SwapManager(Service):
     # -- scheduling ---------------------------------------------------------------------------
 
     @inlineCallbacks
-    def _take(self) -> Any:
+    def _take(self) -> Generator[Deferred[Any], Any, None]:
         while True:
             ticket: Ticket = yield self._queue.next()
             if ticket.dropped:
                 continue
             waiting = self._queue.waiting
             waiting.add(ticket)
-            slot = self._slots[ticket.model]
+            slot = self._slots[ticket.instance]
             alone, free = len(waiting) == 1, slot.has_free_slot()
             arrival = policy.on_arrival(alone, slot.state.resident, slot.ready, free)
             if arrival is policy.Arrival.ADMIT:
@@ -247,11 +247,11 @@ class SwapManager(Service):
                 self._admit(ticket)
         change = decision.change
         if isinstance(change, policy.Load):
-            wanted = partial(self._queue.waiting.count, change.model)  # nonzero: still wanted
-            each.begin(self._load, change.model, Cause.REQUEST, wanted).addErrback(_logged)
+            wanted = partial(self._queue.waiting.count, change.instance)  # nonzero: still wanted
+            each.begin(self._load, change.instance, Cause.REQUEST, wanted).addErrback(_logged)
         elif isinstance(change, policy.Unload):
-            log.info("model {model}: idle for its ttl, unloading", model=change.model)
-            each.begin(self._unload, [change.model], Cause.TTL).addErrback(_logged)
+            log.info("model {model}: idle for its ttl, unloading", model=change.instance)
+            each.begin(self._unload, [change.instance], Cause.TTL).addErrback(_logged)
         return decision
 
     def _read_ahead(self, model: str | None) -> None:
@@ -262,17 +262,10 @@ class SwapManager(Service):
         self._queue.waiting.remove(ticket)
         if ticket.dropped:
             return
-        slot = self._slots[ticket.model]
-        slot.leased()
         now = self._clock.seconds()
-        waited = now - ticket.enqueued
-        url = slot.config.backend_url
-        lease = Lease(ticket.model, url, waited, ticket.position, slot, self._on_release)
-        lease.authorization = slot.config.authorization()
-        if slot.since > ticket.enqueued and slot.last_load_seconds:  # it became ready meanwhile
-            lease.load_seconds = slot.last_load_seconds
+        lease = Lease.granted(ticket, self._slots[ticket.instance], now, self._on_release)
         if self.bus.wants(RequestAdmitted):
-            self.bus.publish(RequestAdmitted(now, ticket.seq, ticket.model, waited))
+            self.bus.publish(RequestAdmitted(now, ticket.seq, ticket.instance, lease.waited))
         self._queue.admit(ticket, lease)
 
     def _released(self, lease: Lease) -> None:
@@ -291,7 +284,9 @@ class SwapManager(Service):
             self._recheck = self._clock.callLater(delay, self._dispatch)
 
     @inlineCallbacks
-    def _admin(self, names: list[str], change: Callable[[], Deferred[Any]]) -> Any:
+    def _admin(
+        self, names: list[str], change: Callable[[], Deferred[Any]]
+    ) -> Generator[Deferred[Any], Any, Any]:
         """Run an admin change as soon as no other change is under way on the hosts of the
         instances ``names``."""
         lanes = list(dict.fromkeys(map(self._lane, names)))
@@ -312,49 +307,51 @@ class SwapManager(Service):
         return start_up(self.config, self._on(host), self._http, self._clock, load)
 
     @inlineCallbacks
-    def _load(self, model: str, cause: Cause, wanted: Callable[[], int] | None = None) -> Any:
-        """Make room for ``model`` (drain, then stop what it evicts) and load it.
+    def _load(
+        self, instance: str, cause: Cause, wanted: Callable[[], int] | None = None
+    ) -> Generator[Deferred[Any], Any, None]:
+        """Make room for ``instance`` (drain, then stop what it evicts) and load it.
 
         ``wanted`` is asked once the evicted models drained: when the requests that caused the
         load went away meanwhile, nothing is stopped (a client that left never causes a swap).
         """
-        slot = self._slots[model]
+        slot = self._slots[instance]
         if slot.ready and slot.backend.alive():
             return None
-        self._read_ahead(model)
+        self._read_ahead(instance)
         host = slot.config.host
         busy = frozenset(self._queue.waiting.models()) | {
             n for n, s in self._slots.items() if s.in_flight
         }
-        evict = policy.plan_eviction(self.view(host), model, busy)
+        evict = policy.plan_eviction(self.view(host), instance, busy)
         started = self._clock.seconds()
         yield gatherResults([self._slots[name].drain() for name in evict], consumeErrors=True)
         if wanted is not None and not wanted():
             for name in evict:
                 self._slots[name].undrain()
-            log.info("load of {model} called off: no request waits for it", model=model)
+            log.info("load of {instance} called off: no request waits for it", instance=instance)
             return None
         interval, http = self.config.health_interval, self._http
-        away = yield eviction.put_away(self._slots, self._view_of, evict, model, http, interval)
-        yield eviction.clear_strays(self._on(host), model)
+        away = yield eviction.put_away(self._slots, self._view_of, evict, instance, http, interval)
+        yield eviction.clear_strays(self._on(host), instance)
         stopped = self._clock.seconds()
         try:
             yield slot.start(self._http, interval)
         except BaseException as e:
             if not isinstance(e, CancelledError):
                 err = slot.as_api_error(e)
-                self._queue.reject(model, err)
+                self._queue.reject(instance, err)
                 raise err from None
             raise
         loaded = self._clock.seconds()
         took = (stopped - started, loaded - stopped)
-        swap = Swap(loaded, cause, model, away.unloaded, *took, slot.woke, away.slept)
+        swap = Swap(loaded, cause, instance, away.unloaded, *took, slot.woke, away.slept)
         self.bus.publish(swap)
         log.info("{swap}", swap=swap.summary())
         return None
 
     @inlineCallbacks
-    def _unload(self, names: list[str], cause: Cause) -> Any:
+    def _unload(self, names: list[str], cause: Cause) -> Generator[Deferred[Any], Any, None]:
         """Drain, then sleep (an awake model with a sleep mode) or stop them; a reload always
         stops (the process must start again with its new settings)."""
         slots = [self._slots[n] for n in names]
@@ -370,7 +367,9 @@ class SwapManager(Service):
             self.bus.publish(Swap(now, cause, None, away.unloaded, now - started, slept=away.slept))
 
     @inlineCallbacks
-    def _reconfigure(self, config: Config, fresh: Mapping[str, IBackend]) -> Any:
+    def _reconfigure(
+        self, config: Config, fresh: Mapping[str, IBackend]
+    ) -> Generator[Deferred[Any], Any, dict[str, list[str]]]:
         removed, changed, added = reload_changes(self.config, config)
         yield self._unload([*removed, *changed], Cause.RELOAD)
         for name in removed:

@@ -41,7 +41,7 @@ class Waiting:
     """A request waiting for its model; ``seq`` is its arrival number."""
 
     seq: int
-    model: str
+    instance: str
     enqueued: float
     priority: int = 0
 
@@ -92,7 +92,7 @@ class ModelView:
 @attrs.frozen
 class View:
     now: float
-    models: Mapping[str, ModelView]
+    instances: Mapping[str, ModelView]
     waiting: Sequence[Waiting]
     devices: Mapping[str, float] = attrs.field(factory=lambda: {"default": 1.0})
     policy: str = SWAP_AWARE
@@ -108,13 +108,13 @@ class View:
 
 @attrs.frozen
 class Load:
-    model: str
+    instance: str
     evict: tuple[str, ...] = ()
 
 
 @attrs.frozen
 class Unload:
-    model: str
+    instance: str
 
 
 @attrs.frozen
@@ -159,13 +159,13 @@ def plan_eviction(
     Least recently used first, idle models (not in ``busy``) before busy ones.  Config validation
     guarantees a model fits its device on its own, so a plan always exists.
     """
-    need = view.models[target].footprint(asleep)
+    need = view.instances[target].footprint(asleep)
     if need is None:
         return ()
     device, memory = need
     occupants = [
         (m, where[1])
-        for m in view.models.values()
+        for m in view.instances.values()
         if m.name != target and (where := m.holds()) is not None and where[0] == device
     ]
     used = sum(held for _, held in occupants)
@@ -186,9 +186,9 @@ def place(options: Sequence[tuple[str, View]]) -> str:
 
     def cost(option: tuple[str, View]) -> tuple[bool, bool, bool, int, int, bool]:
         name, view = option
-        m = view.models[name]
-        waited = {w.model for w in view.waiting}
-        busy = frozenset(n for n, o in view.models.items() if o.in_flight) | waited
+        m = view.instances[name]
+        waited = {w.instance for w in view.waiting}
+        busy = frozenset(n for n, o in view.instances.items() if o.in_flight) | waited
         evict = plan_eviction(view, name, busy)
         crowded = sum(e in busy for e in evict)
         return (not m.ready, not m.resident, name not in waited, crowded, len(evict), view.changing)
@@ -198,7 +198,7 @@ def place(options: Sequence[tuple[str, View]]) -> str:
 
 def _free_slots(view: View) -> dict[str, int]:
     return {
-        name: (m.concurrency - m.in_flight if m.ready else 0) for name, m in view.models.items()
+        name: (m.concurrency - m.in_flight if m.ready else 0) for name, m in view.instances.items()
     }
 
 
@@ -207,25 +207,25 @@ def _fifo(view: View) -> Decision:
     admit: list[int] = []
     change: Load | None = None
     for w in sorted(view.waiting, key=lambda w: w.seq):
-        if free[w.model] > 0:
+        if free[w.instance] > 0:
             admit.append(w.seq)
-            free[w.model] -= 1
+            free[w.instance] -= 1
             continue
-        if not view.models[w.model].resident and not view.changing:
-            change = Load(w.model, plan_eviction(view, w.model))
+        if not view.instances[w.instance].resident and not view.changing:
+            change = Load(w.instance, plan_eviction(view, w.instance))
         break  # strict arrival order: nobody overtakes the head
     if change is None and not view.waiting:
         return _idle_unload(view, tuple(admit), frozenset())
     head = min(view.waiting, key=lambda w: w.seq, default=None)
     later = None
-    if head is not None and change is None and not view.models[head.model].resident:
-        later = head.model  # a change under way delays its load
+    if head is not None and change is None and not view.instances[head.instance].resident:
+        later = head.instance  # a change under way delays its load
     return Decision(tuple(admit), change, prefetch=later)
 
 
 def _swap_aware(view: View) -> Decision:
     def overdue(w: Waiting) -> bool:
-        return view.now - w.enqueued >= view.models[w.model].max_wait
+        return view.now - w.enqueued >= view.instances[w.instance].max_wait
 
     def urgency(w: Waiting) -> tuple[float, ...]:
         # Overdue requests by age alone (the starvation bound); the rest by priority, then age.
@@ -237,44 +237,44 @@ def _swap_aware(view: View) -> Decision:
     admit: list[int] = []
     remaining: dict[str, list[Waiting]] = {}
     for w in sorted(view.waiting, key=urgency):
-        if free[w.model] > 0:
+        if free[w.instance] > 0:
             admit.append(w.seq)
-            free[w.model] -= 1
+            free[w.instance] -= 1
         else:
-            remaining.setdefault(w.model, []).append(w)
+            remaining.setdefault(w.instance, []).append(w)
     if not remaining:
-        return _idle_unload(view, tuple(admit), frozenset(w.model for w in view.waiting))
+        return _idle_unload(view, tuple(admit), frozenset(w.instance for w in view.waiting))
     if view.changing:
         return Decision(tuple(admit))
 
     def batch_pending(name: str) -> bool:
-        since = view.models[name].ready_since
+        since = view.instances[name].ready_since
         return any(w.enqueued <= since for w in remaining.get(name, ()))
 
     # A model still running requests is only evicted for an overdue request: until then more
     # requests for it may arrive and be served without paying for two loads.
     lingering = {
         n: until
-        for n, m in view.models.items()
+        for n, m in view.instances.items()
         if (until := m.lingers(view.now, view.linger, view.linger_bound)) is not None
     }
     busy = (
         frozenset(remaining)
-        | {n for n, m in view.models.items() if m.in_flight}
-        | {w.model for w in view.waiting if w.seq in admit}
+        | {n for n, m in view.instances.items() if m.in_flight}
+        | {w.instance for w in view.waiting if w.seq in admit}
         | set(lingering)
     )
     recheck = min(lingering.values(), default=None)
-    candidates = [ws[0] for name, ws in remaining.items() if not view.models[name].resident]
+    candidates = [ws[0] for name, ws in remaining.items() if not view.instances[name].resident]
     blocked: str | None = None
     for w in sorted(candidates, key=urgency):
-        evict = plan_eviction(view, w.model, busy)
+        evict = plan_eviction(view, w.instance, busy)
         blockers = [e for e in evict if e in busy]
         if not blockers or (overdue(w) and not any(batch_pending(e) for e in blockers)):
-            return Decision(tuple(admit), Load(w.model, evict))
-        blocked = blocked or w.model
+            return Decision(tuple(admit), Load(w.instance, evict))
+        blocked = blocked or w.instance
         if not overdue(w):  # an overdue one waits for a batch to finish: releases wake us
-            due = w.enqueued + view.models[w.model].max_wait
+            due = w.enqueued + view.instances[w.instance].max_wait
             recheck = due if recheck is None else min(recheck, due)
     return Decision(tuple(admit), None, recheck, blocked)
 
@@ -284,7 +284,7 @@ def _idle_unload(view: View, admit: tuple[int, ...], admitted: frozenset[str]) -
     if view.changing:
         return Decision(admit)
     recheck: float | None = None
-    for m in sorted(view.models.values(), key=lambda m: m.last_used):
+    for m in sorted(view.instances.values(), key=lambda m: m.last_used):
         if m.ttl is None or not m.ready or m.in_flight or m.name in admitted:
             continue
         due = m.last_used + m.ttl

@@ -29,7 +29,7 @@ from llmswap.swap.slot import Slot
 class Lease:
     """The right to send one request to a ready backend; release it after the last byte."""
 
-    model: str
+    instance: str
     backend_url: str
     waited: float
     position: int
@@ -42,6 +42,19 @@ class Lease:
     # A remote model's ``Authorization`` header, sent instead of the client's key.
     authorization: bytes | None = None
 
+    @classmethod
+    def granted(
+        cls, ticket: Ticket, slot: Slot, now: float, on_release: Callable[[Lease], None]
+    ) -> Lease:
+        """The lease for ``ticket`` on ``slot``'s ready backend (which counts it in flight)."""
+        slot.leased()
+        waited, url = now - ticket.enqueued, slot.config.backend_url
+        lease = cls(ticket.instance, url, waited, ticket.position, slot, on_release)
+        lease.authorization = slot.config.authorization()
+        if slot.since > ticket.enqueued and slot.last_load_seconds:  # it became ready meanwhile
+            lease.load_seconds = slot.last_load_seconds
+        return lease
+
     def release(self) -> None:
         callback, self._on_release = self._on_release, None
         if callback is not None:
@@ -51,7 +64,7 @@ class Lease:
 @attrs.define(eq=False)
 class Ticket:
     seq: int
-    model: str
+    instance: str
     enqueued: float
     priority: int
     position: int
@@ -95,14 +108,14 @@ class WaitingRoom:
 
     def add(self, ticket: Ticket) -> None:
         self._all[ticket.seq] = ticket
-        self._per.setdefault(ticket.model, {})[ticket.seq] = ticket
-        self._priorities.setdefault(ticket.model, Counter())[ticket.priority] += 1
+        self._per.setdefault(ticket.instance, {})[ticket.seq] = ticket
+        self._priorities.setdefault(ticket.instance, Counter())[ticket.priority] += 1
 
     def remove(self, ticket: Ticket) -> bool:
         if self._all.pop(ticket.seq, None) is None:
             return False
-        del self._per[ticket.model][ticket.seq]
-        priorities = self._priorities[ticket.model]
+        del self._per[ticket.instance][ticket.seq]
+        priorities = self._priorities[ticket.instance]
         priorities[ticket.priority] -= 1
         if not priorities[ticket.priority]:
             del priorities[ticket.priority]
@@ -194,7 +207,9 @@ class RequestQueue:
         return self._intake.get()
 
     def count(self, model: str) -> int:
-        return self.waiting.count(model) + sum(1 for t in self._intake.pending if t.model == model)
+        return self.waiting.count(model) + sum(
+            1 for t in self._intake.pending if t.instance == model
+        )
 
     def oldest(self, n: int) -> list[Ticket]:
         """The ``n`` oldest waiting requests, in arrival order (without sorting them all)."""
@@ -247,7 +262,7 @@ class RequestQueue:
             self.waiting.remove(ticket)
             ticket.reject(
                 errors.gateway_timeout(
-                    f"Request for model '{ticket.model}' waited {timeout:g} s "
+                    f"Request for model '{ticket.instance}' waited {timeout:g} s "
                     "(request_timeout) for its backend and was dropped",
                     code="queue_timeout",
                 )

@@ -9,7 +9,7 @@ nothing cannot stall the swap past its ``startup_timeout``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 
 from llmswap import errors
+from llmswap.interfaces import BackendHTTP, BackendResponse
 
 PROBE_TIMEOUT = 5.0
 
@@ -26,7 +27,9 @@ class BackendDied(Exception):
 
 
 @inlineCallbacks
-def probe(clock: IReactorTime, http: Any, url: str, timeout: float = PROBE_TIMEOUT) -> Any:
+def probe(
+    clock: IReactorTime, http: BackendHTTP, url: str, timeout: float = PROBE_TIMEOUT
+) -> Generator[Deferred[Any], Any, bool]:
     """One poll of ``url`` (a treq ``HTTPClient`` GET, bounded by ``timeout``): True on 2xx.
 
     Refused, timed out, or garbage from a half-started server all mean "not ready"; only a
@@ -35,7 +38,7 @@ def probe(clock: IReactorTime, http: Any, url: str, timeout: float = PROBE_TIMEO
     d = http.get(url)
     d.addTimeout(timeout, clock)
     try:
-        response = yield d
+        response: BackendResponse = yield d
         yield response.collect(lambda _: None)
     except CancelledError:
         raise
@@ -47,13 +50,13 @@ def probe(clock: IReactorTime, http: Any, url: str, timeout: float = PROBE_TIMEO
 @inlineCallbacks
 def wait_healthy(
     clock: IReactorTime,
-    http: Any,
+    http: BackendHTTP,
     model: str,
     url: str,
     timeout: float,
     interval: float,
     alive: Callable[[], bool],
-) -> Any:
+) -> Generator[Deferred[Any], Any, None]:
     """Poll ``url`` until 2xx; fail fast if ``alive()`` turns false; give up after ``timeout``.
 
     Fails with :class:`BackendDied` or a 504 APIError.

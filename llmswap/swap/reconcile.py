@@ -11,7 +11,7 @@ it is stopped: a sleeper believed awake would be sent requests it cannot answer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -20,6 +20,7 @@ from twisted.logger import Logger
 
 from llmswap import errors
 from llmswap.config.config import Config
+from llmswap.interfaces import BackendHTTP
 from llmswap.swap import sleep
 from llmswap.swap.readiness import probe
 from llmswap.swap.slot import Slot
@@ -31,10 +32,10 @@ log = Logger()
 def start_up(
     config: Config,
     slots: Mapping[str, Slot],
-    http: Any,
+    http: BackendHTTP,
     clock: IReactorTime,
     load: Callable[[str], Deferred[None]],
-) -> Any:
+) -> Generator[Deferred[Any], Any, None]:
     """A host's first change (``slots`` are its own): nothing else loads there before it ends.
     A preloaded model that may run on several hosts loads on its first."""
     yield reconcile(config, slots, http, clock)
@@ -46,7 +47,9 @@ def start_up(
 
 
 @inlineCallbacks
-def reconcile(config: Config, slots: Mapping[str, Slot], http: Any, clock: IReactorTime) -> Any:
+def reconcile(
+    config: Config, slots: Mapping[str, Slot], http: BackendHTTP, clock: IReactorTime
+) -> Generator[Deferred[Any], Any, None]:
     running: list[Slot] = []
     for name, slot in slots.items():
         try:
@@ -81,7 +84,7 @@ def reconcile(config: Config, slots: Mapping[str, Slot], http: Any, clock: IReac
 
 
 @inlineCallbacks
-def stop_strays(slots: list[Slot]) -> Any:
+def stop_strays(slots: list[Slot]) -> Generator[Deferred[Any], Any, None]:
     """A reload's new backends: one already running (its container started by hand, or left by
     the model's old settings) is stopped, never adopted: other models are loaded now, and what it
     holds is not counted anywhere."""

@@ -14,14 +14,16 @@ a sleep that is not confirmed within ``sleep.timeout`` raises, and the slot stop
 from __future__ import annotations
 
 import json
+from collections.abc import Generator
 from typing import Any
 
-from twisted.internet.defer import CancelledError, inlineCallbacks, succeed
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 
 from llmswap.config.model import Sleep
 from llmswap.errors import quote
+from llmswap.interfaces import BackendHTTP, BackendResponse
 
 JSON = {b"Content-Type": [b"application/json"]}
 
@@ -31,11 +33,13 @@ class SleepFailed(Exception):
 
 
 @inlineCallbacks
-def _post(clock: IReactorTime, http: Any, url: str, timeout: float) -> Any:
+def _post(
+    clock: IReactorTime, http: BackendHTTP, url: str, timeout: float
+) -> Generator[Deferred[Any], Any, None]:
     d = http.post(url, data=b"{}", headers=JSON)
     d.addTimeout(timeout, clock)
     try:
-        response = yield d
+        response: BackendResponse = yield d
         body = yield response.content()
     except CancelledError:
         raise
@@ -47,12 +51,14 @@ def _post(clock: IReactorTime, http: Any, url: str, timeout: float) -> Any:
 
 
 @inlineCallbacks
-def _sleeping(clock: IReactorTime, http: Any, url: str, timeout: float) -> Any:
+def _sleeping(
+    clock: IReactorTime, http: BackendHTTP, url: str, timeout: float
+) -> Generator[Deferred[Any], Any, bool | None]:
     """What the status URL says (``is_sleeping``), or None when it says nothing usable."""
     d = http.get(url)
     d.addTimeout(timeout, clock)
     try:
-        response = yield d
+        response: BackendResponse = yield d
         body = yield response.content()
         value = json.loads(body)["is_sleeping"]
     except CancelledError:
@@ -64,8 +70,13 @@ def _sleeping(clock: IReactorTime, http: Any, url: str, timeout: float) -> Any:
 
 @inlineCallbacks
 def _switch(
-    clock: IReactorTime, http: Any, sleep: Sleep, asleep: bool, timeout: float, interval: float
-) -> Any:
+    clock: IReactorTime,
+    http: BackendHTTP,
+    sleep: Sleep,
+    asleep: bool,
+    timeout: float,
+    interval: float,
+) -> Generator[Deferred[Any], Any, None]:
     deadline = clock.seconds() + timeout
     url = sleep.sleep_url if asleep else sleep.wake_url
     yield _post(clock, http, url, timeout)
@@ -81,17 +92,19 @@ def _switch(
         yield deferLater(clock, min(interval, remaining), lambda: None)
 
 
-def put_to_sleep(clock: IReactorTime, http: Any, sleep: Sleep, interval: float) -> Any:
+def put_to_sleep(clock: IReactorTime, http: BackendHTTP, sleep: Sleep, interval: float) -> Any:
     """Fires once the backend confirmed it released its device memory."""
     return _switch(clock, http, sleep, True, sleep.timeout, interval)
 
 
-def wake(clock: IReactorTime, http: Any, sleep: Sleep, timeout: float, interval: float) -> Any:
+def wake(
+    clock: IReactorTime, http: BackendHTTP, sleep: Sleep, timeout: float, interval: float
+) -> Any:
     """Fires once the backend says it is awake (its readiness is checked after)."""
     return _switch(clock, http, sleep, False, timeout, interval)
 
 
-def is_asleep(clock: IReactorTime, http: Any, sleep: Sleep) -> Any:
+def is_asleep(clock: IReactorTime, http: BackendHTTP, sleep: Sleep) -> Any:
     """At start-up: does an adopted backend say it is asleep?  None: it cannot tell."""
     if sleep.status_url is None:
         return succeed(None)

@@ -10,7 +10,7 @@ manager's business: a slot never decides to start or stop by itself.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, inlineCallbacks
@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from llmswap import errors
 from llmswap.config.model import ModelConfig
 from llmswap.events import EventBus, ModelState, ModelStateChanged
-from llmswap.interfaces import IBackend
+from llmswap.interfaces import BackendHTTP, IBackend
 from llmswap.swap import sleep
 from llmswap.swap.readiness import BackendDied, wait_healthy
 from llmswap.swap.state import check
@@ -108,7 +108,9 @@ class Slot:
     # -- life -----------------------------------------------------------------------------
 
     @inlineCallbacks
-    def start(self, http: Any, health_interval: float) -> Any:
+    def start(
+        self, http: BackendHTTP, health_interval: float
+    ) -> Generator[Deferred[Any], Any, None]:
         """Launch (or wake) the backend and wait until it answers healthy; READY, or FAILED
         and raise."""
         cfg = self.config
@@ -144,7 +146,7 @@ class Slot:
         self.set(ModelState.READY)
 
     @inlineCallbacks
-    def _wake(self, http: Any, interval: float) -> Any:
+    def _wake(self, http: BackendHTTP, interval: float) -> Generator[Deferred[Any], Any, None]:
         assert self.config.sleep is not None
         try:
             yield sleep.wake(self._clock, http, self.config.sleep, self.config.startup_timeout,
@@ -160,7 +162,7 @@ class Slot:
         self.set(ModelState.ASLEEP if asleep else ModelState.READY)
 
     @inlineCallbacks
-    def drain(self) -> Any:
+    def drain(self) -> Generator[Deferred[Any], Any, None]:
         """No new admissions; wait (at most ``drain_timeout``) until running requests finish."""
         if self.state is ModelState.READY:
             self.set(ModelState.DRAINING)
@@ -188,7 +190,7 @@ class Slot:
             self.set(ModelState.READY)
 
     @inlineCallbacks
-    def stop(self) -> Any:
+    def stop(self) -> Generator[Deferred[Any], Any, None]:
         """Stop the backend; fires once it is confirmed gone."""
         self.set(ModelState.STOPPING)
         yield self.backend.stop()
@@ -196,7 +198,9 @@ class Slot:
         self.set(ModelState.STOPPED)
 
     @inlineCallbacks
-    def put_to_sleep(self, http: Any, interval: float) -> Any:
+    def put_to_sleep(
+        self, http: BackendHTTP, interval: float
+    ) -> Generator[Deferred[Any], Any, bool]:
         """Release its device memory, keeping the process; fires once the backend confirmed
         it.  A sleep that fails or is not confirmed in time stops the backend instead: either
         way its device memory is free when this fires.  True when it sleeps."""

@@ -70,16 +70,16 @@ class Snapshot:
     waiting: int
     in_flight: int
     queue: tuple[Waiter, ...]  # the oldest waiting requests, as many as asked for
-    models: Mapping[str, ModelSnapshot]
+    instances: Mapping[str, ModelSnapshot]
     hosts: Mapping[str, HostSnapshot] = attrs.field(factory=dict)
 
     def ready(self) -> list[str]:
-        return [n for n, m in self.models.items() if m.state is ModelState.READY]
+        return [n for n, m in self.instances.items() if m.state is ModelState.READY]
 
     def current(self) -> str | None:
         """The loaded model that served last (the original proxy's ``current_model``)."""
         ready = self.ready()
-        return max(ready, key=lambda n: self.models[n].last_used) if ready else None
+        return max(ready, key=lambda n: self.instances[n].last_used) if ready else None
 
 
 def take(
@@ -121,10 +121,10 @@ def take(
         waiting=len(queue),
         in_flight=len(queue.leases),
         queue=tuple(
-            Waiter(t.model, t.key, round(now - t.enqueued, 3), t.priority, position)
+            Waiter(t.instance, t.key, round(now - t.enqueued, 3), t.priority, position)
             for position, t in enumerate(queue.oldest(listed), 1)
         ),
-        models=models,
+        instances=models,
         hosts=hosts,
     )
 
@@ -165,8 +165,8 @@ def policy_view(
         sampled += queue.waiting.sample(name, max(0, free) + 1)
     return policy.View(
         now=now,
-        models=models,
-        waiting=[policy.Waiting(t.seq, t.model, t.enqueued, t.priority) for t in sampled],
+        instances=models,
+        waiting=[policy.Waiting(t.seq, t.instance, t.enqueued, t.priority) for t in sampled],
         devices=config.capacities(host),
         policy=config.scheduler,
         changing=changing,
