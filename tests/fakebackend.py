@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import email
+import email.message
 import hashlib
 import json
 import os
@@ -31,7 +32,7 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, cast
 
 ARGS: argparse.Namespace
 READY_AT = 0.0
@@ -397,14 +398,23 @@ class Handler(BaseHTTPRequestHandler):
         self._chunk(b"")
 
 
+def _exit(event: str, code: int) -> None:
+    """Leave as a process does on a signal: the ledger and the GPU witness know first."""
+    _ledger(event)
+    _gpu(False)
+    os._exit(code)
+
+
 def _form_echo(raw: bytes, content_type: str, digest: str, headers: dict[str, str]) -> Any:
     """A multipart request as received: its fields, each file's size and digest, the body's
     digest; ``text`` makes it an OpenAI transcription."""
     form = email.message_from_bytes(f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
-    fields, files = {}, {}
-    for part in form.get_payload():
-        name = part.get_param("name", header="content-disposition")
-        data = part.get_payload(decode=True) or b""
+    fields: dict[str, str] = {}
+    files: dict[str, dict[str, Any]] = {}
+    parts: list[email.message.Message] = form.get_payload()  # type: ignore[assignment]
+    for part in parts:
+        name = str(part.get_param("name", header="content-disposition"))
+        data = cast(bytes, part.get_payload(decode=True) or b"")
         if part.get_filename():
             files[name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         else:
@@ -463,7 +473,7 @@ def main() -> None:
     if ARGS.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     else:
-        signal.signal(signal.SIGTERM, lambda *_: (_ledger("sigterm"), _gpu(False), os._exit(0)))
+        signal.signal(signal.SIGTERM, lambda *_: _exit("sigterm", 0))
     _ledger("start")
     _gpu(True)
     if ARGS.ledger:
@@ -477,7 +487,7 @@ def main() -> None:
         )
     # A test decides when a backend fails, by signal, instead of racing a timer:
     # SIGUSR1 is a crash (exit code 7); SIGUSR2 closes the port while the process lives on.
-    signal.signal(signal.SIGUSR1, lambda *_: (_ledger("crash"), _gpu(False), os._exit(7)))
+    signal.signal(signal.SIGUSR1, lambda *_: _exit("crash", 7))
     READY_AT = time.time() + ARGS.startup_delay
     if ARGS.bind_late:
         time.sleep(ARGS.startup_delay)

@@ -8,15 +8,21 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import openai
+from openai.types.chat import ChatCompletionMessageParam
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, inlineCallbacks, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
 
 from llmswap.config.config import Config, parse
 from llmswap.service import LLMSwapService, make_service
@@ -89,6 +95,15 @@ def read_ledger(path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+
+
+def in_thread(pool: ThreadPool, f: Callable[..., Any], *args: Any, **kw: Any) -> Deferred[Any]:
+    """``f`` in one of a test's own client threads: in real life clients are other processes,
+    and the reactor's pool is the daemon's (name resolution, Docker calls)."""
+    return deferToThreadPool(cast(IReactorFromThreads, reactor), pool, f, *args, **kw)
+
+
 def signal_backend(ledger: str, name: str, signum: int) -> None:
     """Send ``signum`` to the fake backend ``name`` started last (SIGUSR1 crashes it, SIGUSR2
     closes its port): the test says when a backend fails, no timer races the test's own steps."""
@@ -115,7 +130,7 @@ class Daemon:
     def start(self) -> None:
         self.service.startService()
         assert self.service.web.port is not None
-        self.port = self.service.web.port.getHost().port
+        self.port = cast(IPv4Address, self.service.web.port.getHost()).port
         self.url = f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> Deferred[None]:

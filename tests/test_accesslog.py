@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import time
+from typing import cast
 
 from twisted.internet.task import Clock
-from twisted.logger import LogEvent, formatEvent
+from twisted.logger import ILogObserver, LogEvent, formatEvent
 
 from llmswap.accesslog import AccessLog
 from llmswap.events import EventBus
 
 
 def _running(clock: Clock, seen: list[LogEvent]) -> AccessLog:
-    access = AccessLog(clock, EventBus(), observer=seen.append, delay=0.1)
+    access = AccessLog(clock, EventBus(), observer=cast(ILogObserver, seen.append), delay=0.1)
     access.startService()
     return access
 
 
 def test_lines_arrive_together_within_the_delay_in_order_with_their_own_times() -> None:
-    clock, seen = Clock(), []
+    clock, seen = Clock(), list[LogEvent]()
     access = _running(clock, seen)
     before = time.time()
     access.logger.info("first")
@@ -37,7 +38,7 @@ def test_lines_arrive_together_within_the_delay_in_order_with_their_own_times() 
 
 
 def test_stopping_passes_on_what_is_held_and_leaves_no_timer() -> None:
-    clock, seen = Clock(), []
+    clock, seen = Clock(), list[LogEvent]()
     access = _running(clock, seen)
     access.logger.info("held")
     access.stopService()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 from klein import Klein
 from klein.interfaces import IKleinRequest
@@ -22,23 +22,24 @@ from llmswap.relay.forward import Relay
 from llmswap.resource import OpenAIResource
 from llmswap.service import make_backends
 from llmswap.swap.manager import SwapManager
+from llmswap.testing import MemoryHTTP
 
 SEED_HEALTH_KEYS = {"status", "current_model", "queue_size", "queue_capacity", "message"}
 
 
-def stub_api(config: Config, clock: Clock) -> StubTreq:
+def stub_api(config: Config, clock: Clock) -> Any:
     """The daemon's resource tree over a manager that was never started (no backend runs)."""
     bus = EventBus()
-    manager = SwapManager(config, make_backends(config, clock), None, clock, bus)
+    manager = SwapManager(config, make_backends(config, clock), MemoryHTTP({}), clock, bus)
     gate = Gate(config.auth, clock)
-    proxy = Proxy(manager, Relay(None, clock, 1.0), gate, bus, clock)
+    proxy: Proxy[None] = Proxy(manager, Relay(None, clock, 1.0), gate, bus, clock)
     api = OpenAIResource(manager, proxy, gate, Metrics(bus, manager.snapshot), clock)
     AccessLog(clock, bus)  # not started: it passes each line on at once
     return StubTreq(api.resource())
 
 
 class StubCase(unittest.TestCase):
-    stub: StubTreq
+    stub: Any
 
     def request(
         self, method: str, path: str, body: bytes | None = None, key: str | None = None
@@ -281,7 +282,9 @@ class RoutingMemoryTests(unittest.TestCase):
             return b"queued"
 
         response = self.successResultOf(
-            StubTreq(app.resource()).post("http://127.0.0.1/v1/chat/completions", data=b"{}")
+            cast(Any, StubTreq(app.resource())).post(
+                "http://127.0.0.1/v1/chat/completions", data=b"{}"
+            )
         )
         self.assertEqual(self.successResultOf(response.content()), b"queued")
         self.assertEqual(len(seen["klein's"]), 1)

@@ -334,7 +334,7 @@ def test_macros_ports_and_model_ids_expand_and_ports_are_kept_across_reloads(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("MODELS_DIR", "/srv/models")
-    raw = {
+    raw: dict[str, Any] = {
         "start_port": 9000,
         "macros": {"server": "llama-server --port ${PORT}", "ctx": 4096,
                    "dir": "${env.MODELS_DIR}"},

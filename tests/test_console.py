@@ -13,6 +13,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.trial import unittest
+from twisted.web.http_headers import Headers
 from twisted.web.test.requesthelper import DummyRequest
 
 from llmswap import errors
@@ -30,7 +31,7 @@ USER = "sk-user-0123456789abcdefghijk"
 
 
 def _request(host: str, method: bytes = b"GET", headers: dict[bytes, bytes] | None = None) -> Any:
-    request = DummyRequest([b"admin"])
+    request: Any = DummyRequest([b"admin"])
     request.method = method
     request.client = IPv4Address("TCP", host, 50000)
     cookies = {}
@@ -146,7 +147,8 @@ def test_consoles_share_one_bounded_payload_and_a_slow_one_is_told_to_resync() -
     snap = Snapshot(0.0, True, "swap-aware", 50, 0, 0, (), {})
     streams = LiveStreams(bus, clock, lambda _: snap, lambda: config)
     assert not bus.wants(RequestEnded)  # nobody watching: the requests pay nothing
-    fast, slow = _PushRequest([b""]), _PushRequest([b""])
+    fast: Any = _PushRequest([b""])
+    slow: Any = _PushRequest([b""])
     streams.add(fast)
     streams.add(slow)
     assert fast.written[0].startswith(b"event: state\n")
@@ -216,7 +218,8 @@ class ConsoleRoutesTests(DaemonTestCase):
         self.assertEqual(code, 200)
         self.assertIn("Admin key", page)
         response = yield self.http.post(
-            self.daemon.url + "/admin/session", headers={"Authorization": f"Bearer {ADMIN}"}
+            self.daemon.url + "/admin/session",
+            headers=Headers({"Authorization": [f"Bearer {ADMIN}"]}),
         )
         cookie = response.headers.getRawHeaders("set-cookie")[0]
         self.assertRegex(

@@ -21,9 +21,9 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from twisted.internet.defer import inlineCallbacks
 
 from tests.fakebackend import live_processes
-from tests.support import wait_for
+from tests.support import HI, wait_for
 from tests.test_console import ADMIN
-from tests.test_daemon import HI, DaemonTestCase
+from tests.test_daemon import DaemonTestCase
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 WAIT = 20  # seconds a browser step may take at most

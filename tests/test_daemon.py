@@ -19,7 +19,6 @@ import treq
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, inlineCallbacks
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -27,16 +26,17 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from tests.fakebackend import live_peers, live_processes
 from tests.support import (
     FAKE,
+    HI,
     Daemon,
     fake_model,
     free_port,
+    in_thread,
     read_ledger,
     samples,
     signal_backend,
+    terminate,
     wait_for,
 )
-
-HI = [{"role": "user", "content": "hi"}]
 
 
 def starts(ledger: str) -> list[str]:
@@ -88,7 +88,7 @@ class DaemonTestCase(unittest.TestCase):
         return (yield response.json())
 
     def in_thread(self, f: Any, *args: Any, **kw: Any) -> Any:
-        return deferToThreadPool(reactor, self.client_threads, f, *args, **kw)
+        return in_thread(self.client_threads, f, *args, **kw)
 
     def chat(self, model: str, **kw: Any) -> Any:
         # Generous: a busy shared machine may take long, and no test is about wall-clock time.
@@ -360,7 +360,7 @@ class QueueTests(DaemonTestCase):
         response = yield self.post(
             "/v1/chat/completions", {"model": "long", "stream": True}, unbuffered=True
         )
-        got = []
+        got: list[bytes] = []
         collecting = treq.collect(response, got.append)
         yield wait_for(lambda: len(got) >= 2)
         response.original._transport.stopProducing()  # hang up mid-stream
@@ -486,7 +486,7 @@ class RemoteModelTests(DaemonTestCase):
     ) -> Any:
         port = free_port()
         remote = subprocess.Popen([sys.executable, FAKE, "--port", str(port), "--name", "cluster"])
-        self.addCleanup(lambda: (remote.terminate(), remote.wait()))
+        self.addCleanup(terminate, remote)
         yield wait_for(lambda: _answers(port), timeout=20)
         os.environ["LLMSWAP_TEST_REMOTE_KEY"] = "sk-remote-0123"
         self.addCleanup(os.environ.pop, "LLMSWAP_TEST_REMOTE_KEY")
@@ -522,6 +522,6 @@ class RemoteModelTests(DaemonTestCase):
 def _answers(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-            return r.status == 200
+            return bool(r.status == 200)
     except OSError:
         return False

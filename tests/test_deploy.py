@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from tests.fakebackend import live_peers
-from tests.support import free_port
-from tests.test_docker import HI, ROOT, DockerTestCase, docker
+from tests.support import HI, free_port
+from tests.test_docker import ROOT, DockerTestCase, docker
 from tests.test_twistd import get_json
 
 pytestmark = pytest.mark.docker

@@ -28,7 +28,6 @@ import treq
 import yaml
 from twisted.internet import reactor
 from twisted.internet.defer import DeferredList, inlineCallbacks
-from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -37,14 +36,13 @@ from llmswap.backends.docker import DockerBackend
 from llmswap.backends.engine import DockerClientProvider
 from llmswap.config.config import parse
 from tests.fakebackend import live_peers
-from tests.support import FAKE, Daemon, free_port, read_ledger, wait_for
+from tests.support import FAKE, HI, Daemon, free_port, in_thread, read_ledger, wait_for
 from tests.test_twistd import TWISTD, wait_listening
 
 pytestmark = pytest.mark.docker
 
 IMAGE = "llmswap-test-rootfs:latest"
 ROOT = Path(__file__).resolve().parent.parent
-HI = [{"role": "user", "content": "hi"}]
 
 
 def docker(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -127,9 +125,7 @@ class DockerTestCase(unittest.TestCase):
 
     def chat(self, daemon: Daemon, model: str) -> Any:
         client = daemon.client()
-        return deferToThreadPool(
-            reactor, self.threads, client.chat.completions.create, model=model, messages=HI
-        )
+        return in_thread(self.threads, client.chat.completions.create, model=model, messages=HI)
 
     @inlineCallbacks
     def swap_twice(self, **settings: Any) -> Any:
@@ -287,7 +283,7 @@ class DriverThreadTests(DockerTestCase):
         container = {n: m["container_name"] for n, m in models.items()}
 
         def cli(*args: str) -> Any:
-            return deferToThreadPool(reactor, self.threads, docker, *args)
+            return in_thread(self.threads, docker, *args)
 
         for round_ in range(1, 5):
             started = yield DeferredList([b.start() for b in backends.values()], consumeErrors=True)
@@ -436,8 +432,7 @@ class LlamaContainerTests(DockerTestCase):
         d = self.daemon(models)
         for name in ("chat", "creative", "chat"):
             client = d.client(timeout=120)
-            r = yield deferToThreadPool(
-                reactor, self.threads, client.chat.completions.create,
+            r = yield in_thread(self.threads, client.chat.completions.create,
                 model=name, messages=HI, max_tokens=8,
             )  # fmt: skip
             self.assertEqual(r.object, "chat.completion")
@@ -464,9 +459,7 @@ class EngineErrorTests(DockerTestCase):
         )
         client = d.client()
         with self.assertRaises(Exception) as ctx:
-            yield deferToThreadPool(
-                reactor, self.threads, client.chat.completions.create, model="busy", messages=HI
-            )
+            yield in_thread(self.threads, client.chat.completions.create, model="busy", messages=HI)
         error = ctx.exception
         self.assertEqual(getattr(error, "status_code", None), 503)
         message = str(error)

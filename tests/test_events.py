@@ -52,7 +52,7 @@ def test_every_state_has_its_transitions_and_ready_is_reached_only_from_loading_
 
 
 def test_bus_delivers_by_kind_and_a_cancelled_subscription_hears_nothing() -> None:
-    bus, heard = EventBus(), []
+    bus, heard = EventBus(), list[Any]()
     assert not bus.wants(Swap)
     sub = bus.subscribe(Swap, heard.append)
     assert bus.wants(Swap) and not bus.wants(RequestQueued)
@@ -66,7 +66,7 @@ def test_bus_delivers_by_kind_and_a_cancelled_subscription_hears_nothing() -> No
 
 
 def test_a_failing_listener_does_not_stop_the_others() -> None:
-    bus, heard = EventBus(), []
+    bus, heard = EventBus(), list[Any]()
 
     def broken(_: Any) -> None:
         raise RuntimeError("listener bug")

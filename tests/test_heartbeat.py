@@ -8,7 +8,7 @@ from llmswap.heartbeat import Heartbeat
 
 
 def test_every_waiting_item_hears_each_interval_until_discarded() -> None:
-    clock, said = Clock(), []
+    clock, said = Clock(), list[str]()
     heartbeat: Heartbeat[str] = Heartbeat(clock, lambda: 5.0, said.append)
     heartbeat.add("a")
     clock.advance(3)
@@ -21,7 +21,7 @@ def test_every_waiting_item_hears_each_interval_until_discarded() -> None:
 
 
 def test_no_timer_runs_while_nothing_waits_or_after_stop() -> None:
-    clock, said = Clock(), []
+    clock, said = Clock(), list[str]()
     heartbeat: Heartbeat[str] = Heartbeat(clock, lambda: 5.0, said.append)
     heartbeat.add("a")
     heartbeat.discard("a")
@@ -35,7 +35,7 @@ def test_no_timer_runs_while_nothing_waits_or_after_stop() -> None:
 
 
 def test_a_stream_whose_comment_fails_is_dropped_and_the_others_still_hear() -> None:
-    clock, said = Clock(), []
+    clock, said = Clock(), list[str]()
 
     def say(item: str) -> None:
         if item == "broken":

@@ -18,11 +18,9 @@ from typing import Any
 
 import openai
 import pytest
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
-from twisted.internet.threads import deferToThreadPool
 
-from tests.support import FAKE, free_port, read_ledger, wait_for
+from tests.support import FAKE, free_port, in_thread, read_ledger, wait_for
 from tests.test_docker import (
     IMAGE,
     ROOT,
@@ -98,7 +96,7 @@ class HostsTestCase(DockerTestCase):
         }
 
     def in_thread(self, fn: Any, *args: Any) -> Deferred[Any]:
-        return deferToThreadPool(reactor, self.threads, fn, *args)
+        return in_thread(self.threads, fn, *args)
 
     def events(self, box: str, kind: str) -> list[str]:
         return [e["name"] for e in read_ledger(self.ledger_of(box)) if e["event"] == kind]

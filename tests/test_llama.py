@@ -13,19 +13,21 @@ import anthropic
 import ollama
 import pytest
 import treq
+from openai.types.chat import ChatCompletionMessageParam
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 from twisted.web.client import Agent
 
 from llmswap.config.defaults import MAX_TOKENS, default_config, llama_assets
 from tests.fakebackend import live_processes
-from tests.support import GREEDY, Daemon, anthropic_stream, free_ports
+from tests.support import GREEDY, Daemon, anthropic_stream, free_ports, in_thread
 
-HI = [{"role": "user", "content": "Write one short sentence about the sea."}]
+HI: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "Write one short sentence about the sea."}
+]
 # Special tokens (ChatML's, Gemma's turns, images and end) that must never reach an answer.
 TEMPLATE_TOKENS = r"<\|im_|<start_of_|<end_of_|<eos>|<\|endoftext"
 
@@ -57,6 +59,9 @@ class LlamaDaemonCase(unittest.TestCase):
         self.daemon.start()
         self.addCleanup(self.daemon.stop)
 
+    def call(self, f: Any, *args: Any, **kw: Any) -> Any:
+        return in_thread(self.threads, f, *args, **kw)
+
 
 class LlamaServerTests(LlamaDaemonCase):
     def setUp(self) -> None:
@@ -65,10 +70,11 @@ class LlamaServerTests(LlamaDaemonCase):
         self.seen_groups: list[int] = []
         self.sampler = LoopingCall(lambda: self.seen_groups.append(len(llama_server_groups())))
         self.sampler.start(0.02)
-        self.addCleanup(lambda: self.sampler.running and self.sampler.stop())
+        self.addCleanup(self._stop_sampler)
 
-    def call(self, f: Any, *args: Any, **kw: Any) -> Any:
-        return deferToThreadPool(reactor, self.threads, f, *args, **kw)
+    def _stop_sampler(self) -> None:
+        if self.sampler.running:
+            self.sampler.stop()
 
     @inlineCallbacks
     def test_the_users_messages_reach_the_model_in_gemmas_turns(self) -> Any:
@@ -173,58 +179,55 @@ class OllamaOnLlamaServerTests(LlamaDaemonCase):
         super().setUp()
         self.client = ollama.Client(host=self.daemon.url, timeout=120)
 
-    def call(self, method: str, *args: Any, **kw: Any) -> Any:
-        return deferToThreadPool(reactor, self.threads, getattr(self.client, method), *args, **kw)
+    def ask(self, method: str, *args: Any, **kw: Any) -> Any:
+        return in_thread(self.threads, getattr(self.client, method), *args, **kw)
 
     @inlineCallbacks
     def test_list_show_ps_chat_generate_embed_and_keep_alive_0(self) -> Any:
-        listed = yield self.call("list")
+        listed = yield self.ask("list")
         self.assertEqual(
             [m.model for m in listed.models],
             ["gemma3:latest", "gemma3-creative:latest", "gemma3-embed:latest"],
         )
-        chat = yield self.call("chat", model="gemma3", messages=HI, options={"num_predict": 24})
+        chat = yield self.ask("chat", model="gemma3", messages=HI, options={"num_predict": 24})
         self.assertTrue(chat.message.content.strip())
         self.assertNotRegex(chat.message.content, TEMPLATE_TOKENS)
         self.assertTrue(chat.done)
         self.assertGreater(chat.load_duration, 0)  # the real swap time llmswap measured
         self.assertGreater(chat.eval_count, 0)
         self.assertGreater(chat.eval_duration, 0)  # llama-server's timings
-        shown = yield self.call("show", "gemma3:latest")
+        shown = yield self.ask("show", "gemma3:latest")
         self.assertEqual(shown.modelinfo["gemma3.context_length"], 4096)  # from /props
-        (loaded,) = (yield self.call("ps")).models
+        (loaded,) = (yield self.ask("ps")).models
         self.assertEqual(loaded.model, "gemma3:latest")
 
-        stream = yield self.call(
+        stream = yield self.ask(
             "chat", model="gemma3-creative", messages=HI, stream=True, options={"num_predict": 24}
         )
-        chunks = yield deferToThreadPool(reactor, self.threads, list, stream)
+        chunks = yield in_thread(self.threads, list, stream)
         self.assertGreater(len(chunks), 2)  # relayed piece by piece
         self.assertTrue(chunks[-1].done and not any(c.done for c in chunks[:-1]))
         self.assertNotRegex("".join(c.message.content for c in chunks), TEMPLATE_TOKENS)
 
-        generated = yield self.call(
+        generated = yield self.ask(
             "generate", model="gemma3", prompt="The sea is", options={"num_predict": 8}
         )
         self.assertTrue(generated.response)
-        embedded = yield self.call("embed", model="gemma3-embed", input=["hello", "sea"])
+        embedded = yield self.ask("embed", model="gemma3-embed", input=["hello", "sea"])
         self.assertEqual(len(embedded.embeddings), 2)
         self.assertGreater(len(embedded.embeddings[0]), 100)
 
         # Open WebUI's eject: an empty generate with keep_alive 0 stops the real process.
         self.assertEqual(len(llama_server_groups()), 1)
-        ejected = yield self.call("generate", model="gemma3-embed", keep_alive=0)
+        ejected = yield self.ask("generate", model="gemma3-embed", keep_alive=0)
         self.assertEqual(ejected.done_reason, "unload")
         self.assertEqual(llama_server_groups(), set())
-        self.assertEqual((yield self.call("ps")).models, [])
+        self.assertEqual((yield self.ask("ps")).models, [])
 
 
 class LlamaSwapHabitsOnLlamaServerTests(LlamaDaemonCase):
     """Anthropic's Messages API, llama.cpp's own routes and ``/upstream/`` on the real
     llama-server, which answers them natively."""
-
-    def call(self, f: Any, *args: Any, **kw: Any) -> Any:
-        return deferToThreadPool(reactor, self.threads, f, *args, **kw)
 
     @inlineCallbacks
     def test_anthropic_messages_llama_cpp_routes_and_upstream(self) -> Any:

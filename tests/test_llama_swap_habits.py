@@ -17,9 +17,10 @@ from typing import Any
 import anthropic
 import yaml
 from twisted.internet.defer import inlineCallbacks
+from twisted.web.http_headers import Headers
 
-from tests.support import FAKE, anthropic_stream, read_ledger
-from tests.test_daemon import HI, DaemonTestCase
+from tests.support import FAKE, HI, anthropic_stream, read_ledger
+from tests.test_daemon import DaemonTestCase
 
 
 def consecutive_free_ports(n: int) -> int:
@@ -137,7 +138,7 @@ class HabitTests(DaemonTestCase):
             daemon.url + "/v1/audio/transcriptions",
             data=b"--x\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\n"
                  b"abc\r\n--x--\r\n",
-            headers={"Content-Type": ["multipart/form-data; boundary=x"]},
+            headers=Headers({"Content-Type": ["multipart/form-data; boundary=x"]}),
         )  # fmt: skip
         body = yield response.json()
         self.assertEqual((response.code, body["error"]["param"]), (400, "model"))
@@ -164,7 +165,7 @@ class HabitTests(DaemonTestCase):
         keys = [{"name": "alice", "key": "sk-alice-0123456789abcdef", "models": ["a"],
                  "upstream": True}]  # fmt: skip
         daemon = self.start({"a": self.fake("a"), "b": self.fake("b")}, auth={"keys": keys})
-        headers = {"Authorization": ["Bearer sk-alice-0123456789abcdef"]}
+        headers = Headers({"Authorization": ["Bearer sk-alice-0123456789abcdef"]})
         response = yield self.http.get(daemon.url + "/upstream/b/health", headers=headers)
         self.assertEqual(response.code, 403)
         response = yield self.http.get(daemon.url + "/upstream/a/health", headers=headers)
@@ -205,8 +206,7 @@ class HabitTests(DaemonTestCase):
         )
 
         def stream() -> list[Any]:
-            chunks = daemon.client().chat.completions.create(model="slow", messages=HI,
-                                                             stream=True)  # fmt: skip
+            chunks = daemon.client().chat.completions.create(model="slow", messages=HI, stream=True)
             return [c.choices[0].delta for c in chunks if c.choices]
 
         deltas = yield self.in_thread(stream)

@@ -135,9 +135,9 @@ def _sse(*chunks: dict[str, Any]) -> bytes:
     )
 
 
-def _writer(kind: str, stream_: bool = True) -> tuple[stream.OllamaWriter, DummyRequest, Clock]:
+def _writer(kind: str, stream_: bool = True) -> tuple[stream.OllamaWriter, Any, Clock]:
     clock = Clock()
-    request = DummyRequest([b""])
+    request: Any = DummyRequest([b""])
     writer = stream.OllamaWriter(request, clock, kind, "gemma3:latest", stream_, 0.0, 1.25)
     return writer, request, clock
 
@@ -155,9 +155,9 @@ def test_a_stream_becomes_one_ndjson_object_per_chunk_whatever_the_chunk_boundar
     written = 0
     for i in range(0, len(body), 7):  # 7-byte pieces: events split anywhere
         writer.data(body[i : i + 7])
-        lines = b"".join(request.written).count(b"\n")
-        assert lines >= written  # what is complete is written at once
-        written = lines
+        complete = b"".join(request.written).count(b"\n")
+        assert complete >= written  # what is complete is written at once
+        written = complete
     clock.advance(3)
     writer.end()
     lines = [json.loads(line) for line in b"".join(request.written).splitlines()]
@@ -251,12 +251,12 @@ class RoutesTests(unittest.TestCase):
         gate = Gate(None, self.clock)
         relay = Relay(None, self.clock, 1.0)
         ollama = OllamaProxy(self.manager, relay, gate, bus, self.clock)
-        routes = OllamaRoutes(self.manager, ollama, gate, None, self.clock)
+        routes = OllamaRoutes(self.manager, ollama, gate, MemoryHTTP({}), self.clock)
         api = OpenAIResource(
             self.manager, Proxy(self.manager, relay, gate, bus, self.clock), gate,
             Metrics(bus, self.manager.snapshot), self.clock, None, routes.resource(),
         )  # fmt: skip
-        self.stub = StubTreq(api.resource())
+        self.stub: Any = StubTreq(api.resource())
 
     def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body))

@@ -14,8 +14,8 @@ import ollama
 from twisted.internet.defer import gatherResults, inlineCallbacks
 
 from tests.fakebackend import live_peers
-from tests.support import wait_for
-from tests.test_daemon import HI, DaemonTestCase
+from tests.support import HI, wait_for
+from tests.test_daemon import DaemonTestCase
 
 WEATHER = {
     "type": "function",

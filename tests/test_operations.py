@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import openai
 import yaml
 from twisted.internet.defer import DeferredList, inlineCallbacks
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 
 from llmswap.config.config import load
 from tests.fakebackend import live_peers
@@ -33,8 +33,9 @@ class AccessAndMetricsTests(DaemonTestCase):
         def observe(event: dict[str, Any]) -> None:
             self.logged.append(json.dumps(event, default=str))
 
-        globalLogPublisher.addObserver(observe)
-        self.addCleanup(globalLogPublisher.removeObserver, observe)
+        observer = cast(ILogObserver, observe)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
 
     def keyed_post(self, key: str | None, payload: Any) -> Any:
         headers = {"Authorization": [f"Bearer {key}"]} if key else {}

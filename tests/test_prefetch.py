@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from twisted.internet.defer import CancelledError, inlineCallbacks, succeed
@@ -14,11 +14,13 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SkipTest
 
 from llmswap.config.config import parse
+from llmswap.config.model import ModelConfig
 from llmswap.swap.manager import SwapManager
 from llmswap.swap.prefetch import CHUNK, Prefetcher, read_ahead, residency, weight_files
+from llmswap.swap.queue import Lease
 from llmswap.testing import MemoryBackend, MemoryHTTP
-from tests.support import wait_for
-from tests.test_daemon import HI, DaemonTestCase
+from tests.support import HI, wait_for
+from tests.test_daemon import DaemonTestCase
 
 
 def model(**settings: Any) -> Any:
@@ -91,7 +93,7 @@ class Recorder:
 
 
 def test_the_manager_reads_ahead_the_model_it_will_load_next_and_stops_when_nobody_waits() -> None:
-    clock, log, recorder = Clock(), [], Recorder()
+    clock, log, recorder = Clock(), list[str](), Recorder()
     models = {n: {"backend_url": f"http://{n}:1/v1", "cmd": "x"} for n in "ab"}
     config = parse({"models": models, "linger": 0})
     backends = {n: MemoryBackend(n, log) for n in "ab"}
@@ -99,14 +101,14 @@ def test_the_manager_reads_ahead_the_model_it_will_load_next_and_stops_when_nobo
     manager.startService()
     try:
         lease = manager.acquire("a")
-        held = lease.result
+        held = cast(Lease, lease.result)
         # a's own load read it ahead; once loaded, nothing is wanted.
         assert recorder.wanted[-2:] == [("a", []), (None, ["a"])]
         waiting = manager.acquire("b")  # a is busy: b is next, read while a answers
         assert recorder.wanted[-1] == ("b", ["a"])
         waiting.addErrback(lambda f: f.trap(CancelledError))
         waiting.cancel()  # the client went away: the read stops
-        assert recorder.wanted[-1] == (None, ["a"])
+        assert recorder.wanted[-1:] == [(None, ["a"])]
         held.release()
     finally:
         manager.stopService()
@@ -166,9 +168,12 @@ def test_prefetch_false_turns_it_off_and_another_model_cancels_the_read_under_wa
     config = parse({"models": models})
     reads: list[tuple[str, threading.Event]] = []
     prefetcher = Prefetcher(lambda: config, Clock())
-    prefetcher._in_thread = lambda f, m, spared, reserve, cancelled: (  # type: ignore[method-assign]
-        reads.append((m.name, cancelled)) or succeed(None)
-    )
+
+    def read(f: Any, m: ModelConfig, spared: Any, reserve: Any, cancelled: threading.Event) -> Any:
+        reads.append((m.name, cancelled))
+        return succeed(None)
+
+    prefetcher._in_thread = read  # type: ignore[method-assign]
     prefetcher.startService()
     prefetcher.want("b")
     assert reads == []

@@ -92,16 +92,15 @@ class Client:
     """A client's request as the relay sees it, with a connection it can abort."""
 
     def __init__(self, committed: bool = False) -> None:
-        self.request = DummyRequest([b"v1", b"chat", b"completions"])
-        self.request.method = b"POST"
-        self.request.requestHeaders.setRawHeaders(b"authorization", [b"Bearer llmswap-key"])
-        self.request.requestHeaders.setRawHeaders(b"x-client", [b"kept"])
-        self.aborted = False
-        self.request.channel = SimpleNamespace(
-            transport=SimpleNamespace(abortConnection=self.abort)
-        )
+        request: Any = DummyRequest([b"v1", b"chat", b"completions"])
+        request.method = b"POST"
+        request.requestHeaders.setRawHeaders(b"authorization", [b"Bearer llmswap-key"])
+        request.requestHeaders.setRawHeaders(b"x-client", [b"kept"])
+        request.channel = SimpleNamespace(transport=SimpleNamespace(abortConnection=self.abort))
         if committed:  # a 200 event stream already went out (loading comments)
-            self.request.startedWriting = 1
+            request.startedWriting = 1
+        self.request = request
+        self.aborted = False
 
     def abort(self) -> None:
         self.aborted = True

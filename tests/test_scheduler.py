@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
+from typing import cast
 
 import attrs
 from hypothesis import assume, given, settings
@@ -331,7 +332,7 @@ def simulate(
             m.finishes.remove(now)
             m.last_used = now
         elif kind == "loaded":
-            target, evict = data  # type: ignore[misc]
+            target, evict = cast(tuple[str, tuple[str, ...]], data)
             for e in evict:
                 state[e].resident = False
             state[target].ready = True

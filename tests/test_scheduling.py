@@ -31,7 +31,9 @@ def most_at_once(intervals: list[tuple[float, float]]) -> int:
 
 
 def first_start(ledger: str, name: str) -> float:
-    return min(e["t"] for e in read_ledger(ledger) if e["event"] == "start" and e["name"] == name)
+    return float(
+        min(e["t"] for e in read_ledger(ledger) if e["event"] == "start" and e["name"] == name)
+    )
 
 
 class SchedulingTests(DaemonTestCase):

@@ -4,11 +4,12 @@ the browser checks without keys, sessions bound to their key, and what a log lin
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from twisted.internet.address import IPv4Address, UNIXAddress
 from twisted.internet.task import Clock
+from twisted.web.iweb import IRequest
 from twisted.web.test.requesthelper import DummyRequest
 
 from llmswap import errors, surface
@@ -62,11 +63,14 @@ def test_the_rows_say_who_and_how_much() -> None:
     assert surface.route(b"DELETE", b"/upstream/m/x").caller is Caller.UPSTREAM
     assert surface.route(b"PUT", b"/v1/chat/completions") is surface.UNKNOWN
     config = parse({"models": MODELS, "max_body_bytes": 1000})
-    form = DummyRequest([b""])
+    form: Any = DummyRequest([b""])
     form.requestHeaders.setRawHeaders(b"content-type", [b"multipart/form-data; boundary=x"])
     route = surface.route(b"POST", b"/v1/audio/transcriptions")
     assert surface.limit(route, form, config) == (config.max_upload_bytes, "max_upload_bytes")
-    assert surface.limit(route, DummyRequest([b""]), config) == (1000, "max_body_bytes")
+    assert surface.limit(route, cast(IRequest, DummyRequest([b""])), config) == (
+        1000,
+        "max_body_bytes",
+    )
     assert surface.limit(surface.UNKNOWN, form, config)[0] == surface.SMALL_BYTES
 
 
@@ -97,7 +101,7 @@ def _request(
     method: bytes = b"GET",
     client: Any = None,
 ) -> Any:
-    request = DummyRequest([b"admin"])
+    request: Any = DummyRequest([b"admin"])
     request.method = method
     request.client = client or IPv4Address("TCP", host or "127.0.0.1", 50000)
     cookies = {}
