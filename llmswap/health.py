@@ -50,11 +50,16 @@ def document(
                 "waiting": m.waiting,
                 "in_flight": m.in_flight,
                 "host": m.host,
+                # Bytes on its device: declared, measured (peak, probed devices) and estimated
+                # (from the weights; not yet).
+                "memory": {"declared": m.declared, "measured": m.measured, "estimated": None},
                 **(m.backend if details else {}),
                 **_files(files.get(name)),
             }
             for name, m in snap.instances.items()
         },
+        # The probed devices as last measured (bytes).
+        "devices": {d: {"total": r.total, "free": r.free} for d, r in snap.devices.items()},
         "hosts": {
             name: {
                 "reachable": h.error is None,

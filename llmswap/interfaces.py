@@ -49,6 +49,11 @@ class IBackend(Interface):
     def on_exit(callback: Callable[[str], None]) -> None:
         """Call ``callback(reason)`` when the server exits without being asked to stop."""
 
+    def pids() -> list[int]:
+        """The host processes at the root of the running server (its memory is theirs and
+        their children's, as :mod:`llmswap.memory` measures it); empty when it does not run
+        here or not at all."""
+
     def describe() -> dict[str, Any]:
         """Driver-specific facts for admins' ``GET /health`` (pid, container state, last exit,
         its last output lines...)."""

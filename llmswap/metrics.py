@@ -45,8 +45,24 @@ class _State(Collector):
             "llmswap_model_host", "1 for the host each model instance runs on",
             labels=["model", "host"],
         )  # fmt: skip
+        total = GaugeMetricFamily(
+            "llmswap_device_memory_total_bytes", "A probed device's memory", labels=["device"]
+        )
+        used = GaugeMetricFamily(
+            "llmswap_device_memory_used_bytes", "A probed device's memory in use, by anyone",
+            labels=["device"],
+        )  # fmt: skip
+        measured = GaugeMetricFamily(
+            "llmswap_model_memory_measured_bytes",
+            "The peak a model held on its probed device (kept across restarts)", labels=["model"],
+        )  # fmt: skip
         snap = self._snapshot()
+        for device, reading in snap.devices.items():
+            total.add_metric([device], reading.total)
+            used.add_metric([device], reading.used)
         for name, model in snap.instances.items():
+            if model.measured is not None:
+                measured.add_metric([name], model.measured)
             depth.add_metric([name], model.waiting)
             running.add_metric([name], model.in_flight)
             for s in ModelState:
@@ -54,7 +70,7 @@ class _State(Collector):
             placed.add_metric([name, model.host], 1.0)
         for name, host in snap.hosts.items():
             up.add_metric([name], 0.0 if host.error else 1.0)
-        yield from (depth, running, state, up, placed)
+        yield from (depth, running, state, up, placed, total, used, measured)
 
 
 class Metrics:

@@ -28,14 +28,16 @@ from llmswap.backends.engine import DockerClientProvider
 from llmswap.backends.process import ProcessBackend
 from llmswap.backends.remote import RemoteBackend
 from llmswap.config.config import Config, load, reload_changes
+from llmswap.config.model import ModelConfig
 from llmswap.config.values import ConfigError
 from llmswap.console.activity import Activity
 from llmswap.console.live import LiveStreams
 from llmswap.console.logs import OwnLog
 from llmswap.console.routes import ConsoleAPI
 from llmswap.console.timeline import Timeline
-from llmswap.events import EventBus
+from llmswap.events import EventBus, ModelState
 from llmswap.interfaces import IBackend
+from llmswap.memory.witness import MemoryWitness
 from llmswap.metrics import Metrics
 from llmswap.ollama.routes import OllamaProxy, OllamaRoutes
 from llmswap.proxy import Proxy
@@ -110,7 +112,9 @@ class LLMSwapService(MultiService):
         backends = make_backends(config, reactor)
         prefetch = Prefetcher(lambda: self.config, reactor)
         prefetch.setServiceParent(self)
-        self.manager = SwapManager(config, backends, http, reactor, self.bus, prefetch)
+        self.memory = MemoryWitness(lambda: self.config, self._loaded, reactor)
+        self.memory.setServiceParent(self)
+        self.manager = SwapManager(config, backends, http, reactor, self.bus, prefetch, self.memory)
         self.manager.setServiceParent(self)
         self.metrics = Metrics(self.bus, self.manager.snapshot)
         self.gate = Gate(config.auth, reactor, config.console)
@@ -146,6 +150,12 @@ class LLMSwapService(MultiService):
         for service in (activity, timeline, own_log, live):
             service.setServiceParent(self)
         return ConsoleAPI(self.manager, self.gate, activity, timeline, own_log, live)
+
+    def _loaded(self) -> list[tuple[ModelConfig, IBackend]]:
+        """The instances that are loaded now, with their backends (what the witness measures)."""
+        snap, backends = self.manager.snapshot(), self.manager.backends
+        ready = [n for n, m in snap.instances.items() if m.state is ModelState.READY]
+        return [(self.config.instances[n], backends[n]) for n in ready]
 
     @property
     def config(self) -> Config:

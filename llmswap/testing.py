@@ -34,6 +34,8 @@ class MemoryBackend:
         self.asleep = False
         self.sleepy = True
         self.log = log
+        # Process ids it reports while it runs (a test's own process, to be measured).
+        self.processes: list[int] = []
         self.printed: list[str] = []  # what print() made the server "print"
         self._followers: list[Callable[[str], None]] = []
         self._exit: Callable[[str], None] | None = None
@@ -65,6 +67,9 @@ class MemoryBackend:
         self.running = False
         assert self._exit is not None, "crash() before the manager watched this backend"
         self._exit(reason)
+
+    def pids(self) -> list[int]:
+        return list(self.processes) if self.running else []
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "memory", "running": self.running}

@@ -6,6 +6,7 @@ The models are the built-in defaults of `make run` (llmswap.config.defaults), on
 from __future__ import annotations
 
 import os
+import shlex
 import time
 from typing import Any
 
@@ -23,7 +24,7 @@ from twisted.web.client import Agent
 
 from llmswap.config.defaults import MAX_TOKENS, default_config, llama_assets
 from tests.fakebackend import live_processes
-from tests.support import GREEDY, Daemon, anthropic_stream, free_ports, in_thread
+from tests.support import GREEDY, Daemon, anthropic_stream, free_ports, in_thread, wait_for
 
 HI: list[ChatCompletionMessageParam] = [
     {"role": "user", "content": "Write one short sentence about the sea."}
@@ -267,3 +268,53 @@ class LlamaSwapHabitsOnLlamaServerTests(LlamaDaemonCase):
         self.assertEqual(response.code, 200)
         self.assertEqual(props["default_generation_settings"]["n_ctx"], 2048)
         self.assertEqual(self.daemon.service.health()["current_model"], "gemma3-creative")
+
+
+@pytest.mark.llama
+@pytest.mark.slow
+class MeasuredFootprintTests(unittest.TestCase):
+    """The real llama-server on a probed host-memory device: what it holds is measured, kept,
+    and known again after a restart, before the model is loaded."""
+
+    timeout = 300
+
+    def daemon(self, port: int, state: str) -> Daemon:
+        binary, gguf = llama_assets()
+        model = {
+            "cmd": f"{shlex.quote(binary)} -m {shlex.quote(gguf)} --alias gemma3 --host 127.0.0.1"
+                   f" --port {port} --no-jinja --chat-template gemma -c 2048 -n 16",
+            "backend_url": f"http://127.0.0.1:{port}/v1",
+            "startup_timeout": 120, "device": "ram", "memory": "2GiB",
+        }  # fmt: skip
+        daemon = Daemon({"gemma3": model}, os.path.abspath(self.mktemp()), state_dir=state,
+                        devices={"ram": {"memory": "16GiB", "probe": "ram"}})  # fmt: skip
+        daemon.start()
+        self.addCleanup(daemon.stop)
+        return daemon
+
+    @inlineCallbacks
+    def test_the_measured_footprint_is_recorded_and_survives_a_restart(self) -> Any:
+        threads = ThreadPool(minthreads=0, maxthreads=2, name="test-clients")
+        threads.start()
+        self.addCleanup(threads.stop)
+        (port,) = free_ports(1)
+        state = os.path.abspath(self.mktemp())
+        first = self.daemon(port, state)
+
+        def memory(daemon: Daemon) -> dict[str, Any]:
+            figures: dict[str, Any] = daemon.service.health()["models"]["gemma3"]["memory"]
+            return figures
+
+        self.assertIsNone(memory(first)["measured"])
+        client = first.client(timeout=120)
+        yield in_thread(threads, client.chat.completions.create, model="gemma3", messages=HI)
+        yield wait_for(lambda: memory(first)["measured"] is not None, timeout=30)
+        measured = memory(first)["measured"]
+        # The 253 MB of weights are mapped and read in; far less than the declared 2 GiB.
+        self.assertGreater(measured, 150 * 2**20)
+        self.assertLess(measured, 2 * 2**30)
+        yield first.stop()
+
+        again = self.daemon(port, state)
+        self.assertEqual(again.service.health()["models"]["gemma3"]["state"], "stopped")
+        yield wait_for(lambda: memory(again)["measured"] == measured, timeout=10)

@@ -51,14 +51,16 @@ class _Seen:
     status: str
     exit_code: int | None
     log_tail: str | None = None  # read only when it does not run
+    pid: int = 0  # its main process, on the engine's host; 0: not running
 
     @classmethod
     def of(cls, container: Any, tail: bool = False) -> _Seen:
         """In a thread: ``container`` was just read (or reloaded) from the engine."""
         status = str(container.status)
+        state = container.attrs.get("State", {})
         if status == "running":
-            return cls(status, None)
-        code = container.attrs.get("State", {}).get("ExitCode")
+            return cls(status, None, pid=int(state.get("Pid") or 0))
+        code = state.get("ExitCode")
         text = container.logs(tail=8).decode("utf-8", "replace").rstrip() if tail else None
         return cls(status, code, text)
 
@@ -83,6 +85,7 @@ class DockerBackend:
         self._engine_state: str = "unknown"
         self._exit_code: int | None = None
         self._log_tail = ""
+        self._pid = 0  # the container's main process, when its engine is this host's
         self._lost: str | None = None  # why the engine was last unreachable
         self._exit_callback: Callable[[str], None] | None = None
         self._watch: _Watch | None = None
@@ -160,6 +163,10 @@ class DockerBackend:
 
     def on_exit(self, callback: Callable[[str], None]) -> None:
         self._exit_callback = callback
+
+    def pids(self) -> list[int]:
+        local = self._provider.engine.local
+        return [self._pid] if local and self._running and self._pid else []
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {
@@ -286,6 +293,7 @@ class DockerBackend:
         self._lost = None
         self._engine_state = seen.status
         self._exit_code = seen.exit_code
+        self._pid = seen.pid
         if seen.log_tail is not None:
             self._log_tail = seen.log_tail
 

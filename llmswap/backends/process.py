@@ -233,6 +233,9 @@ class ProcessBackend:
     def on_exit(self, callback: Callable[[str], None]) -> None:
         self._exit_callback = callback
 
+    def pids(self) -> list[int]:
+        return [self._pgid] if self.alive() and self._pgid else []
+
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"kind": "process", "pid": self._pgid if self.alive() else None}
         if self._log_path is not None:

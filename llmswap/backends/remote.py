@@ -42,6 +42,9 @@ class RemoteBackend:
     def on_exit(self, callback: Callable[[str], None]) -> None:
         """It never exits: it is not llmswap's process."""
 
+    def pids(self) -> list[int]:
+        return []  # not on this host, not llmswap's
+
     def describe(self) -> dict[str, Any]:
         return {"kind": "remote", "url": self._url}
 

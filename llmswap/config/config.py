@@ -21,7 +21,15 @@ import yaml
 
 from llmswap.config import macros
 from llmswap.config.devices import budgets
-from llmswap.config.host import IMPLICIT_DEVICE, LOCAL, DockerEngine, Host, placement, read_hosts
+from llmswap.config.host import (
+    IMPLICIT_DEVICE,
+    LOCAL,
+    DockerEngine,
+    Host,
+    Probed,
+    placement,
+    read_hosts,
+)
 from llmswap.config.keys import Auth, parse_auth
 from llmswap.config.model import (
     ModelConfig,
@@ -65,6 +73,7 @@ class Config:
     max_connections: int = GLOBAL["max_connections"].default
     pass_env: tuple[str, ...] = ()
     log_dir: str | None = None
+    state_dir: str | None = None
     console: Console = Console()
     scheduler: str = GLOBAL["scheduler"].default
     priority_header: str | None = None
@@ -151,6 +160,25 @@ class Config:
             out[REMOTE_DEVICE] = float("inf")
         return out
 
+    def probe(self, device: str) -> Probed | None:
+        """What measures ``device`` (a policy name: ``box2/gpu0``); None: it is not measured."""
+        for host in self.hosts.values():
+            if device in host.probes:
+                return host.probes[device]
+        return None
+
+    def probed(self) -> bool:
+        return any(host.probes for host in self.hosts.values())
+
+    def state_directory(self) -> str:
+        """Where what llmswap learns is kept: ``state_dir``, else the XDG state directory."""
+        if self.state_dir:
+            return self.state_dir
+        state = os.environ.get("XDG_STATE_HOME") or os.path.join(
+            os.path.expanduser("~"), ".local", "state"
+        )
+        return os.path.join(state, "llmswap")
+
     def declared(self) -> dict[str, int]:
         """Every declared device budget, in bytes, by the policy's names."""
         return {d: b for h in self.hosts.values() for d, b in h.devices.items()}
@@ -199,6 +227,7 @@ def parse(
         max_connections=GLOBAL["max_connections"].read(data, ""),
         pass_env=names(data.get("pass_env"), "pass_env"),
         log_dir=GLOBAL["log_dir"].read(data, ""),
+        state_dir=GLOBAL["state_dir"].read(data, ""),
         console=_console(data.get("console")),
         scheduler=GLOBAL["scheduler"].read(data, ""),
         priority_header=GLOBAL["priority_header"].read(data, ""),

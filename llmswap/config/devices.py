@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 
-from llmswap.config.host import IMPLICIT_DEVICE, LOCAL, Host
+from llmswap.config.host import IMPLICIT_DEVICE, LOCAL, Host, Probed
 from llmswap.config.model import ModelConfig
 from llmswap.config.settings import DEVICE
 from llmswap.config.values import ConfigError, size
@@ -32,12 +32,25 @@ def budgets(
                 "container there"
             )
     devices = _devices(raw, instances, where)
+    probes = _probes(raw, where)
     qualified = {n: attrs.evolve(m, device=host.device(m.device)) for n, m in instances.items()}
     for n, m in qualified.items():
         if m.sleep is not None and m.sleep.device is not None:
             sleep = attrs.evolve(m.sleep, device=host.device(m.sleep.device))
             qualified[n] = attrs.evolve(m, sleep=sleep)
-    return attrs.evolve(host, devices={host.device(d): b for d, b in devices.items()}), qualified
+    named = {host.device(d): b for d, b in devices.items()}
+    measured = {host.device(d): p for d, p in probes.items()}
+    return attrs.evolve(host, devices=named, probes=measured), qualified
+
+
+def _probes(raw: Any, where: str) -> dict[str, Probed]:
+    """The devices that name a probe (their keys were checked by :func:`_devices`)."""
+    out = {}
+    for name, spec in (raw or {}).items():
+        if spec.get("probe") is not None:
+            timeout = DEVICE["free_timeout"].read(spec, f"{where}.{name}")
+            out[str(name)] = Probed(DEVICE["probe"].read(spec, f"{where}.{name}"), timeout)
+    return out
 
 
 def _devices(raw: Any, models: dict[str, ModelConfig], where: str) -> dict[str, int]:

@@ -61,6 +61,14 @@ class DockerEngine:
 
 
 @attrs.frozen
+class Probed:
+    """A device with a probe: what measures it, and how long a start waits for it to free."""
+
+    probe: str
+    free_timeout: float
+
+
+@attrs.frozen
 class Host:
     """One box: its engine, the address its servers answer on, and its device budgets (bytes,
     by the policy's qualified names)."""
@@ -69,6 +77,8 @@ class Host:
     docker: DockerEngine = DockerEngine()
     address: str = HOST["address"].default
     devices: Mapping[str, int] = attrs.field(factory=dict)
+    # The devices that are measured, by the same names.
+    probes: Mapping[str, Probed] = attrs.field(factory=dict)
 
     def device(self, name: str) -> str:
         """A device of this host as the policy knows it."""

@@ -14,6 +14,8 @@ from llmswap.config.schema import Section, Setting
 FIFO = "fifo"
 SWAP_AWARE = "swap-aware"
 POLICIES = (SWAP_AWARE, FIFO)
+# What may measure a device (llmswap.memory.probe makes them).
+PROBES = ("ram",)
 
 DEFAULT_LISTEN = "tcp:8888"
 
@@ -48,6 +50,9 @@ GLOBAL = Section("", (
       "(an API key's `key_env`, a remote model's, `DOCKER_*`): by default they are removed"),
     Setting("log_dir", "text", None, "per-model backend output", what="a directory path",
       shown_default="`$XDG_STATE_HOME/llmswap/logs` or `~/.local/state/llmswap/logs`"),
+    Setting("state_dir", "text", None,
+      "what llmswap learns across restarts (the measured footprints)", what="a directory path",
+      shown_default="`$XDG_STATE_HOME/llmswap` or `~/.local/state/llmswap`"),
     Setting("docker", "section", None, "this machine's Docker engine (see `docker.*`)"),
     Setting("hosts", "section", None,
       "more boxes, each a Docker engine with its own devices, by name "
@@ -148,6 +153,12 @@ HOST = Section("hosts.<name>", (
 DEVICE = Section("devices.<name>", (
     Setting("memory", "size", None,
       "a device's memory budget (`24GiB`, `16000MiB`, `16GB`; a bare number is GiB)"),
+    Setting("probe", "choice", None,
+      "what measures the device: `ram` (host memory); models' footprints are then measured and "
+      "a start waits until the device really has room", choices=PROBES),
+    Setting("free_timeout", "number", 30.0,
+      "seconds a start waits, after an eviction, for a probed device to show the memory free",
+      unit="s"),
 ))
 
 MODEL = Section("models.<name>", (

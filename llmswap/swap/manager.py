@@ -26,21 +26,22 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from llmswap import errors
-from llmswap.config.config import Config, reload_changes
+from llmswap.config.config import Config
 from llmswap.events import Cause, EventBus, ModelState, RequestAdmitted, RequestQueued, Swap
 from llmswap.interfaces import BackendHTTP, IBackend
+from llmswap.memory.witness import MemoryWitness
 from llmswap.swap import eviction, lane, policy, snapshot
+from llmswap.swap.changes import Changes
 from llmswap.swap.lane import Lane
 from llmswap.swap.prefetch import Prefetcher, Residency
 from llmswap.swap.queue import Lease, RequestQueue, Ticket
-from llmswap.swap.reconcile import start_up, stop_strays
 from llmswap.swap.slot import Slot
 from llmswap.swap.snapshot import Snapshot
 
 log = Logger()
 
 
-class SwapManager(Service):
+class SwapManager(Service, Changes):
     """Owns the model slots and decides which of them run; never more than the budget allows."""
 
     name = "swap-manager"
@@ -53,9 +54,11 @@ class SwapManager(Service):
         clock: IReactorTime,
         bus: EventBus | None = None,
         prefetch: Prefetcher | None = None,
+        memory: MemoryWitness | None = None,
     ) -> None:
         self.config = config
         self._prefetch = prefetch
+        self._memory = memory
         self._http = http
         self._clock = clock
         self.bus = bus if bus is not None else EventBus()
@@ -189,7 +192,11 @@ class SwapManager(Service):
         """What the daemon is doing now, with the ``queue`` oldest waiting requests (its cost
         does not grow with the number waiting: the counts are kept)."""
         now, running = self._clock.seconds(), bool(self.running)
-        return snapshot.take(self._slots, self._queue, self.config, now, running, queue)
+        memory = self._memory
+        measured, devices = (memory.measured, memory.devices) if memory is not None else ({}, {})
+        return snapshot.take(
+            self._slots, self._queue, self.config, now, running, queue, measured, devices
+        )
 
     # -- scheduling ---------------------------------------------------------------------------
 
@@ -212,7 +219,9 @@ class SwapManager(Service):
     def view(self, host: str) -> policy.View:
         """The picture the policy decides on for ``host``."""
         now, changing = self._clock.seconds(), self._lanes[host].changing
-        return snapshot.policy_view(self._on(host), self._queue, self.config, now, changing, host)
+        counted = self._memory.counted if self._memory is not None else None
+        slots = self._on(host)
+        return snapshot.policy_view(slots, self._queue, self.config, now, changing, host, counted)
 
     def _dispatch(self) -> None:
         """Ask the policy what to do and do it; re-entrant calls become one more round."""
@@ -299,93 +308,6 @@ class SwapManager(Service):
     def _crashed(self, slot: Slot) -> None:
         self.bus.publish(Swap(self._clock.seconds(), Cause.CRASH, None, (slot.name,), 0.0))
         self._dispatch()
-
-    # -- changes (always under the lock) ------------------------------------------------------
-
-    def _start_up(self, host: str) -> Deferred[None]:
-        load = partial(self._load, cause=Cause.PRELOAD)
-        return start_up(self.config, self._on(host), self._http, self._clock, load)
-
-    @inlineCallbacks
-    def _load(
-        self, instance: str, cause: Cause, wanted: Callable[[], int] | None = None
-    ) -> Generator[Deferred[Any], Any, None]:
-        """Make room for ``instance`` (drain, then stop what it evicts) and load it.
-
-        ``wanted`` is asked once the evicted models drained: when the requests that caused the
-        load went away meanwhile, nothing is stopped (a client that left never causes a swap).
-        """
-        slot = self._slots[instance]
-        if slot.ready and slot.backend.alive():
-            return None
-        self._read_ahead(instance)
-        host = slot.config.host
-        busy = frozenset(self._queue.waiting.models()) | {
-            n for n, s in self._slots.items() if s.in_flight
-        }
-        evict = policy.plan_eviction(self.view(host), instance, busy)
-        started = self._clock.seconds()
-        yield gatherResults([self._slots[name].drain() for name in evict], consumeErrors=True)
-        if wanted is not None and not wanted():
-            for name in evict:
-                self._slots[name].undrain()
-            log.info("load of {instance} called off: no request waits for it", instance=instance)
-            return None
-        interval, http = self.config.health_interval, self._http
-        away = yield eviction.put_away(self._slots, self._view_of, evict, instance, http, interval)
-        yield eviction.clear_strays(self._on(host), instance)
-        stopped = self._clock.seconds()
-        try:
-            yield slot.start(self._http, interval)
-        except BaseException as e:
-            if not isinstance(e, CancelledError):
-                err = slot.as_api_error(e)
-                self._queue.reject(instance, err)
-                raise err from None
-            raise
-        loaded = self._clock.seconds()
-        took = (stopped - started, loaded - stopped)
-        swap = Swap(loaded, cause, instance, away.unloaded, *took, slot.woke, away.slept)
-        self.bus.publish(swap)
-        log.info("{swap}", swap=swap.summary())
-        return None
-
-    @inlineCallbacks
-    def _unload(self, names: list[str], cause: Cause) -> Generator[Deferred[Any], Any, None]:
-        """Drain, then sleep (an awake model with a sleep mode) or stop them; a reload always
-        stops (the process must start again with its new settings)."""
-        slots = [self._slots[n] for n in names]
-        started = self._clock.seconds()
-        yield gatherResults([s.drain() for s in slots if s.state.resident], consumeErrors=True)
-        alive = [s.name for s in slots if s.backend.alive() and s.config.remote is None]
-        sleep, interval = cause is not Cause.RELOAD, self.config.health_interval
-        away = yield eviction.put_away(
-            self._slots, self._view_of, alive, None, self._http, interval, sleep
-        )
-        if away.unloaded:
-            now = self._clock.seconds()
-            self.bus.publish(Swap(now, cause, None, away.unloaded, now - started, slept=away.slept))
-
-    @inlineCallbacks
-    def _reconfigure(
-        self, config: Config, fresh: Mapping[str, IBackend]
-    ) -> Generator[Deferred[Any], Any, dict[str, list[str]]]:
-        removed, changed, added = reload_changes(self.config, config)
-        yield self._unload([*removed, *changed], Cause.RELOAD)
-        for name in removed:
-            self._queue.reject(name, errors.model_not_found(name, list(config.models)))
-            del self._slots[name]
-        self.config = config
-        # Held lanes are let go by the change's end, kept or not.
-        self._lanes = {h: self._lanes.get(h) or Lane(h, self._dispatch) for h in config.hosts}
-        for name in changed + added:
-            self._slots[name] = self._slot(name, fresh[name])
-        yield stop_strays([self._slots[n] for n in changed + added])
-        self._queue.retime()  # the new request_timeout applies to who waits now
-        summary = {"added": added, "removed": removed, "changed": changed}
-        said = ", ".join(f"{k} {', '.join(v) or 'none'}" for k, v in summary.items())
-        log.info("configuration reloaded from {source}: {said}", source=config.source, said=said)
-        return summary
 
     def _failed(self, failure: Failure, what: str) -> None:
         if not failure.check(CancelledError):

@@ -9,14 +9,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
 
 from llmswap.config.config import Config
 from llmswap.config.host import LOCAL
+from llmswap.config.model import ModelConfig
 from llmswap.events import ModelState
+from llmswap.memory.probe import DeviceReading
 from llmswap.swap import policy
 from llmswap.swap.queue import RequestQueue, Ticket
 from llmswap.swap.slot import Slot
@@ -46,6 +48,9 @@ class ModelSnapshot:
     ttl: float | None  # idle seconds before it is unloaded (a keep_alive's, or its ttl)
     backend: Mapping[str, Any]  # the driver's facts: pid and log, or container and its state
     host: str = LOCAL
+    # Bytes on its device: declared (``memory``), and the peak measured on a probed device.
+    declared: int | None = None
+    measured: int | None = None
 
 
 @attrs.frozen
@@ -72,6 +77,8 @@ class Snapshot:
     queue: tuple[Waiter, ...]  # the oldest waiting requests, as many as asked for
     instances: Mapping[str, ModelSnapshot]
     hosts: Mapping[str, HostSnapshot] = attrs.field(factory=dict)
+    # The probed devices as last read (every few seconds, by the memory witness).
+    devices: Mapping[str, DeviceReading] = attrs.field(factory=dict)
 
     def ready(self) -> list[str]:
         return [n for n, m in self.instances.items() if m.state is ModelState.READY]
@@ -89,8 +96,12 @@ def take(
     now: float,
     running: bool,
     listed: int,
+    measured: Mapping[str, int] | None = None,
+    devices: Mapping[str, DeviceReading] | None = None,
 ) -> Snapshot:
-    """The snapshot at ``now``, listing the ``listed`` oldest waiting requests."""
+    """The snapshot at ``now``, listing the ``listed`` oldest waiting requests; ``measured``:
+    the instances' measured footprints, ``devices`` the probed devices' last readings."""
+    measured = measured or {}
     models = {
         name: ModelSnapshot(
             name=name,
@@ -104,6 +115,8 @@ def take(
             ttl=slot.ttl,
             backend=slot.backend.describe(),
             host=slot.config.host,
+            declared=slot.config.memory,
+            measured=measured.get(name),
         )
         for name, slot in slots.items()
     }
@@ -126,6 +139,7 @@ def take(
         ),
         instances=models,
         hosts=hosts,
+        devices=devices or {},
     )
 
 
@@ -136,13 +150,17 @@ def policy_view(
     now: float,
     changing: bool,
     host: str,
+    counted: Callable[[ModelConfig], int | None] | None = None,
 ) -> policy.View:
-    """The view of ``host``, whose ``slots`` these are."""
+    """The view of ``host``, whose ``slots`` these are; ``counted`` is what a probed device
+    counts for a model (its measured footprint when larger than the declared one)."""
     models = {}
     sampled: list[Ticket] = []
     for name, slot in slots.items():
         cfg = slot.config
         device, memory = config.footprint(name)
+        if counted is not None and cfg.memory is not None:
+            memory = float(counted(cfg) or memory)
         sleep_device, sleep_memory = config.sleep_footprint(name) or (None, 0.0)
         models[name] = policy.ModelView(
             name=name,

@@ -1,0 +1,38 @@
+"""A device's memory as measured: the contract every probe keeps, and which probe a device names.
+
+A probe reads the device (blocking: ``/proc`` files, a driver library), so callers run it in a
+thread; it returns values and writes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+from zope.interface import Interface
+
+
+@attrs.frozen
+class DeviceReading:
+    """One look at a device, in bytes."""
+
+    total: int
+    free: int
+
+    @property
+    def used(self) -> int:
+        return self.total - self.free
+
+
+class IDeviceProbe(Interface):
+    """Measures one device.  Both calls block: run them in a thread."""
+
+    def reading() -> DeviceReading:
+        """The device's total and free memory now."""
+
+    def held_by(pids: Sequence[int]) -> int:
+        """Bytes the process trees rooted at ``pids`` hold on this device (0: none alive)."""
+
+    def holders(exclude: Sequence[int], most: int) -> list[tuple[int, str, int]]:
+        """The ``most`` processes holding the most of this device, outside the trees rooted at
+        ``exclude``: (pid, name, bytes), largest first."""

@@ -1,0 +1,208 @@
+"""The memory witness: what each loaded model really holds, and a start only when there is room.
+
+A model's real footprint is known once it runs, and a device's memory comes back some time after
+its process is gone (CUDA frees a dead process's memory asynchronously).  So, for devices with a
+``probe``: every few seconds the witness measures each loaded instance's process tree (in a
+thread) and keeps the peak (:mod:`.footprints`, across restarts); and before a start it reads the
+device until the model's need is free.  Right after an eviction it waits for that, within the
+device's ``free_timeout``; with nothing put away it does not wait: a device whose memory other
+processes hold fails the load at once, with what is free, what is needed and who holds it.
+
+The need is the larger of the declared ``memory`` and the measured peak; the policy counts the
+same figure (:meth:`MemoryWitness.counted`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from llmswap import errors
+from llmswap.config.config import Config
+from llmswap.config.model import ModelConfig
+from llmswap.interfaces import IBackend
+from llmswap.memory import footprints
+from llmswap.memory.probe import DeviceReading, IDeviceProbe
+from llmswap.memory.ram import RamProbe
+
+log = Logger()
+
+MEASURE_EVERY = 2.0  # seconds between measurements of the loaded models
+POLL_EVERY = 0.05  # seconds between reads of a device that is freeing memory
+MiB = 2**20
+
+
+class MemoryWitness(Service):
+    """Owns the measured footprints and the devices' probes."""
+
+    name = "memory-witness"
+
+    def __init__(
+        self,
+        config: Callable[[], Config],
+        loaded: Callable[[], Sequence[tuple[ModelConfig, IBackend]]],
+        reactor: Any,
+        every: float = MEASURE_EVERY,
+        probes: Mapping[str, IDeviceProbe] | None = None,
+        in_thread: Callable[..., Deferred[Any]] | None = None,
+    ) -> None:
+        """``probes`` (by device) and ``in_thread`` stand in for the real ones in tests."""
+        self._config = config
+        self._loaded = loaded
+        self._reactor = reactor
+        self._every = every
+        self._probes: dict[str, IDeviceProbe] = dict(probes or {})
+        self._threads = in_thread
+        self._kept = footprints.Footprints()
+        self._measured: dict[str, int] = {}  # by instance, for the configuration of ``_for``
+        self._for: Config | None = None
+        self._loop: LoopingCall | None = None
+        self._measuring: Deferred[None] | None = None
+        self.devices: dict[str, DeviceReading] = {}  # the probed devices, as last read
+
+    # -- Service ----------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        if not self._config().probed():
+            return  # nothing is measured: no timer, no file
+        read = self._in_thread(footprints.read, self._directory())
+        read.addCallback(self._read).addErrback(self._failed, "reading the kept footprints")
+        self._loop = LoopingCall(self._measure)
+        self._loop.clock = self._reactor
+        self._loop.start(self._every, now=False).addErrback(self._failed, "measuring")
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        d: Deferred[None] = self._measuring or succeed(None)
+        return d
+
+    @property
+    def measured(self) -> dict[str, int]:
+        """Measured peaks by instance; after a reload, of what each instance runs now (a
+        changed command starts over)."""
+        config = self._config()
+        if config is not self._for:
+            self._for, self._measured = config, self._kept.current(config.instances)
+        return self._measured
+
+    # -- what the manager asks --------------------------------------------------------------
+
+    def counted(self, model: ModelConfig) -> int | None:
+        """The bytes the budget counts for ``model``: declared or measured, the larger."""
+        measured = self.measured.get(model.name)
+        if model.memory is None:
+            return measured
+        return max(model.memory, measured or 0)
+
+    @inlineCallbacks
+    def room_for(self, model: ModelConfig, evicted: bool) -> Generator[Deferred[Any], Any, None]:
+        """Fires once ``model``'s device has the model's need free (at once when it is not
+        probed, or the need is not known); fails with an APIError when it does not."""
+        spec = self._config().probe(model.device)
+        need = self.counted(model)
+        if spec is None or need is None:
+            return
+        probe = self._probe(model.device, spec.probe)
+        started = self._reactor.seconds()
+        while True:
+            reading = yield self._in_thread(probe.reading)
+            waited = self._reactor.seconds() - started
+            if reading.free >= need:
+                if waited >= POLL_EVERY:  # it had to wait for the memory to come back
+                    mib = reading.free / MiB
+                    log.info("device {d}: {mib:.0f} MiB free for {m} after {s:.2f} s",
+                             d=model.device, mib=mib, m=model.name, s=waited)  # fmt: skip
+                return
+            if not evicted or waited >= spec.free_timeout:
+                ours = [p for _, b in self._loaded() for p in b.pids()]
+                holders = yield self._in_thread(probe.holders, ours, 3)
+                raise self._no_room(model, reading.free, need, holders, waited if evicted else 0)
+            yield deferLater(self._reactor, POLL_EVERY, lambda: None)
+
+    # -- measuring ----------------------------------------------------------------------------
+
+    def _measure(self) -> None:
+        if self._measuring is not None:
+            return  # the last one is still reading
+        config = self._config()
+        probes = {
+            d: self._probe(d, p.probe) for h in config.hosts.values() for d, p in h.probes.items()
+        }
+        work = []
+        for model, backend in self._loaded():
+            pids = backend.pids()
+            if model.device in probes and pids:
+                work.append((model, probes[model.device], pids))
+
+        def read() -> tuple[dict[str, DeviceReading], list[tuple[ModelConfig, int]]]:
+            devices = {d: probe.reading() for d, probe in probes.items()}
+            return devices, [(m, probe.held_by(pids)) for m, probe, pids in work]
+
+        d = self._in_thread(read).addCallback(self._record)
+        d.addErrback(self._failed, "measuring")
+        self._measuring = d.addBoth(self._done_measuring)
+
+    def _done_measuring(self, _: object) -> None:
+        self._measuring = None
+
+    def _record(self, read: tuple[dict[str, DeviceReading], list[tuple[ModelConfig, int]]]) -> None:
+        self.devices, held = read
+        peaks = [(m, b) for m, b in held if b > 0 and self._kept.record(m, b)]
+        for m, b in peaks:
+            log.info("model {m}: holds {mib:.0f} MiB on {d}, its new peak",
+                     m=m.name, mib=b / MiB, d=m.device)  # fmt: skip
+        if not peaks:
+            return
+        self._for = None  # read again
+        write = self._in_thread(footprints.write, self._directory(), self._kept.as_json())
+        write.addErrback(self._failed, "writing the footprints")
+
+    def _read(self, kept: footprints.Footprints) -> None:
+        self._kept, self._for = kept, None
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _probe(self, device: str, name: str) -> IDeviceProbe:
+        """The probe ``devices.<name>.probe`` names (one of ``settings.PROBES``)."""
+        if device not in self._probes:
+            assert name == "ram", name
+            self._probes[device] = RamProbe()
+        return self._probes[device]
+
+    def _directory(self) -> Path:
+        return Path(self._config().state_directory())
+
+    def _in_thread(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        if self._threads is not None:
+            return self._threads(f, *args)
+        return deferToThreadPool(self._reactor, self._reactor.getThreadPool(), f, *args)
+
+    def _no_room(
+        self,
+        model: ModelConfig,
+        free: int,
+        need: int,
+        holders: list[tuple[int, str, int]],
+        waited: float,
+    ) -> errors.APIError:
+        held = ", ".join(f"{errors.printable(name)} ({b / MiB:.0f} MiB)" for _, name, b in holders)
+        after = f" after waiting {waited:.1f} s for it to be freed" if waited else ""
+        return errors.backend_unavailable(
+            f"Model '{model.name}' needs {need / MiB:.0f} MiB on device '{model.device}', which "
+            f"has {free / MiB:.0f} MiB free{after}; not loaded"
+            + (f". Held most by other processes: {held}" if held else "")
+        )
+
+    def _failed(self, failure: Failure, what: str) -> None:
+        log.failure("memory witness: {what} failed", failure, what=what)
