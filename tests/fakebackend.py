@@ -457,6 +457,12 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=5)
     p.add_argument("--crash-after", type=int, default=None)
     p.add_argument("--ready-when", default=None, help="not ready until this file exists")
+    p.add_argument(
+        "--oom",
+        choices=("beside-peers", "always"),
+        default=None,
+        help="fail the load with CUDA's out-of-memory words (beside-peers: while another lives)",
+    )
     p.add_argument("--ignore-sigterm", action="store_true")
     p.add_argument("--child", action="store_true", help="fork a child process into our group")
     p.add_argument("--ledger", default=None)
@@ -475,6 +481,12 @@ def main() -> None:
     else:
         signal.signal(signal.SIGTERM, lambda *_: _exit("sigterm", 0))
     _ledger("start")
+    if ARGS.oom == "always" or (ARGS.oom and ARGS.ledger and live_peers(ARGS.ledger)):
+        # What llama.cpp prints when the device is full; it dies before it listens.
+        print("ggml_cuda_init: found 1 CUDA devices", flush=True)
+        print("CUDA error: out of memory", file=sys.stderr, flush=True)
+        _ledger("oom")
+        os._exit(1)
     _gpu(True)
     if ARGS.ledger:
         peers = live_peers(ARGS.ledger)

@@ -21,14 +21,14 @@ from llmswap import health
 from llmswap.config.config import Config, parse
 from llmswap.errors import APIError
 from llmswap.events import EventBus
-from llmswap.memory import footprints
+from llmswap.memory import footprints, oom
 from llmswap.memory.probe import DeviceReading, IDeviceProbe
 from llmswap.memory.ram import RamProbe
 from llmswap.memory.witness import MemoryWitness
 from llmswap.metrics import Metrics
 from llmswap.swap.manager import SwapManager
 from llmswap.testing import MemoryBackend, MemoryHTTP
-from tests.support import samples
+from tests.support import read_ledger, samples
 from tests.test_daemon import DaemonTestCase, starts
 
 GiB = 2**30
@@ -62,6 +62,20 @@ def test_host_memory_is_what_the_kernel_could_give_and_a_tree_is_its_processes_p
     assert probe.held_by([11]) == 55 * 1024
     assert probe.held_by([99]) == 0  # gone
     assert probe.holders([10], 3) == [(20, "ollama", 400 * 1024)]
+
+
+def test_out_of_memory_is_recognised_in_each_backends_words() -> None:
+    for said in (
+        "CUDA error: out of memory",
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+        "ggml_backend_cuda_buffer_type_alloc_buffer: allocating 4096.00 MiB on device 0: "
+        "cudaMalloc failed: out of memory",
+        "llama_model_load: error: failed to allocate CUDA0 buffer of size 4294967296",
+        "hipErrorOutOfMemory",
+        "terminate called after throwing an instance of 'std::bad_alloc'",
+    ):
+        assert oom.ran_out(["load_tensors: loading model", said]), said
+    assert not oom.ran_out(["main: model loaded", "server is listening on http://127.0.0.1"])
 
 
 def _model(cmd: str = "server -c 4096") -> Any:
@@ -251,3 +265,46 @@ class RealHostMemoryTests(DaemonTestCase):
         free = int(message.split("which has ")[1].split(" MiB")[0])
         self.assertLess(free, need)
         self.assertEqual(starts(self.ledger), [])  # the backend was never started
+
+
+class OutOfMemoryTests(DaemonTestCase):
+    """Two models that fit their device as declared, but one runs out of memory loading beside
+    the other (the fake prints CUDA's words and dies, as llama-server does)."""
+
+    def boot(self, oom: str) -> None:
+        models = {
+            "a": self.fake("a", memory="4GiB", device="gpu", max_peers=2),
+            "b": self.fake("b", memory="4GiB", device="gpu", max_peers=2, oom=oom),
+        }
+        self.start(models, devices={"gpu": {"memory": "10GiB"}}, linger=0)
+
+    def told(self) -> list[tuple[str, str]]:
+        kinds = ("start", "oom", "sigterm")
+        return [(e["event"], e["name"]) for e in read_ledger(self.ledger) if e["event"] in kinds]
+
+    @inlineCallbacks
+    def test_a_load_out_of_memory_beside_another_puts_it_away_and_loads_once_more(self) -> Any:
+        self.boot("beside-peers")
+        yield self.chat("a")
+        answer = yield self.chat("b")
+        self.assertEqual(answer.choices[0].message.content, "Hello from b")
+        self.assertEqual(
+            self.told(),
+            [("start", "a"), ("start", "b"), ("oom", "b"), ("sigterm", "a"), ("start", "b")],
+        )
+        health = yield self.health()
+        self.assertEqual(health["models"]["a"]["state"], "stopped")
+
+    @inlineCallbacks
+    def test_out_of_memory_alone_too_is_an_error_that_says_so(self) -> Any:
+        self.boot("always")
+        yield self.chat("a")
+        response, body = yield self.post_json("/v1/chat/completions", {"model": "b"})
+        self.assertEqual(response.code, 503)
+        self.assertEqual(
+            body["error"]["message"],
+            "Model 'b' ran out of memory while loading, and again alone on device 'gpu': it "
+            "does not fit there",
+        )
+        self.assertEqual(self.told(), [("start", "a"), ("start", "b"), ("oom", "b"),
+                                       ("sigterm", "a"), ("start", "b"), ("oom", "b")])  # fmt: skip

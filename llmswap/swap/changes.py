@@ -20,10 +20,12 @@ from llmswap import errors
 from llmswap.config.config import Config, reload_changes
 from llmswap.events import Cause, EventBus, Swap
 from llmswap.interfaces import BackendHTTP, IBackend
+from llmswap.memory import oom
 from llmswap.memory.witness import MemoryWitness
 from llmswap.swap import eviction, policy
 from llmswap.swap.lane import Lane
 from llmswap.swap.queue import RequestQueue
+from llmswap.swap.readiness import BackendDied
 from llmswap.swap.reconcile import start_up, stop_strays
 from llmswap.swap.slot import Slot
 
@@ -59,6 +61,8 @@ class _Manager(Protocol):
     ) -> Deferred[None]: ...
 
     def _unload(self, names: list[str], cause: Cause) -> Deferred[None]: ...
+
+    def _start(self, slot: Slot, evicted: bool) -> Deferred[tuple[str, ...]]: ...
 
 
 class Changes:
@@ -98,9 +102,7 @@ class Changes:
         yield eviction.clear_strays(self._on(host), instance)
         stopped = self._clock.seconds()
         try:
-            if self._memory is not None:  # the device really has room (it may still be freeing)
-                yield self._memory.room_for(slot.config, bool(away.unloaded))
-            yield slot.start(self._http, interval)
+            crowded = yield self._start(slot, bool(away.unloaded))
         except BaseException as e:
             if not isinstance(e, CancelledError):
                 err = slot.as_api_error(e)
@@ -108,11 +110,49 @@ class Changes:
                 raise err from None
             raise
         loaded = self._clock.seconds()
-        took = (stopped - started, loaded - stopped)
-        swap = Swap(loaded, cause, instance, away.unloaded, *took, slot.woke, away.slept)
+        took, unloaded = (stopped - started, loaded - stopped), away.unloaded + crowded
+        swap = Swap(loaded, cause, instance, unloaded, *took, slot.woke, away.slept)
         self.bus.publish(swap)
         log.info("{swap}", swap=swap.summary())
         return None
+
+    @inlineCallbacks
+    def _start(
+        self: _Manager, slot: Slot, evicted: bool
+    ) -> Generator[Deferred[Any], Any, tuple[str, ...]]:
+        """Start ``slot`` once its device has room (``evicted``: something was just put away).
+        A load that runs out of memory beside other models of its device puts them away and is
+        tried once more; fires with what that put away."""
+        interval, device = self.config.health_interval, slot.config.device
+        if self._memory is not None:  # the device really has room (it may still be freeing)
+            yield self._memory.room_for(slot.config, evicted)
+        try:
+            yield slot.start(self._http, interval)
+            return ()
+        except BackendDied:
+            beside = [n for n, s in self._on(slot.config.host).items()
+                      if n != slot.name and s.resident and s.config.device == device]  # fmt: skip
+            if not beside or not oom.ran_out(slot.backend.describe().get("output", ())):
+                raise
+        log.warn("model {m}: ran out of memory loading beside {b}; putting them away, once more",
+                 m=slot.name, b=", ".join(beside))  # fmt: skip
+        yield gatherResults([self._slots[n].drain() for n in beside], consumeErrors=True)
+        away = yield eviction.put_away(
+            self._slots, self._view_of, beside, slot.name, self._http, interval
+        )
+        if self._memory is not None:
+            yield self._memory.room_for(slot.config, True)
+        try:
+            yield slot.start(self._http, interval)
+        except BackendDied:
+            if not oom.ran_out(slot.backend.describe().get("output", ())):
+                raise
+            raise errors.backend_unavailable(
+                f"Model '{slot.name}' ran out of memory while loading, and again alone on device "
+                f"'{device}': it does not fit there"
+            ) from None
+        unloaded: tuple[str, ...] = away.unloaded
+        return unloaded
 
     @inlineCallbacks
     def _unload(
