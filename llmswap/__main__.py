@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -20,6 +21,9 @@ from llmswap.config.config import Config, load
 from llmswap.config.host import IMPLICIT_DEVICE, LOCAL
 from llmswap.config.model import derive_health_url
 from llmswap.config.values import ConfigError
+from llmswap.memory import footprints
+
+MiB = 2**20
 
 
 def _changed(section: schema.Section, obj: Any, defaults: dict[str, Any]) -> list[str]:
@@ -40,6 +44,9 @@ def describe(config: Config, path: str) -> list[str]:
     changed = _changed(settings.GLOBAL, config, {"listen": config.listen})
     if changed:
         lines.append(f"  settings: {'; '.join(changed)}")
+    # What the daemon measured on probed devices (kept in state_dir), beside what is declared.
+    directory = Path(config.state_directory())
+    measured = footprints.read(directory).current(config.instances) if config.probed() else {}
     for name, m in config.instances.items():  # a model on several hosts: once per host
         how = (
             f"container {m.container_name}" if m.container_name else f"cmd {' '.join(m.cmd or ())}"
@@ -63,6 +70,12 @@ def describe(config: Config, path: str) -> list[str]:
         )
         own = "; ".join([f"startup_timeout {m.startup_timeout:g} s", *derived])
         lines.append(f"  {name}: {m.backend_url} ({how}; {own})")
+        if name in measured:
+            lines.append(f"    measured {measured[name] / MiB:.0f} MiB on {m.device}")
+            if footprints.too_low(m.memory, measured[name]):
+                declared = (m.memory or 0) / MiB
+                lines.append(f"    warning: it declares {declared:.0f} MiB, less than it was "
+                             "measured to take; the budget counts the measured figure")  # fmt: skip
     return lines
 
 

@@ -12,6 +12,7 @@ from llmswap.__main__ import main
 from llmswap.config import settings
 from llmswap.config.config import Config, load, parse
 from llmswap.config.values import ConfigError
+from llmswap.memory import footprints
 
 SEED = textwrap.dedent(
     """\
@@ -279,6 +280,28 @@ def test_check_config_shows_what_differs_from_the_defaults(
         "gpt-oss-120b: http://localhost:8082/v1 (container gptoss-server; startup_timeout 180 s)"
         in out
     )
+
+
+def test_check_config_shows_what_the_daemon_measured_and_warns_of_a_low_guess(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = (
+        f"state_dir: {tmp_path}\n"
+        "devices: {ram: {memory: 16GiB, probe: ram}}\n"
+        "models:\n"
+        "  small: {cmd: server -c 2048, backend_url: 'http://127.0.0.1:9001/v1', memory: 1GiB}\n"
+        "  guessed: {cmd: server -c 8192, backend_url: 'http://127.0.0.1:9002/v1', memory: 1GiB}\n"
+    )
+    config = load(write(tmp_path, text))
+    kept = footprints.Footprints()
+    kept.record(config.instances["small"], 300 * 2**20)
+    kept.record(config.instances["guessed"], 3 * 2**30)
+    footprints.write(tmp_path, kept.as_json())
+    assert main(["check-config", str(write(tmp_path, text))]) == 0
+    out = capsys.readouterr().out
+    assert "    measured 300 MiB on ram\n" in out
+    assert "    measured 3072 MiB on ram\n    warning: it declares 1024 MiB, less than" in out
+    assert out.count("warning") == 1
 
 
 def _sleepy(sleep: object, **more: object) -> dict[str, object]:

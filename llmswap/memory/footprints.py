@@ -19,6 +19,13 @@ import attrs
 from llmswap.config.model import ModelConfig
 
 FILE = "footprints.json"
+# A declared figure this far below the measured one is worth a warning.
+TOO_LOW = 0.2
+
+
+def too_low(declared: int | None, measured: int) -> bool:
+    """Whether a model declares much less than it was measured to take."""
+    return declared is not None and declared < measured * (1 - TOO_LOW)
 
 
 def fingerprint(model: ModelConfig) -> str:

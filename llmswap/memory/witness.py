@@ -162,6 +162,10 @@ class MemoryWitness(Service):
         for m, b in peaks:
             log.info("model {m}: holds {mib:.0f} MiB on {d}, its new peak",
                      m=m.name, mib=b / MiB, d=m.device)  # fmt: skip
+            if footprints.too_low(m.memory, b):
+                log.warn("model {m} declares memory {declared:.0f} MiB but holds {mib:.0f} MiB; "
+                         "the budget counts what it holds", m=m.name,
+                         declared=(m.memory or 0) / MiB, mib=b / MiB)  # fmt: skip
         if not peaks:
             return
         self._for = None  # read again
