@@ -98,7 +98,8 @@ class ConsoleBrowserTests(DaemonTestCase):
     def test_every_view_live_in_a_real_browser(self) -> Any:
         self.start(
             {"chat": self.fake("chat", startup_delay=1.5), "coder": self.fake("coder", ttl=600)},
-            devices={"gpu0": {"memory": "24GiB"}},
+            devices={"ram": {"memory": "24GiB", "probe": "ram"}},
+            state_dir=os.path.abspath(self.mktemp()),
         )
         self.driver = yield self.in_thread(chromium)
         yield self.browse(lambda d: d.get(self.daemon.url + "/"))  # a browser: sent to /ui/
@@ -150,6 +151,11 @@ class ConsoleBrowserTests(DaemonTestCase):
         self.assertFalse(backend_running("coder"))
         yield self.chat("chat")
         yield self.until(lambda d: self.cell("chat", 1)(d).startswith("ready"))
+        # Measured memory: each loaded model's peak, and what the probed device really holds.
+        yield self.until(lambda d: "measured" in self.cell("chat", 2)(d))
+        self.assertRegex((yield self.browse(self.cell("chat", 2))), r"measured \d+ MiB")
+        budgets = yield self.browse(lambda d: d.find_element(By.ID, "budgets").text)
+        self.assertRegex(budgets, r"counted; measured in use: \d+\.\d of \d+\.\d GiB")
         yield self.shot("models")
 
         yield self.tab("swaps")

@@ -63,6 +63,7 @@ def state(snap: Snapshot, config: Config) -> dict[str, Any]:
             "ttl": m.ttl,
             "device": device,
             "memory": memory if config.hosts[m.host].devices else None,
+            "measured": m.measured,  # its peak on a probed device (bytes), None if not measured
             "host": m.host,
             "sleep_device": sleep_device,
             "sleep_memory": sleep_memory,
@@ -75,6 +76,8 @@ def state(snap: Snapshot, config: Config) -> dict[str, Any]:
         "queue_capacity": snap.queue_capacity,
         "scheduler": snap.scheduler,
         "devices": {n: float(b) for n, b in config.declared().items()},
+        # What the probed devices hold, by anyone (bytes), as last measured.
+        "probed": {d: {"total": r.total, "used": r.used} for d, r in snap.devices.items()},
         "hosts": {n: {"engine": h.engine, "error": h.error} for n, h in snap.hosts.items()},
         "models": models,
         "queue": [

@@ -15,6 +15,7 @@ let logAbort = null;   // stops the followed log
 
 const now = () => Date.now() / 1000 + offset;
 const secs = (s) => (s === null || s === undefined ? "" : s < 1 ? `${(s * 1000).toFixed(0)} ms` : `${s.toFixed(1)} s`);
+const mib = (bytes) => `${(bytes / 2 ** 20).toFixed(0)} MiB`;
 const esc = (t) => String(t ?? "").replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]);
 const clock = (t) => new Date(t * 1000).toLocaleTimeString();
 
@@ -135,7 +136,7 @@ function renderModels() {
     const resident = ["starting", "ready", "draining"].includes(m.state);
     rows.push(`<tr data-model="${esc(name)}"><td>${esc(name)}</td>
       <td><span class="state ${m.state}">${m.state}</span>${m.error ? `<div class="error">${esc(m.error)}</div>` : ""}</td>
-      <td>${where(m)}${m.memory ? ` on ${esc(m.device)}` : boxes ? ` on host ${esc(m.host)}` : ""}</td><td>${load}</td><td>${m.waiting}</td><td>${m.in_flight}</td>
+      <td>${where(m)}${m.memory ? ` on ${esc(m.device)}` : boxes ? ` on host ${esc(m.host)}` : ""}${m.measured ? `<div class="measured">measured ${mib(m.measured)}</div>` : ""}</td><td>${load}</td><td>${m.waiting}</td><td>${m.in_flight}</td>
       <td>${expires}</td><td><button class="act" data-do="${resident ? "unload" : "load"}" data-model="${esc(name)}">${resident ? "Unload" : "Load"}</button></td></tr>`);
   }
   // Only when something shown changed: a row rebuilt between a press and a release eats the click.
@@ -143,8 +144,11 @@ function renderModels() {
   if (html !== shownModels) $("model-rows").innerHTML = shownModels = html;
   $("budgets").innerHTML = Object.entries(state.devices).map(([device, size]) => {
     const share = Math.min(1, (used[device] || 0) / size);
+    // A probed device also says what it really holds, by anyone (llmswap's models and others).
+    const probed = (state.probed || {})[device];
+    const real = probed ? `; measured in use: ${(probed.used / 2 ** 30).toFixed(1)} of ${(probed.total / 2 ** 30).toFixed(1)} GiB` : "";
     return `<div>${esc(device)} <span class="bar"><span data-share="${(share * 100).toFixed(1)}"></span></span>
-      ${((used[device] || 0) / 2 ** 30).toFixed(1)} of ${(size / 2 ** 30).toFixed(1)} GiB</div>`;
+      ${((used[device] || 0) / 2 ** 30).toFixed(1)} of ${(size / 2 ** 30).toFixed(1)} GiB counted${real}</div>`;
   }).join("") + hosts.filter(([, h]) => h.error).map(([name, h]) =>
     `<div class="error">host ${esc(name)}: ${esc(h.error)}</div>`).join("");
   // Widths set through the DOM: the page's Content-Security-Policy allows no inline style.
