@@ -5,9 +5,11 @@ ARG BASE=python:3.11-slim
 FROM ${BASE}
 # Extra pip options, e.g. "--no-index --find-links /src/wheels" for an offline build.
 ARG PIP_INSTALL_ARGS=""
+# memory: auto (GGUF estimates) and probe: nvml:N (NVIDIA GPUs) work in the image.
+ARG EXTRAS="[gguf,nvml]"
 COPY . /src
 RUN python3 -m venv /opt/llmswap \
- && /opt/llmswap/bin/pip install --no-cache-dir ${PIP_INSTALL_ARGS} /src \
+ && /opt/llmswap/bin/pip install --no-cache-dir ${PIP_INSTALL_ARGS} "/src${EXTRAS}" \
  && /opt/llmswap/bin/twistd --help | grep -q llmswap \
  && mkdir -p /etc/llmswap \
  && cp /src/llmswap.yaml /etc/llmswap/llmswap.yaml \

@@ -66,12 +66,21 @@ def describe(config: Config, path: str) -> list[str]:
                 "device": config.hosts[m.host].device(IMPLICIT_DEVICE),
                 "host": LOCAL,
                 "loading_status": config.loading_status,
+                "memory": m.memory,  # on its own line
             },
         )
         own = "; ".join([f"startup_timeout {m.startup_timeout:g} s", *derived])
         lines.append(f"  {name}: {m.backend_url} ({how}; {own})")
+        figures = [
+            ("declared", None if m.memory_auto else m.memory),
+            ("estimated from its GGUF", m.estimated),
+            ("measured", measured.get(name)),
+        ]
+        known = [f"{what} {b / MiB:.0f} MiB" for what, b in figures if b is not None]
+        if known:
+            auto = " (memory: auto)" if m.memory_auto else ""
+            lines.append(f"    memory on {m.device}{auto}: {', '.join(known)}")
         if name in measured:
-            lines.append(f"    measured {measured[name] / MiB:.0f} MiB on {m.device}")
             if footprints.too_low(m.memory, measured[name]):
                 declared = (m.memory or 0) / MiB
                 lines.append(f"    warning: it declares {declared:.0f} MiB, less than it was "

@@ -137,7 +137,18 @@ class Swap:
         )
 
 
-Event = RequestQueued | RequestAdmitted | RequestEnded | ModelStateChanged | Swap
+@attrs.frozen
+class MemoryFreed:
+    """A start on a probed device waited ``waited`` s for the memory a stop gave back to show
+    free (CUDA frees a dead process's memory some time after it is gone)."""
+
+    at: float
+    device: str
+    model: str
+    waited: float
+
+
+Event = RequestQueued | RequestAdmitted | RequestEnded | ModelStateChanged | Swap | MemoryFreed
 E = TypeVar("E", bound=Event)
 
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from llmswap.events import ModelState
+from llmswap.memory.probe import DeviceReading
 from llmswap.swap.prefetch import Residency
 from llmswap.swap.snapshot import Snapshot
 
@@ -50,16 +51,20 @@ def document(
                 "waiting": m.waiting,
                 "in_flight": m.in_flight,
                 "host": m.host,
-                # Bytes on its device: declared, measured (peak, probed devices) and estimated
-                # (from the weights; not yet).
-                "memory": {"declared": m.declared, "measured": m.measured, "estimated": None},
+                # Bytes on its device: declared (null with ``memory: auto``), measured (peak, on
+                # probed devices) and estimated (a llama-server model's GGUF).
+                "memory": {
+                    "declared": m.declared,
+                    "measured": m.measured,
+                    "estimated": m.estimated,
+                },
                 **(m.backend if details else {}),
                 **_files(files.get(name)),
             }
             for name, m in snap.instances.items()
         },
-        # The probed devices as last measured (bytes).
-        "devices": {d: {"total": r.total, "free": r.free} for d, r in snap.devices.items()},
+        # The probed devices as last measured: bytes, and a GPU's figures where NVML gives them.
+        "devices": {d: _reading(r) for d, r in snap.devices.items()},
         "hosts": {
             name: {
                 "reachable": h.error is None,
@@ -77,3 +82,8 @@ def _files(r: Residency | None) -> dict[str, Any]:
         return {}
     return {"files": {"bytes": r.total, "cached_bytes": r.cached,
                       "cached": round(r.cached / r.total, 3) if r.total else 1.0}}  # fmt: skip
+
+
+def _reading(r: DeviceReading) -> dict[str, float]:
+    gpu = {"utilization": r.utilization, "temperature": r.temperature, "power": r.power}
+    return {"total": r.total, "free": r.free, **{k: v for k, v in gpu.items() if v is not None}}

@@ -16,7 +16,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.twisted import MetricsResource
 
-from llmswap.events import EventBus, ModelState, RequestEnded, Swap
+from llmswap.events import EventBus, MemoryFreed, ModelState, RequestEnded, Swap
 from llmswap.swap.snapshot import Snapshot
 
 _FAST = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -52,6 +52,16 @@ class _State(Collector):
             "llmswap_device_memory_used_bytes", "A probed device's memory in use, by anyone",
             labels=["device"],
         )  # fmt: skip
+        busy = GaugeMetricFamily(
+            "llmswap_device_utilization_ratio", "A GPU's busy share (NVML), 0 to 1",
+            labels=["device"],
+        )  # fmt: skip
+        heat = GaugeMetricFamily(
+            "llmswap_device_temperature_celsius", "A GPU's temperature (NVML)", labels=["device"]
+        )
+        power = GaugeMetricFamily(
+            "llmswap_device_power_watts", "A GPU's power draw (NVML)", labels=["device"]
+        )
         measured = GaugeMetricFamily(
             "llmswap_model_memory_measured_bytes",
             "The peak a model held on its probed device (kept across restarts)", labels=["model"],
@@ -60,6 +70,10 @@ class _State(Collector):
         for device, reading in snap.devices.items():
             total.add_metric([device], reading.total)
             used.add_metric([device], reading.used)
+            for family, value in ((busy, reading.utilization), (heat, reading.temperature),
+                                  (power, reading.power)):  # fmt: skip
+                if value is not None:
+                    family.add_metric([device], value)
         for name, model in snap.instances.items():
             if model.measured is not None:
                 measured.add_metric([name], model.measured)
@@ -70,7 +84,7 @@ class _State(Collector):
             placed.add_metric([name, model.host], 1.0)
         for name, host in snap.hosts.items():
             up.add_metric([name], 0.0 if host.error else 1.0)
-        yield from (depth, running, state, up, placed, total, used, measured)
+        yield from (depth, running, state, up, placed, total, used, busy, heat, power, measured)
 
 
 class Metrics:
@@ -118,6 +132,13 @@ class Metrics:
             buckets=_LOADS,
             registry=r,
         )
+        self.free_wait = Histogram(
+            "llmswap_device_free_wait_seconds",
+            "Time a start waited for a probed device to show the memory a stop gave back",
+            ["device"],
+            buckets=_FAST,
+            registry=r,
+        )
         self.tokens = Counter(
             "llmswap_tokens",
             "Tokens reported by backends (usage), by direction: prompt or completion",
@@ -131,6 +152,7 @@ class Metrics:
         self.registry.register(_State(snapshot))
         bus.subscribe(RequestEnded, self._answered)
         bus.subscribe(Swap, self._swapped)
+        bus.subscribe(MemoryFreed, lambda e: self.free_wait.labels(e.device).observe(e.waited))
 
     def resource(self) -> Any:
         return MetricsResource(registry=self.registry)

@@ -16,6 +16,7 @@ import attrs
 from treq.client import HTTPClient
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 
@@ -112,7 +113,7 @@ class LLMSwapService(MultiService):
         backends = make_backends(config, reactor)
         prefetch = Prefetcher(lambda: self.config, reactor)
         prefetch.setServiceParent(self)
-        self.memory = MemoryWitness(lambda: self.config, self._loaded, reactor)
+        self.memory = MemoryWitness(lambda: self.config, self._loaded, reactor, self.bus)
         self.memory.setServiceParent(self)
         self.manager = SwapManager(config, backends, http, reactor, self.bus, prefetch, self.memory)
         self.manager.setServiceParent(self)
@@ -181,8 +182,11 @@ class LLMSwapService(MultiService):
             raise errors.bad_request(
                 f"Nothing to reload: this daemon runs the {self.config.source} configuration"
             )
-        try:
-            new = load(self.config.source, self.config.ports)
+        try:  # in a thread: ``memory: auto`` reads GGUF headers
+            new = yield deferToThreadPool(
+                self._reactor, self._reactor.getThreadPool(), load, self.config.source,
+                self.config.ports,
+            )  # fmt: skip
         except ConfigError as e:
             log.error("reload refused, the running configuration stays: {e}", e=str(e))
             raise errors.bad_request(

@@ -14,6 +14,11 @@ OS processes, not on llmswap's bookkeeping.
 DIR while it "holds GPU memory" (from its start until it is asleep or gone): one that takes the
 GPU while another live instance holds it appends ``overlap``; a request that reaches a sleeping
 instance appends ``request_while_asleep`` (and gets 503).
+
+``--vram MiB`` holds GPU memory from its start, as a model's weights do: on the fake NVML device
+of ``$FAKE_NVML_DIR`` (tests/fakenvml.c) a file the fake library counts, on a real NVIDIA GPU
+real device memory through CUDA's driver API.  When the device has less free than that, it dies
+with CUDA's out-of-memory words, as llama.cpp does.
 """
 
 from __future__ import annotations
@@ -107,6 +112,47 @@ def _gpu(hold: bool) -> None:
         _ledger("overlap", holders=alive)
     with open(own, "w") as f:
         f.write(ARGS.name)
+
+
+VRAM: list[Any] = []  # what keeps a real GPU allocation alive
+
+
+def _out_of_memory() -> None:
+    """What llama.cpp prints when the device is full; it dies before it listens."""
+    print("ggml_cuda_init: found 1 CUDA devices", flush=True)
+    print("CUDA error: out of memory", file=sys.stderr, flush=True)
+    _ledger("oom")
+    os._exit(1)
+
+
+def _vram(mib: int) -> None:
+    want = mib * 2**20
+    fake = os.environ.get("FAKE_NVML_DIR")
+    if fake:
+        import pynvml  # loads the fake library: $LD_LIBRARY_PATH names its directory
+
+        pynvml.nvmlInit()
+        if pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).free < want:
+            _out_of_memory()
+        own = os.path.join(fake, f"alloc.{os.getpid()}")
+        with open(own + ".new", "w") as f:
+            f.write(str(want))
+        os.replace(own + ".new", own)
+        return
+    import ctypes
+
+    cuda = ctypes.CDLL("libcuda.so.1")
+    device, context, pointer = ctypes.c_int(), ctypes.c_void_p(), ctypes.c_uint64()
+    for call in (
+        lambda: cuda.cuInit(0),
+        lambda: cuda.cuDeviceGet(ctypes.byref(device), 0),
+        lambda: cuda.cuCtxCreate_v2(ctypes.byref(context), 0, device),
+    ):
+        if call() != 0:
+            sys.exit("fakebackend: CUDA did not start")
+    if cuda.cuMemAlloc_v2(ctypes.byref(pointer), ctypes.c_size_t(want)) != 0:
+        _out_of_memory()
+    VRAM.extend((cuda, context, pointer))
 
 
 def _not_zombie(pid: int) -> bool:
@@ -475,6 +521,7 @@ def main() -> None:
     p.add_argument("--sleep-delay", type=float, default=0.05)
     p.add_argument("--wake-delay", type=float, default=0.05)
     p.add_argument("--gpu-dir", default=None, help="witness of who holds the GPU")
+    p.add_argument("--vram", type=int, default=0, help="MiB of GPU memory it holds (see above)")
     ARGS = p.parse_args()
     if ARGS.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -482,11 +529,9 @@ def main() -> None:
         signal.signal(signal.SIGTERM, lambda *_: _exit("sigterm", 0))
     _ledger("start")
     if ARGS.oom == "always" or (ARGS.oom and ARGS.ledger and live_peers(ARGS.ledger)):
-        # What llama.cpp prints when the device is full; it dies before it listens.
-        print("ggml_cuda_init: found 1 CUDA devices", flush=True)
-        print("CUDA error: out of memory", file=sys.stderr, flush=True)
-        _ledger("oom")
-        os._exit(1)
+        _out_of_memory()
+    if ARGS.vram:
+        _vram(ARGS.vram)
     _gpu(True)
     if ARGS.ledger:
         peers = live_peers(ARGS.ledger)

@@ -77,6 +77,19 @@ def fake_model(name: str, ledger: str | None = None, **opts: Any) -> dict[str, A
     return entry
 
 
+def fake_nvml(directory: Path) -> Path:
+    """Build tests/fakenvml.c as ``directory/libnvidia-ml.so.1``: put ``directory`` in a
+    process's ``LD_LIBRARY_PATH`` and NVML there is the fake device of ``$FAKE_NVML_DIR``."""
+    library = directory / "libnvidia-ml.so.1"
+    source = Path(__file__).with_name("fakenvml.c")
+    subprocess.run(
+        ["gcc", "-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-Wl,-soname,libnvidia-ml.so.1",
+         "-o", str(library), str(source)],
+        check=True, timeout=60,
+    )  # fmt: skip
+    return library
+
+
 def terminate(proc: subprocess.Popen[bytes]) -> None:
     """Stop a daemon started as users start it: SIGTERM (a clean shutdown), SIGKILL after 30 s."""
     if proc.poll() is None:

@@ -299,8 +299,11 @@ def test_check_config_shows_what_the_daemon_measured_and_warns_of_a_low_guess(
     footprints.write(tmp_path, kept.as_json())
     assert main(["check-config", str(write(tmp_path, text))]) == 0
     out = capsys.readouterr().out
-    assert "    measured 300 MiB on ram\n" in out
-    assert "    measured 3072 MiB on ram\n    warning: it declares 1024 MiB, less than" in out
+    assert "    memory on ram: declared 1024 MiB, measured 300 MiB\n" in out
+    assert (
+        "    memory on ram: declared 1024 MiB, measured 3072 MiB\n"
+        "    warning: it declares 1024 MiB, less than"
+    ) in out
     assert out.count("warning") == 1
 
 

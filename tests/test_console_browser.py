@@ -156,6 +156,14 @@ class ConsoleBrowserTests(DaemonTestCase):
         self.assertRegex((yield self.browse(self.cell("chat", 2))), r"measured \d+ MiB")
         budgets = yield self.browse(lambda d: d.find_element(By.ID, "budgets").text)
         self.assertRegex(budgets, r"counted; measured in use: \d+\.\d of \d+\.\d GiB")
+
+        def memory_points(d: webdriver.Chrome) -> int:  # the device's use over time, charted
+            lines = d.find_elements(
+                By.CSS_SELECTOR, '#budgets svg.memory[data-device="ram"] polyline'
+            )
+            return len((lines[0].get_attribute("points") or "").split()) if lines else 0
+
+        yield self.until(lambda d: memory_points(d) >= 2)
         yield self.shot("models")
 
         yield self.tab("swaps")

@@ -41,7 +41,9 @@ def build_context(into: Path) -> None:
             shutil.copy2(source, into / name.decode())
     wheels = into / "wheels"
     pip = [sys.executable, "-m", "pip", "-q"]
-    subprocess.run([*pip, "wheel", "--wheel-dir", wheels, into], check=True, timeout=600)
+    subprocess.run(
+        [*pip, "wheel", "--wheel-dir", wheels, f"{into}[gguf,nvml]"], check=True, timeout=600
+    )
     subprocess.run(
         [*pip, "download", "-d", wheels, "setuptools>=68", "wheel"], check=True, timeout=600
     )

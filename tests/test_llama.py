@@ -5,9 +5,14 @@ The models are the built-in defaults of `make run` (llmswap.config.defaults), on
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shlex
+import subprocess
 import time
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -23,8 +28,17 @@ from twisted.trial import unittest
 from twisted.web.client import Agent
 
 from llmswap.config.defaults import MAX_TOKENS, default_config, llama_assets
+from llmswap.memory.ram import RamProbe
 from tests.fakebackend import live_processes
-from tests.support import GREEDY, Daemon, anthropic_stream, free_ports, in_thread, wait_for
+from tests.support import (
+    GREEDY,
+    Daemon,
+    anthropic_stream,
+    free_ports,
+    in_thread,
+    terminate,
+    wait_for,
+)
 
 HI: list[ChatCompletionMessageParam] = [
     {"role": "user", "content": "Write one short sentence about the sea."}
@@ -318,3 +332,59 @@ class MeasuredFootprintTests(unittest.TestCase):
         again = self.daemon(port, state)
         self.assertEqual(again.service.health()["models"]["gemma3"]["state"], "stopped")
         yield wait_for(lambda: memory(again)["measured"] == measured, timeout=10)
+
+
+ALLOCATED = re.compile(r"(?:model|KV|output|compute) buffer size = +([\d.]+) MiB")
+
+
+@pytest.mark.llama
+def test_the_gguf_estimate_of_each_built_in_model_is_within_15_percent_of_llama_servers_own(
+    tmp_path: Path,
+) -> None:
+    """``memory: auto``'s figure beside what llama-server itself reports allocating (its buffer
+    lines: model, KV cache, output, compute) and what it is measured to hold once it answered.
+
+    The embedding model reserves a compute buffer for a whole batch of outputs (553 MiB for the
+    262,144-token vocabulary), which on the CPU stays untouched until a batch needs it: there the
+    estimate is what it allocates, and more than it holds."""
+    a, b, c = free_ports(3)
+    config = default_config((a, b, c))
+    for name, model in config.models.items():
+        assert model.estimated is not None and model.cmd is not None
+        log = tmp_path / f"{name}.log"
+        with open(log, "wb") as out:
+            server = subprocess.Popen([*model.cmd, "-lv", "4"], stdout=out, stderr=out)
+        try:
+            path = "/v1/embeddings" if "--embeddings" in model.cmd else "/v1/chat/completions"
+            wait_healthy(model.health_url, server)
+            body = {"model": name, "input": "hi", "messages": [{"role": "user", "content": "hi"}]}
+            post(model.backend_url.removesuffix("/v1") + path, body)
+            held = RamProbe().held_by([server.pid])
+        finally:
+            terminate(server)
+        allocated = sum(float(m) for m in ALLOCATED.findall(log.read_text())) * 2**20
+        assert allocated > 200 * 2**20, log.read_text()[-2000:]
+        assert abs(model.estimated - allocated) <= 0.15 * allocated, (name, allocated)
+        if "--embeddings" in model.cmd:
+            assert model.estimated > held, name
+        else:
+            assert abs(model.estimated - held) <= 0.15 * held, (name, held)
+
+
+def wait_healthy(url: str, server: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert server.poll() is None, "llama-server exited"
+        try:
+            urllib.request.urlopen(url, timeout=5).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, "llama-server did not become healthy"
+            time.sleep(0.1)
+
+
+def post(url: str, body: dict[str, Any]) -> None:
+    request = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    urllib.request.urlopen(request, timeout=120).close()

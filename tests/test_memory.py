@@ -164,12 +164,13 @@ class WitnessedManagerTests(unittest.TestCase):
             b = LaggingBackend(n, self.events, self.clock, pid)
             b.device_lag = lag
             self.backends[n] = self.device.backends[n] = b
+        bus = EventBus()
         self.memory = MemoryWitness(
-            lambda: self.manager.config, self._loaded, self.clock,
+            lambda: self.manager.config, self._loaded, self.clock, bus,
             probes={"ram": self.device}, in_thread=maybeDeferred,
         )  # fmt: skip
         self.manager = SwapManager(config, self.backends, MemoryHTTP(self.backends), self.clock,
-                                   memory=self.memory)  # fmt: skip
+                                   bus, memory=self.memory)  # fmt: skip
         self.memory.startService()
         self.manager.startService()
         self.addCleanup(self.manager.stopService)
@@ -194,6 +195,18 @@ class WitnessedManagerTests(unittest.TestCase):
         self.successResultOf(waiting).release()
         self.assertEqual(self.events, ["start a", "stop a", "start b"])
         # b started only once a's memory showed free: never both on the device.
+        self.assertGreaterEqual(self.backends["b"].started_at[0], self.backends["a"].freed_at)
+
+    def test_after_an_unload_a_start_waits_for_the_memory_too_instead_of_failing(self) -> None:
+        self.start("6GiB", lag=1.5)
+        self.successResultOf(self.manager.acquire("a")).release()
+        self.successResultOf(self.manager.unload("a"))  # an admin's (or a ttl's) unload
+        waiting = self.manager.acquire("b")  # nothing to evict, but a's memory is not back yet
+        self.clock.advance(1.0)
+        self.assertNoResult(waiting)
+        self.clock.pump([0.1] * 6)
+        self.successResultOf(waiting).release()
+        self.assertEqual(self.events, ["start a", "stop a", "start b"])
         self.assertGreaterEqual(self.backends["b"].started_at[0], self.backends["a"].freed_at)
 
     def test_with_nothing_to_evict_a_full_device_fails_the_load_at_once_saying_why(self) -> None:
@@ -308,3 +321,6 @@ class OutOfMemoryTests(DaemonTestCase):
         )
         self.assertEqual(self.told(), [("start", "a"), ("start", "b"), ("oom", "b"),
                                        ("sigterm", "a"), ("start", "b"), ("oom", "b")])  # fmt: skip
+        health = yield self.health()  # the model is marked failed with that reason
+        self.assertEqual(health["models"]["b"]["state"], "failed")
+        self.assertEqual(health["models"]["b"]["error"], body["error"]["message"])

@@ -15,8 +15,9 @@ from twisted.trial.unittest import SkipTest
 
 from llmswap.config.config import parse
 from llmswap.config.model import ModelConfig
+from llmswap.config.weights import weight_files
 from llmswap.swap.manager import SwapManager
-from llmswap.swap.prefetch import CHUNK, Prefetcher, read_ahead, residency, weight_files
+from llmswap.swap.prefetch import CHUNK, Prefetcher, read_ahead, residency
 from llmswap.swap.queue import Lease
 from llmswap.testing import MemoryBackend, MemoryHTTP
 from tests.support import HI, wait_for

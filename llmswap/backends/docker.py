@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import attrs
@@ -61,12 +62,28 @@ class _Seen:
         if status == "running":
             return cls(status, None, pid=int(state.get("Pid") or 0))
         code = state.get("ExitCode")
-        text = container.logs(tail=8).decode("utf-8", "replace").rstrip() if tail else None
-        return cls(status, code, text)
+        if not tail:
+            return cls(status, code)
+        # Its last run's lines only: an earlier run's out-of-memory line is not this run's reason.
+        since = _started(state.get("StartedAt"))
+        raw = container.logs(tail=8, since=since) if since else container.logs(tail=8)
+        return cls(status, code, raw.decode("utf-8", "replace").rstrip())
 
     @property
     def running(self) -> bool:
         return self.status == "running"
+
+
+def _started(stamp: object) -> float | None:
+    """The engine's ``StartedAt`` (RFC 3339, nanoseconds) as a timestamp; None if never."""
+    if not isinstance(stamp, str) or stamp.startswith("0001-"):
+        return None
+    whole, _, fraction = stamp.rstrip("Z").partition(".")
+    try:
+        at = datetime.fromisoformat(whole).replace(tzinfo=UTC)
+    except ValueError:
+        return None
+    return at.timestamp() + float("0." + (fraction[:6] or "0"))
 
 
 @implementer(IBackend)
@@ -213,6 +230,9 @@ class DockerBackend:
         def read() -> None:
             stream = self._container().logs(stream=True, follow=True, tail=0)
             streams.append(stream)
+            if stopped.is_set():  # stopped while it opened: ``stop`` did not see it
+                stream.close()
+                return
             partial = b""
             for chunk in stream:
                 if stopped.is_set():

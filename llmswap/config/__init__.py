@@ -10,5 +10,7 @@
 - :mod:`~llmswap.config.keys`: API keys, their model scopes and limits.
 - :mod:`~llmswap.config.convert`: ``python -m llmswap convert`` from llama-swap's config.
 - :mod:`~llmswap.config.defaults`: the built-in models ``make run`` serves with no file.
+- :mod:`~llmswap.config.weights`: where a model's weight files are.
+- :mod:`~llmswap.config.estimate`: ``memory: auto``, from a GGUF's header and the command.
 - :mod:`~llmswap.config.config`: how the parts fit together (:func:`parse`, :func:`load`).
 """

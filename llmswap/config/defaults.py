@@ -26,6 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmswap.config.config import Config
+from llmswap.config.estimate import try_estimate
 from llmswap.config.model import ModelConfig, ModelInfo
 from llmswap.config.values import ConfigError
 
@@ -60,18 +61,20 @@ def _llama(
     name: str, binary: str, gguf: str, port: int, *extra: str, kind: str = "completion"
 ) -> ModelConfig:
     info = ModelInfo((kind,), None, "gemma3", "270M", "Q4_K_M")
+    cmd = (
+        binary,
+        *("-m", gguf, "--alias", name, "--host", "127.0.0.1", "--port", str(port)),
+        *("--no-jinja", "--chat-template", "gemma", *_NO_IMAGE_TOKENS),
+        *("-n", str(MAX_TOKENS), *extra),
+    )
     return ModelConfig(
         name=name,
         backend_url=f"http://127.0.0.1:{port}/v1",
         health_url=f"http://127.0.0.1:{port}/health",
         startup_timeout=120.0,
         info=info,
-        cmd=(
-            binary,
-            *("-m", gguf, "--alias", name, "--host", "127.0.0.1", "--port", str(port)),
-            *("--no-jinja", "--chat-template", "gemma", *_NO_IMAGE_TOKENS),
-            *("-n", str(MAX_TOKENS), *extra),
-        ),
+        cmd=cmd,
+        estimated=try_estimate(cmd),
     )
 
 

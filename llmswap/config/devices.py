@@ -7,6 +7,7 @@ business (:mod:`llmswap.swap.policy`).
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +34,12 @@ def budgets(
             )
     devices = _devices(raw, instances, where)
     probes = _probes(raw, where)
+    if probes and not host.docker.local:
+        raise ConfigError(
+            f"'{where}.{next(iter(probes))}.probe': a probe reads this machine, but host "
+            f"'{host.name}' is a remote engine ({host.docker.base_url}); its devices can only "
+            "be declared"
+        )
     qualified = {n: attrs.evolve(m, device=host.device(m.device)) for n, m in instances.items()}
     for n, m in qualified.items():
         if m.sleep is not None and m.sleep.device is not None:
@@ -48,9 +55,24 @@ def _probes(raw: Any, where: str) -> dict[str, Probed]:
     out = {}
     for name, spec in (raw or {}).items():
         if spec.get("probe") is not None:
-            timeout = DEVICE["free_timeout"].read(spec, f"{where}.{name}")
-            out[str(name)] = Probed(DEVICE["probe"].read(spec, f"{where}.{name}"), timeout)
+            at = f"{where}.{name}"
+            probe = _probe(DEVICE["probe"].read(spec, at), f"{at}.probe")
+            out[str(name)] = Probed(probe, DEVICE["free_timeout"].read(spec, at))
     return out
+
+
+def _probe(value: str, where: str) -> str:
+    """``ram`` or ``nvml:<index>``, as written."""
+    kind, _, index = value.partition(":")
+    if value == "ram":
+        return value
+    if kind == "nvml" and index.isdigit():
+        if importlib.util.find_spec("pynvml") is None:
+            raise ConfigError(
+                f"'{where}': NVML is read with NVIDIA's nvidia-ml-py: pip install 'llmswap[nvml]'"
+            )
+        return value
+    raise ConfigError(f"'{where}' must be `ram` or `nvml:<index>` (e.g. nvml:0), not {value!r}")
 
 
 def _devices(raw: Any, models: dict[str, ModelConfig], where: str) -> dict[str, int]:

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 import attrs
 
 from llmswap.config import macros
+from llmswap.config.estimate import estimate, try_estimate
 from llmswap.config.host import IMPLICIT_DEVICE, LOCAL
 from llmswap.config.settings import GLOBAL, INFO, MODEL, REMOTE, SLEEP
 from llmswap.config.values import ConfigError, names
@@ -120,6 +121,11 @@ class ModelConfig:
     device: str = IMPLICIT_DEVICE
     # Bytes on ``device``; None means the whole device.
     memory: int | None = None
+    # ``memory`` is the GGUF estimate (``memory: auto``), not a figure the user wrote.
+    memory_auto: bool = False
+    # What llama-server will take by its GGUF (llmswap.config.estimate); None: not a llama-server
+    # command, or its GGUF cannot be read.
+    estimated: int | None = None
     info: ModelInfo = ModelInfo()
     sleep: Sleep | None = None
     # Weight files to read ahead; None: found in ``cmd`` (see llmswap.swap.prefetch).
@@ -229,7 +235,14 @@ def model(
         )
     if container is not None and ("env" in raw or "cwd" in raw):
         raise ConfigError(f"'{where}': 'env' and 'cwd' apply to 'cmd' models, not containers")
-    memory = MODEL["memory"].read(raw, where)
+    auto = raw.get("memory") == "auto"
+    if auto and cmd is None:
+        raise ConfigError(f"'{where}.memory: auto' estimates a llama-server 'cmd' from its GGUF")
+    try:
+        estimated = estimate(cmd).total if auto else try_estimate(cmd)
+    except ConfigError as e:
+        raise ConfigError(f"'{where}': {e}") from None
+    memory = estimated if auto else MODEL["memory"].read(raw, where)
     return ModelConfig(
         name=name,
         backend_url=backend_url,
@@ -248,6 +261,8 @@ def model(
         drain_timeout=MODEL["drain_timeout"].read(raw, where, defaults["drain_timeout"]),
         device=MODEL["device"].read(raw, where) or IMPLICIT_DEVICE,
         memory=memory,
+        memory_auto=auto,
+        estimated=estimated,
         info=_info(raw.get("info"), f"{where}.info"),
         sleep=_sleep(raw.get("sleep"), f"{where}.sleep", backend_url),
         files=MODEL["files"].read(raw, where),

@@ -14,8 +14,9 @@ from llmswap.config.schema import Section, Setting
 FIFO = "fifo"
 SWAP_AWARE = "swap-aware"
 POLICIES = (SWAP_AWARE, FIFO)
-# What may measure a device (llmswap.memory.probe makes them).
-PROBES = ("ram",)
+# What may measure a device (llmswap.memory.witness makes them): host memory, or an NVIDIA
+# GPU by its NVML index (``nvml:0``).
+PROBES = ("ram", "nvml:<index>")
 
 DEFAULT_LISTEN = "tcp:8888"
 
@@ -153,9 +154,10 @@ HOST = Section("hosts.<name>", (
 DEVICE = Section("devices.<name>", (
     Setting("memory", "size", None,
       "a device's memory budget (`24GiB`, `16000MiB`, `16GB`; a bare number is GiB)"),
-    Setting("probe", "choice", None,
-      "what measures the device: `ram` (host memory); models' footprints are then measured and "
-      "a start waits until the device really has room", choices=PROBES),
+    Setting("probe", "text", None,
+      "what measures the device: `ram` (host memory) or `nvml:<index>` (an NVIDIA GPU, with the "
+      "`nvml` extra); models' footprints are then measured and a start waits until the device "
+      "really has room", what="`ram` or `nvml:<index>`"),
     Setting("free_timeout", "number", 30.0,
       "seconds a start waits, after an eviction, for a probed device to show the memory free",
       unit="s"),
@@ -191,7 +193,8 @@ MODEL = Section("models.<name>", (
     Setting("device", "text", None, "the device it loads on (required with several devices)",
       shown_default="the only device"),
     Setting("memory", "size", None,
-      "footprint for the memory budget", shown_default="whole device"),
+      "footprint for the memory budget; `auto`: estimated from a llama-server `cmd`'s GGUF "
+      "(the `gguf` extra)", shown_default="whole device"),
     Setting("info", "section", None,
       "what Ollama clients are told of it (see `models.<name>.info.*`)"),
     Setting("sleep", "section", None,

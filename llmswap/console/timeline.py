@@ -1,7 +1,9 @@
-"""The Swaps view's data: which model was resident when, each swap's cause, queue depth.
+"""The console's history: which model was resident when, each swap's cause, queue depth, and
+what each probed device held.
 
-Model state changes and swaps come from the event stream; the queue depth is sampled from a
-snapshot every few seconds.  All three are kept for ``HOURS`` in bounded deques.
+Model state changes and swaps come from the event stream; the queue depth and the probed
+devices' use are sampled from a snapshot every few seconds.  All are kept for ``HOURS`` in
+bounded deques.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ log = Logger()
 HOURS = 6
 SAMPLE_SECONDS = 5.0
 _MAX_CHANGES = 5_000  # a swap a minute for six hours is about 1,800 state changes
+_SAMPLES = int(HOURS * 3600 / SAMPLE_SECONDS)
 
 
 def change(e: ModelStateChanged) -> dict[str, Any]:
@@ -47,7 +50,9 @@ class Timeline(Service):
         self._snapshot = snapshot
         self._changes: deque[dict[str, Any]] = deque(maxlen=_MAX_CHANGES)
         self._swaps: deque[dict[str, Any]] = deque(maxlen=_MAX_CHANGES)
-        self._depth: deque[tuple[float, int]] = deque(maxlen=int(HOURS * 3600 / SAMPLE_SECONDS))
+        self._depth: deque[tuple[float, int]] = deque(maxlen=_SAMPLES)
+        # By probed device: (when, bytes used by anyone, total bytes).
+        self._memory: dict[str, deque[tuple[float, int, int]]] = {}
         self._sampler: LoopingCall | None = None
         bus.subscribe(ModelStateChanged, lambda e: self._changes.append(change(e)))
         bus.subscribe(Swap, lambda e: self._swaps.append(swap(e)))
@@ -66,6 +71,9 @@ class Timeline(Service):
     def _sample(self) -> None:
         snap = self._snapshot()
         self._depth.append((snap.at, snap.waiting))
+        for device, reading in snap.devices.items():
+            kept = self._memory.setdefault(device, deque(maxlen=_SAMPLES))
+            kept.append((snap.at, reading.used, reading.total))
 
     def since(self, hours: float = HOURS) -> dict[str, Any]:
         start = self._clock.seconds() - hours * 3600
@@ -75,4 +83,5 @@ class Timeline(Service):
             "changes": [c for c in self._changes if c["at"] >= start],
             "swaps": [s for s in self._swaps if s["at"] >= start],
             "depth": [d for d in self._depth if d[0] >= start],
+            "memory": {n: [m for m in kept if m[0] >= start] for n, kept in self._memory.items()},
         }

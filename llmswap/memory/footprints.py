@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,7 @@ def read(directory: Path) -> Footprints:
 def write(directory: Path, data: dict[str, Any]) -> None:
     """In a thread: replace the file with ``data`` at once (a crash leaves the old one)."""
     directory.mkdir(parents=True, exist_ok=True)
-    temporary = directory / (FILE + ".new")
+    # Its own temporary file: two writes in flight never share one.
+    temporary = directory / f"{FILE}.{threading.get_ident()}.new"
     temporary.write_text(json.dumps(data, indent=1))
     os.replace(temporary, directory / FILE)

@@ -14,10 +14,14 @@ from zope.interface import Interface
 
 @attrs.frozen
 class DeviceReading:
-    """One look at a device, in bytes."""
+    """One look at a device, in bytes; a GPU's busy share (0 to 1), temperature (degrees
+    Celsius) and power draw (watts) where its driver tells them."""
 
     total: int
     free: int
+    utilization: float | None = None
+    temperature: float | None = None
+    power: float | None = None
 
     @property
     def used(self) -> int:

@@ -4,9 +4,11 @@ A model's real footprint is known once it runs, and a device's memory comes back
 its process is gone (CUDA frees a dead process's memory asynchronously).  So, for devices with a
 ``probe``: every few seconds the witness measures each loaded instance's process tree (in a
 thread) and keeps the peak (:mod:`.footprints`, across restarts); and before a start it reads the
-device until the model's need is free.  Right after an eviction it waits for that, within the
-device's ``free_timeout``; with nothing put away it does not wait: a device whose memory other
-processes hold fails the load at once, with what is free, what is needed and who holds it.
+device until the model's need is free.  Right after a stop it waits, within the device's
+``free_timeout``, until the stopped models' memory is back (:data:`BACK_MARGIN`): starting while
+it is still being freed is how two models end up loading at once.  With nothing put away it
+does not wait: a device whose memory other processes hold fails the load at once, with what is
+free, what is needed and who holds it.
 
 The need is the larger of the declared ``memory`` and the measured peak; the policy counts the
 same figure (:meth:`MemoryWitness.counted`).
@@ -28,8 +30,17 @@ from twisted.python.failure import Failure
 from llmswap import errors
 from llmswap.config.config import Config
 from llmswap.config.model import ModelConfig
+from llmswap.events import (
+    EventBus,
+    MemoryFreed,
+    ModelState,
+    ModelStateChanged,
+    Subscription,
+    Swap,
+)
 from llmswap.interfaces import IBackend
 from llmswap.memory import footprints
+from llmswap.memory.nvml import NvmlProbe
 from llmswap.memory.probe import DeviceReading, IDeviceProbe
 from llmswap.memory.ram import RamProbe
 
@@ -37,6 +48,8 @@ log = Logger()
 
 MEASURE_EVERY = 2.0  # seconds between measurements of the loaded models
 POLL_EVERY = 0.05  # seconds between reads of a device that is freeing memory
+# A stop's memory is back when this much of it is (other processes come and go meanwhile).
+BACK_MARGIN = 0.1
 MiB = 2**20
 
 
@@ -50,6 +63,7 @@ class MemoryWitness(Service):
         config: Callable[[], Config],
         loaded: Callable[[], Sequence[tuple[ModelConfig, IBackend]]],
         reactor: Any,
+        bus: EventBus | None = None,
         every: float = MEASURE_EVERY,
         probes: Mapping[str, IDeviceProbe] | None = None,
         in_thread: Callable[..., Deferred[Any]] | None = None,
@@ -58,6 +72,7 @@ class MemoryWitness(Service):
         self._config = config
         self._loaded = loaded
         self._reactor = reactor
+        self._bus = bus
         self._every = every
         self._probes: dict[str, IDeviceProbe] = dict(probes or {})
         self._threads = in_thread
@@ -66,14 +81,17 @@ class MemoryWitness(Service):
         self._for: Config | None = None
         self._loop: LoopingCall | None = None
         self._measuring: Deferred[None] | None = None
+        self._freeing: dict[str, float] = {}  # by device: when a process of ours last left it
+        self._heard: Subscription | None = None
         self.devices: dict[str, DeviceReading] = {}  # the probed devices, as last read
 
     # -- Service ----------------------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
-        if not self._config().probed():
-            return  # nothing is measured: no timer, no file
+        if self._bus is not None:
+            self._heard = self._bus.subscribe_all((Swap, ModelStateChanged), self._left)
+        # Always: a reload may add a probe.  With none, a round is a look at the configuration.
         read = self._in_thread(footprints.read, self._directory())
         read.addCallback(self._read).addErrback(self._failed, "reading the kept footprints")
         self._loop = LoopingCall(self._measure)
@@ -82,6 +100,8 @@ class MemoryWitness(Service):
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
+        if self._heard is not None:
+            self._heard.cancel()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         d: Deferred[None] = self._measuring or succeed(None)
@@ -105,30 +125,75 @@ class MemoryWitness(Service):
             return measured
         return max(model.memory, measured or 0)
 
+    def free_now(self, device: str) -> Deferred[int | None]:
+        """The device's free bytes now, before a stop: what the stop's memory adds to (None
+        when it is not probed or its probe fails)."""
+        spec = self._config().probe(device)
+        if spec is None:
+            return succeed(None)
+        d = self._in_thread(self._probe(device, spec.probe).reading)
+        return d.addCallbacks(lambda r: r.free, lambda _: None)
+
+    def freed_by(self, device: str, stopped: Sequence[str]) -> int:
+        """What the instances ``stopped`` held on ``device``, as counted (unknown: none)."""
+        config = self._config()
+        models = [config.instances[n] for n in stopped if n in config.instances]
+        return sum(self.counted(m) or 0 for m in models if m.device == device)
+
     @inlineCallbacks
-    def room_for(self, model: ModelConfig, evicted: bool) -> Generator[Deferred[Any], Any, None]:
-        """Fires once ``model``'s device has the model's need free (at once when it is not
-        probed, or the need is not known); fails with an APIError when it does not."""
+    def room_for(
+        self, model: ModelConfig, freed: int | None = None, before: int | None = None
+    ) -> Generator[Deferred[Any], Any, None]:
+        """Fires once ``model``'s device has its need free, and, after a stop of models that
+        held ``freed`` bytes there (``before``: its free bytes then), that memory back within a
+        margin, as long as ``free_timeout`` allows; fails with an APIError when the need is not
+        free.  At once when the device is not probed or the need not known."""
         spec = self._config().probe(model.device)
         need = self.counted(model)
         if spec is None or need is None:
             return
+        # A stop of ours on the device lately (an unload, a crash) may still be freeing too.
+        lately = self._reactor.seconds() - self._freeing.get(model.device, -spec.free_timeout)
+        evicted = freed is not None or lately < spec.free_timeout
+        back = before + int((freed or 0) * (1 - BACK_MARGIN)) if before is not None else 0
         probe = self._probe(model.device, spec.probe)
         started = self._reactor.seconds()
         while True:
-            reading = yield self._in_thread(probe.reading)
-            waited = self._reactor.seconds() - started
-            if reading.free >= need:
-                if waited >= POLL_EVERY:  # it had to wait for the memory to come back
-                    mib = reading.free / MiB
-                    log.info("device {d}: {mib:.0f} MiB free for {m} after {s:.2f} s",
-                             d=model.device, mib=mib, m=model.name, s=waited)  # fmt: skip
+            try:
+                reading = yield self._in_thread(probe.reading)
+            except Exception as e:  # a probe that cannot read leaves the declared budget
+                log.warn("device {d}: its probe failed ({e}); {m} starts by the budget alone",
+                         d=model.device, e=e, m=model.name)  # fmt: skip
                 return
-            if not evicted or waited >= spec.free_timeout:
+            waited = self._reactor.seconds() - started
+            out_of_time = not evicted or waited >= spec.free_timeout
+            if reading.free >= need and (reading.free >= min(back, reading.total) or out_of_time):
+                if waited >= POLL_EVERY:  # it had to wait for the memory to come back
+                    self._waited(model, reading, waited)
+                return
+            if out_of_time:
                 ours = [p for _, b in self._loaded() for p in b.pids()]
                 holders = yield self._in_thread(probe.holders, ours, 3)
                 raise self._no_room(model, reading.free, need, holders, waited if evicted else 0)
             yield deferLater(self._reactor, POLL_EVERY, lambda: None)
+
+    def _left(self, event: Swap | ModelStateChanged) -> None:
+        """A process of ours left its device: stopped (not put to sleep), or died."""
+        if isinstance(event, Swap):
+            gone = [n for n in event.unloaded if n not in event.slept]
+        else:
+            gone = [event.model] if event.new is ModelState.FAILED else []
+        instances = self._config().instances
+        for name in gone:
+            if name in instances:
+                self._freeing[instances[name].device] = event.at
+
+    def _waited(self, model: ModelConfig, reading: DeviceReading, waited: float) -> None:
+        log.info("device {d}: {mib:.0f} MiB free for {m} after {s:.2f} s",
+                 d=model.device, mib=reading.free / MiB, m=model.name, s=waited)  # fmt: skip
+        if self._bus is not None:
+            now = self._reactor.seconds()
+            self._bus.publish(MemoryFreed(now, model.device, model.name, waited))
 
     # -- measuring ----------------------------------------------------------------------------
 
@@ -136,6 +201,8 @@ class MemoryWitness(Service):
         if self._measuring is not None:
             return  # the last one is still reading
         config = self._config()
+        if not config.probed():
+            return
         probes = {
             d: self._probe(d, p.probe) for h in config.hosts.values() for d, p in h.probes.items()
         }
@@ -149,9 +216,10 @@ class MemoryWitness(Service):
             devices = {d: probe.reading() for d, probe in probes.items()}
             return devices, [(m, probe.held_by(pids)) for m, probe, pids in work]
 
-        d = self._in_thread(read).addCallback(self._record)
-        d.addErrback(self._failed, "measuring")
-        self._measuring = d.addBoth(self._done_measuring)
+        # Set before the callbacks: a reading that fires at once must still clear it.
+        self._measuring = d = self._in_thread(read)
+        d.addCallback(self._record).addErrback(self._failed, "measuring")
+        d.addBoth(self._done_measuring)
 
     def _done_measuring(self, _: object) -> None:
         self._measuring = None
@@ -180,8 +248,8 @@ class MemoryWitness(Service):
     def _probe(self, device: str, name: str) -> IDeviceProbe:
         """The probe ``devices.<name>.probe`` names (one of ``settings.PROBES``)."""
         if device not in self._probes:
-            assert name == "ram", name
-            self._probes[device] = RamProbe()
+            kind, _, index = name.partition(":")
+            self._probes[device] = NvmlProbe(int(index)) if kind == "nvml" else RamProbe()
         return self._probes[device]
 
     def _directory(self) -> Path:

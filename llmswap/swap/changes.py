@@ -8,7 +8,7 @@ mixin: it works on the manager's slots, queue and lanes, which :class:`_Manager`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Mapping
+from collections.abc import Callable, Generator, Mapping, Sequence
 from functools import partial
 from typing import Any, Protocol
 
@@ -62,7 +62,13 @@ class _Manager(Protocol):
 
     def _unload(self, names: list[str], cause: Cause) -> Deferred[None]: ...
 
-    def _start(self, slot: Slot, evicted: bool) -> Deferred[tuple[str, ...]]: ...
+    def _start(
+        self, slot: Slot, freed: int | None, before: int | None
+    ) -> Deferred[tuple[str, ...]]: ...
+
+    def _put_away(
+        self, names: Sequence[str], instance: str
+    ) -> Deferred[tuple[eviction.Away, int | None, int | None]]: ...
 
 
 class Changes:
@@ -97,12 +103,11 @@ class Changes:
                 self._slots[name].undrain()
             log.info("load of {instance} called off: no request waits for it", instance=instance)
             return None
-        interval, http = self.config.health_interval, self._http
-        away = yield eviction.put_away(self._slots, self._view_of, evict, instance, http, interval)
+        away, freed, before = yield self._put_away(evict, instance)
         yield eviction.clear_strays(self._on(host), instance)
         stopped = self._clock.seconds()
         try:
-            crowded = yield self._start(slot, bool(away.unloaded))
+            crowded = yield self._start(slot, freed, before)
         except BaseException as e:
             if not isinstance(e, CancelledError):
                 err = slot.as_api_error(e)
@@ -117,40 +122,55 @@ class Changes:
         return None
 
     @inlineCallbacks
+    def _put_away(
+        self: _Manager, names: Sequence[str], instance: str
+    ) -> Generator[Deferred[Any], Any, tuple[eviction.Away, int | None, int | None]]:
+        """Put ``names`` away for ``instance``; fires with what that did, the bytes the stopped
+        ones held on its device (None: none stopped) and its free bytes before (None: not
+        measured)."""
+        device, before = self._slots[instance].config.device, None
+        if self._memory is not None and names:
+            before = yield self._memory.free_now(device)
+        interval, http = self.config.health_interval, self._http
+        away = yield eviction.put_away(self._slots, self._view_of, names, instance, http, interval)
+        stopped = [n for n in away.unloaded if n not in away.slept]  # a sleeper keeps some
+        freed = None
+        if self._memory is not None and stopped:
+            freed = self._memory.freed_by(device, stopped)
+        return away, freed, before
+
+    @inlineCallbacks
     def _start(
-        self: _Manager, slot: Slot, evicted: bool
+        self: _Manager, slot: Slot, freed: int | None, before: int | None
     ) -> Generator[Deferred[Any], Any, tuple[str, ...]]:
-        """Start ``slot`` once its device has room (``evicted``: something was just put away).
-        A load that runs out of memory beside other models of its device puts them away and is
-        tried once more; fires with what that put away."""
+        """Start ``slot`` once its device has room (``freed`` bytes were just stopped there,
+        with ``before`` free until then).  A load that runs out of memory beside other models of
+        its device puts them away and is tried once more; fires with what that put away."""
         interval, device = self.config.health_interval, slot.config.device
         if self._memory is not None:  # the device really has room (it may still be freeing)
-            yield self._memory.room_for(slot.config, evicted)
+            yield self._memory.room_for(slot.config, freed, before)
         try:
             yield slot.start(self._http, interval)
             return ()
         except BackendDied:
+            if not oom.ran_out(slot.backend.describe().get("output", ())):
+                raise
             beside = [n for n, s in self._on(slot.config.host).items()
                       if n != slot.name and s.resident and s.config.device == device]  # fmt: skip
-            if not beside or not oom.ran_out(slot.backend.describe().get("output", ())):
-                raise
+            if not beside:
+                raise _no_fit(slot, "alone on") from None
         log.warn("model {m}: ran out of memory loading beside {b}; putting them away, once more",
                  m=slot.name, b=", ".join(beside))  # fmt: skip
         yield gatherResults([self._slots[n].drain() for n in beside], consumeErrors=True)
-        away = yield eviction.put_away(
-            self._slots, self._view_of, beside, slot.name, self._http, interval
-        )
+        away, freed, before = yield self._put_away(beside, slot.name)
         if self._memory is not None:
-            yield self._memory.room_for(slot.config, True)
+            yield self._memory.room_for(slot.config, freed, before)
         try:
             yield slot.start(self._http, interval)
         except BackendDied:
             if not oom.ran_out(slot.backend.describe().get("output", ())):
                 raise
-            raise errors.backend_unavailable(
-                f"Model '{slot.name}' ran out of memory while loading, and again alone on device "
-                f"'{device}': it does not fit there"
-            ) from None
+            raise _no_fit(slot, "and again alone on") from None
         unloaded: tuple[str, ...] = away.unloaded
         return unloaded
 
@@ -192,3 +212,14 @@ class Changes:
         said = ", ".join(f"{k} {', '.join(v) or 'none'}" for k, v in summary.items())
         log.info("configuration reloaded from {source}: {said}", source=config.source, said=said)
         return summary
+
+
+def _no_fit(slot: Slot, how: str) -> errors.APIError:
+    """A load that ran out of memory with nothing else of llmswap's on its device: the model is
+    marked failed with that reason, and its requests are told."""
+    err = errors.backend_unavailable(
+        f"Model '{slot.name}' ran out of memory while loading, {how} device "
+        f"'{slot.config.device}': it does not fit there"
+    )
+    slot.explain(err.message)
+    return err

@@ -16,10 +16,8 @@ ended).  Residency is measured with ``mincore(2)`` on a read-only mapping: no da
 from __future__ import annotations
 
 import ctypes
-import itertools
 import mmap
 import os
-import re
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -33,45 +31,14 @@ from twisted.python.failure import Failure
 
 from llmswap.config.config import Config
 from llmswap.config.model import ModelConfig
+from llmswap.config.weights import weight_files
 
 log = Logger()
 
 PAGE = mmap.PAGESIZE
 CHUNK = 8 * 2**20  # read and measured in these steps: a cancellation is seen within one
-_SPLIT = re.compile(r"^(?P<stem>.*)-(?P<part>\d{5})-of-(?P<parts>\d{5})\.gguf$")
 # A residency measurement this recent is good enough for /health.
 MEASURE_EVERY = 2.0
-
-
-def weight_files(model: ModelConfig) -> list[str]:
-    """The model's weight files that exist now: ``files:``, else ``cmd``'s ``-m``/``--model``;
-    a split GGUF brings all its parts, a directory (vLLM's model dir) its files."""
-    named = model.files if model.files is not None else _from_cmd(model.cmd or ())
-    found: list[str] = []
-    for path in named:
-        found += _expand(path)
-    return list(dict.fromkeys(found))
-
-
-def _from_cmd(cmd: Sequence[str]) -> list[str]:
-    paths = []
-    for flag, value in itertools.pairwise(cmd):
-        if flag in ("-m", "--model"):
-            paths.append(value)
-    return paths + [a.split("=", 1)[1] for a in cmd if a.startswith("--model=")]
-
-
-def _expand(path: str) -> list[str]:
-    if os.path.isdir(path):
-        return sorted(
-            os.path.join(root, name) for root, _, names in os.walk(path) for name in names
-        )
-    split = _SPLIT.match(path)
-    if split:
-        parts = int(split["parts"])
-        path_of = f"{split['stem']}-{{:05d}}-of-{split['parts']}.gguf".format
-        return [p for p in map(path_of, range(1, parts + 1)) if os.path.isfile(p)]
-    return [path] if os.path.isfile(path) else []
 
 
 @attrs.frozen

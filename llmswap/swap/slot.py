@@ -65,6 +65,11 @@ class Slot:
         if self._bus.wants(ModelStateChanged):
             self._bus.publish(ModelStateChanged(self.since, self.name, old, state, error))
 
+    def explain(self, error: str) -> None:
+        """A failed model's reason, once the cause is known (a load out of memory)."""
+        if self.state is ModelState.FAILED:
+            self.error = error
+
     @property
     def resident(self) -> bool:
         """Holds (or may hold) device memory: what the budget must count."""

@@ -48,9 +48,11 @@ class ModelSnapshot:
     ttl: float | None  # idle seconds before it is unloaded (a keep_alive's, or its ttl)
     backend: Mapping[str, Any]  # the driver's facts: pid and log, or container and its state
     host: str = LOCAL
-    # Bytes on its device: declared (``memory``), and the peak measured on a probed device.
+    # Bytes on its device: declared (``memory``), the peak measured on a probed device, and
+    # what its GGUF says it will take (llama-server models).
     declared: int | None = None
     measured: int | None = None
+    estimated: int | None = None
 
 
 @attrs.frozen
@@ -115,8 +117,9 @@ def take(
             ttl=slot.ttl,
             backend=slot.backend.describe(),
             host=slot.config.host,
-            declared=slot.config.memory,
+            declared=None if slot.config.memory_auto else slot.config.memory,
             measured=measured.get(name),
+            estimated=slot.config.estimated,
         )
         for name, slot in slots.items()
     }

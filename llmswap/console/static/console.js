@@ -9,7 +9,7 @@ let state = null;      // the last "state" event: models, queue, devices
 let offset = 0;        // server clock minus this browser's, in seconds
 let activity = [];     // newest first
 let shownModels = "";  // the model rows' HTML now on the page
-let timeline = { changes: [], swaps: [], depth: [] };
+let timeline = { changes: [], swaps: [], depth: [], memory: {} };
 let source = null;     // the EventSource
 let logAbort = null;   // stops the followed log
 
@@ -91,6 +91,7 @@ async function start() {
   source.addEventListener("state", (e) => {
     state = JSON.parse(e.data);
     offset = state.now - Date.now() / 1000;
+    remember(state);
     renderModels();
     renderQueue();
     fillLogSources();
@@ -148,11 +149,45 @@ function renderModels() {
     const probed = (state.probed || {})[device];
     const real = probed ? `; measured in use: ${(probed.used / 2 ** 30).toFixed(1)} of ${(probed.total / 2 ** 30).toFixed(1)} GiB` : "";
     return `<div>${esc(device)} <span class="bar"><span data-share="${(share * 100).toFixed(1)}"></span></span>
-      ${((used[device] || 0) / 2 ** 30).toFixed(1)} of ${(size / 2 ** 30).toFixed(1)} GiB counted${real}</div>`;
+      ${((used[device] || 0) / 2 ** 30).toFixed(1)} of ${(size / 2 ** 30).toFixed(1)} GiB counted${real}
+      ${probed ? memoryChart(device, size) : ""}</div>`;
   }).join("") + hosts.filter(([, h]) => h.error).map(([name, h]) =>
     `<div class="error">host ${esc(name)}: ${esc(h.error)}</div>`).join("");
   // Widths set through the DOM: the page's Content-Security-Policy allows no inline style.
   for (const fill of $("budgets").querySelectorAll("[data-share]")) fill.style.width = `${fill.dataset.share}%`;
+}
+
+// A probed device's use over time (the last hour, or since the first sample, at least five
+// minutes): what it held, by anyone, shaded against its total, with the budget llmswap counts
+// against as a dashed line.
+const MEMORY_SPAN = 3600, MEMORY_LEAST = 300;
+
+function remember(live) {
+  timeline.memory = timeline.memory || {};
+  for (const [device, probed] of Object.entries(live.probed || {})) {
+    const kept = timeline.memory[device] = timeline.memory[device] || [];
+    const last = kept[kept.length - 1];
+    if (!last || live.now - last[0] >= 5) kept.push([live.now, probed.used, probed.total]);
+    while (kept.length && kept[0][0] < live.now - 6 * 3600) kept.shift();
+  }
+}
+
+function memoryChart(device, budget) {
+  const samples = (timeline.memory[device] || []).filter((m) => m[0] >= state.now - MEMORY_SPAN);
+  if (!samples.length) return "";
+  const span = Math.max(MEMORY_LEAST, state.now - samples[0][0]);
+  const width = 600, height = 70, total = Math.max(budget, ...samples.map((m) => m[2]));
+  const x = (t) => ((t - (state.now - span)) / span) * width;
+  const y = (bytes) => height - 1 - (bytes / total) * (height - 2);
+  const points = samples.map((m) => `${x(m[0]).toFixed(1)},${y(m[1]).toFixed(1)}`).join(" ");
+  const area = `${x(samples[0][0]).toFixed(1)},${height} ${points} ${x(samples[samples.length - 1][0]).toFixed(1)},${height}`;
+  const peak = Math.max(...samples.map((m) => m[1]));
+  return `<svg class="memory" data-device="${esc(device)}" viewBox="0 0 ${width} ${height}" preserveAspectRatio="none" role="img"
+    aria-label="${esc(device)} memory in use over time">
+    <title>${esc(device)}: in use over the last ${Math.round(span / 60)} minutes, peak ${(peak / 2 ** 30).toFixed(1)} GiB of ${(total / 2 ** 30).toFixed(1)} GiB</title>
+    <line x1="0" x2="${width}" y1="${y(budget)}" y2="${y(budget)}" stroke="#9ca3af" stroke-dasharray="4,4"/>
+    <polygon points="${area}" fill="#ede9fe"/>
+    <polyline points="${points}" fill="none" stroke="#7c3aed" stroke-width="1.5" vector-effect="non-scaling-stroke"/></svg>`;
 }
 
 $("model-rows").addEventListener("click", async (event) => {
