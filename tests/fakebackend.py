@@ -114,7 +114,7 @@ def _gpu(hold: bool) -> None:
         f.write(ARGS.name)
 
 
-VRAM: list[Any] = []  # what keeps a real GPU allocation alive
+HELD: list[Any] = []  # what keeps its allocations (a real GPU's, host memory) alive
 
 
 def _out_of_memory() -> None:
@@ -152,7 +152,7 @@ def _vram(mib: int) -> None:
             sys.exit("fakebackend: CUDA did not start")
     if cuda.cuMemAlloc_v2(ctypes.byref(pointer), ctypes.c_size_t(want)) != 0:
         _out_of_memory()
-    VRAM.extend((cuda, context, pointer))
+    HELD.extend((cuda, context, pointer))
 
 
 def _not_zombie(pid: int) -> bool:
@@ -522,6 +522,7 @@ def main() -> None:
     p.add_argument("--wake-delay", type=float, default=0.05)
     p.add_argument("--gpu-dir", default=None, help="witness of who holds the GPU")
     p.add_argument("--vram", type=int, default=0, help="MiB of GPU memory it holds (see above)")
+    p.add_argument("--hold-ram", type=int, default=0, help="MiB of host memory it holds, touched")
     ARGS = p.parse_args()
     if ARGS.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -532,6 +533,7 @@ def main() -> None:
         _out_of_memory()
     if ARGS.vram:
         _vram(ARGS.vram)
+    HELD.append(b"\1" * (ARGS.hold_ram << 20))  # written, so resident
     _gpu(True)
     if ARGS.ledger:
         peers = live_peers(ARGS.ledger)

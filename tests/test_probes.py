@@ -1,7 +1,8 @@
-"""NVIDIA GPUs measured through NVML (``probe: nvml:0``), end to end: `twistd llmswap` in a real
-process reads the device through nvidia-ml-py, and fake backends hold its memory.
+"""Devices measured by their probes, end to end: `twistd llmswap` in a real process reads an
+NVIDIA GPU through nvidia-ml-py (``probe: nvml:0``) or this machine's memory (``probe: ram``),
+and fake backends and the test's own processes hold it.
 
-Each test runs twice.  ``fake``: NVML is tests/fakenvml.c, built here, whose device frees a dead
+Each GPU test runs twice.  ``fake``: NVML is tests/fakenvml.c, built here, whose device frees a dead
 process's memory 1.5 s after it is gone, as CUDA does asynchronously; the backends "allocate" on
 it.  ``real`` (marker ``gpu``; skipped without an NVIDIA driver): the system's NVML and GPU 0, on
 which the same backends allocate real device memory through CUDA's driver API.  The witness of
@@ -26,6 +27,7 @@ import attrs
 import pytest
 import yaml
 
+from llmswap.memory.ram import RamProbe
 from tests.support import FAKE, fake_model, fake_nvml, free_port, read_ledger, samples
 
 pytestmark = pytest.mark.slow
@@ -33,6 +35,7 @@ pytestmark = pytest.mark.slow
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 LAG = 1.5  # seconds the fake device takes to free a dead process's memory
 FAKE_TOTAL = 1000  # MiB
+MiB = 2**20
 
 
 @attrs.frozen
@@ -96,16 +99,22 @@ class Running:
 
 
 @pytest.fixture
-def daemon(gpu: Gpu, tmp_path: Path) -> Iterator[Any]:
+def daemon(tmp_path: Path) -> Iterator[Any]:
+    """``run(models, gpu)``: llmswap on GPU 0 of ``gpu`` as device gpu0, or on host memory
+    (``ram``) without one; ``hold(command, env)``: a process of the test's own, ready once its
+    port answers."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def run(models: dict[str, dict[str, Any]]) -> Running:
+    def run(models: dict[str, dict[str, Any]], gpu: Gpu | None) -> Running:
         ledger = str(tmp_path / "ledger")
-        entries = {n: fake_model(n, ledger, device="gpu0", **m) for n, m in models.items()}
+        device = "gpu0" if gpu else "ram"
+        entries = {n: fake_model(n, ledger, device=device, **m) for n, m in models.items()}
+        total = gpu.total if gpu else RamProbe().reading().total // MiB
+        probe = "nvml:0" if gpu else "ram"
         config = {
             "log_dir": str(tmp_path / "logs"),
             "state_dir": str(tmp_path / "state"),
-            "devices": {"gpu0": {"memory": f"{gpu.total}MiB", "probe": "nvml:0"}},
+            "devices": {device: {"memory": f"{total}MiB", "probe": probe}},
             "models": entries,
         }
         (tmp_path / "llmswap.yaml").write_text(yaml.safe_dump(config))
@@ -114,7 +123,8 @@ def daemon(gpu: Gpu, tmp_path: Path) -> Iterator[Any]:
         with open(log, "wb") as out:
             procs.append(subprocess.Popen(
                 [TWISTD, "-n", "--pidfile=", "llmswap", "--config", "llmswap.yaml", "--listen",
-                 listen], stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=gpu.env,
+                 listen], stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path,
+                env=gpu.env if gpu else None,
             ))  # fmt: skip
         running = Running(f"http://127.0.0.1:{port}", ledger, log)
         deadline = time.monotonic() + 30
@@ -127,11 +137,10 @@ def daemon(gpu: Gpu, tmp_path: Path) -> Iterator[Any]:
                 assert time.monotonic() < deadline, "llmswap did not start listening"
                 time.sleep(0.1)
 
-    def hold(mib: int) -> subprocess.Popen[bytes]:
-        """A process of the test's own that holds ``mib`` of the device (ready once it does)."""
+    def hold(flags: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         port = free_port()
-        proc = subprocess.Popen([sys.executable, FAKE, "--port", str(port), "--name", "other",
-                                 "--vram", str(mib)], env=gpu.env)  # fmt: skip
+        command = [sys.executable, FAKE, "--port", str(port), "--name", "other", *flags]
+        proc = subprocess.Popen(command, env=env)
         procs.append(proc)
         deadline = time.monotonic() + 30
         while True:
@@ -158,7 +167,7 @@ def test_the_next_start_waits_until_the_stopped_models_memory_is_back(
 ) -> None:
     run, _ = daemon
     each = gpu.free * 6 // 10  # two never fit at once
-    llmswap = run({n: {"vram": each, "memory": f"{each}MiB"} for n in "ab"})
+    llmswap = run({n: {"vram": each, "memory": f"{each}MiB"} for n in "ab"}, gpu)
     assert llmswap.chat("a")[0] == 200
     status, answer = llmswap.chat("b")
     assert (status, answer["choices"][0]["message"]["content"]) == (200, "Hello from b")
@@ -184,8 +193,8 @@ def test_a_device_another_process_holds_fails_the_load_at_once_naming_it(
 ) -> None:
     run, hold = daemon
     each = gpu.free * 6 // 10
-    llmswap = run({"a": {"vram": each, "memory": f"{each}MiB"}})
-    other = hold(each)
+    llmswap = run({"a": {"vram": each, "memory": f"{each}MiB"}}, gpu)
+    other = hold(["--vram", str(each)], gpu.env)
     name = Path(f"/proc/{other.pid}/comm").read_text().strip()
     status, body = llmswap.chat("a")
     assert status == 503
@@ -204,7 +213,7 @@ def test_a_load_out_of_memory_beside_another_model_puts_it_away_and_loads_once_m
         "a": {"vram": 4 * tenth, "memory": f"{4 * tenth}MiB"},
         # b declares less than it takes: the budget lets it load beside a, the device does not.
         "b": {"vram": 7 * tenth, "memory": f"{3 * tenth}MiB"},
-    })  # fmt: skip
+    }, gpu)  # fmt: skip
     assert llmswap.chat("a")[0] == 200
     status, answer = llmswap.chat("b")
     assert (status, answer["choices"][0]["message"]["content"]) == (200, "Hello from b")
@@ -213,3 +222,21 @@ def test_a_load_out_of_memory_beside_another_model_puts_it_away_and_loads_once_m
     ]  # fmt: skip
     health = json.loads(llmswap.get("/health"))
     assert (health["models"]["a"]["state"], health["models"]["b"]["state"]) == ("stopped", "ready")
+
+
+def test_host_memory_another_process_holds_fails_the_load_at_once_naming_it(daemon: Any) -> None:
+    """The same on a ``ram`` device: the test's own process holds 2 GiB of this machine's memory,
+    and a model that would fit without it is refused before it starts."""
+    run, hold = daemon
+    other = hold(["--hold-ram", "2048"])
+    free = RamProbe().reading().free // MiB
+    need = free + 1024  # fits once the holder is gone, not while it holds its 2 GiB
+    llmswap = run({"a": {"memory": f"{need}MiB"}}, None)
+    status, body = llmswap.chat("a")
+    assert status == 503
+    message = body["error"]["message"]
+    assert message.startswith(f"Model 'a' needs {need} MiB on device 'ram', which has ")
+    name = Path(f"/proc/{other.pid}/comm").read_text().strip()
+    assert "MiB free; not loaded. Held most by other processes: " in message
+    assert f"{name} (20" in message  # the holder and its 2 GiB, among the largest
+    assert llmswap.told() == []
