@@ -8,6 +8,8 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -88,6 +90,24 @@ def fake_nvml(directory: Path) -> Path:
         check=True, timeout=60,
     )  # fmt: skip
     return library
+
+
+def wait_answering(
+    url: str, proc: subprocess.Popen[bytes], timeout: float = 30, log: Path | None = None
+) -> None:
+    """Wait until ``url`` answers 2xx (a 503 while loading is not yet) while ``proc`` lives;
+    its ``log`` (or piped output) is the failure's message if it dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            said = log.read_text() if log else proc.stdout.read().decode() if proc.stdout else ""
+            raise AssertionError(f"{proc.args!r} exited: {said}")
+        try:
+            urllib.request.urlopen(url, timeout=10).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} did not answer within {timeout:g} s")
 
 
 def terminate(proc: subprocess.Popen[bytes]) -> None:

@@ -37,6 +37,7 @@ from tests.support import (
     free_ports,
     in_thread,
     terminate,
+    wait_answering,
     wait_for,
 )
 
@@ -356,7 +357,7 @@ def test_the_gguf_estimate_of_each_built_in_model_is_within_15_percent_of_llama_
             server = subprocess.Popen([*model.cmd, "-lv", "4"], stdout=out, stderr=out)
         try:
             path = "/v1/embeddings" if "--embeddings" in model.cmd else "/v1/chat/completions"
-            wait_healthy(model.health_url, server)
+            wait_answering(model.health_url, server, timeout=120)
             body = {"model": name, "input": "hi", "messages": [{"role": "user", "content": "hi"}]}
             post(model.backend_url.removesuffix("/v1") + path, body)
             held = RamProbe().held_by([server.pid])
@@ -369,18 +370,6 @@ def test_the_gguf_estimate_of_each_built_in_model_is_within_15_percent_of_llama_
             assert model.estimated > held, name
         else:
             assert abs(model.estimated - held) <= 0.15 * held, (name, held)
-
-
-def wait_healthy(url: str, server: subprocess.Popen[bytes], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert server.poll() is None, "llama-server exited"
-        try:
-            urllib.request.urlopen(url, timeout=5).close()
-            return
-        except OSError:
-            assert time.monotonic() < deadline, "llama-server did not become healthy"
-            time.sleep(0.1)
 
 
 def post(url: str, body: dict[str, Any]) -> None:

@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -28,7 +27,15 @@ import pytest
 import yaml
 
 from llmswap.memory.ram import RamProbe
-from tests.support import FAKE, fake_model, fake_nvml, free_port, read_ledger, samples
+from tests.support import (
+    FAKE,
+    fake_model,
+    fake_nvml,
+    free_port,
+    read_ledger,
+    samples,
+    wait_answering,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -127,30 +134,16 @@ def daemon(tmp_path: Path) -> Iterator[Any]:
                 env=gpu.env if gpu else None,
             ))  # fmt: skip
         running = Running(f"http://127.0.0.1:{port}", ledger, log)
-        deadline = time.monotonic() + 30
-        while True:
-            assert procs[0].poll() is None, log.read_text()
-            try:
-                running.get("/health")
-                return running
-            except OSError:
-                assert time.monotonic() < deadline, "llmswap did not start listening"
-                time.sleep(0.1)
+        wait_answering(running.url + "/health", procs[-1], log=log)
+        return running
 
     def hold(flags: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         port = free_port()
         command = [sys.executable, FAKE, "--port", str(port), "--name", "other", *flags]
         proc = subprocess.Popen(command, env=env)
         procs.append(proc)
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, "the holder could not take the memory"
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
-                return proc
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.05)
+        wait_answering(f"http://127.0.0.1:{port}/health", proc)  # it holds the memory by then
+        return proc
 
     yield run, hold
     for proc in reversed(procs):

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.fakebackend import live_peers
-from tests.support import fake_model, free_port
+from tests.support import fake_model, free_port, wait_answering
 
 pytestmark = pytest.mark.slow
 
@@ -32,16 +32,8 @@ def get_json(url: str) -> Any:
         return json.load(r)
 
 
-def wait_listening(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
-        try:
-            get_json(url + "/health")
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError("llmswap did not start listening")
+def wait_listening(url: str, proc: subprocess.Popen[bytes]) -> None:
+    wait_answering(url + "/health", proc)
 
 
 @pytest.fixture
