@@ -7,6 +7,7 @@ llama-server reports in tests/test_llama.py.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import gguf
@@ -159,3 +160,82 @@ def test_check_config_shows_the_estimate_beside_the_declared_figure(
     out = capsys.readouterr().out
     assert f"    memory on gpu (memory: auto): estimated from its GGUF {expected} MiB\n" in out
     assert f"    memory on gpu: declared 512 MiB, estimated from its GGUF {expected} MiB\n" in out
+
+
+def _le(n: int) -> bytes:
+    return n.to_bytes(8, "little")
+
+
+@pytest.mark.parametrize(
+    ("at", "data", "said"),
+    [
+        (40, b"", "runs past the end of the file"),  # cut short there
+        (8, _le(2**40), "a count of 1099511627776"),  # tensors
+        (16, _le(2**63), "a count of 9223372036854775808"),  # metadata
+        (24, _le(2**62), "a length of 4611686018427387904"),  # the first key's
+        (4, (3).to_bytes(4, "big"), "a big-endian GGUF"),
+        (4, (1).to_bytes(4, "little"), "a GGUF of version 1"),
+    ],
+)
+def test_a_damaged_header_is_a_configuration_error_never_a_crash(
+    tmp_path: Path, at: int, data: bytes, said: str
+) -> None:
+    good, bad = tmp_path / "good.gguf", tmp_path / "bad.gguf"
+    write_gguf(good)
+    raw = good.read_bytes()
+    bad.write_bytes(raw[:at] + data + raw[at + len(data) :] if data else raw[:at])
+    with pytest.raises(ConfigError, match=f"cannot read '{bad}' as a GGUF: .*{said}"):
+        estimate(["llama-server", "-m", str(bad)])
+
+
+def test_figures_of_the_wrong_kind_or_size_are_a_configuration_error(tmp_path: Path) -> None:
+    for key, add in [
+        ("llama.block_count", lambda w: w.add_uint64("llama.block_count", 2**40)),
+        ("llama.context_length", lambda w: w.add_string("llama.context_length", "long")),
+    ]:
+        path = tmp_path / f"{key}.gguf"
+        writer = gguf.GGUFWriter(str(path), "llama")
+        add(writer)
+        writer.add_embedding_length(EMBD)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+        with pytest.raises(ConfigError, match=r"cannot read .* as a GGUF"):
+            estimate(["llama-server", "-m", str(path)])
+
+
+def test_no_flipped_byte_in_a_header_escapes_as_anything_but_a_configuration_error(
+    tmp_path: Path,
+) -> None:
+    good = tmp_path / "good.gguf"
+    write_gguf(good)
+    raw, header = good.read_bytes(), 8 * 1024  # the metadata and tensor infos
+    rng = random.Random(27)
+    refused = 0
+    for i in range(300):
+        damaged = bytearray(raw)
+        for _ in range(3):
+            damaged[rng.randrange(min(header, len(raw)))] = rng.randrange(256)
+        path = tmp_path / f"{i}.gguf"
+        path.write_bytes(bytes(damaged))
+        try:
+            estimate(["llama-server", "-m", str(path)])
+        except ConfigError:
+            refused += 1
+        path.unlink()
+    assert refused > 0  # the damage was seen at all
+
+
+def test_llama_servers_settings_from_its_environment_count_and_its_flags_win(
+    tmp_path: Path,
+) -> None:
+    model = tmp_path / "m.gguf"
+    write_gguf(model)
+    flags = estimate(["llama-server", "-m", str(model), "-c", "2048", "-ctk", "q8_0"])
+    env = {"LLAMA_ARG_MODEL": str(model), "LLAMA_ARG_CTX_SIZE": "2048",
+           "LLAMA_ARG_CACHE_TYPE_K": "q8_0"}  # fmt: skip
+    assert estimate(["llama-server"], env) == flags
+    assert estimate(["llama-server", "-c", "2048"], {**env, "LLAMA_ARG_CTX_SIZE": "8192"}) == flags
+    model_config = {"cmd": "llama-server --port ${PORT}", "env": env, "memory": "auto"}
+    config = parse({"devices": {"gpu": {"memory": "1GiB"}}, "models": {"m": model_config}})
+    assert config.instances["m"].memory == flags.total

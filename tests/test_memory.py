@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from llmswap.events import EventBus
 from llmswap.memory import footprints, oom
 from llmswap.memory.probe import DeviceReading, IDeviceProbe
 from llmswap.memory.ram import RamProbe
-from llmswap.memory.witness import MemoryWitness
+from llmswap.memory.witness import READ_TIMEOUT, MemoryWitness
 from llmswap.metrics import Metrics
 from llmswap.swap.manager import SwapManager
 from llmswap.testing import MemoryBackend, MemoryHTTP
@@ -109,6 +109,9 @@ class Device:
     lag: float
     backends: dict[str, LaggingBackend] = attrs.field(factory=dict)
     others: int = 0
+    frees_late: bool = True  # as a GPU's: the lag above
+    hung: bool = False
+    holders_fail: bool = False
 
     def reading(self) -> DeviceReading:
         now = self.clock.seconds()
@@ -119,6 +122,8 @@ class Device:
         return sum(b.measured for b in self.backends.values() if set(b.processes) & set(pids))
 
     def holders(self, exclude: Sequence[int], most: int) -> list[tuple[int, str, int]]:
+        if self.holders_fail:
+            raise OSError("the driver lost the process list")
         return [(4242, "ollama", self.others)][:most] if self.others else []
 
 
@@ -149,12 +154,21 @@ class LaggingBackend(MemoryBackend):
 class WitnessedManagerTests(unittest.TestCase):
     """Models a and b on one probed host-memory device of 10 GiB."""
 
-    def start(self, memory: str, lag: float = 0.0, others: int = 0, timeout: float = 5) -> None:
+    def start(
+        self,
+        memory: str,
+        lag: float = 0.0,
+        others: int = 0,
+        timeout: float = 5,
+        budget: str = "10GiB",
+        b_memory: str | None = None,
+    ) -> None:
         self.clock = Clock()
         self.events: list[str] = []
         models = {n: {"backend_url": f"http://{n}:1/v1", "cmd": "x", "memory": memory,
                       "device": "ram"} for n in "ab"}  # fmt: skip
-        devices = {"ram": {"memory": "10GiB", "probe": "ram", "free_timeout": timeout}}
+        models["b"]["memory"] = b_memory or memory
+        devices = {"ram": {"memory": budget, "probe": "ram", "free_timeout": timeout}}
         self.state = Path(self.mktemp())
         config: Config = parse({"models": models, "devices": devices, "linger": 0,
                                 "state_dir": str(self.state)})  # fmt: skip
@@ -167,7 +181,7 @@ class WitnessedManagerTests(unittest.TestCase):
         bus = EventBus()
         self.memory = MemoryWitness(
             lambda: self.manager.config, self._loaded, self.clock, bus,
-            probes={"ram": self.device}, in_thread=maybeDeferred,
+            probes={"ram": self.device}, in_thread=self._thread,
         )  # fmt: skip
         self.manager = SwapManager(config, self.backends, MemoryHTTP(self.backends), self.clock,
                                    bus, memory=self.memory)  # fmt: skip
@@ -175,6 +189,10 @@ class WitnessedManagerTests(unittest.TestCase):
         self.manager.startService()
         self.addCleanup(self.manager.stopService)
         self.addCleanup(self.memory.stopService)
+
+    def _thread(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """A probe's call: a hung device's never returns, as a GPU's off the bus."""
+        return Deferred() if self.device.hung else maybeDeferred(f, *args)
 
     def _loaded(self) -> list[tuple[Any, Any]]:
         ready = [n for n in "ab" if self.manager.state(n).value == "ready"]
@@ -196,6 +214,29 @@ class WitnessedManagerTests(unittest.TestCase):
         self.assertEqual(self.events, ["start a", "stop a", "start b"])
         # b started only once a's memory showed free: never both on the device.
         self.assertGreaterEqual(self.backends["b"].started_at[0], self.backends["a"].freed_at)
+
+    def test_a_start_that_fits_beside_a_stop_still_freeing_waits_for_it_on_a_gpu(self) -> None:
+        # Budget 7 GiB of 10: a (6) and b (2) do not fit together, so b evicts a; the 2 GiB b
+        # needs are free while a's 6 still are not.  Both starting at once is what a GPU can't.
+        self.start("6GiB", lag=1.5, budget="7GiB", b_memory="2GiB")
+        self.backends["a"].measured = 6 * GiB
+        self.successResultOf(self.manager.acquire("a")).release()
+        waiting = self.manager.acquire("b")
+        self.clock.advance(1.0)
+        self.assertNoResult(waiting)
+        self.assertEqual(self.events, ["start a", "stop a"])
+        self.clock.pump([0.1] * 6)
+        self.successResultOf(waiting).release()
+        self.assertGreaterEqual(self.backends["b"].started_at[0], self.backends["a"].freed_at)
+
+    def test_host_memory_a_stop_frees_at_once_so_nothing_waits_for_it_to_come_back(self) -> None:
+        # The kernel frees a process's pages as it exits (its file pages were never "used").
+        self.start("6GiB", lag=1.5, budget="7GiB", b_memory="2GiB")
+        self.device.frees_late = False
+        self.backends["a"].measured = 6 * GiB
+        self.successResultOf(self.manager.acquire("a")).release()
+        self.successResultOf(self.manager.acquire("b")).release()
+        self.assertEqual(self.events, ["start a", "stop a", "start b"])
 
     def test_after_an_unload_a_start_waits_for_the_memory_too_instead_of_failing(self) -> None:
         self.start("6GiB", lag=1.5)
@@ -219,6 +260,27 @@ class WitnessedManagerTests(unittest.TestCase):
             "Held most by other processes: ollama (7168 MiB)",
         )
         self.assertEqual(self.events, [])  # nothing was started to crash
+
+    def test_a_device_that_cannot_say_who_holds_it_still_says_what_is_missing(self) -> None:
+        self.start("6GiB", others=7 * GiB)
+        self.device.holders_fail = True
+        failed = self.failureResultOf(self.manager.acquire("a"), APIError)
+        self.assertEqual(
+            failed.value.message,
+            "Model 'a' needs 6144 MiB on device 'ram', which has 3072 MiB free; not loaded",
+        )
+
+    def test_a_probe_that_never_answers_is_given_up_and_the_budget_alone_decides(self) -> None:
+        self.start("6GiB")
+        self.device.hung = True
+        waiting = self.manager.acquire("a")
+        self.clock.advance(READ_TIMEOUT - 0.1)
+        self.assertNoResult(waiting)
+        self.assertEqual(self.events, [])
+        self.clock.advance(0.1)
+        self.successResultOf(waiting).release()
+        self.assertEqual(self.events, ["start a"])
+        self.clock.advance(READ_TIMEOUT)  # a stop waits for the measurement under way, so long
 
     def test_memory_that_never_comes_back_fails_the_load_after_free_timeout(self) -> None:
         self.start("6GiB", lag=60, timeout=5)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
 import attrs
@@ -40,6 +40,7 @@ MiB = 2**20
 MARGIN = 32 * MiB
 UBATCH = 512  # llama-server's default -ub
 PARALLEL = 4  # its default -np (auto): four slots
+MAX_LAYERS = 4096  # the largest models have a few hundred: more is a damaged header
 # Which layers use a sliding window, for architectures whose GGUF does not say
 # (``attention.sliding_window_pattern``): every n-th layer is a full-attention one.
 FULL_EVERY = {"gemma3": 6, "gemma2": 2, "cohere2": 4, "gemma3n": 5}
@@ -60,8 +61,10 @@ class Estimate:
         return self.weights + self.kv + self.buffers + self.margin
 
 
-def estimate(cmd: Sequence[str]) -> Estimate:
-    """The estimate for a llama-server ``cmd``; a ConfigError says why there is none."""
+def estimate(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> Estimate:
+    """The estimate for a llama-server ``cmd`` run with ``env`` (its ``LLAMA_ARG_*``
+    settings); a ConfigError says why there is none."""
+    cmd = _with_env(cmd, env or {})
     try:
         import gguf
     except ImportError:
@@ -72,30 +75,49 @@ def estimate(cmd: Sequence[str]) -> Estimate:
     paths = from_cmd(cmd)
     if not paths:
         raise ConfigError("'memory: auto' needs a llama-server 'cmd' naming its GGUF with -m")
-    files = expand(paths[0])
+    files = expand(paths[-1])  # the last one given wins, as in llama-server
     if not files:
-        raise ConfigError(f"'memory: auto': the model file {paths[0]!r} does not exist")
+        raise ConfigError(f"'memory: auto': the model file {paths[-1]!r} does not exist")
+    flags = _Flags.of(cmd)
     try:
         meta, weights = _read(gguf, files[0])
         for part in files[1:]:
             weights += _read(gguf, part)[1]
-    except (OSError, ValueError, struct.error) as e:
+        return _sized(meta, weights, flags)
+    except (OSError, ValueError, TypeError, KeyError, OverflowError, struct.error) as e:
+        # ValueError and TypeError too from figures of the wrong kind (a string for a count)
         raise ConfigError(f"'memory: auto': cannot read {files[0]!r} as a GGUF: {e}") from None
-    return _sized(meta, weights, _Flags.of(cmd))
 
 
-def try_estimate(model_cmd: Sequence[str] | None) -> int | None:
+def try_estimate(
+    model_cmd: Sequence[str] | None, env: Mapping[str, str] | None = None
+) -> int | None:
     """The estimate of a llama-server command, or None (not one, or its GGUF is unreadable):
     shown beside a declared figure, never in the way."""
     if not model_cmd or "llama-server" not in os.path.basename(model_cmd[0]):
         return None
     try:
-        return estimate(model_cmd).total
+        return estimate(model_cmd, env).total
     except ConfigError:
         return None
 
 
 # -- the command ---------------------------------------------------------------------------
+
+# llama-server's settings from its environment (common/arg.cpp's set_env), as the flags they
+# stand for; a flag on the command line wins, as it does there.
+_ENV = {"LLAMA_ARG_MODEL": "-m", "LLAMA_ARG_CTX_SIZE": "-c", "LLAMA_ARG_CACHE_TYPE_K": "-ctk",
+        "LLAMA_ARG_CACHE_TYPE_V": "-ctv", "LLAMA_ARG_N_PARALLEL": "-np",
+        "LLAMA_ARG_UBATCH": "-ub"}  # fmt: skip
+_ENV_SWITCHES = {"LLAMA_ARG_EMBEDDINGS": "--embeddings", "LLAMA_ARG_RERANKING": "--rerank",
+                 "LLAMA_ARG_SWA_FULL": "--swa-full"}  # fmt: skip
+_TRUE = ("1", "true", "on", "enabled")
+
+
+def _with_env(cmd: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    given = [a for k, flag in _ENV.items() if k in env for a in (flag, env[k])]
+    given += [flag for k, flag in _ENV_SWITCHES.items() if env.get(k, "").lower() in _TRUE]
+    return [*cmd[:1], *given, *cmd[1:]]
 
 
 @attrs.frozen
@@ -159,6 +181,8 @@ def _sized(meta: dict[str, Any], weights: int, flags: _Flags) -> Estimate:
         return meta.get(f"{arch}.{name}", default)
 
     layers = int(key("block_count", 0))
+    if not 0 <= layers <= MAX_LAYERS:
+        raise ValueError(f"{layers} layers")
     embd = int(key("embedding_length", 0))
     heads = _per_layer(key("attention.head_count", 0), layers)
     heads_kv = _per_layer(key("attention.head_count_kv", heads), layers)
@@ -213,22 +237,32 @@ def _sliding_layers(meta: dict[str, Any], arch: str, layers: int, window: int) -
 
 
 def _read(gguf: Any, path: str) -> tuple[dict[str, Any], int]:
-    """A GGUF file's metadata (arrays of strings as their length) and its tensors' bytes."""
+    """A GGUF file's metadata (arrays of strings as their length) and its tensors' bytes.
+
+    Every length is checked against what is left of the file before it is believed: a damaged
+    or hostile header is a ValueError, never a huge allocation or a loop without end."""
     with open(path, "rb", buffering=1 << 20) as f:
-        magic, version = struct.unpack("<II", f.read(8))
-        if magic != gguf.GGUF_MAGIC or version < 2:
-            raise ValueError("not a GGUF file of version 2 or later")
-        tensors, count = struct.unpack("<QQ", f.read(16))
+        r = _Header(f, os.fstat(f.fileno()).st_size)
+        magic, version = r.unpack("<II")
+        if magic != gguf.GGUF_MAGIC:
+            raise ValueError("not a GGUF file")
+        if version & 0xFFFF == 0:
+            raise ValueError("a big-endian GGUF: llama-server on this machine cannot load it")
+        if version < 2:
+            raise ValueError("a GGUF of version 1: convert it again with llama.cpp")
+        tensors, count = r.unpack("<QQ")
         meta = {}
-        for _ in range(count):
-            name = _string(f)
-            meta[name] = _value(f, struct.unpack("<I", f.read(4))[0])
+        for _ in range(r.at_most(count, 13)):  # a key's length, a byte of it, a type
+            name = r.string()
+            meta[name] = r.value(r.unpack("<I")[0])
         weights = 0
-        for _ in range(tensors):
-            _string(f)
-            (dims,) = struct.unpack("<I", f.read(4))
-            shape = struct.unpack(f"<{dims}Q", f.read(8 * dims))
-            kind, _offset = struct.unpack("<IQ", f.read(12))
+        for _ in range(r.at_most(tensors, 24)):  # a name's length, dims, a type, an offset
+            r.string()
+            (dims,) = r.unpack("<I")
+            if dims > MAX_DIMS:
+                raise ValueError(f"a tensor of {dims} dimensions")
+            shape = r.unpack(f"<{dims}Q")
+            kind, _offset = r.unpack("<IQ")
             block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
             weights += math.prod(shape) // block * size
     return meta, weights
@@ -238,32 +272,65 @@ _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?
            11: "<q", 12: "<d"}  # fmt: skip
 _STRING, _ARRAY = 8, 9
 LONG = 4096  # arrays longer than this are per token, not per layer: only their length is kept
+MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
+MAX_NESTING = 2  # arrays of arrays: none in llama.cpp's models; deeper is damage
 
 
-def _string(f: IO[bytes]) -> str:
-    (n,) = struct.unpack("<Q", f.read(8))
-    return f.read(n).decode("utf-8", "replace")
+class _Header:
+    """Reads a GGUF header, refusing any length that runs past the end of the file."""
 
+    def __init__(self, f: IO[bytes], size: int) -> None:
+        self._f = f
+        self._size = size
 
-def _value(f: IO[bytes], kind: int) -> Any:
-    """A metadata value; a long array (a vocabulary's strings, scores or types) as its length."""
-    if kind == _STRING:
-        return _string(f)
-    if kind == _ARRAY:
-        item, n = struct.unpack("<IQ", f.read(12))
-        if item == _STRING and n > LONG:
-            for _ in range(n):
-                (length,) = struct.unpack("<Q", f.read(8))
-                f.seek(length, os.SEEK_CUR)
-            return n
-        if item in _SCALAR:
-            width = struct.calcsize(_SCALAR[item])
-            if n > LONG:
-                f.seek(n * width, os.SEEK_CUR)
+    def _left(self) -> int:
+        return self._size - self._f.tell()
+
+    def at_most(self, n: int, each: int) -> int:
+        """``n`` items of at least ``each`` bytes, if the file holds that many."""
+        if n * each > self._left():
+            raise ValueError(f"a count of {n} runs past the end of the file")
+        return n
+
+    def _within(self, n: int) -> int:
+        if n > self._left():
+            raise ValueError(f"a length of {n} runs past the end of the file")
+        return n
+
+    def take(self, n: int) -> bytes:
+        return self._f.read(self._within(n))
+
+    def skip(self, n: int) -> None:
+        self._f.seek(self._within(n), os.SEEK_CUR)
+
+    def unpack(self, form: str) -> tuple[Any, ...]:
+        return struct.unpack(form, self.take(struct.calcsize(form)))
+
+    def string(self) -> str:
+        (n,) = self.unpack("<Q")
+        return self.take(n).decode("utf-8", "replace")
+
+    def value(self, kind: int, depth: int = 0) -> Any:
+        """A metadata value; a long array (a vocabulary's strings, scores or types) as its
+        length."""
+        if kind == _STRING:
+            return self.string()
+        if kind == _ARRAY:
+            if depth >= MAX_NESTING:
+                raise ValueError("arrays nested too deep")
+            item, n = self.unpack("<IQ")
+            if item == _STRING and n > LONG:
+                for _ in range(self.at_most(n, 8)):
+                    self.skip(self.unpack("<Q")[0])
                 return n
-            return list(struct.unpack(f"<{n}{_SCALAR[item][1]}", f.read(n * width)))
-        return [_value(f, item) for _ in range(n)]
-    if kind not in _SCALAR:
-        raise ValueError(f"unknown metadata type {kind}")
-    form = _SCALAR[kind]
-    return struct.unpack(form, f.read(struct.calcsize(form)))[0]
+            if item in _SCALAR:
+                width = struct.calcsize(_SCALAR[item])
+                self.at_most(n, width)
+                if n > LONG:
+                    self.skip(n * width)
+                    return n
+                return list(self.unpack(f"<{n}{_SCALAR[item][1]}"))
+            return [self.value(item, depth + 1) for _ in range(self.at_most(n, 1))]
+        if kind not in _SCALAR:
+            raise ValueError(f"unknown metadata type {kind}")
+        return self.unpack(_SCALAR[kind])[0]

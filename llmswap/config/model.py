@@ -238,8 +238,9 @@ def model(
     auto = raw.get("memory") == "auto"
     if auto and cmd is None:
         raise ConfigError(f"'{where}.memory: auto' estimates a llama-server 'cmd' from its GGUF")
+    env = MODEL["env"].read(raw, where) or {}
     try:
-        estimated = estimate(cmd).total if auto else try_estimate(cmd)
+        estimated = estimate(cmd, env).total if auto else try_estimate(cmd, env)
     except ConfigError as e:
         raise ConfigError(f"'{where}': {e}") from None
     memory = estimated if auto else MODEL["memory"].read(raw, where)
@@ -251,7 +252,7 @@ def model(
         stop_timeout=MODEL["stop_timeout"].read(raw, where),
         container_name=container,
         cmd=cmd,
-        env=MODEL["env"].read(raw, where) or {},
+        env=env,
         cwd=MODEL["cwd"].read(raw, where),
         concurrency=MODEL["concurrency"].read(raw, where),
         ttl=MODEL["ttl"].read(raw, where),

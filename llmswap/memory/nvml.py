@@ -25,18 +25,23 @@ class NvmlProbe:
     """The GPU at ``index`` (NVML's order).  The driver's library is loaded by the first
     reading, in a thread like every reading."""
 
+    frees_late = True  # CUDA frees a dead process's memory asynchronously
+
     def __init__(self, index: int) -> None:
         import pynvml  # the configuration checked it is there
 
         self._nvml: Any = pynvml
         self._index = index
         self._handle: Any = None
+        self._started = False
 
     @property
     def _device(self) -> Any:
         with _started:  # NVML counts its users: each probe inits once, and never shuts down
             if self._handle is None:
-                self._nvml.nvmlInit()
+                if not self._started:
+                    self._nvml.nvmlInit()
+                    self._started = True
                 self._handle = self._nvml.nvmlDeviceGetHandleByIndex(self._index)
         return self._handle
 

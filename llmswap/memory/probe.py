@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import attrs
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
 
 @attrs.frozen
@@ -29,7 +29,12 @@ class DeviceReading:
 
 
 class IDeviceProbe(Interface):
-    """Measures one device.  Both calls block: run them in a thread."""
+    """Measures one device.  Its calls block: run them in a thread."""
+
+    frees_late = Attribute(
+        "Whether a dead process's memory comes back some time after it is gone (CUDA's "
+        "does): then a start after a stop waits until the probe shows it back"
+    )
 
     def reading() -> DeviceReading:
         """The device's total and free memory now."""

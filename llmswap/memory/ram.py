@@ -23,6 +23,8 @@ from llmswap.memory.probe import DeviceReading, IDeviceProbe
 
 @implementer(IDeviceProbe)
 class RamProbe:
+    frees_late = False  # the kernel frees a process's pages as it exits
+
     def __init__(self, proc: str = procs.PROC) -> None:
         self._proc = proc
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Generator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.task import LoopingCall, deferLater
@@ -50,7 +51,16 @@ MEASURE_EVERY = 2.0  # seconds between measurements of the loaded models
 POLL_EVERY = 0.05  # seconds between reads of a device that is freeing memory
 # A stop's memory is back when this much of it is (other processes come and go meanwhile).
 BACK_MARGIN = 0.1
+READ_TIMEOUT = 10.0  # seconds a probe's reading may take
 MiB = 2**20
+
+
+@attrs.frozen
+class Before:
+    """A device just before a stop: its free bytes, and what each model to stop holds there."""
+
+    free: int
+    held: dict[str, int]
 
 
 class MemoryWitness(Service):
@@ -74,7 +84,9 @@ class MemoryWitness(Service):
         self._reactor = reactor
         self._bus = bus
         self._every = every
-        self._probes: dict[str, IDeviceProbe] = dict(probes or {})
+        self._given: dict[str, IDeviceProbe] = dict(probes or {})
+        # By device and what the configuration names (a reload may name another probe).
+        self._probes: dict[tuple[str, str], IDeviceProbe] = {}
         self._threads = in_thread
         self._kept = footprints.Footprints()
         self._measured: dict[str, int] = {}  # by instance, for the configuration of ``_for``
@@ -93,7 +105,7 @@ class MemoryWitness(Service):
             self._heard = self._bus.subscribe_all((Swap, ModelStateChanged), self._left)
         # Always: a reload may add a probe.  With none, a round is a look at the configuration.
         read = self._in_thread(footprints.read, self._directory())
-        read.addCallback(self._read).addErrback(self._failed, "reading the kept footprints")
+        read.addCallback(self._restore).addErrback(self._failed, "reading the kept footprints")
         self._loop = LoopingCall(self._measure)
         self._loop.clock = self._reactor
         self._loop.start(self._every, now=False).addErrback(self._failed, "measuring")
@@ -125,29 +137,34 @@ class MemoryWitness(Service):
             return measured
         return max(model.memory, measured or 0)
 
-    def free_now(self, device: str) -> Deferred[int | None]:
-        """The device's free bytes now, before a stop: what the stop's memory adds to (None
-        when it is not probed or its probe fails)."""
+    def before_stop(
+        self, device: str, trees: Mapping[str, Sequence[int]]
+    ) -> Deferred[Before | None]:
+        """Before a stop of the models in ``trees`` (their process trees): the device's free
+        bytes, and what each of them holds there now (None when it is not probed or its probe
+        fails)."""
         spec = self._config().probe(device)
         if spec is None:
             return succeed(None)
-        d = self._in_thread(self._probe(device, spec.probe).reading)
-        return d.addCallbacks(lambda r: r.free, lambda _: None)
+        probe = self._probe(device, spec.probe)
 
-    def freed_by(self, device: str, stopped: Sequence[str]) -> int:
-        """What the instances ``stopped`` held on ``device``, as counted (unknown: none)."""
-        config = self._config()
-        models = [config.instances[n] for n in stopped if n in config.instances]
-        return sum(self.counted(m) or 0 for m in models if m.device == device)
+        def read() -> Before:
+            return Before(probe.reading().free, {n: probe.held_by(p) for n, p in trees.items()})
+
+        d = self._read(read)
+        d.addErrback(lambda f: log.warn("device {d}: not read before a stop: {e}",
+                                        d=device, e=f.value))  # fmt: skip
+        return d
 
     @inlineCallbacks
     def room_for(
         self, model: ModelConfig, freed: int | None = None, before: int | None = None
     ) -> Generator[Deferred[Any], Any, None]:
-        """Fires once ``model``'s device has its need free, and, after a stop of models that
-        held ``freed`` bytes there (``before``: its free bytes then), that memory back within a
-        margin, as long as ``free_timeout`` allows; fails with an APIError when the need is not
-        free.  At once when the device is not probed or the need not known."""
+        """Fires once ``model``'s device has its need free and, on a device that frees late
+        (a GPU), the memory a stop just gave back (``freed`` bytes, with ``before`` free until
+        then) back within a margin, as long as ``free_timeout`` allows; fails with an APIError
+        when the need is not free.  At once when the device is not probed or the need not
+        known."""
         spec = self._config().probe(model.device)
         need = self.counted(model)
         if spec is None or need is None:
@@ -155,12 +172,14 @@ class MemoryWitness(Service):
         # A stop of ours on the device lately (an unload, a crash) may still be freeing too.
         lately = self._reactor.seconds() - self._freeing.get(model.device, -spec.free_timeout)
         evicted = freed is not None or lately < spec.free_timeout
-        back = before + int((freed or 0) * (1 - BACK_MARGIN)) if before is not None else 0
         probe = self._probe(model.device, spec.probe)
+        back = 0
+        if before is not None and freed and probe.frees_late:
+            back = before + int(freed * (1 - BACK_MARGIN))
         started = self._reactor.seconds()
         while True:
             try:
-                reading = yield self._in_thread(probe.reading)
+                reading = yield self._read(probe.reading)
             except Exception as e:  # a probe that cannot read leaves the declared budget
                 log.warn("device {d}: its probe failed ({e}); {m} starts by the budget alone",
                          d=model.device, e=e, m=model.name)  # fmt: skip
@@ -173,20 +192,25 @@ class MemoryWitness(Service):
                 return
             if out_of_time:
                 ours = [p for _, b in self._loaded() for p in b.pids()]
-                holders = yield self._in_thread(probe.holders, ours, 3)
+                try:
+                    holders = yield self._read(probe.holders, ours, 3)
+                except Exception:  # who holds it is a courtesy; the refusal is the answer
+                    holders = []
                 raise self._no_room(model, reading.free, need, holders, waited if evicted else 0)
             yield deferLater(self._reactor, POLL_EVERY, lambda: None)
 
     def _left(self, event: Swap | ModelStateChanged) -> None:
         """A process of ours left its device: stopped (not put to sleep), or died."""
+        at = event.at
         if isinstance(event, Swap):
             gone = [n for n in event.unloaded if n not in event.slept]
+            at -= event.load_seconds or 0  # published once the load that followed ended
         else:
             gone = [event.model] if event.new is ModelState.FAILED else []
         instances = self._config().instances
         for name in gone:
             if name in instances:
-                self._freeing[instances[name].device] = event.at
+                self._freeing[instances[name].device] = at
 
     def _waited(self, model: ModelConfig, reading: DeviceReading, waited: float) -> None:
         log.info("device {d}: {mib:.0f} MiB free for {m} after {s:.2f} s",
@@ -217,8 +241,8 @@ class MemoryWitness(Service):
             return devices, [(m, probe.held_by(pids)) for m, probe, pids in work]
 
         # Set before the callbacks: a reading that fires at once must still clear it.
-        self._measuring = d = self._in_thread(read)
-        d.addCallback(self._record).addErrback(self._failed, "measuring")
+        self._measuring = d = self._read(read)
+        d.addCallbacks(self._record, self._unread).addErrback(self._failed, "measuring")
         d.addBoth(self._done_measuring)
 
     def _done_measuring(self, _: object) -> None:
@@ -240,20 +264,28 @@ class MemoryWitness(Service):
         write = self._in_thread(footprints.write, self._directory(), self._kept.as_json())
         write.addErrback(self._failed, "writing the footprints")
 
-    def _read(self, kept: footprints.Footprints) -> None:
+    def _restore(self, kept: footprints.Footprints) -> None:
         self._kept, self._for = kept, None
 
     # -- helpers ------------------------------------------------------------------------------
 
     def _probe(self, device: str, name: str) -> IDeviceProbe:
         """The probe ``devices.<name>.probe`` names (one of ``settings.PROBES``)."""
-        if device not in self._probes:
+        if device in self._given:
+            return self._given[device]
+        if (device, name) not in self._probes:
             kind, _, index = name.partition(":")
-            self._probes[device] = NvmlProbe(int(index)) if kind == "nvml" else RamProbe()
-        return self._probes[device]
+            made = NvmlProbe(int(index)) if kind == "nvml" else RamProbe()
+            self._probes[device, name] = made
+        return self._probes[device, name]
 
     def _directory(self) -> Path:
         return Path(self._config().state_directory())
+
+    def _read(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """A probe's reading, in a thread, given up after ``READ_TIMEOUT`` (a GPU off the bus
+        may never answer; the lane it holds must not wait for ever)."""
+        return self._in_thread(f, *args).addTimeout(READ_TIMEOUT, self._reactor)
 
     def _in_thread(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         if self._threads is not None:
@@ -275,6 +307,11 @@ class MemoryWitness(Service):
             f"has {free / MiB:.0f} MiB free{after}; not loaded"
             + (f". Held most by other processes: {held}" if held else "")
         )
+
+    def _unread(self, failure: Failure) -> None:
+        """A probe that failed or timed out: the next round tries again (a warning, as the
+        daemon goes on by the declared figures meanwhile)."""
+        log.warn("memory witness: a probe did not read: {e!r}", e=failure.value)
 
     def _failed(self, failure: Failure, what: str) -> None:
         log.failure("memory witness: {what} failed", failure, what=what)

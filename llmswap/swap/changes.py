@@ -130,14 +130,17 @@ class Changes:
         measured)."""
         device, before = self._slots[instance].config.device, None
         if self._memory is not None and names:
-            before = yield self._memory.free_now(device)
+            slots = [self._slots[n] for n in names]
+            trees = {s.name: s.backend.pids() for s in slots if s.config.device == device}
+            before = yield self._memory.before_stop(device, trees)
         interval, http = self.config.health_interval, self._http
         away = yield eviction.put_away(self._slots, self._view_of, names, instance, http, interval)
-        stopped = [n for n in away.unloaded if n not in away.slept]  # a sleeper keeps some
-        freed = None
-        if self._memory is not None and stopped:
-            freed = self._memory.freed_by(device, stopped)
-        return away, freed, before
+        # What the ones stopped on its device held there (a sleeper keeps some of it).
+        stopped = [n for n in away.unloaded if n not in away.slept]
+        if before is None:
+            return away, None, None
+        gone = [n for n in stopped if n in before.held]
+        return away, (sum(before.held[n] for n in gone) if gone else None), before.free
 
     @inlineCallbacks
     def _start(
