@@ -12,8 +12,11 @@ from twisted.web.iweb import IRequest
 
 from llmswap import errors
 from llmswap.proxy import Proxy
+from llmswap.relay.ending import ANTHROPIC
 
 
 class AnthropicProxy(Proxy[None]):
+    ending = ANTHROPIC
+
     def render_error(self, request: IRequest, err: errors.APIError) -> bytes:
         return errors.render_anthropic(request, err)

@@ -45,6 +45,7 @@ from llmswap.config.model import server_root
 from llmswap.events import EventBus, ModelState, RequestEnded
 from llmswap.headers import KEY_HEADERS
 from llmswap.heartbeat import Heartbeat
+from llmswap.relay.ending import OPENAI, StreamEnd
 from llmswap.relay.forward import BackendGone, Relay, Relayed, started_writing
 from llmswap.relay.usage import speed_from, usage_from
 from llmswap.responses import sse_event
@@ -103,6 +104,8 @@ class Proxy(MultiService, Generic[CallT]):
 
     # A stream that waits gets SSE comments (``: loading gemma3, 10 s``).
     comments_while_waiting = True
+    # How the API's streams end, and its error events.
+    ending: StreamEnd = OPENAI
 
     def __init__(
         self, manager: SwapManager, relay: Relay, gate: Gate, bus: EventBus, clock: IReactorTime
@@ -232,8 +235,8 @@ class Proxy(MultiService, Generic[CallT]):
             body = x.upload
         else:
             body = filters.body_for(x.body, self._config.models[x.model])
-        return self._relay.forward(request, x.model, url, body, self.dropped_headers(),
-                                   authorization=lease.authorization)  # fmt: skip
+        drop, key = self.dropped_headers(), lease.authorization
+        return self._relay.forward(request, x.model, url, body, drop, None, key, self.ending)
 
     def served(self, x: Exchange[CallT]) -> None:
         """The answer was relayed and the lease released."""
@@ -314,7 +317,7 @@ class Proxy(MultiService, Generic[CallT]):
             err = internal_error(failure, x.request)
         x.status = err.status
         if started_writing(x.request):
-            x.request.write(sse_event(err.body()))
+            x.request.write(self.ending.error(err))
         else:
             x.request.write(self.render_error(x.request, err))
 

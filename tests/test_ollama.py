@@ -211,6 +211,18 @@ def test_a_stream_that_breaks_off_ends_with_an_error_line() -> None:
     }
 
 
+def test_a_stream_that_ends_unfinished_is_never_done() -> None:
+    # The backend's body ended (its connection closed) before [DONE] or a finish reason.
+    writer, request, _ = _writer(stream.GENERATE)
+    writer.start(200, Headers())
+    writer.data(_sse({"choices": [{"delta": {"content": "par"}}]})[: -len(b"data: [DONE]\n\n")])
+    writer.end()
+    lines = [json.loads(line) for line in b"".join(request.written).splitlines()]
+    assert lines[0]["response"] == "par"
+    assert not any(line.get("done") for line in lines)
+    assert lines[-1] == {"error": "Model 'gemma3:latest' stream interrupted: it ended unfinished"}
+
+
 def test_answers_that_are_not_streamed_are_one_object() -> None:
     writer, request, _ = _writer(stream.EMBED, stream_=False)
     writer.start(200, Headers())

@@ -16,6 +16,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.client import URI, ResponseDone
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer
 from twisted.web.test.requesthelper import DummyRequest
@@ -23,6 +24,7 @@ from zope.interface import implementer
 
 from llmswap import errors
 from llmswap.relay.agent import Endpoints
+from llmswap.relay.ending import ANTHROPIC
 from llmswap.relay.forward import BackendGone, Relay, Relayed
 from llmswap.relay.usage import speed_from, usage_from
 
@@ -179,6 +181,45 @@ class RelayTests(unittest.TestCase):
         self.assertEqual(error["message"], "Model 'm' stream interrupted: the backend closed the "
                          "connection")  # fmt: skip
         self.assertFalse(self.client.aborted)
+
+    def test_a_stream_that_ends_with_its_connection_before_done_is_cut_not_complete(
+        self,
+    ) -> None:
+        # No length and no chunks: the body ends when the connection closes, as a dead
+        # backend's does.  Only the missing [DONE] tells.
+        done = self.forward()
+        response = Response(200, b"text/event-stream")
+        self.backend.answer.callback(response)
+        response.send(b'data: {"a": 1}\n\n')
+        response.end(PotentialDataLoss())
+        self.assertEqual(self.successResultOf(done).status, 0)
+        last = self.client.body.split(b"\n\n")[-2]
+        error = json.loads(last[len(b"data: ") :])["error"]
+        self.assertIn("Model 'm' stream interrupted", error["message"])
+        # The same framing with its last event is complete.
+        client = Client()
+        done = self.forward(client)
+        response = Response(200, b"text/event-stream")
+        self.backend.answer.callback(response)
+        response.send(b'data: {"a": 1}\n\ndata: [DONE]\n\n')
+        response.end(PotentialDataLoss())
+        self.assertEqual(self.successResultOf(done).status, 200)
+        self.assertTrue(client.body.endswith(b"data: [DONE]\n\n"))
+
+    def test_an_anthropic_stream_cut_ends_with_anthropics_error_event(self) -> None:
+        done = self.forward(ending=ANTHROPIC)
+        response = Response(200, b"text/event-stream")
+        self.backend.answer.callback(response)
+        response.send(b'event: message_start\ndata: {"type": "message_start"}\n\n')
+        response.end(PotentialDataLoss())
+        self.assertEqual(self.successResultOf(done).status, 0)
+        last = self.client.body.split(b"\n\n")[-2]
+        name, data = last.split(b"\n")
+        self.assertEqual(name, b"event: error")
+        event = json.loads(data[len(b"data: ") :])
+        self.assertEqual(event["type"], "error")
+        self.assertEqual(event["error"]["type"], "api_error")
+        self.assertIn("stream interrupted", event["error"]["message"])
 
     def test_a_silent_json_body_aborts_the_client_connection(self) -> None:
         done = self.forward()

@@ -53,6 +53,7 @@ class OllamaWriter:
         self._whole: list[bytes] = []  # the body, when not streaming or an error (bounded)
         self._whole_size = 0
         self._finish_reason: Any = None
+        self._saw_done = False  # the backend's stream reached its ``data: [DONE]``
         self._usage: dict[str, Any] | None = None
         self._timings: dict[str, Any] | None = None
         self._calls: dict[int, dict[str, Any]] = {}  # tool calls being streamed, by index
@@ -84,6 +85,9 @@ class OllamaWriter:
         elif self._stream:
             if self._held.strip():
                 self._event(self._held)
+            if not (self._saw_done or self._finish_reason):  # cut: never a false done: true
+                self.fail(f"Model '{self._name}' stream interrupted: it ended unfinished")
+                return
             self._flush_calls()
             self._line(self._final(self._base(done=True)))
         else:
@@ -101,6 +105,7 @@ class OllamaWriter:
                 continue  # comments, event names, ids
             payload = line[5:].strip()
             if payload == b"[DONE]":
+                self._saw_done = True
                 continue
             try:
                 chunk = json.loads(payload)

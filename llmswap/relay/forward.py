@@ -10,7 +10,6 @@ for the whole stream; cancelling it (the client went away) aborts the backend co
 
 from __future__ import annotations
 
-import json
 from typing import Any, BinaryIO
 
 import attrs
@@ -27,8 +26,8 @@ from llmswap import errors
 from llmswap.headers import NOT_RELAYED, request_headers
 from llmswap.interfaces import IAnswerWriter
 from llmswap.relay.body import BytesBody
+from llmswap.relay.ending import OPENAI, StreamEnd
 from llmswap.relay.pipe import Pipe
-from llmswap.responses import sse_event
 
 log = Logger()
 
@@ -46,19 +45,6 @@ class Relayed:
 def started_writing(request: IRequest) -> bool:
     """Whether the status line and headers already went out (Request has it; IRequest not)."""
     return bool(getattr(request, "startedWriting", False))
-
-
-def _error_event(model: str, code: int, body: bytes) -> bytes:
-    try:
-        parsed = json.loads(body)
-    except ValueError:
-        parsed = None
-    if isinstance(parsed, dict) and "error" in parsed:
-        payload = json.dumps(parsed).encode()
-    else:
-        text = body[:200].decode("utf-8", "replace")
-        payload = errors.backend_error(f"Model '{model}' answered {code}: {text}").body()
-    return sse_event(payload)
 
 
 class BackendGone(Exception):
@@ -91,6 +77,7 @@ class Relay:
         drop: frozenset[bytes] = frozenset(),
         writer: IAnswerWriter | None = None,
         authorization: bytes | None = None,
+        ending: StreamEnd = OPENAI,
     ) -> Deferred[Relayed]:
         """Relay ``body`` to ``url``; fires with how it went after the last byte.
 
@@ -99,7 +86,8 @@ class Relay:
 
         ``drop`` names request headers not to forward (llmswap's own API keys); ``writer``,
         when given, writes the answer instead of passing the backend's bytes on;
-        ``authorization`` replaces the client's key (a remote model's own).
+        ``authorization`` replaces the client's key (a remote model's own); ``ending`` is how
+        the route's API ends a stream, and its error events.
 
         Fails with an APIError only while nothing was written to the client yet; once the
         backend's headers went out, a failure ends the response instead (an error event for an
@@ -130,7 +118,9 @@ class Relay:
                 pipe.stop_timer()
                 body: Deferred[bytes] = treq.content(response)
                 body.addTimeout(self.idle_timeout, self._clock)
-                body.addCallback(lambda b: request.write(_error_event(model, response.code, b)))
+                body.addCallback(
+                    lambda b: request.write(ending.backend_error(model, response.code, b))
+                )
                 return body.addCallback(lambda _: Relayed(response.code))
             if writer is not None:
                 writer.start(response.code, response.headers)
@@ -143,9 +133,14 @@ class Relay:
             return pipe.done.addCallback(ended, response.code)
 
         def ended(_: None, code: int) -> Relayed:
+            tail = b"".join(pipe.tail)
             if writer is not None:
                 writer.end()
-            return Relayed(code, pipe.first_at, b"".join(pipe.tail))
+            elif not pipe.framed and _is_stream(request) and not ending.complete(tail):
+                # Delimited by the connection's close, which a dead backend closes too.
+                self._mid_body(request, model, pipe, None, ending)
+                return Relayed(0, pipe.first_at)
+            return Relayed(code, pipe.first_at, tail)
 
         def failed(f: Failure) -> None:
             pipe.stop_timer()
@@ -154,7 +149,7 @@ class Relay:
             if pipe.transport is None:  # no body was being relayed: nothing reached the client
                 result.errback(self._before_headers(f, pipe, model, url))
                 return
-            self._mid_body(request, model, pipe, writer)
+            self._mid_body(request, model, pipe, writer, ending)
             result.callback(Relayed(0, pipe.first_at))
 
         def finished(relayed: Relayed) -> None:
@@ -180,7 +175,12 @@ class Relay:
         return Failure(BackendGone(err) if f.check(ConnectError) else err)
 
     def _mid_body(
-        self, request: IRequest, model: str, pipe: Pipe, writer: IAnswerWriter | None
+        self,
+        request: IRequest,
+        model: str,
+        pipe: Pipe,
+        writer: IAnswerWriter | None,
+        ending: StreamEnd,
     ) -> None:
         why = (
             f"no data for request_timeout ({self.idle_timeout:g} s)"
@@ -190,11 +190,16 @@ class Relay:
         if writer is not None:
             writer.fail(f"Model '{model}' stream interrupted: {why}")
             return
-        content_type = request.responseHeaders.getRawHeaders(b"content-type", [b""])[0]
-        if content_type.startswith(b"text/event-stream"):
-            err = errors.backend_error(f"Model '{model}' stream interrupted: {why}")
-            request.write(sse_event(err.body()))
+        if _is_stream(request):
+            request.write(
+                ending.error(errors.backend_error(f"Model '{model}' stream interrupted: {why}"))
+            )
         else:
             transport = getattr(request, "channel", None)
             if transport is not None and transport.transport is not None:
                 transport.transport.abortConnection()
+
+
+def _is_stream(request: IRequest) -> bool:
+    content_type: bytes = request.responseHeaders.getRawHeaders(b"content-type", [b""])[0]
+    return content_type.startswith(b"text/event-stream")

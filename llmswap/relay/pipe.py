@@ -40,6 +40,8 @@ class Pipe(Protocol):
         self._timer: IDelayedCall = clock.callLater(idle_timeout, self._went_idle)
         self.unanswered: Deferred[Any] | None = None  # the request, until its headers arrive
         self.idle = False
+        # The body's end was its framing's (a length, a last chunk), not just a closed connection.
+        self.framed = False
         self.first_at: float | None = None
         # The last chunks, for the usage object at the end: kept, not parsed, per chunk.
         self.tail: deque[bytes] = deque(maxlen=4)
@@ -58,6 +60,7 @@ class Pipe(Protocol):
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         self.stop_timer()
         if reason.check(ResponseDone, PotentialDataLoss):
+            self.framed = reason.check(ResponseDone) is not None
             self.done.callback(None)
         else:
             self.done.errback(reason)
