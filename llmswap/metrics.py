@@ -16,7 +16,14 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.twisted import MetricsResource
 
-from llmswap.events import EventBus, MemoryFreed, ModelState, RequestEnded, Swap
+from llmswap.events import (
+    EventBus,
+    MemoryFreed,
+    ModelState,
+    ModelStateChanged,
+    RequestEnded,
+    Swap,
+)
 from llmswap.swap.snapshot import Snapshot
 
 _FAST = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -139,6 +146,12 @@ class Metrics:
             buckets=_FAST,
             registry=r,
         )
+        self.restarts = Counter(
+            "llmswap_model_restarts",
+            "Starts of a model after it crashed or failed to load (crash backoff spaces them)",
+            ["model"],
+            registry=r,
+        )
         self.tokens = Counter(
             "llmswap_tokens",
             "Tokens reported by backends (usage), by direction: prompt or completion",
@@ -153,9 +166,14 @@ class Metrics:
         bus.subscribe(RequestEnded, self._answered)
         bus.subscribe(Swap, self._swapped)
         bus.subscribe(MemoryFreed, lambda e: self.free_wait.labels(e.device).observe(e.waited))
+        bus.subscribe(ModelStateChanged, self._changed)
 
     def resource(self) -> Any:
         return MetricsResource(registry=self.registry)
+
+    def _changed(self, e: ModelStateChanged) -> None:
+        if e.old is ModelState.FAILED and e.new is ModelState.STARTING:
+            self.restarts.labels(e.model).inc()
 
     def _swapped(self, swap: Swap) -> None:
         if swap.loaded is None or swap.load_seconds is None:

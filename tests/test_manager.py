@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import attrs
+from prometheus_client import generate_latest
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
 from llmswap import health
 from llmswap.config.config import parse
 from llmswap.errors import APIError
+from llmswap.metrics import Metrics
+from llmswap.swap import restarts
 from llmswap.swap.manager import SwapManager
 from llmswap.testing import MemoryBackend, MemoryHTTP
+from tests.support import samples
 
 
 class ManagerCase(unittest.TestCase):
@@ -30,6 +35,13 @@ class ManagerCase(unittest.TestCase):
 
     def health(self) -> dict[str, Any]:
         return health.document(self.manager.snapshot(health.QUEUE_SHOWN))
+
+    def refused(self, model: str) -> APIError:
+        """The error a request for ``model`` is answered with at once."""
+        with self.assertRaises(APIError) as raised:
+            self.manager.acquire(model)
+        err: APIError = raised.exception
+        return err
 
 
 class ManagerTests(ManagerCase):
@@ -122,6 +134,71 @@ class ManagerTests(ManagerCase):
         self.assertIsNone(health["current_model"])
         self.successResultOf(self.manager.acquire("a")).release()
         self.assertEqual(self.events, ["start a", "start a"])
+
+    def test_a_model_that_keeps_crashing_restarts_with_backoff_then_is_held_back(self) -> None:
+        metrics = Metrics(self.manager.bus, self.manager.snapshot)
+        starts = []
+        for n in range(1, 6):
+            self.successResultOf(self.manager.acquire("a")).release()
+            starts.append(self.clock.seconds())
+            self.clock.advance(5)  # it serves, then dies 5 s after it was ready
+            self.backends["a"].crash()
+            wait = restarts.FIRST * 2 ** (n - 2) if n > 1 else 0.0
+            if n == 5:
+                break
+            # A request while its restart waits is answered at once, saying when to come back.
+            if wait:
+                err = self.refused("a")
+                self.assertEqual(err.status, 503)
+                self.assertEqual(err.headers["Retry-After"], str(int(wait)))
+                self.assertEqual(
+                    err.message,
+                    f"Model 'a' failed {n} times in a row (last: backend exited with code 9); "
+                    f"it starts again in {int(wait)} s",
+                )
+            self.clock.advance(wait)
+        # Restarts one after another, never at once: 0, 1, 2, 4 s after each crash.
+        gaps = [b - a - 5 for a, b in itertools.pairwise(starts)]
+        self.assertEqual(gaps, [0.0, 1.0, 2.0, 4.0])
+        self.assertEqual(self.events, ["start a"] * 5)
+        # Five in a row: held back, shown failed with why, and tried again a while later.
+        err = self.refused("a")
+        self.assertEqual(
+            err.message,
+            "Model 'a' failed 5 times in a row and is held back (last: backend exited with code "
+            "9); next try in 8 s",
+        )
+        self.assertEqual(self.health()["models"]["a"]["state"], "failed")
+        self.clock.advance(8)
+        self.successResultOf(self.manager.acquire("a")).release()
+        self.assertEqual(self.events, ["start a"] * 6)
+        scraped = samples(generate_latest(metrics.registry).decode())
+        self.assertEqual(scraped[("llmswap_model_restarts_total", (("model", "a"),))], 5)
+
+    def test_a_crash_after_a_long_run_restarts_at_once_and_an_admin_load_forgives(self) -> None:
+        for _ in range(3):  # three quick crashes
+            self.clock.advance(10)
+            self.successResultOf(self.manager.acquire("a")).release()
+            self.backends["a"].crash()
+        self.refused("a")
+        self.successResultOf(self.manager.load("a"))  # an admin's load starts it now
+        self.clock.advance(restarts.STABLE)
+        self.backends["a"].crash()  # after a good run: a first crash again
+        self.successResultOf(self.manager.acquire("a")).release()
+        self.assertEqual(self.events, ["start a"] * 5)
+
+    def test_a_load_that_keeps_failing_answers_its_requests_and_backs_off(self) -> None:
+        self.backends["a"].healthy = False
+        first = self.manager.acquire("a")
+        self.clock.advance(10.1)  # startup_timeout
+        self.failureResultOf(first, APIError)
+        second = self.manager.acquire("a")  # the first restart is at once
+        self.clock.advance(10.1)
+        self.failureResultOf(second, APIError)
+        err = self.refused("a")
+        self.assertIn("Model 'a' failed 2 times in a row (last: Model 'a' ", err.message)
+        self.assertEqual(err.headers["Retry-After"], "1")
+        self.assertEqual(self.events, ["start a", "stop a", "start a", "stop a"])
 
     def test_stop_answers_waiting_requests_with_503(self) -> None:
         self.successResultOf(self.manager.acquire("a"))

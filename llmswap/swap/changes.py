@@ -90,6 +90,10 @@ class Changes:
         slot = self._slots[instance]
         if slot.ready and slot.backend.alive():
             return None
+        held_back = slot.held_back()
+        if held_back is not None:  # crash backoff: its requests are told when to come back
+            self._queue.reject(instance, held_back)
+            return None
         self._read_ahead(instance)
         host = slot.config.host
         busy = frozenset(self._queue.waiting.models()) | {

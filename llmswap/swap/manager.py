@@ -123,7 +123,11 @@ class SwapManager(Service, Changes):
         """
         if not self.running:
             raise errors.shutting_down()
-        ticket = self._queue.enter(self._place(model), priority, key)
+        instance = self._place(model)
+        held_back = self._slots[instance].held_back()
+        if held_back is not None:
+            raise held_back
+        ticket = self._queue.enter(instance, priority, key)
         if self.bus.wants(RequestQueued):
             at, seq, position = ticket.enqueued, ticket.seq, ticket.position
             self.bus.publish(RequestQueued(at, seq, ticket.instance, key, priority, position))
@@ -146,6 +150,7 @@ class SwapManager(Service, Changes):
     def load(self, model: str) -> Deferred[None]:
         """Admin: load ``model`` now (evicting what it needs room from, after draining)."""
         name = self._place(model)
+        self._slots[name].restarts.reset()  # an admin's load is a fresh start
         return self._admin([name], lambda: self._load(name, Cause.ADMIN))
 
     def unload(self, model: str | None = None, cause: Cause = Cause.ADMIN) -> Deferred[None]:

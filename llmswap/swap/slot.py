@@ -23,6 +23,7 @@ from llmswap.events import EventBus, ModelState, ModelStateChanged
 from llmswap.interfaces import BackendHTTP, IBackend
 from llmswap.swap import sleep
 from llmswap.swap.readiness import BackendDied, wait_healthy
+from llmswap.swap.restarts import Restarts
 from llmswap.swap.state import check
 
 log = Logger()
@@ -55,6 +56,7 @@ class Slot:
         # An Ollama client's keep_alive: replaces the ttl until the backend is next stopped.
         self.keep_alive: float | None = None
         self._idle: list[Deferred[None]] = []
+        self.restarts = Restarts()
         backend.on_exit(self._exited)
 
     def set(self, state: ModelState, error: str | None = None) -> None:
@@ -139,6 +141,7 @@ class Slot:
                 self.set(ModelState.STOPPED)
                 raise
             detail = self.as_api_error(e).message
+            self.restarts.failed(self._clock.seconds(), crashed=False)
             self.set(ModelState.FAILED, detail)
             lines = "\n".join(self.backend.describe().get("output", ()))
             output = f"; last output:\n{lines}" if lines else ""  # the operator's log only
@@ -148,6 +151,7 @@ class Slot:
         now = self._clock.seconds()
         self.last_load_seconds = round(now - started, 3)
         self.last_used = now
+        self.restarts.ready(now)
         self.set(ModelState.READY)
 
     @inlineCallbacks
@@ -228,8 +232,24 @@ class Slot:
     def _exited(self, reason: str) -> None:
         """The backend died on its own: report it; the next request for it restarts it."""
         if self.state in (ModelState.READY, ModelState.DRAINING, ModelState.ASLEEP):
+            self.restarts.failed(self._clock.seconds(), crashed=True)
             self.set(ModelState.FAILED, f"backend {self.backend.failure_detail()}")
             self._on_crash(self)
+
+    def held_back(self) -> errors.APIError | None:
+        """The answer to a request while this failed model's restart waits (crash backoff),
+        or None when it may start now."""
+        wait = self.restarts.wait(self._clock.seconds())
+        if self.ready or not wait:
+            return None
+        n, last = self.restarts.failures, self.error or "unknown"
+        if self.restarts.given_up:
+            what = f"failed {n} times in a row and is held back (last: {last}); next try in"
+        else:
+            what = f"failed {n} times in a row (last: {last}); it starts again in"
+        return errors.backend_unavailable(
+            f"Model '{self.name}' {what} {math.ceil(wait)} s", retry_after=math.ceil(wait)
+        )
 
     def as_api_error(self, e: BaseException) -> errors.APIError:
         if isinstance(e, errors.APIError):
