@@ -4,8 +4,8 @@ A model whose backend crashes, or fails to load, again and again must not be res
 tight loop by the requests that keep coming for it (each restart reads gigabytes of weights and
 may take the device from a model that works).  Its failures in a row are counted; the first
 restart is at once, each next one waits twice as long (1 s, 2 s, 4 s, ... up to a minute), and
-from :data:`GIVE_UP` failures on the model is marked failed with its reason and tried once a
-minute.  Requests that come meanwhile are answered at once (503, ``Retry-After``), never left
+from :data:`GIVE_UP` failures on the model is shown held back with its reason (tried 8, 16, 32,
+then 60 s apart).  Requests that come meanwhile are answered at once (503, ``Retry-After``), never left
 waiting for a restart that is not coming.  A run of :data:`STABLE` seconds without a crash
 starts the count over; so do an admin's load and a reload (a new slot).
 """
@@ -16,7 +16,7 @@ import attrs
 
 FIRST = 1.0  # seconds before the second restart in a row
 MOST = 60.0  # the longest wait between restarts
-GIVE_UP = 5  # failures in a row after which the model is shown failed and tried once a MOST
+GIVE_UP = 5  # failures in a row after which the model is shown held back
 STABLE = 60.0  # seconds a backend must run after ready for its crash to start the count over
 
 
