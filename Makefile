@@ -9,7 +9,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 # The in-memory tier: no Docker, browser, llama.cpp or real processes (see pyproject's markers).
 FAST := not (docker or browser or llama or slow)
 
-.PHONY: venv dev run check test lint docker-up bench-tools browser-up bench clean
+.PHONY: venv dev run check test lint docker-up bench-tools browser-up bench chaos clean
 BENCH_VENV ?= .bench/litellm
 
 venv: $(STAMP)
@@ -90,6 +90,12 @@ bench: venv bench-tools $(BENCH_VENV)/bin/litellm
 	$(BIN)/python -m bench.swap
 	$(BIN)/python -m bench.scheduler
 	$(BIN)/python -m bench.hosts
+
+# An unattended chaos run (docs/reliability.md): make chaos SECONDS=3600 [SEED=1]
+SECONDS ?= 600
+SEED ?= 1
+chaos: venv docker-up
+	$(BIN)/python -m bench.chaos --seconds $(SECONDS) --seed $(SEED) --json chaos-$(SEED).json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache _trial_temp

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.twisted import MetricsResource
 
@@ -73,6 +73,11 @@ class _State(Collector):
             "llmswap_model_memory_measured_bytes",
             "The peak a model held on its probed device (kept across restarts)", labels=["model"],
         )  # fmt: skip
+        killed = CounterMetricFamily(
+            "llmswap_backend_killed",
+            "Stops that ended in SIGKILL: the backend ignored SIGTERM for its stop_timeout",
+            labels=["model"],
+        )
         snap = self._snapshot()
         for device, reading in snap.devices.items():
             total.add_metric([device], reading.total)
@@ -89,9 +94,11 @@ class _State(Collector):
             for s in ModelState:
                 state.add_metric([name, s.value], 1.0 if model.state is s else 0.0)
             placed.add_metric([name, model.host], 1.0)
+            killed.add_metric([name], model.backend.get("killed", 0))
         for name, host in snap.hosts.items():
             up.add_metric([name], 0.0 if host.error else 1.0)
         yield from (depth, running, state, up, placed, total, used, busy, heat, power, measured)
+        yield killed
 
 
 class Metrics:

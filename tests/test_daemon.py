@@ -304,6 +304,10 @@ class FailureTests(DaemonTestCase):
         children = [p for p, _, argv in live if marker in argv and b"fake-child" in argv]
         self.assertEqual(children, [])
         self.assert_one_at_a_time()
+        response = yield self.http.get(self.daemon.url + "/metrics")
+        scraped = samples((yield response.text()))
+        self.assertEqual(scraped[("llmswap_backend_killed_total", (("model", "stubborn"),))], 1)
+        self.assertEqual(scraped[("llmswap_backend_killed_total", (("model", "alpha"),))], 0)
 
     @inlineCallbacks
     def test_missing_command_is_a_clear_503(self) -> Any:

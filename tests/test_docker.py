@@ -36,7 +36,16 @@ from llmswap.backends.docker import DockerBackend
 from llmswap.backends.engine import DockerClientProvider
 from llmswap.config.config import parse
 from tests.fakebackend import live_peers
-from tests.support import FAKE, HI, Daemon, free_port, in_thread, read_ledger, wait_for
+from tests.support import (
+    FAKE,
+    HI,
+    Daemon,
+    free_port,
+    in_thread,
+    read_ledger,
+    samples,
+    wait_for,
+)
 from tests.test_twistd import TWISTD, wait_listening
 
 pytestmark = pytest.mark.docker
@@ -234,6 +243,14 @@ class DockerBackendTests(DockerTestCase):
         self.assertEqual(self.state(name), "exited")
         self.assertEqual(docker("inspect", "-f", "{{.State.ExitCode}}", name).stdout.strip(), "137")
         self.assertEqual([e for e in read_ledger(self.ledger) if e["event"] == "overlap"], [])
+        scraped = yield in_thread(self.threads, _metrics, d.url)
+        self.assertEqual(scraped[("llmswap_backend_killed_total", (("model", "stubborn"),))], 1)
+        self.assertEqual(scraped[("llmswap_backend_killed_total", (("model", "beta"),))], 0)
+
+
+def _metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        return samples(r.read().decode())
 
 
 def _serves(url: str) -> bool:
@@ -246,7 +263,7 @@ def _serves(url: str) -> bool:
 
 # What the driver's state is made of: written by the reactor's thread, and by no other.
 DRIVER_STATE = {"_running", "_stopping", "_engine_state", "_exit_code", "_log_tail", "_lost",
-                "_watch", "lost"}  # fmt: skip
+                "_watch", "lost", "_killed"}  # fmt: skip
 
 
 class DriverThreadTests(DockerTestCase):

@@ -108,6 +108,7 @@ class DockerBackend:
         self._watch: _Watch | None = None
         self._log_threads: ThreadPool | None = None  # started by the first log follow
         self._follows: set[Callable[[], None]] = set()
+        self._killed = 0  # stops the engine ended with SIGKILL after stop_timeout
 
     # -- IBackend -------------------------------------------------------------------------
 
@@ -130,10 +131,15 @@ class DockerBackend:
     def stop(self) -> Deferred[None]:
         self._watch_stop()
         self._stopping = True
+        began = self._reactor.seconds()
         d = self._in_thread(self._stop_sync)
 
         def stopped(seen: _Seen) -> None:
             self._note(seen)
+            # The engine's SIGKILL after stop_timeout (137: killed by signal 9).
+            took = self._reactor.seconds() - began
+            if seen.exit_code == 137 and took >= int(max(1, self._model.stop_timeout)):
+                self._killed += 1
             if seen.running:
                 raise errors.backend_unavailable(
                     f"Model '{self.name}': container '{self._container_name}' still runs after stop"
@@ -191,6 +197,7 @@ class DockerBackend:
             "container": self._container_name,
             "container_state": self._engine_state,
         }
+        info["killed"] = self._killed
         if self._exit_code is not None:
             info["exit_code"] = self._exit_code
         if self._log_tail:

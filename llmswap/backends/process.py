@@ -148,6 +148,7 @@ class ProcessBackend:
         self._exit_waiters: list[Deferred[None]] = []
         self._exit_callback: Callable[[str], None] | None = None
         self._last_exit: str | None = None
+        self._killed = 0  # stops that took SIGKILL: it ignored SIGTERM for stop_timeout
 
     # -- IBackend -------------------------------------------------------------------------
 
@@ -207,6 +208,7 @@ class ProcessBackend:
                 t=self._model.stop_timeout,
             )
             self._signal_group(pgid, signal.SIGKILL)
+            self._killed += 1
             return self._wait_exit(_KILL_WAIT)
 
         d.addErrback(escalate)
@@ -237,7 +239,8 @@ class ProcessBackend:
         return [self._pgid] if self.alive() and self._pgid else []
 
     def describe(self) -> dict[str, Any]:
-        info: dict[str, Any] = {"kind": "process", "pid": self._pgid if self.alive() else None}
+        info: dict[str, Any] = {"kind": "process", "pid": self._pgid if self.alive() else None,
+                                "killed": self._killed}  # fmt: skip
         if self._log_path is not None:
             info["log"] = str(self._log_path)
         if self._last_exit is not None:

@@ -5,9 +5,9 @@ tight loop by the requests that keep coming for it (each restart reads gigabytes
 may take the device from a model that works).  Its failures in a row are counted; the first
 restart is at once, each next one waits twice as long (1 s, 2 s, 4 s, ... up to a minute), and
 from :data:`GIVE_UP` failures on the model is shown held back with its reason (tried 8, 16, 32,
-then 60 s apart).  Requests that come meanwhile are answered at once (503, ``Retry-After``), never left
-waiting for a restart that is not coming.  A run of :data:`STABLE` seconds without a crash
-starts the count over; so do an admin's load and a reload (a new slot).
+then 60 s apart).  Requests that come meanwhile are answered at once (503, ``Retry-After``),
+never left waiting for a restart that is not coming.  A run of :data:`STABLE` seconds without
+a crash starts the count over; so do an admin's load and a reload (a new slot).
 """
 
 from __future__ import annotations
