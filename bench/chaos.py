@@ -297,7 +297,9 @@ def chaos(seconds: float, seed: int, clients: int, timeout: float) -> dict[str, 
     ends: Counter[tuple[str, str]] = sum((c.ends for c in pool), Counter())
     statuses: Counter[tuple[str, int]] = sum((c.statuses for c in pool), Counter())
     quiet_d = [d for c in pool for t, d in c.durations if t - started < quiet]
-    chaos_d = [d for c in pool for t, d in c.durations if quiet <= t - started < chaos_end]
+    chaos_d = [
+        d for c in pool for t, d in c.durations if quiet <= t - started < chaos_end - started
+    ]
     # The fakes' own check as they take the device (their watcher's "peers" count sleepers).
     overlaps = [e for e in _ledger(run.ledger) if e.get("event") == "overlap" and "holders" in e]
     lost = sum(n for (_, o), n in ends.items() if o == "lost") + stuck
@@ -312,6 +314,7 @@ def chaos(seconds: float, seed: int, clients: int, timeout: float) -> dict[str, 
         "faults": dict(sorted(run.faults.items())),
         "backend_starts": dict(witness.starts),
         "witness_samples": witness.samples,
+        "witness_errors": witness.errors[:5],
         "violations": {
             "over_budget": witness.violations[:10],
             "over_budget_count": len(witness.violations),
@@ -351,7 +354,11 @@ def _ledger(path: str) -> list[dict[str, Any]]:
 def passed(out: dict[str, Any]) -> bool:
     v = out["violations"]
     clean = not (v["over_budget_count"] or v["fake_ledger_overlaps"] or out["lost"]
-                 or out["left_after_stop"] or any(v[o] for o in VIOLATIONS))  # fmt: skip
+                 or out["left_after_stop"] or any(v[o] for o in VIOLATIONS)
+                 or out["witness_errors"])  # fmt: skip
+    # A witness that stopped looking sees nothing: it must have looked all along (at least
+    # ten times a second, on a busy machine).
+    clean = clean and out["witness_samples"] >= 10 * out["seconds"]
     if out["seconds"] >= 600 and out["resources"]:  # flat: judged on long runs only
         grew = out["resources"]
         clean = clean and grew["fds"]["grew"] <= 10 and grew["threads"]["grew"] <= 4

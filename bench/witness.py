@@ -21,23 +21,19 @@ from pathlib import Path
 from typing import Any
 
 
-def _state(pid: int) -> str | None:
-    """A process's state letter (R, S, T ...), None when it is gone or a zombie."""
+def _stat(pid: int) -> tuple[str, int] | None:
+    """A process's state letter (R, S, T ...) and start time (clock ticks after boot); None
+    when it is gone or a zombie."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
         return None
-    state = stat.rsplit(")", 1)[1].split()[0]
-    return None if state in ("Z", "X") else state
+    return None if fields[0] in ("Z", "X") else (fields[0], int(fields[19]))
 
 
-def _age(pid: int) -> float:
-    """Seconds since the process started (0 when it cannot be read)."""
-    try:
-        start = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 0.0
+def _age(start: int) -> float:
+    """Seconds since a process that started at ``start`` (clock ticks after boot)."""
+    uptime = float(Path("/proc/uptime").read_text().split()[0])
     return uptime - start / os.sysconf("SC_CLK_TCK")
 
 
@@ -62,9 +58,12 @@ class Witness:
         self._holding = holding
         self._budget = budget
         self._every = every
-        self._host: dict[int, str | None] = {}  # pid -> host of a backend, None: not one
+        # pid -> (start time, host of a backend; None: not one)
+        self._known: dict[int, tuple[int, str | None]] = {}
+        self._lock = threading.Lock()  # the sampler and the fault injector both look
         self.starts: dict[str, int] = defaultdict(int)
         self.violations: list[dict[str, Any]] = []
+        self.errors: list[str] = []
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="witness", daemon=True)
@@ -79,27 +78,40 @@ class Witness:
     def holds(self, pid: int, host: str) -> bool:
         """Alive and holding its device memory (the fakes keep a file in ``holding/<host>``
         from their start until they are asleep or gone; a frozen one still holds it)."""
-        return _state(pid) is not None and (self._holding / host / str(pid)).exists()
+        return _stat(pid) is not None and (self._holding / host / str(pid)).exists()
 
     def alive(self) -> dict[int, str]:
-        """The run's backends alive now (asleep too), by pid: their host."""
-        found = {}
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            pid = int(entry.name)
-            if pid not in self._host:
-                host = self._host_of(_argv(pid))
+        """The run's backends alive now (asleep too), by pid: their host.
+
+        A process is known by its pid and start time (pids are reused); one that is gone is
+        forgotten, and a backend's holding file it could not remove (SIGKILL) goes with it."""
+        with self._lock:
+            found, seen = {}, set()
+            for entry in os.scandir("/proc"):
+                if not entry.name.isdigit():
+                    continue
+                pid = int(entry.name)
+                stat = _stat(pid)
+                if stat is None:
+                    continue
+                seen.add(pid)
+                known = self._known.get(pid)
+                if known is None or known[0] != stat[1]:
+                    host = self._host_of(_argv(pid))
+                    if host is not None:
+                        self.starts[host] += 1
+                    # Until it surely exec'd, a new process may show its parent's argv (a fork
+                    # of llmswap, runc's init): not known yet.
+                    if host is not None or _age(stat[1]) > SETTLED:
+                        self._known[pid] = (stat[1], host)
+                    known = (stat[1], host)
+                if known[1] is not None:
+                    found[pid] = known[1]
+            for pid in set(self._known) - seen:
+                _, host = self._known.pop(pid)
                 if host is not None:
-                    self.starts[host] += 1
-                # Until it has surely exec'd, a new process may still show its parent's argv
-                # (a fork of llmswap, runc's init): not known yet.
-                if host is not None or _age(pid) > SETTLED:
-                    self._host[pid] = host
-            host = self._host.get(pid)
-            if host is not None and _state(pid) is not None:
-                found[pid] = host
-        return found
+                    (self._holding / host / str(pid)).unlink(missing_ok=True)
+            return found
 
     def name(self, pid: int) -> str:
         argv = _argv(pid)
@@ -113,18 +125,24 @@ class Witness:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.samples += 1
-            by_host: dict[str, list[int]] = defaultdict(list)
-            for pid, host in self.alive().items():
-                if (self._holding / host / str(pid)).exists():
-                    by_host[host].append(pid)
-            for host, pids in by_host.items():
-                if len(pids) > self._budget.get(host, 1):
-                    again = [p for p in pids if self.holds(p, host)]
-                    if len(again) > self._budget.get(host, 1):
-                        names = [_argv(p)[_argv(p).index("--name") + 1] for p in again]
-                        self.violations.append({"at": time.time(), "host": host, "alive": names})
+            try:
+                self._sample()
+            except Exception as e:  # a witness that stops looking must say so
+                self.errors.append(repr(e))
             time.sleep(self._every)
+
+    def _sample(self) -> None:
+        self.samples += 1
+        by_host: dict[str, list[int]] = defaultdict(list)
+        for pid, host in self.alive().items():
+            if (self._holding / host / str(pid)).exists():
+                by_host[host].append(pid)
+        for host, pids in by_host.items():
+            if len(pids) > self._budget.get(host, 1):
+                again = [p for p in pids if self.holds(p, host)]
+                if len(again) > self._budget.get(host, 1):
+                    names = [self.name(p) for p in again]
+                    self.violations.append({"at": time.time(), "host": host, "alive": names})
 
 
 class Resources:

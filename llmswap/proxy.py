@@ -45,7 +45,7 @@ from llmswap.config.model import server_root
 from llmswap.events import EventBus, ModelState, RequestEnded
 from llmswap.headers import KEY_HEADERS
 from llmswap.heartbeat import Heartbeat
-from llmswap.relay.ending import OPENAI, StreamEnd
+from llmswap.relay.ending import OPENAI, OPENAI_OTHER, StreamEnd
 from llmswap.relay.forward import BackendGone, Relay, Relayed, started_writing
 from llmswap.relay.usage import speed_from, usage_from
 from llmswap.responses import sse_event
@@ -90,6 +90,10 @@ class Exchange(Generic[CallT]):
     # A body relayed from the temporary file Twisted keeps it in (a multipart upload), not
     # read into memory.
     upload: BinaryIO | None = None
+
+
+# The routes whose streams end with ``data: [DONE]``, or, on Anthropic's route, message_stop.
+_ENDS_KNOWN = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/messages"})
 
 
 class Proxy(MultiService, Generic[CallT]):
@@ -236,7 +240,8 @@ class Proxy(MultiService, Generic[CallT]):
         else:
             body = filters.body_for(x.body, self._config.models[x.model])
         drop, key = self.dropped_headers(), lease.authorization
-        return self._relay.forward(request, x.model, url, body, drop, None, key, self.ending)
+        ending = self.ending if uri.split("?", 1)[0] in _ENDS_KNOWN else OPENAI_OTHER
+        return self._relay.forward(request, x.model, url, body, drop, None, key, ending)
 
     def served(self, x: Exchange[CallT]) -> None:
         """The answer was relayed and the lease released."""

@@ -19,6 +19,7 @@ SEED = 7
 def test_a_minute_of_chaos_loses_nothing_and_leaves_nothing() -> None:
     out = chaos.chaos(seconds=60, seed=SEED, clients=8, timeout=180)
     shown = json.dumps({k: v for k, v in out.items() if k != "resources_samples"}, indent=1)
+    assert out["witness_errors"] == [] and out["witness_samples"] >= 600, shown
     violations = out["violations"]
     assert violations["over_budget_count"] == 0, shown
     assert violations["fake_ledger_overlaps"] == 0, shown

@@ -172,7 +172,7 @@ def _le(n: int) -> bytes:
         (40, b"", "runs past the end of the file"),  # cut short there
         (8, _le(2**40), "a count of 1099511627776"),  # tensors
         (16, _le(2**63), "a count of 9223372036854775808"),  # metadata
-        (24, _le(2**62), "a length of 4611686018427387904"),  # the first key's
+        (24, _le(2**62), "a string of 4611686018427387904 bytes"),  # the first key's
         (4, (3).to_bytes(4, "big"), "a big-endian GGUF"),
         (4, (1).to_bytes(4, "little"), "a GGUF of version 1"),
     ],
@@ -192,6 +192,7 @@ def test_figures_of_the_wrong_kind_or_size_are_a_configuration_error(tmp_path: P
     for key, add in [
         ("llama.block_count", lambda w: w.add_uint64("llama.block_count", 2**40)),
         ("llama.context_length", lambda w: w.add_string("llama.context_length", "long")),
+        ("negative", lambda w: w.add_int32("llama.context_length", -4096)),
     ]:
         path = tmp_path / f"{key}.gguf"
         writer = gguf.GGUFWriter(str(path), "llama")

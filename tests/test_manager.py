@@ -187,6 +187,20 @@ class ManagerTests(ManagerCase):
         self.successResultOf(self.manager.acquire("a")).release()
         self.assertEqual(self.events, ["start a"] * 5)
 
+    def test_a_good_run_ended_by_an_unload_forgets_the_crashes_before_it(self) -> None:
+        for _ in range(3):  # three quick crashes
+            self.clock.advance(10)
+            self.successResultOf(self.manager.acquire("a")).release()
+            self.backends["a"].crash()
+        self.clock.advance(10)
+        self.successResultOf(self.manager.acquire("a")).release()
+        self.clock.advance(restarts.STABLE)  # then it runs well, and is unloaded
+        self.successResultOf(self.manager.unload("a"))
+        self.successResultOf(self.manager.acquire("a")).release()
+        self.backends["a"].crash()  # one crash after that is a first one: restarted at once
+        self.successResultOf(self.manager.acquire("a")).release()
+        self.assertEqual(self.events, ["start a"] * 4 + ["stop a"] + ["start a"] * 2)
+
     def test_a_load_that_keeps_failing_answers_its_requests_and_backs_off(self) -> None:
         self.backends["a"].healthy = False
         first = self.manager.acquire("a")

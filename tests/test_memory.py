@@ -112,6 +112,7 @@ class Device:
     frees_late: bool = True  # as a GPU's: the lag above
     hung: bool = False
     holders_fail: bool = False
+    held_fail: bool = False
 
     def reading(self) -> DeviceReading:
         now = self.clock.seconds()
@@ -119,6 +120,8 @@ class Device:
         return DeviceReading(self.total, self.total - self.others - held)
 
     def held_by(self, pids: Sequence[int]) -> int:
+        if self.held_fail:
+            raise OSError("NVML: not supported")
         return sum(b.measured for b in self.backends.values() if set(b.processes) & set(pids))
 
     def holders(self, exclude: Sequence[int], most: int) -> list[tuple[int, str, int]]:
@@ -173,6 +176,7 @@ class WitnessedManagerTests(unittest.TestCase):
         config: Config = parse({"models": models, "devices": devices, "linger": 0,
                                 "state_dir": str(self.state)})  # fmt: skip
         self.device = Device(self.clock, 10 * GiB, 6 * GiB, lag, others=others)
+        self.threads_taken = 0
         self.backends = {}
         for pid, n in enumerate("ab", 100):
             b = LaggingBackend(n, self.events, self.clock, pid)
@@ -191,8 +195,12 @@ class WitnessedManagerTests(unittest.TestCase):
         self.addCleanup(self.memory.stopService)
 
     def _thread(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        """A probe's call: a hung device's never returns, as a GPU's off the bus."""
-        return Deferred() if self.device.hung else maybeDeferred(f, *args)
+        """A probe's call: a hung device's never returns (its thread stays taken), as a GPU's
+        off the bus."""
+        if self.device.hung:
+            self.threads_taken += 1
+            return Deferred()
+        return maybeDeferred(f, *args)
 
     def _loaded(self) -> list[tuple[Any, Any]]:
         ready = [n for n in "ab" if self.manager.state(n).value == "ready"]
@@ -225,6 +233,18 @@ class WitnessedManagerTests(unittest.TestCase):
         self.clock.advance(1.0)
         self.assertNoResult(waiting)
         self.assertEqual(self.events, ["start a", "stop a"])
+        self.clock.pump([0.1] * 6)
+        self.successResultOf(waiting).release()
+        self.assertGreaterEqual(self.backends["b"].started_at[0], self.backends["a"].freed_at)
+
+    def test_a_gpu_that_cannot_list_processes_still_waits_for_a_stops_memory(self) -> None:
+        # vGPU and MIG devices may not say what a process holds: the counted figure stands in.
+        self.start("6GiB", lag=1.5, budget="7GiB", b_memory="2GiB")
+        self.device.held_fail = True
+        self.successResultOf(self.manager.acquire("a")).release()
+        waiting = self.manager.acquire("b")
+        self.clock.advance(1.0)
+        self.assertNoResult(waiting)
         self.clock.pump([0.1] * 6)
         self.successResultOf(waiting).release()
         self.assertGreaterEqual(self.backends["b"].started_at[0], self.backends["a"].freed_at)
@@ -280,6 +300,9 @@ class WitnessedManagerTests(unittest.TestCase):
         self.clock.advance(0.1)
         self.successResultOf(waiting).release()
         self.assertEqual(self.events, ["start a"])
+        # A minute of measurements later, the hung driver still holds two threads, not thirty.
+        self.clock.pump([2.0] * 30)
+        self.assertEqual(self.threads_taken, 2)
         self.clock.advance(READ_TIMEOUT)  # a stop waits for the measurement under way, so long
 
     def test_memory_that_never_comes_back_fails_the_load_after_free_timeout(self) -> None:

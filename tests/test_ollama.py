@@ -223,6 +223,17 @@ def test_a_stream_that_ends_unfinished_is_never_done() -> None:
     assert lines[-1] == {"error": "Model 'gemma3:latest' stream interrupted: it ended unfinished"}
 
 
+def test_a_backends_error_event_ends_the_stream_with_its_message_not_done() -> None:
+    writer, request, _ = _writer(stream.CHAT)
+    writer.start(200, Headers())
+    writer.data(_sse({"choices": [{"delta": {"content": "par"}}]}, {"error": {
+        "message": "engine died", "type": "InternalServerError", "code": 500}}))  # fmt: skip
+    writer.end()
+    lines = [json.loads(line) for line in b"".join(request.written).splitlines()]
+    assert not any(line.get("done") for line in lines)
+    assert lines[-1] == {"error": "engine died"}
+
+
 def test_answers_that_are_not_streamed_are_one_object() -> None:
     writer, request, _ = _writer(stream.EMBED, stream_=False)
     writer.start(200, Headers())

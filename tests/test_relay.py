@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from llmswap import errors
 from llmswap.relay.agent import Endpoints
-from llmswap.relay.ending import ANTHROPIC
+from llmswap.relay.ending import ANTHROPIC, OPENAI_OTHER
 from llmswap.relay.forward import BackendGone, Relay, Relayed
 from llmswap.relay.usage import speed_from, usage_from
 
@@ -206,6 +206,25 @@ class RelayTests(unittest.TestCase):
         self.assertEqual(self.successResultOf(done).status, 200)
         self.assertTrue(client.body.endswith(b"data: [DONE]\n\n"))
 
+    def test_a_stream_whose_end_is_not_known_is_left_as_it_came(self) -> None:
+        # A Responses API stream ends with response.completed, never [DONE].
+        done = self.forward(ending=OPENAI_OTHER)
+        response = Response(200, b"text/event-stream")
+        self.backend.answer.callback(response)
+        response.send(b'event: response.completed\ndata: {"type": "response.completed"}\n\n')
+        response.end(PotentialDataLoss())
+        self.assertEqual(self.successResultOf(done).status, 200)
+        self.assertNotIn(b"error", self.client.body)
+
+    def test_done_quoted_in_an_answer_is_not_its_end(self) -> None:
+        done = self.forward()
+        response = Response(200, b"text/event-stream")
+        self.backend.answer.callback(response)
+        response.send(b'data: {"choices": [{"delta": {"content": "data: [DONE]"}}]}\n\n')
+        response.end(PotentialDataLoss())
+        self.assertEqual(self.successResultOf(done).status, 0)
+        self.assertIn(b"stream interrupted", self.client.body)
+
     def test_an_anthropic_stream_cut_ends_with_anthropics_error_event(self) -> None:
         done = self.forward(ending=ANTHROPIC)
         response = Response(200, b"text/event-stream")
@@ -245,6 +264,22 @@ class RelayTests(unittest.TestCase):
         self.assertEqual(
             client.body, b'data: {"error": {"message": "out of memory", "code": 500}}\n\n'
         )
+
+    def test_on_anthropics_route_a_backends_openai_error_arrives_in_anthropics_shape(
+        self,
+    ) -> None:
+        client = Client(committed=True)
+        done = self.forward(client, ending=ANTHROPIC)
+        response = Response(500, b"application/json", b"Internal Server Error")
+        self.backend.answer.callback(response)
+        response.send(b'{"error": {"message": "out of memory", "code": 500}}')
+        response.end()
+        self.assertEqual(self.successResultOf(done).status, 500)
+        name, data = client.body.rstrip().split(b"\n")
+        self.assertEqual(name, b"event: error")
+        event = json.loads(data[len(b"data: ") :])
+        self.assertEqual(event["type"], "error")
+        self.assertEqual(event["error"]["message"], "Model 'm': out of memory")
 
     def test_a_backend_error_that_is_not_json_is_quoted_capped(self) -> None:
         client = Client(committed=True)

@@ -212,7 +212,10 @@ def _sized(meta: dict[str, Any], weights: int, flags: _Flags) -> Estimate:
     logits = 4 * vocab * (outputs + flags.parallel)  # the compute graph's and the output buffer's
     mask = 2 * flags.ubatch * (ctx + (window_cells if sliding else 0))
     activations = 4 * flags.ubatch * (2 * ff + 4 * embd)
-    return Estimate(weights, math.ceil(kv), logits + mask + activations)
+    parts = Estimate(weights, math.ceil(kv), logits + mask + activations)
+    if ctx <= 0 or min(parts.weights, parts.kv, parts.buffers) < 0:
+        raise ValueError("negative figures in its header")
+    return parts
 
 
 def _per_layer(value: Any, layers: int) -> list[int]:
@@ -273,6 +276,7 @@ _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?
 _STRING, _ARRAY = 8, 9
 LONG = 4096  # arrays longer than this are per token, not per layer: only their length is kept
 MAX_DIMS = 4  # ggml's GGML_MAX_DIMS
+MAX_STRING = 16 * MiB  # a chat template is some KiB; more is damage
 MAX_NESTING = 2  # arrays of arrays: none in llama.cpp's models; deeper is damage
 
 
@@ -308,6 +312,8 @@ class _Header:
 
     def string(self) -> str:
         (n,) = self.unpack("<Q")
+        if n > MAX_STRING:
+            raise ValueError(f"a string of {n} bytes")
         return self.take(n).decode("utf-8", "replace")
 
     def value(self, kind: int, depth: int = 0) -> Any:

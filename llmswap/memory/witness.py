@@ -22,7 +22,7 @@ from typing import Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, fail, inlineCallbacks, succeed
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -52,7 +52,12 @@ POLL_EVERY = 0.05  # seconds between reads of a device that is freeing memory
 # A stop's memory is back when this much of it is (other processes come and go meanwhile).
 BACK_MARGIN = 0.1
 READ_TIMEOUT = 10.0  # seconds a probe's reading may take
+MOST_READING = 2  # probe readings running at once (a measurement and a start's wait)
 MiB = 2**20
+
+
+class ProbeBusy(Exception):
+    """Earlier readings of the probes have not returned (a hung driver)."""
 
 
 @attrs.frozen
@@ -88,6 +93,7 @@ class MemoryWitness(Service):
         # By device and what the configuration names (a reload may name another probe).
         self._probes: dict[tuple[str, str], IDeviceProbe] = {}
         self._threads = in_thread
+        self._reading = 0  # probe readings whose thread has not returned
         self._kept = footprints.Footprints()
         self._measured: dict[str, int] = {}  # by instance, for the configuration of ``_for``
         self._for: Config | None = None
@@ -141,15 +147,23 @@ class MemoryWitness(Service):
         self, device: str, trees: Mapping[str, Sequence[int]]
     ) -> Deferred[Before | None]:
         """Before a stop of the models in ``trees`` (their process trees): the device's free
-        bytes, and what each of them holds there now (None when it is not probed or its probe
-        fails)."""
+        bytes, and what each of them holds there now (as counted when the probe cannot say
+        what a process holds); None when the device is not probed or cannot be read."""
         spec = self._config().probe(device)
         if spec is None:
             return succeed(None)
         probe = self._probe(device, spec.probe)
+        instances = self._config().instances
+        counted = {n: self.counted(instances[n]) or 0 if n in instances else 0 for n in trees}
+
+        def held(name: str, pids: Sequence[int]) -> int:
+            try:
+                return probe.held_by(pids)
+            except Exception:  # some GPUs (vGPU, MIG) do not list processes
+                return counted[name]
 
         def read() -> Before:
-            return Before(probe.reading().free, {n: probe.held_by(p) for n, p in trees.items()})
+            return Before(probe.reading().free, {n: held(n, p) for n, p in trees.items()})
 
         d = self._read(read)
         d.addErrback(lambda f: log.warn("device {d}: not read before a stop: {e}",
@@ -284,8 +298,25 @@ class MemoryWitness(Service):
 
     def _read(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         """A probe's reading, in a thread, given up after ``READ_TIMEOUT`` (a GPU off the bus
-        may never answer; the lane it holds must not wait for ever)."""
-        return self._in_thread(f, *args).addTimeout(READ_TIMEOUT, self._reactor)
+        may never answer; the lane it holds must not wait for ever).  A reading given up may
+        still hold its thread: while :data:`MOST_READING` are still running, another fails at
+        once, so a hung driver holds that many of the reactor's threads, never the pool."""
+        if self._reading >= MOST_READING:
+            return fail(ProbeBusy(f"{self._reading} probe readings still running"))
+        self._reading += 1
+        result: Deferred[Any] = Deferred()
+
+        def ended(outcome: Any) -> None:
+            self._reading -= 1
+            if result.called:  # given up on already
+                return
+            if isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(outcome)
+
+        self._in_thread(f, *args).addBoth(ended)
+        return result.addTimeout(READ_TIMEOUT, self._reactor)
 
     def _in_thread(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         if self._threads is not None:

@@ -54,6 +54,7 @@ class OllamaWriter:
         self._whole_size = 0
         self._finish_reason: Any = None
         self._saw_done = False  # the backend's stream reached its ``data: [DONE]``
+        self._said: str | None = None  # an error event of the backend's stream
         self._usage: dict[str, Any] | None = None
         self._timings: dict[str, Any] | None = None
         self._calls: dict[int, dict[str, Any]] = {}  # tool calls being streamed, by index
@@ -85,6 +86,9 @@ class OllamaWriter:
         elif self._stream:
             if self._held.strip():
                 self._event(self._held)
+            if self._said is not None:
+                self.fail(self._said)
+                return
             if not (self._saw_done or self._finish_reason):  # cut: never a false done: true
                 self.fail(f"Model '{self._name}' stream interrupted: it ended unfinished")
                 return
@@ -111,7 +115,10 @@ class OllamaWriter:
                 chunk = json.loads(payload)
             except ValueError:
                 continue
-            if isinstance(chunk, dict):
+            if isinstance(chunk, dict) and "error" in chunk:  # vLLM's, before its [DONE]
+                said = chunk["error"]
+                self._said = str(said.get("message") if isinstance(said, dict) else said)[:500]
+            elif isinstance(chunk, dict):
                 self._chunk(chunk)
 
     def _chunk(self, chunk: dict[str, Any]) -> None:

@@ -134,7 +134,9 @@ class SwapManager(Service, Changes):
         return ticket.waiter
 
     def _place(self, model: str) -> str:
-        names = self._names(model)
+        # An instance held back by crash backoff is passed over while another may serve.
+        every = self._names(model)
+        names = [n for n in every if self._slots[n].held_back() is None] or list(every)
         if len(names) == 1:
             return names[0]
         return policy.place([(n, self.view(self._slots[n].config.host)) for n in names])

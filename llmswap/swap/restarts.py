@@ -6,8 +6,9 @@ may take the device from a model that works).  Its failures in a row are counted
 restart is at once, each next one waits twice as long (1 s, 2 s, 4 s, ... up to a minute), and
 from :data:`GIVE_UP` failures on the model is shown held back with its reason (tried 8, 16, 32,
 then 60 s apart).  Requests that come meanwhile are answered at once (503, ``Retry-After``),
-never left waiting for a restart that is not coming.  A run of :data:`STABLE` seconds without
-a crash starts the count over; so do an admin's load and a reload (a new slot).
+never left waiting for a restart that is not coming.  A run of :data:`STABLE` seconds, ended by
+a crash or a stop, starts the count over; so do an admin's load and a reload that changes the
+model (a new slot).
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ class Restarts:
 
     def ready(self, now: float) -> None:
         self.ready_at = now
+
+    def stopped(self, now: float) -> None:
+        """Stopped or put to sleep on purpose: after a good run, the count starts over."""
+        if self.ready_at is not None and now - self.ready_at >= STABLE:
+            self.reset()
+        self.ready_at = None
 
     def failed(self, now: float, crashed: bool) -> None:
         """A load failed, or the backend crashed (``crashed``) after it was ready."""

@@ -201,6 +201,7 @@ class Slot:
     @inlineCallbacks
     def stop(self) -> Generator[Deferred[Any], Any, None]:
         """Stop the backend; fires once it is confirmed gone."""
+        self.restarts.stopped(self._clock.seconds())
         self.set(ModelState.STOPPING)
         yield self.backend.stop()
         self.keep_alive = None
@@ -214,6 +215,7 @@ class Slot:
         it.  A sleep that fails or is not confirmed in time stops the backend instead: either
         way its device memory is free when this fires.  True when it sleeps."""
         assert self.config.sleep is not None
+        self.restarts.stopped(self._clock.seconds())
         self.set(ModelState.STOPPING)
         self.keep_alive = None
         try:
@@ -239,8 +241,10 @@ class Slot:
     def held_back(self) -> errors.APIError | None:
         """The answer to a request while this failed model's restart waits (crash backoff),
         or None when it may start now."""
+        if self.state is not ModelState.FAILED:
+            return None
         wait = self.restarts.wait(self._clock.seconds())
-        if self.ready or not wait:
+        if not wait:
             return None
         n, last = self.restarts.failures, self.error or "unknown"
         if self.restarts.given_up:
