@@ -58,6 +58,8 @@ def document(
                     "measured": m.measured,
                     "estimated": m.estimated,
                 },
+                # Its linger now (0: none), how often lingering paid lately, and its bets.
+                "linger": dict(m.linger),
                 **(m.backend if details else {}),
                 **_files(files.get(name)),
             }

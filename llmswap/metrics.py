@@ -78,6 +78,12 @@ class _State(Collector):
             "Stops that ended in SIGKILL: the backend ignored SIGTERM for its stop_timeout",
             labels=["model"],
         )
+        lingers = CounterMetricFamily(
+            "llmswap_lingers",
+            "Bets that an idle model's follow-up comes while another model's requests wait: "
+            "paid (it came) or wasted",
+            labels=["model", "outcome"],
+        )
         snap = self._snapshot()
         for device, reading in snap.devices.items():
             total.add_metric([device], reading.total)
@@ -95,10 +101,12 @@ class _State(Collector):
                 state.add_metric([name, s.value], 1.0 if model.state is s else 0.0)
             placed.add_metric([name, model.host], 1.0)
             killed.add_metric([name], model.backend.get("killed", 0))
+            for outcome in ("paid", "wasted"):
+                lingers.add_metric([name, outcome], model.linger.get(outcome, 0))
         for name, host in snap.hosts.items():
             up.add_metric([name], 0.0 if host.error else 1.0)
         yield from (depth, running, state, up, placed, total, used, busy, heat, power, measured)
-        yield killed
+        yield from (killed, lingers)
 
 
 class Metrics:

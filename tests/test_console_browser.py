@@ -152,6 +152,9 @@ class ConsoleBrowserTests(DaemonTestCase):
         yield self.chat("chat")
         yield self.until(lambda d: self.cell("chat", 1)(d).startswith("ready"))
         # Measured memory: each loaded model's peak, and what the probed device really holds.
+        # Each model's linger, learned: coder lingered (or not) while chat waited for it.
+        linger = yield self.browse(self.cell("coder", 3))
+        self.assertRegex(linger, r"(lingers [\d.]+ ?m?s|no linger)( · paid \d+ of \d+)?$")
         yield self.until(lambda d: "measured" in self.cell("chat", 2)(d))
         self.assertRegex((yield self.browse(self.cell("chat", 2))), r"measured \d+ MiB")
         budgets = yield self.browse(lambda d: d.find_element(By.ID, "budgets").text)

@@ -258,3 +258,49 @@ class SwapAwareTimingTests(ManagerCase):
         self.clock.advance(1)
         self.assertFalse(self.backends["a"].running)
         self.assertEqual(self.manager.state("a"), "stopped")
+
+
+class LearnedLingerTests(ManagerCase):
+    """Models that load at once on a Clock, lingering 2 s (unbounded by their load time)."""
+
+    def setUp(self) -> None:
+        self.start({}, linger=2, linger_bound=False, max_wait_before_swap=60)
+
+    def switch(self, model: str) -> float:
+        """One request of a lone user for ``model``; how long it waited for it."""
+        waiting, asked = self.manager.acquire(model), self.clock.seconds()
+        while not waiting.called:
+            self.clock.advance(0.1)
+        self.successResultOf(waiting).release()
+        return round(self.clock.seconds() - asked, 1)
+
+    def test_a_lone_user_switching_models_soon_waits_for_no_linger(self) -> None:
+        waits = [self.switch(m) for m in "abababab"]
+        # Each model's first linger is a bet that its follow-up comes; it never does.
+        self.assertEqual(waits, [0.0, 2.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+        health = self.health()["models"]["a"]["linger"]
+        self.assertEqual(health["seconds"], 0.0)
+        self.assertEqual((health["paid"], health["wasted"]), (0, 4))  # each switch to b
+
+    def test_lingering_that_pays_is_kept(self) -> None:
+        # a's user asks again 0.5 s after each answer, while b's user waits.
+        lease = self.successResultOf(self.manager.acquire("a"))
+        b = self.manager.acquire("b")
+        for _ in range(6):
+            lease.release()
+            self.clock.advance(0.5)
+            lease = self.successResultOf(self.manager.acquire("a"))
+        self.assertNoResult(b)  # each follow-up came within the linger: no swap
+        linger = self.health()["models"]["a"]["linger"]
+        self.assertEqual((linger["paid"], linger["wasted"]), (6, 0))
+        self.assertEqual(linger["seconds"], 2.0)
+        scraped = samples(
+            generate_latest(Metrics(self.manager.bus, self.manager.snapshot).registry).decode()
+        )
+        self.assertEqual(
+            scraped[("llmswap_lingers_total", (("model", "a"), ("outcome", "paid")))], 6
+        )
+        lease.release()
+        self.clock.advance(2)
+        self.successResultOf(b).release()
+        self.assertEqual(self.events, ["start a", "stop a", "start b"])

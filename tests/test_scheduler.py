@@ -16,6 +16,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from llmswap.config.settings import FIFO, SWAP_AWARE
+from llmswap.swap.linger import HALF_LIFE, PAYS, LingerRecord
 from llmswap.swap.policy import (
     Arrival,
     Decision,
@@ -105,6 +106,44 @@ def test_linger_is_bounded_by_the_loaded_models_own_load_time() -> None:
     assert decide(view(11, slow, [("b", 0)], linger=2)).change == Load("b", ("a",))
     # linger_bound: false keeps the configured linger whatever the load time.
     assert decide(view(9.5, quick, [("b", 0)], linger=2, linger_bound=False)).change is None
+
+
+def test_a_model_whose_lingering_has_not_paid_lately_does_not_linger() -> None:
+    losing = [ready("a", last_used=9, linger_payoff=0.3), idle("b")]
+    assert decide(view(9.1, losing, [("b", 0)], linger=2)).change == Load("b", ("a",))
+    paying = [ready("a", last_used=9, linger_payoff=0.5), idle("b")]
+    assert decide(view(9.1, paying, [("b", 0)], linger=2)).change is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(0, 1), st.floats(0, 10), st.floats(0, 5))
+def test_lingering_never_outlasts_its_window_nor_happens_when_it_does_not_pay(
+    payoff: float, since: float, linger: float
+) -> None:
+    m = ready("a", last_used=10, load_seconds=1.5, linger_payoff=payoff)
+    until = m.lingers(10 + since, linger, bounded=True)
+    if until is not None:
+        assert payoff >= PAYS and since < min(linger, 1.5) and until == 10 + min(linger, 1.5)
+    elif payoff >= PAYS:
+        assert since >= min(linger, 1.5)
+
+
+def test_a_bet_that_never_pays_stops_the_linger_and_one_that_pays_brings_it_back() -> None:
+    r = LingerRecord()
+    assert r.payoff(0) >= PAYS  # a new model lingers
+    r.contested(0, until=2)
+    assert r.payoff(1) >= PAYS  # not settled yet
+    assert r.payoff(3) < PAYS  # its window ended with no follow-up: wasted
+    r.contested(10, until=12)
+    r.arrived(11)  # the follow-up came (whether the policy lingered or not)
+    assert r.payoff(11) >= PAYS
+    assert (r.paid_total, r.wasted_total) == (1, 1)
+    for t in range(20, 80, 10):  # a run of wasted bets, then an hour of nothing
+        r.contested(t, until=t + 2)
+    assert r.payoff(80) < 0.2
+    assert abs(r.payoff(80 + 20 * HALF_LIFE) - 0.5) < 0.01  # forgotten: back to the prior
+    r.arrived(10_000)  # a request with no bet open settles nothing
+    assert r.paid_total == 1
 
 
 def test_sleepers_hold_host_memory_and_the_least_recently_used_one_makes_room() -> None:

@@ -64,6 +64,7 @@ def state(snap: Snapshot, config: Config) -> dict[str, Any]:
             "device": device,
             "memory": memory if config.hosts[m.host].devices else None,
             "measured": m.measured,  # its peak on a probed device (bytes), None if not measured
+            "linger": dict(m.linger),  # its linger now, and how often lingering paid lately
             "host": m.host,
             "sleep_device": sleep_device,
             "sleep_memory": sleep_memory,

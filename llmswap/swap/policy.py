@@ -23,7 +23,9 @@ implicit device, i.e. exactly one model at a time.
 
 ``linger`` is bounded per model by its last load time (the ski-rental bound): waiting for a
 follow-up that may never come is worth at most what the wait saves, the model's reload, so a
-model that wakes in 0.3 s is not kept 2 s for a request that could have paid the 0.3 s.
+model that wakes in 0.3 s is not kept 2 s for a request that could have paid the 0.3 s.  And a
+model lingers only while lingering has paid lately (:mod:`llmswap.swap.linger`): a lone user
+switching models never sends the follow-up, and soon nobody waits for it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from collections.abc import Mapping, Sequence
 import attrs
 
 from llmswap.config.settings import FIFO, SWAP_AWARE
+from llmswap.swap.linger import PAYS, window
 
 
 @attrs.frozen
@@ -68,6 +71,8 @@ class ModelView:
     sleep_memory: float = 0.0
     # Seconds its last load (or wake) took; None: never loaded.
     load_seconds: float | None = None
+    # How often its lingering paid lately (:mod:`llmswap.swap.linger`); below PAYS it does not.
+    linger_payoff: float = 1.0
 
     def footprint(self, asleep: bool) -> tuple[str, float] | None:
         """The device and memory it occupies awake, or asleep (None: nothing counted)."""
@@ -82,10 +87,11 @@ class ModelView:
         return self.footprint(asleep=False) if self.resident else None
 
     def lingers(self, now: float, linger: float, bounded: bool) -> float | None:
-        """Until when it stays preferred after its last request; None: not lingering."""
-        if bounded and self.load_seconds is not None:
-            linger = min(linger, self.load_seconds)
-        until = self.last_used + linger
+        """Until when it stays preferred after its last request; None: not lingering (nor
+        when lingering has not paid lately)."""
+        if self.linger_payoff < PAYS:
+            return None
+        until = self.last_used + window(linger, bounded, self.load_seconds)
         return until if self.ready and now < until else None
 
 

@@ -22,6 +22,7 @@ from llmswap.config.model import ModelConfig
 from llmswap.events import EventBus, ModelState, ModelStateChanged
 from llmswap.interfaces import BackendHTTP, IBackend
 from llmswap.swap import sleep
+from llmswap.swap.linger import LingerRecord
 from llmswap.swap.readiness import BackendDied, wait_healthy
 from llmswap.swap.restarts import Restarts
 from llmswap.swap.state import check
@@ -57,6 +58,7 @@ class Slot:
         self.keep_alive: float | None = None
         self._idle: list[Deferred[None]] = []
         self.restarts = Restarts()
+        self.linger = LingerRecord()
         backend.on_exit(self._exited)
 
     def set(self, state: ModelState, error: str | None = None) -> None:

@@ -17,9 +17,10 @@ import attrs
 from llmswap.config.config import Config
 from llmswap.config.host import LOCAL
 from llmswap.config.model import ModelConfig
+from llmswap.config.settings import SWAP_AWARE
 from llmswap.events import ModelState
 from llmswap.memory.probe import DeviceReading
-from llmswap.swap import policy
+from llmswap.swap import linger, policy
 from llmswap.swap.queue import RequestQueue, Ticket
 from llmswap.swap.slot import Slot
 
@@ -53,6 +54,8 @@ class ModelSnapshot:
     declared: int | None = None
     measured: int | None = None
     estimated: int | None = None
+    # Its linger now (0: it does not linger), how often lingering paid lately, and the bets.
+    linger: Mapping[str, float] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -120,6 +123,7 @@ def take(
             declared=None if slot.config.memory_auto else slot.config.memory,
             measured=measured.get(name),
             estimated=slot.config.estimated,
+            linger=_linger(slot, config, now),
         )
         for name, slot in slots.items()
     }
@@ -144,6 +148,14 @@ def take(
         hosts=hosts,
         devices=devices or {},
     )
+
+
+def _linger(slot: Slot, config: Config, now: float) -> dict[str, float]:
+    payoff, record = slot.linger.payoff(now), slot.linger
+    span = linger.window(config.linger, config.linger_bound, slot.last_load_seconds)
+    lingers = config.scheduler == SWAP_AWARE and payoff >= linger.PAYS
+    return {"seconds": round(span, 3) if lingers else 0.0, "payoff": round(payoff, 3),
+            "paid": record.paid_total, "wasted": record.wasted_total}  # fmt: skip
 
 
 def policy_view(
@@ -181,6 +193,7 @@ def policy_view(
             sleep_device=sleep_device,
             sleep_memory=sleep_memory,
             load_seconds=slot.last_load_seconds,
+            linger_payoff=slot.linger.payoff(now),
         )
         free = cfg.concurrency - slot.in_flight if slot.ready else 0
         sampled += queue.waiting.sample(name, max(0, free) + 1)

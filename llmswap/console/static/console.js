@@ -132,6 +132,10 @@ function renderModels() {
     if (m.state === "asleep" && m.sleep_memory) used[m.sleep_device] = (used[m.sleep_device] || 0) + m.sleep_memory;
     let load = m.last_load_seconds ? `usually ${secs(m.last_load_seconds)}` : "";
     if (m.state === "starting") load = `loading for ${secs(now() - m.since)}` + (m.last_load_seconds ? `, usually ${secs(m.last_load_seconds)}` : "");
+    // Its linger now, learned from how often its follow-up came while another model waited.
+    const lg = m.linger || {};
+    const bets = (lg.paid || 0) + (lg.wasted || 0);
+    load += `<div class="linger">${lg.seconds ? `lingers ${secs(lg.seconds)}` : "no linger"}${bets ? ` · paid ${lg.paid} of ${bets}` : ""}</div>`;
     let expires = "";
     if (m.state === "ready" && m.ttl !== null && !m.in_flight) expires = secs(Math.max(0, m.last_used + m.ttl - now()));
     const resident = ["starting", "ready", "draining"].includes(m.state);

@@ -1,0 +1,95 @@
+"""A linger that learns: whether keeping an idle model loaded for its follow-up pays.
+
+After a model's last request, the swap-aware policy keeps it (``linger`` seconds, at most its
+load time) while another model's requests wait, betting that its client's next request comes
+first.  The bet pays when it does (a reload is saved) and is wasted when it does not (the other
+model's requests waited for nothing).  A lone user switching models loses every bet; a model
+with steady traffic wins most.
+
+Each instance keeps its record here, owned by its :class:`~llmswap.swap.slot.Slot`: a bet is
+open from the moment another model's request waits on its host while it lingers (or could
+linger), and is settled by the first request for it while that request still waits (paid), or
+by its window's end or that request being served first (wasted).  It is settled the same way
+when the policy did not linger: the other model then loads at once, and a follow-up that comes
+during its load is one lingering would have served, so a model that stopped lingering learns
+when lingering would pay again.  A lone user's follow-up always comes after the other model's
+answer: never during a bet.
+Old outcomes fade (:data:`HALF_LIFE`); the policy lingers while the payoff is at least
+:data:`PAYS`, which one wasted bet of a new model brings below.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+HALF_LIFE = 300.0  # seconds after which an outcome counts half
+PAYS = 0.5  # the payoff at which lingering is worth its wait (the ski-rental bound's break-even)
+# The prior, as outcomes that never fade: one bet, half paid (a new model lingers).
+_PRIOR_PAID, _PRIOR_BETS = 0.5, 1.0
+
+
+def window(linger: float, bounded: bool, load_seconds: float | None) -> float:
+    """Seconds a model may linger after its last request: ``linger``, at most its last load
+    time when ``bounded`` (the ski-rental bound)."""
+    if bounded and load_seconds is not None:
+        return min(linger, load_seconds)
+    return linger
+
+
+@attrs.define
+class LingerRecord:
+    """One instance's bets."""
+
+    paid: float = 0.0  # faded counts
+    bets: float = 0.0
+    at: float = 0.0  # when the counts were last faded
+    open_until: float | None = None  # the open bet's window end
+    paid_total: int = 0
+    wasted_total: int = 0
+
+    def contested(self, now: float, until: float) -> None:
+        """Another model's request waits while this one lingers (or could, until ``until``)."""
+        self._settle(now)
+        if self.open_until is None and now < until:
+            self.open_until = until
+
+    def passed_over(self, now: float) -> None:
+        """The waiting requests were served first (another model loaded and answered them):
+        its follow-up, if it comes now, came after them, which lingering would only have
+        delayed.  The open bet is lost."""
+        self._settle(now)
+        if self.open_until is not None:
+            self.open_until = None
+            self._record(now, paid=False)
+
+    def arrived(self, now: float) -> None:
+        """A request for this instance arrived."""
+        self._settle(now)
+        if self.open_until is not None:
+            self.open_until = None
+            self._record(now, paid=True)
+
+    def payoff(self, now: float) -> float:
+        """How often its lingering pays, lately (0 to 1)."""
+        self._settle(now)
+        paid, bets = self._faded(now)
+        return (paid + _PRIOR_PAID) / (bets + _PRIOR_BETS)
+
+    def _settle(self, now: float) -> None:
+        if self.open_until is not None and now > self.open_until:
+            at, self.open_until = self.open_until, None
+            self._record(at, paid=False)
+
+    def _faded(self, now: float) -> tuple[float, float]:
+        factor = 0.5 ** (max(0.0, now - self.at) / HALF_LIFE)
+        return self.paid * factor, self.bets * factor
+
+    def _record(self, now: float, paid: bool) -> None:
+        self.paid, self.bets = self._faded(now)
+        self.at = now
+        self.bets += 1
+        if paid:
+            self.paid += 1
+            self.paid_total += 1
+        else:
+            self.wasted_total += 1
