@@ -117,8 +117,9 @@ def json_object(body: bytes, max_bytes: int, empty_ok: bool = False) -> dict[str
     return data
 
 
-def parse_body(body: bytes, max_bytes: int) -> tuple[str, bool]:
-    """Read ``model`` and ``stream`` from a JSON request body, rejecting anything unusable."""
+def parse_body(body: bytes, max_bytes: int) -> tuple[str, bool, str | None]:
+    """Read ``model``, ``stream`` and OpenAI's ``user`` (who asks, when the client says) from a
+    JSON request body, rejecting anything unusable."""
     data = json_object(body, max_bytes)
     model = data.get("model")
     if model is None:
@@ -127,7 +128,8 @@ def parse_body(body: bytes, max_bytes: int) -> tuple[str, bool]:
         )
     if not isinstance(model, str) or not model:
         raise errors.bad_request("'model' must be a non-empty string", "invalid_type", "model")
-    return model, data.get("stream") is True
+    user = data.get("user")
+    return model, data.get("stream") is True, user if isinstance(user, str) and user else None
 
 
 def check_size(upload: BinaryIO, max_bytes: int) -> None:

@@ -8,6 +8,8 @@ otherwise hand it to a model's server, a remote one included).
 
 from __future__ import annotations
 
+import sys
+
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 
@@ -57,3 +59,17 @@ def _without_session(values: list[bytes]) -> list[bytes]:
         if any(p.strip() for p in pairs):
             kept.append(b";".join(pairs).strip())
     return kept
+
+
+# Open WebUI's user id, sent with ENABLE_FORWARD_USER_INFO_HEADERS.
+OPEN_WEBUI_USER = b"x-openwebui-user-id"
+CLIENT_CHARS = 128  # of a client's identity kept
+
+
+def client_of(request: IRequest, said: str | None) -> str | None:
+    """Who asks, when the request says: Open WebUI's forwarded user, else the body's own
+    (OpenAI's ``user``, ``said``); None when it does not.  Never the address or the key: one
+    Open WebUI serves many users from one of each."""
+    forwarded = request.getHeader(OPEN_WEBUI_USER)
+    who = forwarded.decode("latin-1") if forwarded else said
+    return sys.intern(who[:CLIENT_CHARS]) if who else None

@@ -43,9 +43,9 @@ from llmswap.config.config import Config
 from llmswap.config.keys import APIKey
 from llmswap.config.model import server_root
 from llmswap.events import EventBus, ModelState, RequestEnded
-from llmswap.headers import KEY_HEADERS
+from llmswap.headers import KEY_HEADERS, client_of
 from llmswap.heartbeat import Heartbeat
-from llmswap.relay.ending import OPENAI, OPENAI_OTHER, StreamEnd
+from llmswap.relay.ending import OPENAI, OPENAI_OTHER, StreamEnd, ends_known
 from llmswap.relay.forward import BackendGone, Relay, Relayed, started_writing
 from llmswap.relay.usage import speed_from, usage_from
 from llmswap.responses import sse_event
@@ -80,6 +80,9 @@ class Exchange(Generic[CallT]):
     model: str = "-"
     stream: bool = False
     key_name: str = "-"
+    # Who asks, when the request says (OpenAI's ``user``, Open WebUI's forwarded user header):
+    # a lone user's requests tell the scheduler nobody else waits for its model.
+    client: str | None = None
     release_key: Callable[[], None] = nothing_to_release
     waited: float | None = None
     relayed: Relayed = _NOT_RELAYED
@@ -90,10 +93,6 @@ class Exchange(Generic[CallT]):
     # A body relayed from the temporary file Twisted keeps it in (a multipart upload), not
     # read into memory.
     upload: BinaryIO | None = None
-
-
-# The routes whose streams end with ``data: [DONE]``, or, on Anthropic's route, message_stop.
-_ENDS_KNOWN = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/messages"})
 
 
 class Proxy(MultiService, Generic[CallT]):
@@ -174,7 +173,8 @@ class Proxy(MultiService, Generic[CallT]):
         self.check_path(x)
         x.priority = key.priority if key is not None else self._priority(request)
         x.release_key = self._gate.admit(key)
-        return self._manager.acquire(x.model, x.priority, x.key_name)
+        x.client = client_of(request, x.client)
+        return self._manager.acquire(x.model, x.priority, x.key_name, x.client)
 
     @inlineCallbacks
     def _serve(self, lease: Lease, x: Exchange[CallT]) -> Generator[Deferred[Any], Any, None]:
@@ -223,7 +223,7 @@ class Proxy(MultiService, Generic[CallT]):
         if x.upload is not None:
             x.model = form_model(x.request, x.upload, self._config.max_upload_bytes)
             return
-        x.model, x.stream = parse_body(x.body, self._config.max_body_bytes)
+        x.model, x.stream, x.client = parse_body(x.body, self._config.max_body_bytes)
 
     def forward(self, x: Exchange[CallT], lease: Lease) -> Deferred[Relayed]:
         """Send the request to the backend the lease names; fires after the answer's end."""
@@ -240,7 +240,7 @@ class Proxy(MultiService, Generic[CallT]):
         else:
             body = filters.body_for(x.body, self._config.models[x.model])
         drop, key = self.dropped_headers(), lease.authorization
-        ending = self.ending if uri.split("?", 1)[0] in _ENDS_KNOWN else OPENAI_OTHER
+        ending = self.ending if ends_known(uri) else OPENAI_OTHER
         return self._relay.forward(request, x.model, url, body, drop, None, key, ending)
 
     def served(self, x: Exchange[CallT]) -> None:

@@ -11,11 +11,14 @@ from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial import unittest
+from twisted.web.test.requesthelper import DummyRequest
 
 from llmswap.access import Gate
 from llmswap.accesslog import AccessLog
+from llmswap.bodies import parse_body
 from llmswap.config.config import Config, parse
 from llmswap.events import EventBus
+from llmswap.headers import CLIENT_CHARS, client_of
 from llmswap.metrics import Metrics
 from llmswap.proxy import Proxy, _forget_routing
 from llmswap.relay.forward import Relay
@@ -289,3 +292,16 @@ class RoutingMemoryTests(unittest.TestCase):
         self.assertEqual(self.successResultOf(response.content()), b"queued")
         self.assertEqual(len(seen["klein's"]), 1)
         self.assertEqual(seen["after"], [])
+
+
+def test_who_asks_is_open_webuis_forwarded_user_else_the_bodys_user_else_unknown() -> None:
+    said = parse_body(b'{"model": "m", "user": "ann"}', 100)[2]
+    assert said == "ann"
+    assert parse_body(b'{"model": "m", "user": 7}', 100)[2] is None
+    request: Any = DummyRequest([b""])
+    assert client_of(request, said) == "ann"
+    assert client_of(request, None) is None
+    request.requestHeaders.setRawHeaders(b"x-openwebui-user-id", [b"u-42"])
+    assert client_of(request, said) == "u-42"
+    request.requestHeaders.setRawHeaders(b"x-openwebui-user-id", [b"x" * 1000])
+    assert client_of(request, None) == "x" * CLIENT_CHARS

@@ -266,9 +266,9 @@ class LearnedLingerTests(ManagerCase):
     def setUp(self) -> None:
         self.start({}, linger=2, linger_bound=False, max_wait_before_swap=60)
 
-    def switch(self, model: str) -> float:
+    def switch(self, model: str, client: str | None = None) -> float:
         """One request of a lone user for ``model``; how long it waited for it."""
-        waiting, asked = self.manager.acquire(model), self.clock.seconds()
+        waiting, asked = self.manager.acquire(model, client=client), self.clock.seconds()
         while not waiting.called:
             self.clock.advance(0.1)
         self.successResultOf(waiting).release()
@@ -281,6 +281,10 @@ class LearnedLingerTests(ManagerCase):
         health = self.health()["models"]["a"]["linger"]
         self.assertEqual(health["seconds"], 0.0)
         self.assertEqual((health["paid"], health["wasted"]), (0, 4))  # each switch to b
+
+    def test_a_lone_user_who_says_who_she_is_never_waits_for_a_linger(self) -> None:
+        waits = [self.switch(m, client="ann") for m in "abababab"]
+        self.assertEqual(waits, [0.0] * 8)
 
     def test_lingering_that_pays_is_kept(self) -> None:
         # a's user asks again 0.5 s after each answer, while b's user waits.

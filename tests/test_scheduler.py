@@ -108,6 +108,17 @@ def test_linger_is_bounded_by_the_loaded_models_own_load_time() -> None:
     assert decide(view(9.5, quick, [("b", 0)], linger=2, linger_bound=False)).change is None
 
 
+def test_a_model_does_not_linger_for_the_user_who_just_left_it() -> None:
+    a = ready("a", last_used=9, last_client="ann")
+    waits = [Waiting(1, "b", 9.05, client="ann")]
+    v = View(now=9.1, instances={"a": a, "b": idle("b")}, waiting=waits, linger=2)
+    assert decide(v).change == Load("b", ("a",))  # ann moved on to b: nobody follows up on a
+    for someone in ("bob", None):  # another user, or one who does not say: a lingers
+        waits = [Waiting(1, "b", 9.05, client=someone)]
+        v = View(now=9.1, instances={"a": a, "b": idle("b")}, waiting=waits, linger=2)
+        assert decide(v).change is None
+
+
 def test_a_model_whose_lingering_has_not_paid_lately_does_not_linger() -> None:
     losing = [ready("a", last_used=9, linger_payoff=0.3), idle("b")]
     assert decide(view(9.1, losing, [("b", 0)], linger=2)).change == Load("b", ("a",))
@@ -116,7 +127,11 @@ def test_a_model_whose_lingering_has_not_paid_lately_does_not_linger() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.floats(0, 1), st.floats(0, 10), st.floats(0, 5))
+@given(
+    st.floats(0, 1),
+    st.integers(0, 100).map(lambda t: t / 10),
+    st.integers(0, 50).map(lambda t: t / 10),
+)
 def test_lingering_never_outlasts_its_window_nor_happens_when_it_does_not_pay(
     payoff: float, since: float, linger: float
 ) -> None:

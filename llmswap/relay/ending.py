@@ -54,6 +54,14 @@ class StreamEnd:
         return self.error(errors.backend_error(f"Model '{model}' answered {code}: {text}"))
 
 
+# The routes whose streams end with ``data: [DONE]`` (or, on Anthropic's, ``message_stop``).
+_ENDS_KNOWN = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/messages"})
+
+
+def ends_known(uri: str) -> bool:
+    return uri.split("?", 1)[0] in _ENDS_KNOWN
+
+
 OPENAI = StreamEnd(b"data: [DONE]", None, "openai")
 # Other OpenAI streams (the Responses API's, llama.cpp's own routes): their end is not known.
 OPENAI_OTHER = StreamEnd(None, None, "openai")

@@ -116,7 +116,9 @@ class SwapManager(Service, Changes):
 
     # -- what the request path and the admin routes use ---------------------------------------
 
-    def acquire(self, model: str, priority: int = 0, key: str = "-") -> Deferred[Lease]:
+    def acquire(
+        self, model: str, priority: int = 0, key: str = "-", client: str | None = None
+    ) -> Deferred[Lease]:
         """Queue a request for ``model``; fires with a Lease once its backend may take it.
 
         Cancelling the Deferred (the client went away) drops the ticket before it can cause a
@@ -128,7 +130,7 @@ class SwapManager(Service, Changes):
         held_back = self._slots[instance].held_back()
         if held_back is not None:
             raise held_back
-        ticket = self._queue.enter(instance, priority, key)
+        ticket = self._queue.enter(instance, priority, key, client)
         if self.bus.wants(RequestQueued):
             at, seq, position = ticket.enqueued, ticket.seq, ticket.position
             self.bus.publish(RequestQueued(at, seq, ticket.instance, key, priority, position))

@@ -47,6 +47,7 @@ class Waiting:
     instance: str
     enqueued: float
     priority: int = 0
+    client: str | None = None  # who asks, when the request says
 
 
 @attrs.frozen
@@ -73,6 +74,8 @@ class ModelView:
     load_seconds: float | None = None
     # How often its lingering paid lately (:mod:`llmswap.swap.linger`); below PAYS it does not.
     linger_payoff: float = 1.0
+    # Who sent its last request, when the request said.
+    last_client: str | None = None
 
     def footprint(self, asleep: bool) -> tuple[str, float] | None:
         """The device and memory it occupies awake, or asleep (None: nothing counted)."""
@@ -259,10 +262,14 @@ def _swap_aware(view: View) -> Decision:
 
     # A model still running requests is only evicted for an overdue request: until then more
     # requests for it may arrive and be served without paying for two loads.
+    # Who the requests that wait for another model are; a model whose last request came from
+    # the one client all of them come from has no follow-up coming (that user moved on).
+    askers = {w.client for ws in remaining.values() for w in ws}
     lingering = {
         n: until
         for n, m in view.instances.items()
         if (until := m.lingers(view.now, view.linger, view.linger_bound)) is not None
+        and not (m.last_client is not None and askers == {m.last_client})
     }
     busy = (
         frozenset(remaining)

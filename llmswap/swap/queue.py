@@ -48,6 +48,7 @@ class Lease:
     ) -> Lease:
         """The lease for ``ticket`` on ``slot``'s ready backend (which counts it in flight)."""
         slot.leased()
+        slot.last_client = ticket.client
         waited, url = now - ticket.enqueued, slot.config.backend_url
         lease = cls(ticket.instance, url, waited, ticket.position, slot, on_release)
         lease.authorization = slot.config.authorization()
@@ -74,6 +75,7 @@ class Ticket:
     on_cancel: Callable[[Ticket], None]
     waiter: Deferred[Lease] = attrs.field(init=False)
     dropped: bool = False
+    client: str | None = None  # who asks, when the request says
 
     def __attrs_post_init__(self) -> None:
         self.waiter = Deferred(self._cancelled)
@@ -185,7 +187,7 @@ class RequestQueue:
         """Requests waiting, including those not yet taken from the intake."""
         return len(self.waiting) + len(self._intake.pending)
 
-    def enter(self, model: str, priority: int, key: str) -> Ticket:
+    def enter(self, model: str, priority: int, key: str, client: str | None = None) -> Ticket:
         """A ticket for a new request; 503 ``queue_full`` when the queue is at capacity."""
         waiting = len(self)
         capacity = self._config().queue_size
@@ -195,6 +197,7 @@ class RequestQueue:
         ticket = Ticket(
             seq, model, self._clock.seconds(), priority, waiting + 1, key, self._drop_cancelled
         )
+        ticket.client = client
         self._intake.put(ticket)
         # Admitted at once (the common case) needs no timer; a waiting one is watched by the
         # one timer that serves every waiting request.

@@ -59,6 +59,7 @@ class Slot:
         self._idle: list[Deferred[None]] = []
         self.restarts = Restarts()
         self.linger = LingerRecord()
+        self.last_client: str | None = None  # who asked last, when the request said
         backend.on_exit(self._exited)
 
     def set(self, state: ModelState, error: str | None = None) -> None:

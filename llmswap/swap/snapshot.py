@@ -194,13 +194,16 @@ def policy_view(
             sleep_memory=sleep_memory,
             load_seconds=slot.last_load_seconds,
             linger_payoff=slot.linger.payoff(now),
+            last_client=slot.last_client,
         )
         free = cfg.concurrency - slot.in_flight if slot.ready else 0
         sampled += queue.waiting.sample(name, max(0, free) + 1)
     return policy.View(
         now=now,
         instances=models,
-        waiting=[policy.Waiting(t.seq, t.instance, t.enqueued, t.priority) for t in sampled],
+        waiting=[
+            policy.Waiting(t.seq, t.instance, t.enqueued, t.priority, t.client) for t in sampled
+        ],
         devices=config.capacities(host),
         policy=config.scheduler,
         changing=changing,

@@ -1,0 +1,194 @@
+"""Benchmark: llmswap against llama.cpp's own router, side by side on the same binary.
+
+llama-server in router mode (``--models-dir`` with ``--models-max 1``: one process per model,
+loaded on request, the least recently used evicted) is what many users compare llmswap with
+first.  Both serve the bundled Gemma 3 270M GGUF as two models, ``a`` and ``b`` (``-c 2048
+-n 64``, 16-token answers), through three workloads:
+
+- ``lone``: one user alternating a, b (8 requests, one after another);
+- ``two``: two users at once, one on a (4 requests), one on b (4);
+- ``four``: four users at once, on a, a, b, b (3 requests each).
+
+Each row: requests answered and failed, the wall time, the loads and the most model processes
+alive at once (both from the process table, sampled every 10 ms), and the latency's p50 and
+p95.  Rounds alternate the systems; llmswap runs on its OpenAI route and on its Ollama route.
+
+    python -m bench.router [--rounds 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from bench.harness import free_port, get, llmswap, percentile, process, save
+from llmswap.config.defaults import llama_assets
+
+FLAGS = ["-c", "2048", "-n", "64", "--no-jinja", "--chat-template", "gemma"]
+WORKLOADS = {"lone": [["a", "b"] * 4], "two": [["a"] * 4, ["b"] * 4],
+             "four": [["a"] * 3, ["a"] * 3, ["b"] * 3, ["b"] * 3]}  # fmt: skip
+
+
+class Processes(threading.Thread):
+    """Model processes (llama-server with ``-m``, or ``--model`` as the router starts them) from
+    the process table: how many started and the most alive at once."""
+
+    def __init__(self, mark: str) -> None:
+        super().__init__(daemon=True)
+        self._mark = mark
+        self.seen: set[int] = set()
+        self.most = 0
+        self._quit = threading.Event()
+
+    def run(self) -> None:
+        while not self._quit.is_set():
+            alive = 0
+            for entry in os.scandir("/proc"):
+                if not entry.name.isdigit():
+                    continue
+                try:
+                    argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
+                    state = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1]
+                except OSError:
+                    continue
+                has_model = b"-m" in argv or b"--model" in argv  # the router's own has neither
+                if has_model and any(self._mark.encode() in a for a in argv):
+                    if state.split()[0] not in ("Z", "X"):
+                        alive += 1
+                        self.seen.add(int(entry.name))
+            self.most = max(self.most, alive)
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self._quit.set()
+        self.join(5)
+
+
+def _ask(port: int, route: str, model: str) -> tuple[bool, float]:
+    messages = [{"role": "user", "content": "hi"}]
+    body: dict[str, Any] = {"model": model, "messages": messages}
+    if route == "ollama":
+        path = "/api/chat"
+        body.update(stream=False, options={"num_predict": 16})
+    else:
+        path = "/v1/chat/completions"
+        body["max_tokens"] = 16
+    started = time.monotonic()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    try:
+        conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        ok = response.status == 200
+    except (OSError, http.client.HTTPException):
+        ok = False
+    finally:
+        conn.close()
+    return ok, time.monotonic() - started
+
+
+def run(port: int, route: str, workload: str, names: dict[str, str], mark: str) -> dict[str, Any]:
+    watch = Processes(mark)
+    watch.start()
+    results: list[tuple[bool, float]] = []
+    lock = threading.Lock()
+
+    def user(models: list[str]) -> None:
+        for m in models:
+            outcome = _ask(port, route, names[m])
+            with lock:
+                results.append(outcome)
+
+    started = time.monotonic()
+    users = [threading.Thread(target=user, args=(ms,)) for ms in WORKLOADS[workload]]
+    for u in users:
+        u.start()
+    for u in users:
+        u.join()
+    wall = time.monotonic() - started
+    watch.stop()
+    times = [t for ok, t in results if ok]
+    return {
+        "answered": len(times),
+        "failed": len(results) - len(times),
+        "wall": round(wall, 2),
+        "loads": len(watch.seen),
+        "most_alive": watch.most,
+        "p50": round(percentile(times, 0.5), 2),
+        "p95": round(percentile(times, 0.95), 2),
+    }
+
+
+@contextlib.contextmanager
+def router(binary: str, models_dir: Path) -> Iterator[tuple[int, dict[str, str]]]:
+    port = free_port()
+    args = [binary, "--models-dir", str(models_dir), "--models-max", "1", "--host", "127.0.0.1",
+            "--port", str(port), *FLAGS]  # fmt: skip
+    with process(args, port, path="/models"):
+        _, listed = get(port, "/models")
+        ids = [m["id"] for m in json.loads(listed)["data"]]
+        yield port, {n: next(i for i in ids if i.startswith(n)) for n in ("a", "b")}
+
+
+@contextlib.contextmanager
+def swapper(binary: str, models_dir: Path) -> Iterator[tuple[int, dict[str, str]]]:
+    models = {
+        n: {"cmd": [binary, "-m", str(models_dir / f"{n}.gguf"), "--alias", n, "--host",
+                    "127.0.0.1", "--port", "${PORT}", *FLAGS],
+            "startup_timeout": 120}
+        for n in ("a", "b")
+    }  # fmt: skip
+    with llmswap(models) as (port, _):
+        yield port, {"a": "a", "b": "b"}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--workloads", default="lone,two,four")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    binary, gguf = llama_assets()
+    models_dir = Path(tempfile.mkdtemp(prefix="llmswap-router-"))
+    for n in ("a", "b"):  # two models, one file: the router lists a directory's files
+        os.symlink(gguf, models_dir / f"{n}.gguf")
+    systems = {"llama-server router": (router, "openai"), "llmswap": (swapper, "openai"),
+               "llmswap, Ollama route": (swapper, "ollama")}  # fmt: skip
+    rows: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for _ in range(args.rounds):
+        for system, (start, route) in systems.items():
+            for workload in args.workloads.split(","):
+                with start(binary, models_dir) as (port, names):
+                    row = run(port, route, workload, names, str(models_dir))
+                rows.setdefault(workload, {}).setdefault(system, []).append(row)
+                print(workload, system, row, flush=True)
+    summary = {
+        w: {s: {"wall_median": statistics.median(r["wall"] for r in runs),
+                "wall": [r["wall"] for r in runs], "loads": [r["loads"] for r in runs],
+                "failed": sum(r["failed"] for r in runs),
+                "most_alive": max(r["most_alive"] for r in runs),
+                "p50": [r["p50"] for r in runs], "p95": [r["p95"] for r in runs]}
+            for s, runs in by.items()}
+        for w, by in rows.items()
+    }  # fmt: skip
+    for by in summary.values():
+        ref = by["llama-server router"]["wall_median"]
+        for s in by.values():
+            s["wall_vs_router"] = round(s["wall_median"] / ref, 2) if ref else None
+    out = save({"rounds": args.rounds, "summary": summary, "runs": rows}, args.json)
+    print(json.dumps(summary, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
