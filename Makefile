@@ -90,6 +90,7 @@ bench: venv bench-tools $(BENCH_VENV)/bin/litellm
 	$(BIN)/python -m bench.swap
 	$(BIN)/python -m bench.scheduler
 	$(BIN)/python -m bench.hosts
+	$(BIN)/python -m bench.router
 
 # An unattended chaos run (docs/reliability.md): make chaos SECONDS=3600 [SEED=1]
 SECONDS ?= 600

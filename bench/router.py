@@ -11,7 +11,9 @@ first.  Both serve the bundled Gemma 3 270M GGUF as two models, ``a`` and ``b`` 
 
 Each row: requests answered and failed, the wall time, the loads and the most model processes
 alive at once (both from the process table, sampled every 10 ms), and the latency's p50 and
-p95.  Rounds alternate the systems; llmswap runs on its OpenAI route and on its Ollama route.
+p95.  Rounds alternate the systems; llmswap runs on its OpenAI route (anonymous clients, as the
+``openai`` SDK's, and clients that name their user, as Open WebUI's forwarded user header does)
+and on its Ollama route.
 
     python -m bench.router [--rounds 3] [--json out.json]
 """
@@ -74,9 +76,11 @@ class Processes(threading.Thread):
         self.join(5)
 
 
-def _ask(port: int, route: str, model: str) -> tuple[bool, float]:
+def _ask(port: int, route: str, model: str, user: str | None) -> tuple[bool, float]:
     messages = [{"role": "user", "content": "hi"}]
     body: dict[str, Any] = {"model": model, "messages": messages}
+    if user is not None:  # OpenAI's field: who asks
+        body["user"] = user
     if route == "ollama":
         path = "/api/chat"
         body.update(stream=False, options={"num_predict": 16})
@@ -97,20 +101,25 @@ def _ask(port: int, route: str, model: str) -> tuple[bool, float]:
     return ok, time.monotonic() - started
 
 
-def run(port: int, route: str, workload: str, names: dict[str, str], mark: str) -> dict[str, Any]:
+def run(
+    port: int, route: str, workload: str, names: dict[str, str], mark: str, named: bool
+) -> dict[str, Any]:
     watch = Processes(mark)
     watch.start()
     results: list[tuple[bool, float]] = []
     lock = threading.Lock()
 
-    def user(models: list[str]) -> None:
+    def user(models: list[str], who: str | None) -> None:
         for m in models:
-            outcome = _ask(port, route, names[m])
+            outcome = _ask(port, route, names[m], who)
             with lock:
                 results.append(outcome)
 
     started = time.monotonic()
-    users = [threading.Thread(target=user, args=(ms,)) for ms in WORKLOADS[workload]]
+    users = [
+        threading.Thread(target=user, args=(ms, f"user{i}" if named else None))
+        for i, ms in enumerate(WORKLOADS[workload])
+    ]
     for u in users:
         u.start()
     for u in users:
@@ -162,14 +171,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     models_dir = Path(tempfile.mkdtemp(prefix="llmswap-router-"))
     for n in ("a", "b"):  # two models, one file: the router lists a directory's files
         os.symlink(gguf, models_dir / f"{n}.gguf")
-    systems = {"llama-server router": (router, "openai"), "llmswap": (swapper, "openai"),
-               "llmswap, Ollama route": (swapper, "ollama")}  # fmt: skip
+    systems = {"llama-server router": (router, "openai", False),
+               "llmswap": (swapper, "openai", False),
+               "llmswap, users named": (swapper, "openai", True),
+               "llmswap, Ollama route": (swapper, "ollama", False)}  # fmt: skip
     rows: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for _ in range(args.rounds):
-        for system, (start, route) in systems.items():
+        for system, (start, route, named) in systems.items():
             for workload in args.workloads.split(","):
                 with start(binary, models_dir) as (port, names):
-                    row = run(port, route, workload, names, str(models_dir))
+                    row = run(port, route, workload, names, str(models_dir), named)
                 rows.setdefault(workload, {}).setdefault(system, []).append(row)
                 print(workload, system, row, flush=True)
     summary = {

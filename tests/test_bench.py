@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import hosts, memory, overhead, scale, scheduler, streaming, swap
+from bench import hosts, memory, overhead, router, scale, scheduler, streaming, swap
 
 pytestmark = pytest.mark.slow
 
@@ -77,3 +77,14 @@ def test_hosts_benchmark_runs_both_workloads_on_one_and_two_hosts() -> None:
             2 if workload == "alternating" else 4
         ] * 2
         assert by_setup["two hosts"]["loads"] == 2  # each model loads once, on its own box
+
+
+@pytest.mark.llama
+def test_router_benchmark_runs_every_system_on_the_real_binary() -> None:
+    out = router.main(["--rounds", "1", "--workloads", "lone"])
+    lone = out["summary"]["lone"]
+    assert set(lone) == {"llama-server router", "llmswap", "llmswap, users named",
+                         "llmswap, Ollama route"}  # fmt: skip
+    for system in lone.values():
+        assert system["failed"] == 0 and system["most_alive"] == 1
+        assert system["loads"] == [8]  # a lone user alternating: every request is a switch

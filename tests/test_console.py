@@ -122,6 +122,32 @@ class HistoryTests(unittest.TestCase):
         self.assertEqual([r["model"] for r in second.recent()], ["b", "a"])
 
     @inlineCallbacks
+    def test_a_full_disk_neither_stops_the_history_nor_grows_memory(self) -> Any:
+        path = os.path.abspath(self.mktemp())
+        bus = EventBus()
+        activity = Activity(bus, reactor, Console(history=path, activity=10))
+        activity.startService()
+        self.addCleanup(activity.stopService)
+        yield wait_for(lambda: activity._db is not None)
+        db = activity._db
+        assert db is not None
+        yield db.runOperation("PRAGMA max_page_count = 1")  # as full as a disk can be
+        for i in range(500):
+            bus.publish(_ended(reactor.seconds(), f"m{i}"))
+        yield wait_for(lambda: activity._failing)  # SQLite: database or disk is full
+        for i in range(500):
+            bus.publish(_ended(reactor.seconds(), f"n{i}"))
+        yield wait_for(lambda: len(activity._unsaved) == 10)  # the newest wait; no more
+        yield db.runOperation("PRAGMA max_page_count = 100000")  # room again
+        yield wait_for(lambda: not activity._failing and not activity._unsaved)
+        yield activity.stopService()
+        again = Activity(EventBus(), reactor, Console(history=path, activity=10))
+        again.startService()
+        self.addCleanup(again.stopService)
+        yield wait_for(lambda: len(again.recent()) == 10)
+        self.assertEqual(again.recent()[0]["model"], "n499")
+
+    @inlineCallbacks
     def test_a_stop_during_the_start_leaves_nothing_running(self) -> Any:
         path = os.path.abspath(self.mktemp())
         first = Activity(EventBus(), reactor, Console(history=path, activity=10))

@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from llmswap.config.config import Console
 from llmswap.events import EventBus, RequestEnded
@@ -66,6 +67,7 @@ class Activity(Service):
         self._console = console
         self._rows: deque[dict[str, Any]] = deque(maxlen=console.activity)
         self._unsaved: list[dict[str, Any]] = []
+        self._failing = False  # the last write to the history failed
         self._db: adbapi.ConnectionPool | None = None
         self._opening: Deferred[Any] = succeed(None)
         self._loops: list[LoopingCall] = []
@@ -140,14 +142,29 @@ class Activity(Service):
         def insert(cursor: sqlite3.Cursor) -> None:
             cursor.executemany(f"INSERT INTO activity VALUES ({marks})", values)
 
+        def written(_: object) -> None:
+            if self._failing:
+                log.info("activity history {path} written again", path=self._console.history)
+            self._failing = False
+
+        def failed(f: Failure) -> None:
+            # A full disk must not stop the history for good, nor grow memory while it lasts:
+            # the rows not written wait for the next flush, the newest ``activity`` of them.
+            self._unsaved = (rows + self._unsaved)[-self._console.activity :]
+            if not self._failing:
+                log.warn("activity history {path} not written ({e}); trying again each second",
+                         path=self._console.history, e=f.value)  # fmt: skip
+            self._failing = True
+
         d: Deferred[Any] = self._db.runInteraction(insert)
-        return d
+        return d.addCallbacks(written, failed)
 
     def _prune(self) -> Deferred[Any]:
         assert self._db is not None
         cutoff = self._clock.seconds() - self._console.history_days * 86400
         d: Deferred[Any] = self._db.runOperation("DELETE FROM activity WHERE at < ?", (cutoff,))
-        return d
+        # A prune that fails (the disk is full) is tried again in an hour.
+        return d.addErrback(lambda f: log.warn("activity history not pruned: {e}", e=f.value))
 
     @inlineCallbacks
     def stopService(self) -> Generator[Deferred[Any], Any, None]:
