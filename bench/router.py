@@ -50,13 +50,15 @@ class Processes(threading.Thread):
         self._mark = mark
         self.seen: set[int] = set()
         self.most = 0
+        # A model process of the run before may still be exiting: not this run's.
+        self._before = {int(e.name) for e in os.scandir("/proc") if e.name.isdigit()}
         self._quit = threading.Event()
 
     def run(self) -> None:
         while not self._quit.is_set():
             alive = 0
             for entry in os.scandir("/proc"):
-                if not entry.name.isdigit():
+                if not entry.name.isdigit() or int(entry.name) in self._before:
                     continue
                 try:
                     argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
@@ -146,7 +148,7 @@ def router(binary: str, models_dir: Path) -> Iterator[tuple[int, dict[str, str]]
     with process(args, port, path="/models"):
         _, listed = get(port, "/models")
         ids = [m["id"] for m in json.loads(listed)["data"]]
-        yield port, {n: next(i for i in ids if i.startswith(n)) for n in ("a", "b")}
+        yield port, {n: n for n in ("a", "b") if n in ids}
 
 
 @contextlib.contextmanager

@@ -208,7 +208,7 @@ class Proxy(MultiService, Generic[CallT]):
         lease.release()
         log.warn("{model}: {e}; restarting it for the request", model=x.model, e=gone)
         self._manager.backend_gone(lease.instance, gone.error.message)
-        return self._manager.acquire(x.model, x.priority, x.key_name)
+        return self._manager.acquire(x.model, x.priority, x.key_name, x.client)
 
     # -- the hooks another API overrides ---------------------------------------------------
 

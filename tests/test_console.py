@@ -125,7 +125,7 @@ class HistoryTests(unittest.TestCase):
     def test_a_full_disk_neither_stops_the_history_nor_grows_memory(self) -> Any:
         path = os.path.abspath(self.mktemp())
         bus = EventBus()
-        activity = Activity(bus, reactor, Console(history=path, activity=10))
+        activity = Activity(bus, reactor, Console(history=path, activity=200))
         activity.startService()
         self.addCleanup(activity.stopService)
         yield wait_for(lambda: activity._db is not None)
@@ -137,14 +137,14 @@ class HistoryTests(unittest.TestCase):
         yield wait_for(lambda: activity._failing)  # SQLite: database or disk is full
         for i in range(500):
             bus.publish(_ended(reactor.seconds(), f"n{i}"))
-        yield wait_for(lambda: len(activity._unsaved) == 10)  # the newest wait; no more
+        yield wait_for(lambda: len(activity._unsaved) == 200)  # the newest wait; no more
         yield db.runOperation("PRAGMA max_page_count = 100000")  # room again
         yield wait_for(lambda: not activity._failing and not activity._unsaved)
         yield activity.stopService()
-        again = Activity(EventBus(), reactor, Console(history=path, activity=10))
+        again = Activity(EventBus(), reactor, Console(history=path, activity=200))
         again.startService()
         self.addCleanup(again.stopService)
-        yield wait_for(lambda: len(again.recent()) == 10)
+        yield wait_for(lambda: len(again.recent()) == 200)
         self.assertEqual(again.recent()[0]["model"], "n499")
 
     @inlineCallbacks

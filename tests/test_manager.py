@@ -286,6 +286,13 @@ class LearnedLingerTests(ManagerCase):
         waits = [self.switch(m, client="ann") for m in "abababab"]
         self.assertEqual(waits, [0.0] * 8)
 
+    def test_no_bet_where_lingering_changes_nothing(self) -> None:
+        self.start({"memory": "1GiB"}, devices={"gpu": {"memory": "4GiB"}}, linger=2)
+        waits = [self.switch(m) for m in "abab"]  # both fit: nobody waits for anybody
+        self.assertEqual(waits, [0.0] * 4)
+        linger = self.health()["models"]["a"]["linger"]
+        self.assertEqual((linger["paid"], linger["wasted"]), (0, 0))
+
     def test_lingering_that_pays_is_kept(self) -> None:
         # a's user asks again 0.5 s after each answer, while b's user waits.
         lease = self.successResultOf(self.manager.acquire("a"))

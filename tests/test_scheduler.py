@@ -156,7 +156,8 @@ def test_a_bet_that_never_pays_stops_the_linger_and_one_that_pays_brings_it_back
     for t in range(20, 80, 10):  # a run of wasted bets, then an hour of nothing
         r.contested(t, until=t + 2)
     assert r.payoff(80) < 0.2
-    assert abs(r.payoff(80 + 20 * HALF_LIFE) - 0.5) < 0.01  # forgotten: back to the prior
+    assert r.payoff(80 + HALF_LIFE) < PAYS  # five minutes later, still lost
+    assert r.payoff(80 + 5 * HALF_LIFE) >= PAYS  # faded: it lingers again, to see
     r.arrived(10_000)  # a request with no bet open settles nothing
     assert r.paid_total == 1
 

@@ -66,7 +66,8 @@ class Activity(Service):
         self._clock = clock
         self._console = console
         self._rows: deque[dict[str, Any]] = deque(maxlen=console.activity)
-        self._unsaved: list[dict[str, Any]] = []
+        # Bounded: a history that cannot keep up (a full or stalled disk) loses its oldest.
+        self._unsaved: deque[dict[str, Any]] = deque(maxlen=console.activity)
         self._failing = False  # the last write to the history failed
         self._db: adbapi.ConnectionPool | None = None
         self._opening: Deferred[Any] = succeed(None)
@@ -133,7 +134,8 @@ class Activity(Service):
             self._loops.append(loop)
 
     def _flush(self) -> Deferred[Any]:
-        rows, self._unsaved = self._unsaved, []
+        rows = list(self._unsaved)
+        self._unsaved.clear()
         if self._db is None or not rows:
             return succeed(None)
         values = [tuple(r[f] for f in FIELDS) for r in rows]
@@ -150,7 +152,9 @@ class Activity(Service):
         def failed(f: Failure) -> None:
             # A full disk must not stop the history for good, nor grow memory while it lasts:
             # the rows not written wait for the next flush, the newest ``activity`` of them.
-            self._unsaved = (rows + self._unsaved)[-self._console.activity :]
+            waiting = rows + list(self._unsaved)  # oldest first; the deque keeps the newest
+            self._unsaved.clear()
+            self._unsaved.extend(waiting)
             if not self._failing:
                 log.warn("activity history {path} not written ({e}); trying again each second",
                          path=self._console.history, e=f.value)  # fmt: skip

@@ -24,8 +24,10 @@ import attrs
 
 HALF_LIFE = 300.0  # seconds after which an outcome counts half
 PAYS = 0.5  # the payoff at which lingering is worth its wait (the ski-rental bound's break-even)
-# The prior, as outcomes that never fade: one bet, half paid (a new model lingers).
-_PRIOR_PAID, _PRIOR_BETS = 0.5, 1.0
+# The prior, as outcomes that never fade: one bet, a little more than half paid.  A new model
+# lingers, loses that after one lost bet, and has it back once its lost bets have faded (about
+# twelve minutes) or one of them pays.
+_PRIOR_PAID, _PRIOR_BETS = 0.6, 1.0
 
 
 def window(linger: float, bounded: bool, load_seconds: float | None) -> float:
@@ -44,6 +46,7 @@ class LingerRecord:
     bets: float = 0.0
     at: float = 0.0  # when the counts were last faded
     open_until: float | None = None  # the open bet's window end
+    opened_at: float | None = None  # when it opened
     paid_total: int = 0
     wasted_total: int = 0
 
@@ -51,7 +54,7 @@ class LingerRecord:
         """Another model's request waits while this one lingers (or could, until ``until``)."""
         self._settle(now)
         if self.open_until is None and now < until:
-            self.open_until = until
+            self.open_until, self.opened_at = until, now
 
     def passed_over(self, now: float) -> None:
         """The waiting requests were served first (another model loaded and answered them):

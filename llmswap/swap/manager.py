@@ -30,7 +30,8 @@ from llmswap.config.config import Config
 from llmswap.events import Cause, EventBus, ModelState, RequestAdmitted, RequestQueued, Swap
 from llmswap.interfaces import BackendHTTP, IBackend
 from llmswap.memory.witness import MemoryWitness
-from llmswap.swap import eviction, lane, linger, policy, snapshot
+from llmswap.swap import eviction, lane, policy, snapshot
+from llmswap.swap.bets import Bets
 from llmswap.swap.changes import Changes
 from llmswap.swap.lane import Lane
 from llmswap.swap.prefetch import Prefetcher, Residency
@@ -70,7 +71,7 @@ class SwapManager(Service, Changes):
         self._again = False
         self._recheck: IDelayedCall | None = None
         self._on_release = self._released  # bound once: every lease shares it
-        self._bets: set[Slot] = set()  # slots with a linger bet open
+        self._bets = Bets(lambda: self.config)
 
     def _slot(self, name: str, backend: IBackend) -> Slot:
         return Slot(self.config.instances[name], backend, self._clock, self.bus, self._crashed)
@@ -221,9 +222,8 @@ class SwapManager(Service, Changes):
             slot = self._slots[ticket.instance]
             slot.linger.arrived(ticket.enqueued)
             if not slot.ready:  # it waits, maybe for a model lingering on its host
-                for other in self._on(slot.config.host).values():
-                    if other is not slot:
-                        self._contest(other)
+                host = slot.config.host
+                self._bets.waits(self.view(host), ticket.instance, self._on(host), ticket.enqueued)
             alone, free = len(waiting) == 1, slot.has_free_slot()
             arrival = policy.on_arrival(alone, slot.state.resident, slot.ready, free)
             if arrival is policy.Arrival.ADMIT:
@@ -287,8 +287,7 @@ class SwapManager(Service, Changes):
         if ticket.dropped:
             return
         now = self._clock.seconds()
-        if self._bets:  # requests served ahead of an idle model's follow-up
-            self._pass_over(self._slots[ticket.instance], now)
+        self._bets.admitted(self._slots[ticket.instance], now)
         lease = Lease.granted(ticket, self._slots[ticket.instance], now, self._on_release)
         if self.bus.wants(RequestAdmitted):
             self.bus.publish(RequestAdmitted(now, ticket.seq, ticket.instance, lease.waited))
@@ -297,33 +296,16 @@ class SwapManager(Service, Changes):
     def _released(self, lease: Lease) -> None:
         self._queue.returned(lease)
         lease.slot.released()
-        if not lease.slot.in_flight and len(self._queue.waiting):
+        # Idle with requests for others waiting (not its own: those it serves next).
+        waiting = self._queue.waiting
+        if not lease.slot.in_flight and len(waiting) and not waiting.count(lease.instance):
             host = lease.slot.config.host
-            if any(n != lease.instance and self._slots[n].config.host == host
-                   for n in self._queue.waiting.models()):  # fmt: skip
-                self._contest(lease.slot)
+            others = [n for n in waiting.models() if self._slots[n].config.host == host]
+            if others:
+                self._bets.idle(lease.slot, self.view(host), others, self._clock.seconds())
         # With nothing waiting, only an idle TTL can call for action.
         if len(self._queue.waiting) or any(s.ttl is not None for s in self._slots.values()):
             self._dispatch()
-
-    def _contest(self, slot: Slot) -> None:
-        """Another model's requests wait on ``slot``'s host while it is idle: a bet on its
-        follow-up is open until its linger would end (:mod:`llmswap.swap.linger`)."""
-        if slot.ready and not slot.in_flight:
-            cfg = self.config
-            span = linger.window(cfg.linger, cfg.linger_bound, slot.last_load_seconds)
-            slot.linger.contested(self._clock.seconds(), slot.last_used + span)
-            if slot.linger.open_until is not None:
-                self._bets.add(slot)
-
-    def _pass_over(self, served: Slot, now: float) -> None:
-        """``served``'s request is admitted: the open bets of the others on its host are
-        lost (their follow-up did not come while it waited)."""
-        for slot in list(self._bets):
-            if slot is not served and slot.config.host == served.config.host:
-                slot.linger.passed_over(now)
-            if slot.linger.open_until is None:
-                self._bets.discard(slot)
 
     def _arm_recheck(self, when: float | None) -> None:
         if self._recheck is not None and self._recheck.active():

@@ -262,14 +262,21 @@ def _swap_aware(view: View) -> Decision:
 
     # A model still running requests is only evicted for an overdue request: until then more
     # requests for it may arrive and be served without paying for two loads.
-    # Who the requests that wait for another model are; a model whose last request came from
-    # the one client all of them come from has no follow-up coming (that user moved on).
-    askers = {w.client for ws in remaining.values() for w in ws}
+    # A model whose last request came from the one client that every request waiting for
+    # another model comes from, each sent after that last request, has no follow-up coming:
+    # that user moved on (one still sending to both keeps it).
+    asked = [w for ws in remaining.values() for w in ws]
+
+    def moved_on(m: ModelView) -> bool:
+        who = m.last_client
+        return who is not None and all(w.client == who and w.enqueued >= m.last_used
+                                       for w in asked)  # fmt: skip
+
     lingering = {
         n: until
         for n, m in view.instances.items()
         if (until := m.lingers(view.now, view.linger, view.linger_bound)) is not None
-        and not (m.last_client is not None and askers == {m.last_client})
+        and not moved_on(m)
     }
     busy = (
         frozenset(remaining)

@@ -60,6 +60,7 @@ class Slot:
         self.restarts = Restarts()
         self.linger = LingerRecord()
         self.last_client: str | None = None  # who asked last, when the request said
+        self.served = 0  # requests finished since it last became ready
         backend.on_exit(self._exited)
 
     def set(self, state: ModelState, error: str | None = None) -> None:
@@ -109,6 +110,7 @@ class Slot:
 
     def released(self) -> None:
         self.in_flight -= 1
+        self.served += 1
         self.last_used = self._clock.seconds()
         if self.in_flight == 0:
             idle, self._idle = self._idle, []
@@ -155,6 +157,7 @@ class Slot:
         self.last_load_seconds = round(now - started, 3)
         self.last_used = now
         self.restarts.ready(now)
+        self.served = 0
         self.set(ModelState.READY)
 
     @inlineCallbacks
@@ -171,6 +174,7 @@ class Slot:
 
     def adopted(self, asleep: bool = False) -> None:
         self.last_used = self._clock.seconds()
+        self.served = 0
         self.set(ModelState.ASLEEP if asleep else ModelState.READY)
 
     @inlineCallbacks
