@@ -3,7 +3,8 @@
 llama-server in router mode (``--models-dir`` with ``--models-max 1``: one process per model,
 loaded on request, the least recently used evicted) is what many users compare llmswap with
 first.  Both serve the bundled Gemma 3 270M GGUF as two models, ``a`` and ``b`` (``-c 2048
--n 64``, 16-token answers), through three workloads:
+-n 64``, 16-token answers; llmswap's models with ``concurrency: 4``, as llama-server's four
+slots), through three workloads:
 
 - ``lone``: one user alternating a, b (8 requests, one after another);
 - ``two``: two users at once, one on a (4 requests), one on b (4);
@@ -156,7 +157,7 @@ def swapper(binary: str, models_dir: Path) -> Iterator[tuple[int, dict[str, str]
     models = {
         n: {"cmd": [binary, "-m", str(models_dir / f"{n}.gguf"), "--alias", n, "--host",
                     "127.0.0.1", "--port", "${PORT}", *FLAGS],
-            "startup_timeout": 120}
+            "startup_timeout": 120, "concurrency": 4}
         for n in ("a", "b")
     }  # fmt: skip
     with llmswap(models) as (port, _):
