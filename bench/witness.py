@@ -47,7 +47,25 @@ def _argv(pid: int) -> list[str]:
 SETTLED = 5.0  # seconds after which a process's argv is its own
 
 
-class Witness:
+class _Looking:
+    """A daemon thread that looks until it is stopped."""
+
+    def __init__(self, name: str) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class Witness(_Looking):
     """Watches the fake backends whose argv carries ``mark`` (the run's ledger path); each
     names its host as ``--name model@host``."""
 
@@ -65,15 +83,7 @@ class Witness:
         self.violations: list[dict[str, Any]] = []
         self.errors: list[str] = []
         self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="witness", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
+        super().__init__("witness")
 
     def holds(self, pid: int, host: str) -> bool:
         """Alive and holding its device memory (the fakes keep a file in ``holding/<host>``
@@ -145,22 +155,14 @@ class Witness:
                     self.violations.append({"at": time.time(), "host": host, "alive": names})
 
 
-class Resources:
+class Resources(_Looking):
     """The daemon's RSS, descriptors and threads, every ``every`` seconds."""
 
     def __init__(self, pid: int, every: float = 2.0) -> None:
         self._pid = pid
         self._every = every
         self.samples: list[dict[str, float]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="resources", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
+        super().__init__("resources")
 
     def _run(self) -> None:
         started = time.monotonic()

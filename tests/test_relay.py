@@ -123,6 +123,16 @@ class RelayTests(unittest.TestCase):
         client = client or self.client
         return self.relay.forward(client.request, "m", URL, BODY, **kw)
 
+    def closed_stream(self, body: bytes, client: Client | None = None, **kw: Any) -> int:
+        """An event stream ``body`` whose end is its connection's close; the relay's status
+        for it (0: cut off)."""
+        done = self.forward(client, **kw)
+        response = Response(200, b"text/event-stream")
+        self.backend.answer.callback(response)
+        response.send(body)
+        response.end(PotentialDataLoss())
+        return self.successResultOf(done).status
+
     def test_the_body_goes_out_as_sent_and_the_answer_comes_back_as_it_arrives(self) -> None:
         done = self.forward(drop=frozenset({b"authorization"}))
         method, uri, headers, body = self.backend.received[0]
@@ -187,51 +197,40 @@ class RelayTests(unittest.TestCase):
     ) -> None:
         # No length and no chunks: the body ends when the connection closes, as a dead
         # backend's does.  Only the missing [DONE] tells.
-        done = self.forward()
-        response = Response(200, b"text/event-stream")
-        self.backend.answer.callback(response)
-        response.send(b'data: {"a": 1}\n\n')
-        response.end(PotentialDataLoss())
-        self.assertEqual(self.successResultOf(done).status, 0)
+        self.assertEqual(self.closed_stream(b'data: {"a": 1}\n\n'), 0)
         last = self.client.body.split(b"\n\n")[-2]
         error = json.loads(last[len(b"data: ") :])["error"]
         self.assertIn("Model 'm' stream interrupted", error["message"])
         # The same framing with its last event is complete.
         client = Client()
-        done = self.forward(client)
-        response = Response(200, b"text/event-stream")
-        self.backend.answer.callback(response)
-        response.send(b'data: {"a": 1}\n\ndata: [DONE]\n\n')
-        response.end(PotentialDataLoss())
-        self.assertEqual(self.successResultOf(done).status, 200)
+        self.assertEqual(self.closed_stream(b'data: {"a": 1}\n\ndata: [DONE]\n\n', client), 200)
         self.assertTrue(client.body.endswith(b"data: [DONE]\n\n"))
 
     def test_a_stream_whose_end_is_not_known_is_left_as_it_came(self) -> None:
         # A Responses API stream ends with response.completed, never [DONE].
-        done = self.forward(ending=OPENAI_OTHER)
-        response = Response(200, b"text/event-stream")
-        self.backend.answer.callback(response)
-        response.send(b'event: response.completed\ndata: {"type": "response.completed"}\n\n')
-        response.end(PotentialDataLoss())
-        self.assertEqual(self.successResultOf(done).status, 200)
+        self.assertEqual(
+            self.closed_stream(
+                b'event: response.completed\ndata: {"type": "response.completed"}\n\n',
+                ending=OPENAI_OTHER,
+            ),
+            200,
+        )
         self.assertNotIn(b"error", self.client.body)
 
     def test_done_quoted_in_an_answer_is_not_its_end(self) -> None:
-        done = self.forward()
-        response = Response(200, b"text/event-stream")
-        self.backend.answer.callback(response)
-        response.send(b'data: {"choices": [{"delta": {"content": "data: [DONE]"}}]}\n\n')
-        response.end(PotentialDataLoss())
-        self.assertEqual(self.successResultOf(done).status, 0)
+        self.assertEqual(
+            self.closed_stream(b'data: {"choices": [{"delta": {"content": "data: [DONE]"}}]}\n\n'),
+            0,
+        )
         self.assertIn(b"stream interrupted", self.client.body)
 
     def test_an_anthropic_stream_cut_ends_with_anthropics_error_event(self) -> None:
-        done = self.forward(ending=ANTHROPIC)
-        response = Response(200, b"text/event-stream")
-        self.backend.answer.callback(response)
-        response.send(b'event: message_start\ndata: {"type": "message_start"}\n\n')
-        response.end(PotentialDataLoss())
-        self.assertEqual(self.successResultOf(done).status, 0)
+        self.assertEqual(
+            self.closed_stream(
+                b'event: message_start\ndata: {"type": "message_start"}\n\n', ending=ANTHROPIC
+            ),
+            0,
+        )
         last = self.client.body.split(b"\n\n")[-2]
         name, data = last.split(b"\n")
         self.assertEqual(name, b"event: error")

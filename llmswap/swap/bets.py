@@ -40,6 +40,8 @@ class Bets:
 
     def admitted(self, served: Slot, now: float) -> None:
         """``served`` takes a request: the bets it was loaded past are lost."""
+        if not self._open:  # every admission comes here; almost none with a bet open
+            return
         for slot in list(self._open):
             record = slot.linger
             if record.open_until is not None and slot is not served:

@@ -140,6 +140,8 @@ class SwapManager(Service, Changes):
     def _place(self, model: str) -> str:
         # An instance held back by crash backoff is passed over while another may serve.
         every = self._names(model)
+        if len(every) == 1:  # the common case, per request: nothing to choose
+            return every[0]
         names = [n for n in every if self._slots[n].held_back() is None] or list(every)
         if len(names) == 1:
             return names[0]
