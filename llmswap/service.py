@@ -18,7 +18,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
+from twisted.web.client import HTTPConnectionPool
 
 from llmswap import errors, health
 from llmswap.access import Gate
@@ -42,7 +42,7 @@ from llmswap.memory.witness import MemoryWitness
 from llmswap.metrics import Metrics
 from llmswap.ollama.routes import OllamaProxy, OllamaRoutes
 from llmswap.proxy import Proxy
-from llmswap.relay.agent import backend_agent
+from llmswap.relay.agent import BackendPool, backend_agent
 from llmswap.relay.forward import Relay
 from llmswap.resource import OpenAIResource
 from llmswap.site import HTTPService, LLMSwapSite
@@ -51,14 +51,6 @@ from llmswap.swap.prefetch import Prefetcher
 from llmswap.upstream import UpstreamProxy
 
 log = Logger()
-
-
-class _QuietClientFactory(_HTTP11ClientFactory):
-    noisy = False  # one log line per backend connection is noise, not information
-
-
-class _QuietPool(HTTPConnectionPool):
-    _factory = _QuietClientFactory
 
 
 class _PoolService(Service):
@@ -101,9 +93,7 @@ class LLMSwapService(MultiService):
 
     def __init__(self, config: Config, reactor: Any) -> None:
         super().__init__()
-        pool = _QuietPool(reactor, persistent=True)
-        pool.maxPersistentPerHost = 32
-        pool.retryAutomatically = False
+        pool = BackendPool(reactor)
         agent = backend_agent(reactor, pool)
         http = HTTPClient(agent)
         _PoolService(pool).setServiceParent(self)

@@ -186,6 +186,18 @@ class Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         super().setup()
         OPEN.add(self.connection)
+        self.answered = 0
+
+    def handle_one_request(self) -> None:
+        if ARGS.drop_kept_alive and self.answered:
+            # What a server whose keep-alive timeout fires as a request arrives does (and
+            # llama-server after every event stream): the connection closes, nothing answered.
+            if cast(Any, self.rfile).peek(1):  # buffered: wait for the request
+                _ledger("dropped")
+            self.close_connection = True
+            return
+        super().handle_one_request()
+        self.answered += 1
 
     def finish(self) -> None:
         OPEN.discard(self.connection)
@@ -514,6 +526,10 @@ def main() -> None:
     p.add_argument("--ledger", default=None)
     p.add_argument("--log-requests", action="store_true", help="ledger every request's path")
     p.add_argument("--echo", action="store_true", help="answer chats with the body received")
+    p.add_argument(
+        "--drop-kept-alive", action="store_true",
+        help="close a connection unanswered at its second request",
+    )  # fmt: skip
     p.add_argument(
         "--max-peers", type=int, default=1, help="how many other backends may live beside us"
     )

@@ -483,6 +483,27 @@ class BackendGoneTests(DaemonTestCase):
         self.assertIn('llmswap_requests_total{key="-",model="a",status="200"} 2.0', text)
 
 
+class KeptAliveTests(DaemonTestCase):
+    @inlineCallbacks
+    def test_a_request_on_a_connection_the_backend_closed_is_sent_again_on_a_new_one(
+        self,
+    ) -> Any:
+        """The backend closes each kept-alive connection as its next request arrives (a
+        keep-alive timeout firing, llama-server after a stream): every request still gets
+        its answer, and the backend gets each body once, whole."""
+        self.start({"a": self.fake("a", drop_kept_alive=True, echo=True, log_requests=True)})
+        for n in range(3):
+            answer = yield self.chat("a", user=f"turn {n}")
+            self.assertEqual(json.loads(answer.choices[0].message.content)["user"], f"turn {n}")
+        stream = yield self.chat("a", stream=True)
+        chunks = yield self.in_thread(list, stream)
+        self.assertTrue("".join(c.choices[0].delta.content or "" for c in chunks))
+        events = read_ledger(self.ledger)
+        self.assertGreaterEqual([e["event"] for e in events].count("dropped"), 3)
+        posted = [e for e in events if e["event"] == "request" and e["method"] == "POST"]
+        self.assertEqual(len(posted), 4)  # each sent once more, never twice served
+
+
 class RemoteModelTests(DaemonTestCase):
     @inlineCallbacks
     def test_a_remote_model_is_ready_at_once_never_waits_behind_a_swap_and_gets_its_key(
