@@ -2,7 +2,7 @@
 
 The user creates each container once (``docker create --name qwen3-server ... llama-server ...``);
 llmswap only starts and stops it.  The Docker SDK is blocking, so every call runs in a thread
-(``deferToThread``).  Threads only read the engine: each returns what it saw (:class:`_Seen`)
+(``deferToThread``).  Threads only read the engine: each returns what it saw (:class:`Seen`)
 and the reactor writes the backend's state from it, so nothing shared is written off the reactor.
 
 While a container runs, a thread of its own follows the engine's event stream for it: an exit
@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
-import attrs
 import docker
 import docker.errors
 import requests
@@ -34,6 +32,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from llmswap import errors
+from llmswap.backends.container import Seen
 from llmswap.backends.engine import DockerClientProvider
 from llmswap.config.host import LOCAL
 from llmswap.config.model import ModelConfig
@@ -43,47 +42,6 @@ log = Logger()
 
 # Log follows one container may have open at once (console viewers); more wait for a thread.
 LOG_FOLLOWS = 4
-
-
-@attrs.frozen
-class _Seen:
-    """What the engine said of a container, read in a thread and applied on the reactor."""
-
-    status: str
-    exit_code: int | None
-    log_tail: str | None = None  # read only when it does not run
-    pid: int = 0  # its main process, on the engine's host; 0: not running
-
-    @classmethod
-    def of(cls, container: Any, tail: bool = False) -> _Seen:
-        """In a thread: ``container`` was just read (or reloaded) from the engine."""
-        status = str(container.status)
-        state = container.attrs.get("State", {})
-        if status == "running":
-            return cls(status, None, pid=int(state.get("Pid") or 0))
-        code = state.get("ExitCode")
-        if not tail:
-            return cls(status, code)
-        # Its last run's lines only: an earlier run's out-of-memory line is not this run's reason.
-        since = _started(state.get("StartedAt"))
-        raw = container.logs(tail=8, since=since) if since else container.logs(tail=8)
-        return cls(status, code, raw.decode("utf-8", "replace").rstrip())
-
-    @property
-    def running(self) -> bool:
-        return self.status == "running"
-
-
-def _started(stamp: object) -> float | None:
-    """The engine's ``StartedAt`` (RFC 3339, nanoseconds) as a timestamp; None if never."""
-    if not isinstance(stamp, str) or stamp.startswith("0001-"):
-        return None
-    whole, _, fraction = stamp.rstrip("Z").partition(".")
-    try:
-        at = datetime.fromisoformat(whole).replace(tzinfo=UTC)
-    except ValueError:
-        return None
-    return at.timestamp() + float("0." + (fraction[:6] or "0"))
 
 
 @implementer(IBackend)
@@ -109,13 +67,17 @@ class DockerBackend:
         self._log_threads: ThreadPool | None = None  # started by the first log follow
         self._follows: set[Callable[[], None]] = set()
         self._killed = 0  # stops the engine ended with SIGKILL after stop_timeout
+        self._starting: Deferred[Any] | None = None  # the engine's start call, until it ends
 
     # -- IBackend -------------------------------------------------------------------------
 
     def start(self) -> Deferred[None]:
-        d = self._in_thread(self._start_sync)
+        """Start the container; cancelling the result (llmswap stops) leaves the engine's call
+        to finish, as it will anyway, and a stop after it waits for that call: a container
+        the engine starts after its stop was sent would be left running, untracked."""
+        work = self._in_thread(self._start_sync)
 
-        def started(seen: _Seen) -> None:
+        def started(seen: Seen) -> None:
             self._note(seen)
             self._running = seen.running
             if not seen.running:
@@ -126,15 +88,34 @@ class DockerBackend:
             log.info("model {m}: started container {c}", m=self.name, c=self._container_name)
             self._watch_start()
 
-        return d.addCallback(started)
+        work.addCallback(started)
+        self._starting = work
+        result: Deferred[None] = Deferred()
+
+        def ended(outcome: Any) -> None:
+            self._starting = None
+            if result.called:  # cancelled: nobody waits for the outcome but the log
+                if isinstance(outcome, Failure):
+                    log.warn("model {m}: start given up: {e}", m=self.name, e=outcome.value)
+            elif isinstance(outcome, Failure):
+                result.errback(outcome)
+            else:
+                result.callback(None)
+
+        work.addBoth(ended)
+        return result
 
     def stop(self) -> Deferred[None]:
+        if self._starting is not None:  # a cancelled start: stop what it started, after it
+            after: Deferred[None] = Deferred()
+            self._starting.addBoth(lambda _: after.callback(None))
+            return after.addCallback(lambda _: self.stop())
         self._watch_stop()
         self._stopping = True
         began = self._reactor.seconds()
         d = self._in_thread(self._stop_sync)
 
-        def stopped(seen: _Seen) -> None:
+        def stopped(seen: Seen) -> None:
             self._note(seen)
             # The engine's SIGKILL after stop_timeout (137: killed by signal 9).
             took = self._reactor.seconds() - began
@@ -155,7 +136,7 @@ class DockerBackend:
     def adopt(self) -> Deferred[bool]:
         d = self._in_thread(self._read_sync)
 
-        def adopted(seen: _Seen) -> bool:
+        def adopted(seen: Seen) -> bool:
             self._note(seen)
             self._running = seen.running
             if seen.running:
@@ -281,7 +262,7 @@ class DockerBackend:
             raise self._provider.unreachable(e) from None  # requests': no connection at all
         return container
 
-    def _start_sync(self) -> _Seen:
+    def _start_sync(self) -> Seen:
         container = self._container()
         try:
             container.start()
@@ -291,9 +272,9 @@ class DockerBackend:
                 f"Model '{self.name}': container '{self._container_name}' failed to start: "
                 f"{e.explanation or e}"
             ) from None
-        return _Seen.of(container, tail=True)
+        return Seen.of(container, tail=True)
 
-    def _stop_sync(self) -> _Seen:
+    def _stop_sync(self) -> Seen:
         container = self._container()
         timeout = self._model.stop_timeout
         try:
@@ -310,12 +291,12 @@ class DockerBackend:
             raise errors.backend_unavailable(
                 f"Model '{self.name}': container '{self._container_name}' did not stop: {e}"
             ) from None
-        return _Seen.of(container)
+        return Seen.of(container)
 
-    def _read_sync(self) -> _Seen:
-        return _Seen.of(self._container(), tail=True)
+    def _read_sync(self) -> Seen:
+        return Seen.of(self._container(), tail=True)
 
-    def _note(self, seen: _Seen) -> None:
+    def _note(self, seen: Seen) -> None:
         """On the reactor: the backend's view of its container becomes what a thread saw."""
         self._lost = None
         self._engine_state = seen.status
@@ -344,7 +325,7 @@ class DockerBackend:
         """In its own thread (it blocks for as long as the container runs): the engine's
         ``die`` events for this container.  What it saw goes to the reactor; ``None``: the
         engine, not the container, went away."""
-        seen: _Seen | None = None
+        seen: Seen | None = None
         why = "its event stream ended"
         try:
             stream = self._provider.get().events(
@@ -363,7 +344,7 @@ class DockerBackend:
         if not watch.closed:
             self._reactor.callFromThread(self._followed, watch, seen, why)
 
-    def _followed(self, watch: _Watch, seen: _Seen | None, why: str) -> None:
+    def _followed(self, watch: _Watch, seen: Seen | None, why: str) -> None:
         if watch is not self._watch or self._stopping or not self._running:
             return
         self._watch = None
