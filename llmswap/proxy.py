@@ -202,12 +202,12 @@ class Proxy(MultiService, Generic[CallT]):
         self._ended(failure, x)
 
     def _once_more(self, lease: Lease, x: Exchange[CallT], gone: BackendGone) -> Deferred[Lease]:
-        """The model's ready backend refused the connection (it died, or its engine did, and
-        nobody noticed yet): the model is failed and restarted, and the request, which never
-        reached it, is queued once more.  A second refusal is the client's answer."""
+        """The model's backend refused the connection (it or its engine died unnoticed): it is
+        restarted and the request, which never reached it, queued once more, not twice."""
         lease.release()
+        if not self._manager.backend_gone(lease.instance, gone.error.message):
+            raise gone  # a reload removed the model while it answered
         log.warn("{model}: {e}; restarting it for the request", model=x.model, e=gone)
-        self._manager.backend_gone(lease.instance, gone.error.message)
         return self._manager.acquire(x.model, x.priority, x.key_name, x.client)
 
     # -- the hooks another API overrides ---------------------------------------------------

@@ -107,6 +107,18 @@ class ManagerTests(ManagerCase):
         self.assertEqual(err.code, "queue_timeout")
         self.assertIn("waited 5 s (request_timeout)", err.message)
 
+    def test_a_backend_gone_after_a_reload_removed_its_model_restarts_nothing(self) -> None:
+        lease = self.successResultOf(self.manager.acquire("a"))
+        only_b = {"b": {"backend_url": "http://b:1/v1", "cmd": "x", "startup_timeout": 10}}
+        fresh = {"b": self.backends["b"]}
+        removing = self.manager.reconfigure(parse({"models": only_b}), fresh)
+        lease.release()
+        self.assertEqual(self.successResultOf(removing)["removed"], ["a"])
+        # The request that outlived the drain finds its backend gone: nothing is restarted.
+        self.assertFalse(self.manager.backend_gone("a", "Model 'a' backend is unreachable"))
+        self.assertTrue(self.manager.backend_gone("b", "Model 'b' backend is unreachable"))
+        self.assertEqual(self.events, ["start a", "stop a"])
+
     def test_queue_full_raises_503(self) -> None:
         self.successResultOf(self.manager.acquire("a"))
         for model in ("a", "b"):

@@ -74,7 +74,8 @@ class Response:
     """A backend's response whose body the test delivers chunk by chunk."""
 
     def __init__(self, code: int, content_type: bytes, phrase: bytes = b"OK") -> None:
-        self.code, self.phrase, self.length = code, phrase, UNKNOWN_LENGTH
+        self.code, self.phrase = code, phrase
+        self.length: int | str = UNKNOWN_LENGTH
         self.headers = Headers({b"content-type": [content_type], b"x-backend": [b"yes"]})
         self.transport = StringTransport()
         self.protocol: Any = None
@@ -251,6 +252,31 @@ class RelayTests(unittest.TestCase):
         # Half a JSON body must not look complete: the connection is cut, not finished.
         self.assertTrue(self.client.aborted)
         self.assertEqual(self.client.body, b'{"choices": [')
+
+    def test_a_whole_answer_with_its_length_is_held_to_its_end_so_a_cut_is_a_502(self) -> None:
+        answer = b'{"choices": [{"message": {"content": "hi"}}]}'
+        for cut in (False, True):
+            client = Client()
+            done = self.forward(client)
+            response = Response(200, b"application/json")
+            response.length = len(answer)
+            self.backend.answer.callback(response)
+            response.send(answer[:13])
+            self.assertEqual((client.body, client.request.responseCode), (b"", None))
+            if cut:  # killed mid-body: nothing went out, so an error can still be said
+                response.end(ConnectionLost("reset"))
+                failure = self.failureResultOf(done, errors.APIError)
+                self.assertEqual(failure.value.status, 502)
+                self.assertIn("closed the connection before its answer was complete",
+                              failure.value.message)  # fmt: skip
+                self.assertFalse(client.aborted)
+            else:
+                response.send(answer[13:])
+                response.end()
+                self.assertEqual(self.successResultOf(done).status, 200)
+                self.assertEqual((client.body, client.request.responseCode), (answer, 200))
+                self.assertEqual(client.request.responseHeaders.getRawHeaders(b"x-backend"),
+                                 [b"yes"])  # fmt: skip
 
     def test_a_backend_error_after_loading_comments_travels_as_an_error_event(self) -> None:
         client = Client(committed=True)

@@ -125,12 +125,22 @@ class Relay:
             if writer is not None:
                 writer.start(response.code, response.headers)
             elif not committed:
-                request.setResponseCode(response.code, response.phrase)
-                for name, values in response.headers.getAllRawHeaders():
-                    if name.lower() not in NOT_RELAYED:
-                        request.responseHeaders.setRawHeaders(name, values)
+                if _held(response):
+                    pipe.hold()
+                    response.deliverBody(pipe)
+                    return pipe.done.addCallback(lambda _: _answer(response, pipe.held))
+                _answer(response)
             response.deliverBody(pipe)
             return pipe.done.addCallback(ended, response.code)
+
+        def _answer(response: Any, held: list[bytes] | None = None) -> Relayed:
+            request.setResponseCode(response.code, response.phrase)
+            for name, values in response.headers.getAllRawHeaders():
+                if name.lower() not in NOT_RELAYED:
+                    request.responseHeaders.setRawHeaders(name, values)
+            for data in held or ():
+                request.write(data)
+            return Relayed(response.code, pipe.first_at, b"".join(pipe.tail))
 
         def ended(_: None, code: int) -> Relayed:
             tail = b"".join(pipe.tail)
@@ -146,7 +156,7 @@ class Relay:
             pipe.stop_timer()
             if result.called:
                 return
-            if pipe.transport is None:  # no body was being relayed: nothing reached the client
+            if pipe.transport is None or pipe.held is not None:  # nothing reached the client
                 result.errback(self._before_headers(f, pipe, model, url))
                 return
             self._mid_body(request, model, pipe, writer, ending)
@@ -169,6 +179,11 @@ class Relay:
             )
         if f.check(CancelledError, errors.APIError):
             return f
+        if pipe.held is not None:
+            log.warn("{model}: backend at {url} closed mid-answer: {e}", model=model, url=url,
+                     e=f.getErrorMessage())  # fmt: skip
+            return Failure(errors.backend_error(f"Model '{model}' backend closed the connection "
+                                                "before its answer was complete"))  # fmt: skip
         log.warn("{model}: backend at {url} unreachable: {e}", model=model, url=url,
                  e=f.getErrorMessage())  # fmt: skip
         err = errors.backend_error(f"Model '{model}' backend is unreachable")
@@ -198,6 +213,23 @@ class Relay:
             transport = getattr(request, "channel", None)
             if transport is not None and transport.transport is not None:
                 transport.transport.abortConnection()
+
+
+# A whole answer up to this size is held until its last byte (llama-server's and vLLM's
+# non-streamed answers come with their length, in one piece once generated, so holding them costs
+# no latency); larger ones, and any without a length, pass through as they arrive.
+HOLD_LIMIT = 4 * 1024 * 1024
+
+
+def _held(response: Any) -> bool:
+    """Whether an answer is held whole: not an event stream, its length known and small."""
+    content_type: bytes = response.headers.getRawHeaders(b"content-type", [b""])[0]
+    length = response.length
+    return (
+        not content_type.startswith(b"text/event-stream")
+        and isinstance(length, int)
+        and length <= HOLD_LIMIT
+    )
 
 
 def _is_stream(request: IRequest) -> bool:

@@ -45,6 +45,14 @@ class Pipe(Protocol):
         self.first_at: float | None = None
         # The last chunks, for the usage object at the end: kept, not parsed, per chunk.
         self.tail: deque[bytes] = deque(maxlen=4)
+        # A whole answer held until its last byte (see Relay): None when passed on as it comes.
+        self.held: list[bytes] | None = None
+
+    def hold(self) -> None:
+        """Keep the body until its end instead of writing it: a backend that dies in the
+        middle then leaves nothing written, and the client gets an error, not half a body."""
+        self.held = []
+        self._write = self.held.append
 
     def answered(self) -> None:
         self.unanswered = None

@@ -166,14 +166,18 @@ class SwapManager(Service, Changes):
         names = list(self._slots) if model is None else list(self._names(model))
         return self._admin(names, lambda: self._unload(names, cause))
 
-    def backend_gone(self, instance: str, detail: str) -> None:
+    def backend_gone(self, instance: str, detail: str) -> bool:
         """A request found ``instance``'s ready backend refusing connections: it is failed,
-        then stopped (its process or container may linger), and the next request starts it."""
-        slot = self._slots[instance]
+        then stopped (its process or container may linger), and the next request starts it.
+        False when a reload removed ``instance`` meanwhile: there is nothing to restart."""
+        slot = self._slots.get(instance)
+        if slot is None:
+            return False
         if slot.ready or slot.state is ModelState.DRAINING:
             slot.set(ModelState.FAILED, detail)
             self._crashed(slot)
             self._admin([instance], slot.stop).addErrback(_logged)
+        return True
 
     def keep_alive(self, model: str, seconds: float) -> None:
         """Keep ``model`` loaded ``seconds`` after its last request (``inf``: until evicted),
