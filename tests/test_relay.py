@@ -8,14 +8,15 @@ import json
 from types import SimpleNamespace
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
-from twisted.web.client import URI, ResponseDone
+from twisted.web._newclient import RequestNotSent
+from twisted.web.client import URI, ResponseDone, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer
@@ -23,7 +24,8 @@ from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
 from llmswap import errors
-from llmswap.relay.agent import Endpoints
+from llmswap.relay.agent import Endpoints, _SentAgain
+from llmswap.relay.body import BytesBody
 from llmswap.relay.ending import ANTHROPIC, OPENAI_OTHER
 from llmswap.relay.forward import BackendGone, Relay, Relayed
 from llmswap.relay.usage import speed_from, usage_from
@@ -358,3 +360,31 @@ class EndpointTests(unittest.TestCase):
         tls = at(b"https://127.0.0.1:8081/v1/models")
         self.assertNotIsInstance(tls, HostnameEndpoint)  # a TLS wrapper around one
         self.assertIs(at(b"https://127.0.0.1:8081/v1/embeddings"), tls)
+
+
+class SentAgainTests(unittest.TestCase):
+    """A request on a kept-alive connection that closed unanswered goes once more on a new one;
+    what a refused new connection means depends on whether the backend may have read it."""
+
+    def outcome(self, first: Exception, again: Deferred[Any]) -> Failure | Any:
+        kept = SimpleNamespace(request=lambda request: fail(first))
+        request = SimpleNamespace(bodyProducer=BytesBody(b"{}"))
+        sent = _SentAgain(kept, lambda: again)  # type: ignore[arg-type]
+        results: list[Any] = []
+        sent.request(request).addBoth(results.append)
+        return results[0]
+
+    def test_never_sent_then_refused_is_refused_so_the_model_is_restarted(self) -> None:
+        result = self.outcome(RequestNotSent(), fail(ConnectionRefusedError()))
+        self.assertTrue(result.check(ConnectionRefusedError))
+
+    def test_read_maybe_then_refused_is_the_first_failure_and_nothing_is_restarted(self) -> None:
+        # The backend may have died of it: sending it once more after a restart could kill
+        # it again.
+        result = self.outcome(ResponseNeverReceived([]), fail(ConnectionRefusedError()))
+        self.assertTrue(result.check(ResponseNeverReceived))
+
+    def test_sent_again_on_a_new_connection_that_answers(self) -> None:
+        fresh = SimpleNamespace(request=lambda request: succeed("answered"))
+        result = self.outcome(ResponseNeverReceived([]), succeed(fresh))
+        self.assertEqual(result, "answered")

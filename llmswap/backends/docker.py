@@ -93,7 +93,8 @@ class DockerBackend:
         result: Deferred[None] = Deferred()
 
         def ended(outcome: Any) -> None:
-            self._starting = None
+            if self._starting is work:
+                self._starting = None
             if result.called:  # cancelled: nobody waits for the outcome but the log
                 if isinstance(outcome, Failure):
                     log.warn("model {m}: start given up: {e}", m=self.name, e=outcome.value)
@@ -108,7 +109,7 @@ class DockerBackend:
     def stop(self) -> Deferred[None]:
         if self._starting is not None:  # a cancelled start: stop what it started, after it
             after: Deferred[None] = Deferred()
-            self._starting.addBoth(lambda _: after.callback(None))
+            self._starting.addBoth(lambda _: None if after.called else after.callback(None))
             return after.addCallback(lambda _: self.stop())
         self._watch_stop()
         self._stopping = True

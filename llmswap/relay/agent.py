@@ -8,6 +8,7 @@ from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.python.failure import Failure
 from twisted.web._newclient import HTTP11ClientProtocol, RequestNotSent
@@ -87,7 +88,14 @@ class _SentAgain:
         def failed(f: Failure) -> Any:
             if not _send_again(f, request.bodyProducer):
                 return f
-            return self._fresh().addCallback(lambda connection: connection.request(request))
+            again = self._fresh().addCallback(lambda connection: connection.request(request))
+            if f.check(ResponseNeverReceived):
+                # The backend may have read it and died of it: refused now, it is answered
+                # with that failure, not as a request that never reached it (which restarts
+                # the model and queues the request once more: a prompt that crashes its
+                # backend would crash it again).
+                again.addErrback(lambda g: f if g.check(ConnectError) else g)
+            return again
 
         return d.addErrback(failed)
 
