@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import FileBodyProducer
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IRequest
 
 from llmswap import errors
@@ -127,26 +128,30 @@ class Relay:
             elif not committed:
                 if _held(response):
                     pipe.hold()
-                    response.deliverBody(pipe)
-                    return pipe.done.addCallback(lambda _: _answer(response, pipe.held))
-                _answer(response)
+                else:
+                    _answer(response)
             response.deliverBody(pipe)
+            if pipe.held is not None:  # the headers and the body go out once it has all come
+                pipe.done.addCallback(lambda _: _answer(response))
             return pipe.done.addCallback(ended, response.code)
 
-        def _answer(response: Any, held: list[bytes] | None = None) -> Relayed:
+        def _answer(response: Any) -> None:
             request.setResponseCode(response.code, response.phrase)
             for name, values in response.headers.getAllRawHeaders():
                 if name.lower() not in NOT_RELAYED:
                     request.responseHeaders.setRawHeaders(name, values)
-            for data in held or ():
+            for data in pipe.held or ():
                 request.write(data)
-            return Relayed(response.code, pipe.first_at, b"".join(pipe.tail))
 
         def ended(_: None, code: int) -> Relayed:
             tail = b"".join(pipe.tail)
             if writer is not None:
                 writer.end()
-            elif not pipe.framed and _is_stream(request) and not ending.complete(tail):
+            elif (
+                not pipe.framed
+                and _is_stream(request.responseHeaders)
+                and not ending.complete(tail)
+            ):
                 # Delimited by the connection's close, which a dead backend closes too.
                 self._mid_body(request, model, pipe, None, ending)
                 return Relayed(0, pipe.first_at)
@@ -205,7 +210,7 @@ class Relay:
         if writer is not None:
             writer.fail(f"Model '{model}' stream interrupted: {why}")
             return
-        if _is_stream(request):
+        if _is_stream(request.responseHeaders):
             request.write(
                 ending.error(errors.backend_error(f"Model '{model}' stream interrupted: {why}"))
             )
@@ -223,15 +228,10 @@ HOLD_LIMIT = 4 * 1024 * 1024
 
 def _held(response: Any) -> bool:
     """Whether an answer is held whole: not an event stream, its length known and small."""
-    content_type: bytes = response.headers.getRawHeaders(b"content-type", [b""])[0]
     length = response.length
-    return (
-        not content_type.startswith(b"text/event-stream")
-        and isinstance(length, int)
-        and length <= HOLD_LIMIT
-    )
+    return not _is_stream(response.headers) and isinstance(length, int) and length <= HOLD_LIMIT
 
 
-def _is_stream(request: IRequest) -> bool:
-    content_type: bytes = request.responseHeaders.getRawHeaders(b"content-type", [b""])[0]
+def _is_stream(headers: Headers) -> bool:
+    content_type: bytes = headers.getRawHeaders(b"content-type", [b""])[0]
     return content_type.startswith(b"text/event-stream")
