@@ -34,7 +34,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.web.iweb import IRequest
 
 from llmswap import errors
-from llmswap.config.config import Console
+from llmswap.config.config import Config, Console
 from llmswap.config.keys import APIKey, Auth
 
 
@@ -288,11 +288,25 @@ class Gate:
         return self.permits(request, Caller.ADMIN)
 
     def check_model(self, key: APIKey | None, model: str) -> None:
-        if key is not None and key.models is not None and model not in key.models:
+        if not self.allows(key, model):
+            assert key is not None
             raise errors.model_not_allowed(key.name, model)
 
+    @staticmethod
+    def allows(key: APIKey | None, model: str) -> bool:
+        return key is None or key.models is None or model in key.models
+
     def visible(self, key: APIKey | None, models: Iterable[str]) -> list[str]:
-        return [m for m in models if key is None or key.models is None or m in key.models]
+        return [m for m in models if self.allows(key, m)]
+
+    def names(self, key: APIKey | None, config: Config) -> list[str]:
+        """The models ``key`` may use, then the pools with a member it may use."""
+        pools = [
+            name
+            for name, pool in config.pools.items()
+            if any(self.allows(key, config.resolve(m) or m) for m in pool.members)
+        ]
+        return self.visible(key, config.models) + pools
 
     def admit(self, key: APIKey | None) -> Callable[[], None]:
         """Count a request against the key's limits; call the result when it is done."""

@@ -100,6 +100,7 @@ class RequestEnded:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     tokens_per_second: float | None = None  # as the backend measured it (llama.cpp's timings)
+    pool: str | None = None  # the pool asked for, whose member ``model`` served it
 
 
 @attrs.frozen

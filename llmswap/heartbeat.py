@@ -11,6 +11,7 @@ a timer, a LoopingCall and their Deferreds each.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
@@ -19,6 +20,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+
+from llmswap.relay.forward import started_writing
+from llmswap.responses import sse_event
 
 log = Logger()
 
@@ -73,3 +78,32 @@ class Heartbeat(Service, Generic[T]):
         if self._loop is not None:
             loop, self._loop = self._loop, None
             loop.stop()
+
+
+def say_waiting(
+    request: IRequest,
+    model: str,
+    loading: bool,
+    waited: float,
+    usual: float | None,
+    reasoning: bool,
+    now: float,
+) -> None:
+    """What a waiting stream is told: an SSE comment, so clients and proxies keep the
+    connection, or (``loading_status: reasoning``) a ``reasoning_content`` delta chat clients
+    show as thinking: "loading gemma3, 12 s, usually 40 s"."""
+    if not started_writing(request):
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"text/event-stream")
+        request.setHeader(b"cache-control", b"no-cache")
+    status = f"{'loading' if loading else 'queued for'} {model}, {waited:.0f} s"
+    if not reasoning:
+        request.write(f": {status}\n\n".encode())
+        return
+    if usual:
+        status += f", usually {usual:.0f} s"
+    delta = {"role": "assistant", "reasoning_content": status + "\n"}
+    choice = {"index": 0, "delta": delta, "finish_reason": None}
+    chunk = {"id": "llmswap-loading", "object": "chat.completion.chunk", "created": int(now),
+             "model": model, "choices": [choice]}  # fmt: skip
+    request.write(sse_event(json.dumps(chunk).encode()))

@@ -119,6 +119,12 @@ class Metrics:
             ["model", "status", "key"],
             registry=r,
         )
+        self.pooled = Counter(
+            "llmswap_pool_requests",
+            "Requests that named a pool, by pool and the member that served them",
+            ["pool", "model"],
+            registry=r,
+        )
         self.queue_wait = Histogram(
             "llmswap_queue_wait_seconds",
             "Time a request waited for its backend (queue and swap)",
@@ -207,6 +213,8 @@ class Metrics:
                 model, str(e.status), e.key
             )
         outcome.inc()
+        if e.pool is not None:
+            self.pooled.labels(e.pool, model).inc()
         children = self._per_model.get(model)
         if children is None:
             children = self._per_model[model] = (

@@ -13,9 +13,9 @@ an ``async def`` route 1.5 KB more; docs/benchmarks.md counts what a waiting req
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Generator
+from functools import partial
 from typing import Any, BinaryIO, Generic, TypeVar
 
 import attrs
@@ -41,14 +41,13 @@ from llmswap.access import Caller, Gate, nothing_to_release
 from llmswap.bodies import form_model, parse_body
 from llmswap.config.config import Config
 from llmswap.config.keys import APIKey
-from llmswap.config.model import server_root
+from llmswap.config.model import Preset, server_root
 from llmswap.events import EventBus, ModelState, RequestEnded
 from llmswap.headers import KEY_HEADERS, client_of
-from llmswap.heartbeat import Heartbeat
+from llmswap.heartbeat import Heartbeat, say_waiting
 from llmswap.relay.ending import OPENAI, OPENAI_OTHER, StreamEnd, ends_known
 from llmswap.relay.forward import BackendGone, Relay, Relayed, started_writing
 from llmswap.relay.usage import speed_from, usage_from
-from llmswap.responses import sse_event
 from llmswap.swap.manager import SwapManager
 from llmswap.swap.queue import Lease
 
@@ -93,6 +92,9 @@ class Exchange(Generic[CallT]):
     # A body relayed from the temporary file Twisted keeps it in (a multipart upload), not
     # read into memory.
     upload: BinaryIO | None = None
+    # The filters of the alias asked for (a variant), over the model's own.
+    preset: Preset | None = None
+    pool: str | None = None  # the pool asked for, whose member serves
 
 
 class Proxy(MultiService, Generic[CallT]):
@@ -165,10 +167,6 @@ class Proxy(MultiService, Generic[CallT]):
             content.close()
             request.content = None
         self.parse(x, key)
-        model = self._config.resolve(x.model)  # an alias is its model: one queue, one backend
-        if model is None:
-            raise errors.model_not_found(x.model, self._gate.visible(key, self._manager.models()))
-        x.model = sys.intern(model)  # a configured name: one string, not one per request
         self._gate.check_model(key, x.model)
         self.check_path(x)
         x.priority = key.priority if key is not None else self._priority(request)
@@ -187,6 +185,7 @@ class Proxy(MultiService, Generic[CallT]):
             if not started_writing(request):
                 request.setHeader(b"x-llmswap-queue-position", str(lease.position).encode())
                 request.setHeader(b"x-llmswap-queue-wait", f"{lease.waited:.3f}".encode())
+                request.setHeader(b"x-llmswap-model", x.model.encode())
             try:
                 x.relayed = yield self.forward(x, lease)
             except BackendGone as gone:
@@ -219,11 +218,25 @@ class Proxy(MultiService, Generic[CallT]):
 
     def parse(self, x: Exchange[CallT], key: APIKey | None) -> None:
         """Read the request body (``x.body``, or the ``x.upload`` file) of ``key``'s caller:
-        set ``x.model`` and ``x.stream``."""
+        set ``x.model`` (:meth:`resolve`d) and ``x.stream``."""
         if x.upload is not None:
             x.model = form_model(x.request, x.upload, self._config.max_upload_bytes)
-            return
-        x.model, x.stream, x.client = parse_body(x.body, self._config.max_body_bytes)
+        else:
+            x.model, x.stream, x.client = parse_body(x.body, self._config.max_body_bytes)
+        self.resolve(x, key)
+
+    def resolve(self, x: Exchange[CallT], key: APIKey | None) -> None:
+        """``x.model``, the name asked, becomes its model (an alias's: one queue, one backend;
+        a pool's: the member chosen now), and ``x.preset`` the asked alias's filters."""
+        config = self._config
+        found = self._manager.resolve(x.model, partial(self._gate.allows, key))
+        if found is None:
+            raise errors.model_not_found(x.model, self._gate.names(key, config))
+        model, asked = found
+        if x.model in config.pools:
+            x.pool = x.model
+        x.model = sys.intern(model)  # a configured name: one string, not one per request
+        x.preset = config.preset(model, asked)
 
     def forward(self, x: Exchange[CallT], lease: Lease) -> Deferred[Relayed]:
         """Send the request to the backend the lease names; fires after the answer's end."""
@@ -238,7 +251,7 @@ class Proxy(MultiService, Generic[CallT]):
         if x.upload is not None:
             body = x.upload
         else:
-            body = filters.body_for(x.body, self._config.models[x.model])
+            body = filters.body_for(x.body, self._config.models[x.model], x.preset)
         drop, key = self.dropped_headers(), lease.authorization
         ending = self.ending if ends_known(uri) else OPENAI_OTHER
         return self._relay.forward(request, x.model, url, body, drop, None, key, ending)
@@ -306,6 +319,7 @@ class Proxy(MultiService, Generic[CallT]):
                 prompt_tokens=usage[0] if usage else None,
                 completion_tokens=usage[1] if usage else None,
                 tokens_per_second=speed_from(tail) if usage else None,
+                pool=x.pool,
             )
         )
 
@@ -348,28 +362,11 @@ class Proxy(MultiService, Generic[CallT]):
         )
 
     def _still_waiting(self, x: Exchange[CallT]) -> None:
-        """While a stream waits: an SSE comment, so clients and proxies keep the connection, or
-        (``loading_status: reasoning``) a ``reasoning_content`` delta chat clients show as
-        thinking: "loading gemma3, 12 s, usually 40 s"."""
-        request = x.request
-        if not started_writing(request):
-            request.setResponseCode(200)
-            request.setHeader(b"content-type", b"text/event-stream")
-            request.setHeader(b"cache-control", b"no-cache")
+        """While a stream waits: a comment, or the model's progress as reasoning."""
         loading = self._manager.state(x.model) is ModelState.STARTING
-        what = "loading" if loading else "queued for"
-        status = f"{what} {x.model}, {self._clock.seconds() - x.started:.0f} s"
-        if not self._reasoning(x):
-            request.write(f": {status}\n\n".encode())
-            return
         usual = self._manager.last_load_seconds(x.model)
-        if usual:
-            status += f", usually {usual:.0f} s"
-        delta = {"role": "assistant", "reasoning_content": status + "\n"}
-        chunk = {"id": "llmswap-loading", "object": "chat.completion.chunk",
-                 "created": int(self._clock.seconds()), "model": x.model,
-                 "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}  # fmt: skip
-        request.write(sse_event(json.dumps(chunk).encode()))
+        now = self._clock.seconds()
+        say_waiting(x.request, x.model, loading, now - x.started, usual, self._reasoning(x), now)
 
 
 def _forget_routing(request: IRequest) -> None:

@@ -24,6 +24,8 @@ from werkzeug.routing import RequestRedirect
 from llmswap import errors, health, upstream
 from llmswap.access import Caller, Gate
 from llmswap.console.routes import ConsoleAPI
+from llmswap.llamacpp import listing
+from llmswap.llamacpp.routes import RouterAPI
 from llmswap.metrics import Metrics
 from llmswap.proxy import Proxy, internal_error
 from llmswap.responses import json_body
@@ -59,11 +61,13 @@ class OpenAIResource:
         console: ConsoleAPI | None = None,
         anthropic: Proxy[None] | None = None,
         upstream: upstream.UpstreamProxy | None = None,
+        router: RouterAPI | None = None,
     ) -> None:
         self._manager = manager
         self._proxy = proxy
         self._anthropic = anthropic or proxy
         self._upstream = upstream
+        self._router = router
         self._ollama = ollama
         self._console = console
         self._gate = gate
@@ -166,18 +170,34 @@ class OpenAIResource:
         return self._metrics.resource()
 
     @app.route("/v1/models", methods=["GET"])
-    def models(self, request: IRequest) -> bytes:
+    async def models(self, request: IRequest) -> bytes:
+        """OpenAI's list; each model with the router's ``status`` (and ``meta`` while loaded:
+        ``n_ctx``...), as llama.cpp's router lists them."""
         try:
             key = self._gate.identify(request)
         except errors.APIError as e:
             return errors.render(request, e)
-        config = self._manager.config
+        config, snap = self._manager.config, self._manager.snapshot()
+        names = self._gate.names(key, config)
+        metas = {}
+        if self._router is not None:
+            metas = await self._router.meta.of(
+                config, snap, [n for n in names if n in config.models]
+            )
         data = []
-        for name in self._gate.visible(key, self._manager.models()):
-            m = config.models[name]
-            if not m.unlisted:
-                names = (name, *m.aliases) if config.list_aliases else (name,)
-                data += [self._model_object(n) for n in names]
+        for name in names:
+            m = config.models.get(name)
+            if m is None:  # a pool
+                if not config.pools[name].unlisted:
+                    data.append(self._model_object(name))
+                continue
+            if m.unlisted:
+                continue
+            extra: dict[str, Any] = {"status": listing.status(listing.shown(snap, config, name))}
+            if name in metas:
+                extra["meta"] = metas[name]
+            names_of = (name, *m.aliases) if config.list_aliases else (name,)
+            data += [{**self._model_object(n), **extra} for n in names_of]
         return json_body(request, {"object": "list", "data": data})
 
     @app.route("/v1/models/<path:model_id>", methods=["GET"])
@@ -185,9 +205,10 @@ class OpenAIResource:
         """OpenAI's retrieve-model: any name a request may use (unlisted ones and aliases)."""
         try:
             key = self._gate.identify(request)
-            visible = self._gate.visible(key, self._manager.models())
-            if self._manager.config.resolve(model_id) not in visible:
-                raise errors.model_not_found(errors.quote(model_id), visible)
+            config = self._manager.config
+            visible = self._gate.names(key, config)
+            if (model_id if model_id in config.pools else config.resolve(model_id)) not in visible:
+                raise errors.model_not_found(model_id, visible)
         except errors.APIError as e:
             return errors.render(request, e)
         return json_body(request, self._model_object(model_id))
@@ -236,6 +257,40 @@ class OpenAIResource:
         log.info("admin: {path} done", path=errors.printable(request.path.decode("latin-1")))
         state = self._manager.state(model).value
         return json_body(request, {"model": model, "state": state})
+
+    # llama.cpp's router API (llmswap.llamacpp).
+    @app.route("/models", methods=["GET"])
+    def router_models(self, request: IRequest) -> Any:
+        return self._router_call(request, lambda r: r.models(request))
+
+    @app.route("/models/load", methods=["POST"])
+    def router_load(self, request: IRequest) -> Any:
+        return self._router_call(request, lambda r: r.load(request))
+
+    @app.route("/models/unload", methods=["POST"])
+    def router_unload(self, request: IRequest) -> Any:
+        return self._router_call(request, lambda r: r.unload(request))
+
+    @app.route("/models/sse", methods=["GET"])
+    def router_events(self, request: IRequest) -> Any:
+        return self._router_call(request, lambda r: r.events(request))
+
+    @app.route("/props", methods=["GET"])
+    def router_props(self, request: IRequest) -> Any:
+        return self._router_call(request, lambda r: r.props(request))
+
+    def _router_call(self, request: IRequest, call: Callable[[RouterAPI], Any]) -> Any:
+        try:
+            if self._router is None:
+                raise errors.unknown_url(
+                    request.method.decode("latin-1"), request.path.decode("latin-1")
+                )
+            result = call(self._router)
+        except errors.APIError as e:
+            return errors.render(request, e)
+        if isinstance(result, Deferred):
+            result.addErrback(_render_api_error, request)
+        return result
 
     @app.route("/v1/<path:_endpoint>", methods=["POST"])
     def proxy(self, request: IRequest, _endpoint: str) -> IResource:

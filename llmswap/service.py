@@ -38,6 +38,9 @@ from llmswap.console.routes import ConsoleAPI
 from llmswap.console.timeline import Timeline
 from llmswap.events import EventBus, ModelState
 from llmswap.interfaces import IBackend
+from llmswap.llamacpp.events import ModelEvents
+from llmswap.llamacpp.listing import Meta
+from llmswap.llamacpp.routes import RouterAPI
 from llmswap.memory.witness import MemoryWitness
 from llmswap.metrics import Metrics
 from llmswap.ollama.routes import OllamaProxy, OllamaRoutes
@@ -49,6 +52,7 @@ from llmswap.site import HTTPService, LLMSwapSite
 from llmswap.swap.manager import SwapManager
 from llmswap.swap.prefetch import Prefetcher
 from llmswap.upstream import UpstreamProxy
+from llmswap.watch import ConfigWatcher
 
 log = Logger()
 
@@ -119,13 +123,19 @@ class LLMSwapService(MultiService):
         )
         routes = OllamaRoutes(self.manager, ollama, self.gate, http, reactor)
         console = self._console(config, reactor)
+        meta = Meta(http, reactor)
+        events = ModelEvents(self.bus, reactor, self.manager.snapshot, lambda: self.config, meta)
+        events.setServiceParent(self)
+        router = RouterAPI(self.manager, self.gate, upstream, events, meta, reactor)
         api = OpenAIResource(
             self.manager, proxy, self.gate, self.metrics, reactor, self.reload, routes.resource(),
-            console, anthropic, upstream,
+            console, anthropic, upstream, router,
         )  # fmt: skip
         for each in (proxy, anthropic, upstream, ollama):  # their waiting streams' timers
             each.setServiceParent(self)
         AccessLog(reactor, self.bus, lambda: self.config.access_log).setServiceParent(self)
+        self.watcher = ConfigWatcher(self.reload, lambda: self.config, reactor)
+        self.watcher.setServiceParent(self)
         self._site = LLMSwapSite(api.resource(), self.gate, lambda: self.config)
         self._reactor = reactor
         self.web = HTTPService(config, self._site, reactor)
@@ -192,6 +202,7 @@ class LLMSwapService(MultiService):
         self.gate.configure(new.auth, new.console)
         self._site.configure(new)
         self.relay.idle_timeout = new.request_timeout
+        self.watcher.follow()  # watch_config may have changed, or what the file includes
         return summary
 
     @inlineCallbacks

@@ -90,6 +90,14 @@ ROUTES: tuple[Route, ...] = (
           Shape.ANTHROPIC),
     Route("/v1/*", ("POST",), Body.FORM, Caller.KEY, _ANSWER),
     *(Route(p, ("POST",), Body.JSON, Caller.KEY, _ANSWER) for p in _LLAMA_CPP),
+    Route("/models", _GET, Body.SMALL, Caller.KEY, "the models the key may use, their states"),
+    Route("/models/sse", _GET, Body.SMALL, Caller.KEY, "state changes of the models the key "
+          "may use"),
+    Route("/models/load", ("POST",), Body.SMALL, Caller.ADMIN, "that a load began"),
+    Route("/models/unload", ("POST",), Body.SMALL, Caller.UNLOAD, "that an unload began"),
+    Route("/props", _GET, Body.SMALL, Caller.KEY,
+          "llmswap's router properties; with ?model= the loaded backend's own /props (a model "
+          "the key may use)"),
     Route("/api/version", _GET, Body.SMALL, Caller.ANYONE, "the Ollama API version",
           Shape.OLLAMA),
     Route("/api/tags", _GET, Body.SMALL, Caller.KEY, "the models the key may use",

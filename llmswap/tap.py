@@ -22,11 +22,14 @@ _PR_SET_DUMPABLE = 4  # linux/prctl.h
 
 
 class Options(usage.Options):
-    synopsis = "[--config FILE] [--listen ENDPOINT]"
+    synopsis = "[--config FILE] [--listen ENDPOINT] [--watch-config]"
     longdesc = (
         "Serve an OpenAI-compatible API that starts and stops local model backends so that "
         "only one runs at a time. Without --config, serves built-in llama.cpp models."
     )
+    optFlags = [
+        ["watch-config", "w", "Reload when the configuration file (or one it includes) changes."],
+    ]
     optParameters = [
         ["config", "c", None, "Configuration file (YAML). Default: the built-in llama.cpp models."],
         ["listen", "l", None, "strports endpoint to listen on (default: the config's, tcp:8888)."],
@@ -101,6 +104,7 @@ def makeService(options: Options) -> IService:
     _not_dumpable()
     config: Config = options["loaded"]
     daemon = make_service(config, reactor)
+    daemon.watcher.forced = bool(options["watch-config"])
     _HangupService(daemon, reactor).setServiceParent(daemon)
     # What exists once the daemon runs (modules, configuration) lives as long as the process.
     # Frozen, it is no longer re-scanned by every full garbage collection: those pauses were

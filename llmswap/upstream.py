@@ -77,6 +77,7 @@ class UpstreamProxy(Proxy[Target]):
         assert x.upload is not None
         check_size(x.upload, self._config.max_upload_bytes)
         x.model, x.stream = found.model, False
+        self.resolve(x, key)
 
     def check_path(self, x: Exchange[Target]) -> None:
         """The route checked its path already (:func:`check_reach`)."""

@@ -60,7 +60,8 @@ pytestmark = pytest.mark.slow
 OLLAMA_DOC = Path(__file__).resolve().parent / "data" / "ollama-openapi.yaml"
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 TIMEOUT = 20.0  # seconds one request may take (a backend's start included)
-EVENTS_TIMEOUT = 1.5  # /admin/events never ends: read this long
+EVENTS_TIMEOUT = 1.5  # /admin/events and /models/sse never end: read this long
+STREAMS = ("/admin/events", "/models/sse")
 MAX_BODY = 256 * 1024
 SERVER_ERRORS = {502, 503, 504}  # a backend could not be reached, could not start, was silent
 JSON, NDJSON = "application/json", "application/x-ndjson"
@@ -72,6 +73,8 @@ EXAMPLES = (6, 2)
 KEYED_EXAMPLES = (4, 1)
 FEWER = {
     "GET /admin/events": (1, 0),
+    "GET /models/sse": (1, 0),
+    "POST /models/load": (3, 1),
     "POST /admin/reload": (2, 1),
     "POST /admin/unload": (2, 1),
     "POST /admin/models/{model}/load": (3, 1),
@@ -413,7 +416,7 @@ def _send(
     tally: Tally, base: str, case: AnyCase, headers: dict[str, str]
 ) -> schemathesis.Response | None:
     label = f"{case.method.upper()} {case.path}"
-    timeout = EVENTS_TIMEOUT if case.path == "/admin/events" else TIMEOUT
+    timeout = EVENTS_TIMEOUT if case.path in STREAMS else TIMEOUT
     tally.cases += 1
     try:
         return case.call(base_url=base, headers=headers, timeout=timeout)

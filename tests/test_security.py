@@ -436,6 +436,42 @@ def test_unloading_is_a_permission(keyed: Running) -> None:
     assert call(keyed.port, "POST", "/admin/reload", headers=bearer(EJECTOR)).status == 403
 
 
+def test_the_router_api_keeps_the_admin_routes_rules(keyed: Running) -> None:
+    """llama.cpp's router API: listing per key, loading for admins, unloading with the
+    permission, a backend's /props only for a model the key may use and only once loaded."""
+    for method, path in (("GET", "/models"), ("GET", "/models/sse"), ("GET", "/props"),
+                         ("POST", "/models/load"), ("POST", "/models/unload")):  # fmt: skip
+        anonymous = call(keyed.port, method, path, b'{"model": "alpha"}')
+        assert anonymous.status == 401 and b"alpha" not in anonymous.body, path
+    assert chat(keyed.port, BOB, {**HI, "model": "broken"}).status == 503
+    listed = call(keyed.port, "GET", "/models", headers=bearer(BOB))
+    models = {m["id"]: m for m in listed.json()["data"]}
+    assert sorted(models) == ["alpha", "broken"]  # bob's models only
+    assert models["broken"]["status"] == {"value": "unloaded", "args": [], "preset": "",
+                                          "exit_code": 3, "failed": True}  # fmt: skip
+    assert b"SECRET" not in listed.body and b"127.0.0.1" not in listed.body
+    body = json.dumps({"model": "alpha"}).encode()
+    refused = call(keyed.port, "POST", "/models/load", body, bearer(BOB))
+    assert (refused.status, refused.json()["error"]["code"]) == (403, "admin_required")
+    refused = call(keyed.port, "POST", "/models/load", b'{"model": "beta"}', bearer(ADMIN))
+    assert refused.status == 200  # an admin loads any model
+    wait_state(keyed, "beta", "ready")
+    assert call(keyed.port, "GET", "/props?model=beta", headers=bearer(BOB)).status == 404
+    not_loaded = call(keyed.port, "GET", "/props?model=alpha", headers=bearer(BOB))
+    assert not_loaded.status == 400 and not_loaded.json()["error"]["code"] == "model_not_loaded"
+    assert health(keyed)["models"]["beta"]["state"] == "ready"  # asking did not swap
+    refused = call(keyed.port, "POST", "/models/unload", b'{"model": "beta"}', bearer(BOB))
+    assert (refused.status, refused.json()["error"]["code"]) == (403, "unload_not_allowed")
+    ejected = call(keyed.port, "POST", "/models/unload", b'{"model": "beta"}', bearer(EJECTOR))
+    assert ejected.status == 200 and ejected.json() == {"success": True}
+    wait_state(keyed, "beta", "stopped")
+    big = json.dumps({"model": "alpha", "pad": "x" * 70_000}).encode()
+    assert call(keyed.port, "POST", "/models/load", big, bearer(ADMIN)).status == 413
+    hostile = call(keyed.port, "POST", "/models/load", b'{"model": "' + b"q" * 5000 + b'"}',
+                   bearer(ADMIN))  # fmt: skip
+    assert hostile.status == 404 and len(hostile.body) < 1000
+
+
 # Finding 6: what leaks.
 
 

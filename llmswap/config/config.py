@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import attrs
-import yaml
 
 from llmswap.config import macros
 from llmswap.config.devices import budgets
@@ -30,13 +28,16 @@ from llmswap.config.host import (
     placement,
     read_hosts,
 )
+from llmswap.config.include import joined, read_yaml
 from llmswap.config.keys import Auth, parse_auth
 from llmswap.config.model import (
     ModelConfig,
+    Preset,
     expanded,
     model,
     model_aliases,
 )
+from llmswap.config.pools import Pool, read_pools
 from llmswap.config.settings import CONSOLE, GLOBAL
 from llmswap.config.values import ConfigError, known_model, names
 
@@ -89,7 +90,13 @@ class Config:
     loading_status: str = GLOBAL["loading_status"].default
     # Alias -> the model it names.
     aliases: Mapping[str, str] = attrs.field(factory=dict)
+    pools: Mapping[str, Pool] = attrs.field(factory=dict)
+    watch_config: bool = GLOBAL["watch_config"].default
     source: str = "<built-in>"
+    # The files ``include:`` read (``source`` aside), and its patterns as absolute paths: a
+    # change to any file they match is a change of the configuration.
+    included: tuple[str, ...] = ()
+    include: tuple[str, ...] = ()
     # This machine (``local``: the top-level ``docker`` and ``devices``) and the boxes of
     # ``hosts:``.
     hosts: Mapping[str, Host] = attrs.field(factory=lambda: {LOCAL: Host(LOCAL)})
@@ -114,8 +121,17 @@ class Config:
         return self.hosts[LOCAL].devices
 
     def resolve(self, name: str) -> str | None:
-        """The model a request's ``name`` (a model's or an alias) means; None: no such."""
+        """The model a request's ``name`` (a model's or an alias) means; None: no such (a
+        pool's name means one of its members: the swap manager chooses)."""
         return name if name in self.models else self.aliases.get(name)
+
+    def known(self, name: str) -> str | None:
+        """``name`` if a request may ask for it (a model, an alias or a pool), else None."""
+        return name if name in self.models or name in self.aliases or name in self.pools else None
+
+    def preset(self, model: str, name: str) -> Preset | None:
+        """The filters of the alias ``name`` of ``model`` (a variant), if it has any."""
+        return self.models[model].presets.get(name) if name != model else None
 
     @property
     def hidden_env(self) -> frozenset[str]:
@@ -214,6 +230,7 @@ def parse(
     ports = macros.assign_ports(wanting, start_port, previous_ports or {})
     hosts, models, instances, placements = _place(data, expanded_models, defaults, ports)
     preload = _preload(data.get("preload"), models)
+    aliases = model_aliases(models)
 
     config = Config(
         models=models,
@@ -241,7 +258,9 @@ def parse(
         start_port=start_port,
         list_aliases=GLOBAL["list_aliases"].read(data, ""),
         loading_status=defaults["loading_status"],
-        aliases=model_aliases(models),
+        aliases=aliases,
+        pools=read_pools(data.get("pools"), {**{n: n for n in models}, **aliases}),
+        watch_config=GLOBAL["watch_config"].read(data, ""),
         source=source,
         hosts=hosts,
         instances=instances,
@@ -334,16 +353,11 @@ def load(path: str | os.PathLike[str], previous_ports: Mapping[str, int] | None 
     """Read and validate a YAML file; every failure is a ConfigError with a readable message.
 
     ``previous_ports``: the running configuration's ``${PORT}``s, which a reload keeps."""
-    p = Path(path)
+    source = str(path)
+    data = read_yaml(source)
     try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"cannot read {p}: {e.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p} is not valid YAML: {e}") from None
-    try:
-        return parse(data, source=str(p), previous_ports=previous_ports)
+        data, included, include = joined(data, source)
+        config = parse(data, source=source, previous_ports=previous_ports)
     except ConfigError as e:
-        raise ConfigError(f"{p}: {e}") from None
+        raise ConfigError(f"{source}: {e}") from None
+    return attrs.evolve(config, included=included, include=include)

@@ -18,7 +18,7 @@ from llmswap.config import macros
 from llmswap.config.estimate import estimate, try_estimate
 from llmswap.config.host import IMPLICIT_DEVICE, LOCAL
 from llmswap.config.settings import GLOBAL, INFO, MODEL, REMOTE, SLEEP
-from llmswap.config.values import ConfigError, names
+from llmswap.config.values import ConfigError, names, text
 
 
 @attrs.frozen
@@ -132,6 +132,8 @@ class ModelConfig:
     files: tuple[str, ...] | None = None
     prefetch: bool = MODEL["prefetch"].default
     aliases: tuple[str, ...] = ()
+    # Alias -> its own request filters (a variant: one backend, another preset).
+    presets: Mapping[str, Preset] = attrs.field(factory=dict)
     unlisted: bool = MODEL["unlisted"].default
     use_model_name: str | None = None
     strip_params: tuple[str, ...] = ()
@@ -244,6 +246,7 @@ def model(
     except ConfigError as e:
         raise ConfigError(f"'{where}': {e}") from None
     memory = estimated if auto else MODEL["memory"].read(raw, where)
+    aliases, presets = _aliases(raw.get("aliases"), f"{where}.aliases")
     return ModelConfig(
         name=name,
         backend_url=backend_url,
@@ -268,7 +271,8 @@ def model(
         sleep=_sleep(raw.get("sleep"), f"{where}.sleep", backend_url),
         files=MODEL["files"].read(raw, where),
         prefetch=MODEL["prefetch"].read(raw, where),
-        aliases=names(raw.get("aliases"), f"{where}.aliases"),
+        aliases=aliases,
+        presets=presets,
         unlisted=MODEL["unlisted"].read(raw, where),
         use_model_name=MODEL["use_model_name"].read(raw, where),
         strip_params=_params(raw.get("strip_params"), f"{where}.strip_params"),
@@ -310,6 +314,49 @@ def _set_params(raw: Any, where: str) -> dict[str, Any]:
     if "model" in raw:
         raise ConfigError(f"'{where}' cannot set 'model' (use 'use_model_name')")
     return dict(raw)
+
+
+@attrs.frozen
+class Preset:
+    """An alias's own request filters, applied after its model's: a variant served by the same
+    backend (llama-swap's ``setParamsByID``), so asking for it never swaps."""
+
+    strip_params: tuple[str, ...] = ()
+    set_params: Mapping[str, Any] = attrs.field(factory=dict)
+
+
+def _aliases(raw: Any, where: str) -> tuple[tuple[str, ...], dict[str, Preset]]:
+    """``aliases``: names, each may carry ``set_params``/``strip_params`` (a list entry
+    ``{name: {...}}``, or the whole list as a mapping)."""
+    if isinstance(raw, Mapping):
+        raw = [{k: v} if v else k for k, v in raw.items()]
+    if raw is None:
+        return (), {}
+    if not isinstance(raw, list):
+        raise ConfigError(f"'{where}' must be a list of names (each may map to its presets)")
+    found: list[str] = []
+    presets: dict[str, Preset] = {}
+    for i, entry in enumerate(raw):
+        here = f"{where}[{i}]"
+        if isinstance(entry, Mapping):
+            if len(entry) != 1:
+                raise ConfigError(f"'{here}' must be a name, or one name mapped to its presets")
+            [(name, spec)] = entry.items()
+            name = text(name, here, "a non-empty name")
+            if not isinstance(spec, Mapping) or set(spec) - {"set_params", "strip_params"}:
+                raise ConfigError(
+                    f"'{here}.{name}' may only have set_params and strip_params, got {spec!r}"
+                )
+            presets[name] = Preset(
+                _params(spec.get("strip_params"), f"{here}.{name}.strip_params"),
+                _set_params(spec.get("set_params"), f"{here}.{name}.set_params"),
+            )
+        else:
+            name = text(entry, here, "a non-empty name")
+        if name in found:
+            raise ConfigError(f"'{where}' names '{name}' twice")
+        found.append(name)
+    return tuple(found), presets
 
 
 def model_aliases(models: Mapping[str, ModelConfig]) -> dict[str, str]:

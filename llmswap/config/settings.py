@@ -96,6 +96,14 @@ GLOBAL = Section("", (
       "`comments` (SSE comments, invisible) or `reasoning` (`reasoning_content` deltas that chat "
       "clients show as thinking: model, seconds waited, its usual load time)",
       choices=("comments", "reasoning")),
+    Setting("pools", "section", None,
+      "virtual model names served by whichever of their models suits (see `pools.<name>.*`)"),
+    Setting("include", "paths", None,
+      "more files whose `models`, `pools` and `macros` join this file's: paths or globs "
+      "(`models.d/*.yaml`), relative to this file", shown_default="none"),
+    Setting("watch_config", "flag", False,
+      "reload when the file (or an included one) changes, as SIGHUP does; an invalid file "
+      "is refused and the running configuration kept"),
     Setting("prefetch_reserve", "size", 2 * 2**30,
       "memory prefetching leaves free (beyond what the "
       "loaded models' weight files hold in the page cache)", shown_default="`2GiB`"),
@@ -265,6 +273,15 @@ INFO = Section("models.<name>.info", (
     Setting("quantization_level", "text", None, "e.g. `Q4_K_M`"),
 ))
 
+POOL = Section("pools.<name>", (
+    Setting("models", "list", None, "its models (or aliases), in order of preference (required)"),
+    Setting("prefer", "choice", "loaded",
+      "`loaded`: a member already loaded (or loading), else the first that fits beside what "
+      "is loaded, else the first; `order`: the first member, passing over one held back by "
+      "crash backoff", choices=("loaded", "order")),
+    Setting("unlisted", "flag", False, "served, but not listed by `/v1/models`"),
+))
+
 AUTH = Section("auth", (
     Setting("keys", "list", None, "the API keys (see `auth.keys[].*`)"),
     Setting("open_health", "choice", "true",
@@ -305,6 +322,7 @@ SECTIONS = (
     INFO,
     SLEEP,
     REMOTE,
+    POOL,
     AUTH,
     KEY,
 )

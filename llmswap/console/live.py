@@ -96,17 +96,21 @@ def state(snap: Snapshot, config: Config) -> dict[str, Any]:
 
 @implementer(IPushProducer)
 class LiveStream:
-    """One console's connection; ends when its browser goes away or llmswap stops."""
+    """One SSE connection (a console's; the router API's ``/models/sse``); ends when its
+    client goes away or llmswap stops.  A stream paused by a slow reader misses what is sent
+    meanwhile and gets ``resync`` and a fresh ``catch_up`` when it resumes."""
 
     def __init__(
         self,
         request: IRequest,
         catch_up: Callable[[], bytes],
         on_close: Callable[[LiveStream], None],
+        resync: bytes = RESYNC,
     ) -> None:
         self.request = request
         self._catch_up = catch_up
         self._on_close = on_close
+        self._resync = resync
         self._paused = False
         self._missed = False
 
@@ -131,7 +135,7 @@ class LiveStream:
         self._paused = False
         if self._missed:
             self._missed = False
-            self.request.write(RESYNC + self._catch_up())
+            self.request.write(self._resync + self._catch_up())
 
     def stopProducing(self) -> None:
         self._paused = True

@@ -88,8 +88,9 @@ class OllamaProxy(Proxy[Call]):
         call: Call = x.call
         data = call.request
         models = self._config.models
-        visible = self._gate.visible(key, models)
-        x.model = translate.resolve(data.get("model"), self._config.resolve, visible)
+        config = self._config
+        x.model = translate.resolve(data.get("model"), config.known, self._gate.names(key, config))
+        self.resolve(x, key)
         call.name = data["model"]
         embedding = call.kind in (stream.EMBED, stream.EMBEDDINGS)
         x.stream = not embedding and data.get("stream", True) is not False
@@ -102,7 +103,7 @@ class OllamaProxy(Proxy[Call]):
         else:
             body = translate.embed(data, x.model, call.kind == stream.EMBEDDINGS)
             call.path = "/embeddings"
-        x.body = json.dumps(filters.apply(body, models[x.model])).encode()
+        x.body = json.dumps(filters.apply(body, models[x.model], x.preset)).encode()
 
     def uploads(self, request: IRequest) -> bool:
         return False  # the route read the body already: Ollama's requests are JSON
@@ -176,8 +177,15 @@ class OllamaRoutes:
             names = self._visible(request)
         except errors.APIError as e:
             return errors.render_ollama(request, e)
-        models = self._manager.config.models
-        return json_body(request, {"models": [self._listed(models[n]) for n in names]})
+        config = self._manager.config
+        listed = [self._listed(config.models[n]) for n in names]
+        for name in self._gate.names(self._gate.identify(request), config)[len(names) :]:
+            pool = config.pools[name]  # listed as its first member, under its own name
+            if not pool.unlisted:
+                entry = self._listed(config.models[config.resolve(pool.members[0]) or ""])
+                entry["name"] = entry["model"] = translate.tagged(name)
+                listed.append(entry)
+        return json_body(request, {"models": listed})
 
     @app.route("/ps", methods=["GET"])
     def ps(self, request: IRequest) -> bytes:

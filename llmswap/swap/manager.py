@@ -30,7 +30,7 @@ from llmswap.config.config import Config
 from llmswap.events import Cause, EventBus, ModelState, RequestAdmitted, RequestQueued, Swap
 from llmswap.interfaces import BackendHTTP, IBackend
 from llmswap.memory.witness import MemoryWitness
-from llmswap.swap import eviction, lane, policy, snapshot
+from llmswap.swap import eviction, lane, policy, pools, snapshot
 from llmswap.swap.bets import Bets
 from llmswap.swap.changes import Changes
 from llmswap.swap.lane import Lane
@@ -146,6 +146,43 @@ class SwapManager(Service, Changes):
         if len(names) == 1:
             return names[0]
         return policy.place([(n, self.view(self._slots[n].config.host)) for n in names])
+
+    def resolve(self, name: str, allowed: Callable[[str], bool]) -> tuple[str, str] | None:
+        """What a request's model ``name`` means: its model and the name whose preset applies
+        (a model or an alias: itself; a pool: the member chosen now).  None: no such name, or
+        a pool with no member the caller may use (``allowed``)."""
+        if name in self.config.pools:
+            member = self.choose(name, allowed)
+            if member is None:
+                return None
+            name = member
+        model = self.config.resolve(name)
+        return None if model is None else (model, name)
+
+    def choose(self, pool: str, allowed: Callable[[str], bool]) -> str | None:
+        """The member of ``pool`` (as it lists it) that serves a request now; None when the
+        caller may use none (``allowed``: whether it may use a model)."""
+        spec = self.config.pools[pool]
+        views: dict[str, policy.View] = {}
+        members = []
+        for name in spec.members:
+            model = self.config.resolve(name)
+            if model is None or not allowed(model):
+                continue
+            slots = [self._slots[n] for n in self._names(model)]
+            hosts = {s.config.host for s in slots}
+            for host in hosts - views.keys():
+                views[host] = self.view(host)
+            members.append(pools.Member(
+                name,
+                ready=any(s.ready for s in slots),
+                loading=any(s.state is ModelState.STARTING for s in slots),
+                asleep=any(s.asleep for s in slots),
+                fits=any(pools.fits(views[s.config.host], s.config.name) for s in slots),
+                held_back=all(s.held_back() is not None for s in slots),
+            ))  # fmt: skip
+        chosen = pools.choose(spec.prefer, members)
+        return chosen.name if chosen is not None else None
 
     def state(self, model: str) -> ModelState:
         """A model's state: of its instance that is loaded, if any."""

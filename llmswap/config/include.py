@@ -1,0 +1,90 @@
+"""``include:``: more files whose ``models``, ``pools`` and ``macros`` join the main file's.
+
+So each model can be a file dropped into a directory (``include: [models.d/*.yaml]``).  Paths
+and globs are relative to the including file; a glob may match nothing (an empty directory), a
+plain path must exist.  A name defined twice is an error naming both files, never a silent
+override; an included file may not include others (one level keeps the picture plain).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+
+from llmswap.config.values import ConfigError
+
+# The sections an included file may hold.
+JOINED = ("models", "pools", "macros")
+
+
+def _matches(pattern: str, base: str) -> list[str]:
+    path = os.path.join(base, os.path.expanduser(pattern))
+    if glob.has_magic(path):
+        return sorted(p for p in glob.glob(path) if os.path.isfile(p))
+    if not os.path.isfile(path):
+        raise ConfigError(f"'include' names {pattern}, which is not a file")
+    return [path]
+
+
+def read_yaml(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+
+
+def joined(data: Any, source: str) -> tuple[Any, tuple[str, ...], tuple[str, ...]]:
+    """``data`` (the main file's document) with its includes joined in, the files read
+    besides ``source`` in order, and the include patterns as absolute paths (what a watcher
+    follows: a file dropped into ``models.d/`` later is one)."""
+    if not isinstance(data, Mapping) or data.get("include") is None:
+        return data, (), ()
+    patterns = data["include"]
+    if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
+        raise ConfigError(f"'include' must be a list of paths or globs, got {patterns!r}")
+    out = {k: v for k, v in data.items() if k != "include"}
+    origin = {section: dict.fromkeys(out.get(section) or {}, source) for section in JOINED}
+    files: list[str] = []
+    base = os.path.dirname(os.path.abspath(source))
+    absolute = tuple(os.path.join(base, os.path.expanduser(p)) for p in patterns)
+    for pattern in patterns:
+        for path in _matches(pattern, base):
+            if path in files or os.path.abspath(path) == os.path.abspath(source):
+                continue
+            files.append(path)
+            _join(out, origin, read_yaml(path), path)
+    return out, tuple(files), absolute
+
+
+def _join(out: dict[str, Any], origin: dict[str, dict[str, str]], part: Any, path: str) -> None:
+    if part is None:  # an empty file
+        return
+    if not isinstance(part, Mapping) or set(part) - set(JOINED):
+        extra = sorted(set(part) - set(JOINED)) if isinstance(part, Mapping) else None
+        raise ConfigError(
+            f"{path}: an included file may only hold {', '.join(JOINED)}"
+            + (f"; it has {', '.join(map(str, extra))}" if extra else "")
+        )
+    for section, entries in part.items():
+        if entries is None:
+            continue
+        if not isinstance(entries, Mapping):
+            raise ConfigError(f"{path}: '{section}' must be a mapping")
+        merged = dict(out.get(section) or {})
+        for name, value in entries.items():
+            if name in merged:
+                raise ConfigError(
+                    f"{path}: '{section}.{name}' is already defined in {origin[section][name]}"
+                )
+            merged[name] = value
+            origin[section][name] = path
+        out[section] = merged

@@ -1,0 +1,152 @@
+"""``GET /models/sse``: the router's stream of model status changes, from llmswap's events.
+
+Each event is the router's ``data: {"model", "event": "status_change", "data": {"status"}}``,
+written only when the router's word for the model's state changes (draining and stopping are
+both still ``loaded``).  A stream starts with every visible model's status (the router's
+clients read ``GET /models`` for that; the extra events cost them nothing), and one that a slow
+reader paused gets them again when it resumes rather than what it missed.  A model that
+loaded comes with its ``info`` (its object and the backend's ``meta``), as the router's does.
+One subscription and one heartbeat serve every stream, and only while one is open.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+
+from llmswap.config.config import Config
+from llmswap.console.live import HEARTBEAT, LiveStream
+from llmswap.events import EventBus, ModelStateChanged, Subscription
+from llmswap.llamacpp.listing import STATUS, Meta, entry, shown
+from llmswap.responses import sse_event
+from llmswap.swap.snapshot import Snapshot
+
+
+def _event(model: str, status: str, info: dict[str, Any] | None = None) -> bytes:
+    data: dict[str, Any] = {"status": status}
+    if info is not None:
+        data["info"] = info
+    payload = {"model": model, "event": "status_change", "data": data}
+    return sse_event(json.dumps(payload).encode())
+
+
+log = Logger()
+
+# The router's ``info`` of a model that loaded: its object without the listing's own keys.
+_NOT_INFO = ("status", "source", "can_remove", "llmswap")
+
+
+def _logged(failure: Failure) -> None:
+    log.failure("router API: a model event", failure)
+
+
+class ModelEvents(Service):
+    """Every open ``/models/sse`` stream, with the models each may see."""
+
+    name = "router model events"
+
+    def __init__(
+        self,
+        bus: EventBus,
+        clock: IReactorTime,
+        snapshot: Callable[[], Snapshot],
+        config: Callable[[], Config],
+        meta: Meta,
+    ) -> None:
+        self._meta = meta
+        # Events leave in the order of their changes, a loaded one after its backend's meta.
+        self._sent: Deferred[None] = succeed(None)
+        self._bus = bus
+        self._clock = clock
+        self._snapshot = snapshot
+        self._config = config
+        self._open: dict[LiveStream, frozenset[str]] = {}
+        self._said: dict[str, str] = {}  # model -> the status last written
+        self._subscription: Subscription | None = None
+        self._heartbeat: LoopingCall | None = None
+
+    def add(self, request: IRequest, visible: list[str]) -> None:
+        models = frozenset(visible)
+        stream = LiveStream(request, lambda: self._statuses(models), self._closed, resync=b"")
+        if self._subscription is None:  # nobody listening costs nothing
+            self._said = self._now()
+            self._subscription = self._bus.subscribe(ModelStateChanged, self._changed)
+            self._heartbeat = LoopingCall(self._send_all, b": idle\n\n")
+            self._heartbeat.clock = self._clock
+            self._heartbeat.start(HEARTBEAT, now=False)
+        self._open[stream] = models
+        stream.start()
+
+    def _now(self) -> dict[str, str]:
+        snap, config = self._snapshot(), self._config()
+        return {n: STATUS[shown(snap, config, n).state] for n in config.models}
+
+    def _statuses(self, models: frozenset[str]) -> bytes:
+        return b"".join(_event(n, s) for n, s in self._now().items() if n in models)
+
+    def _changed(self, e: ModelStateChanged) -> None:
+        config = self._config()
+        model = next((m for m, ns in config.placements.items() if e.model in ns), None)
+        if model is None:
+            return
+        status = STATUS[shown(self._snapshot(), config, model).state]
+        if self._said.get(model) == status:
+            return
+        self._said[model] = status
+        if status != "loaded":
+            self._sent.addCallback(lambda _: self._send(model, _event(model, status)))
+            self._sent.addErrback(_logged)
+            return
+        snap = self._snapshot()
+        m = shown(snap, config, model)
+        meta = self._meta.of(config, snap, [model])
+
+        def loaded(_: None) -> Deferred[None]:
+            def send(metas: dict[str, Any]) -> None:
+                full = entry(config, model, m, int(self._clock.seconds()), metas.get(model))
+                info = {k: v for k, v in full.items() if k not in _NOT_INFO}
+                self._send(model, _event(model, status, info))
+
+            return meta.addCallback(send)
+
+        self._sent.addCallback(loaded)
+        self._sent.addErrback(_logged)
+
+    def _send(self, model: str, payload: bytes) -> None:
+        for stream, models in list(self._open.items()):
+            if model in models:
+                stream.send(payload)
+
+    def _send_all(self, payload: bytes) -> None:
+        for stream in list(self._open):
+            stream.send(payload)
+
+    def _closed(self, stream: LiveStream) -> None:
+        self._open.pop(stream, None)
+        if not self._open:
+            self._quiet()
+
+    def _quiet(self) -> None:
+        if self._subscription is not None:
+            self._subscription.cancel()
+            self._subscription = None
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
+        self._heartbeat = None
+
+    def stopService(self) -> None:
+        super().stopService()
+        for stream in list(self._open):
+            stream.request.unregisterProducer()  # type: ignore[attr-defined]
+            stream.request.finish()
+        self._open.clear()
+        self._quiet()
