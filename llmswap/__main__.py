@@ -34,7 +34,7 @@ def _changed(section: schema.Section, obj: Any, defaults: dict[str, Any]) -> lis
         if s.kind in ("section", "list") or not hasattr(obj, s.key):
             continue
         value = getattr(obj, s.key)
-        if value not in (None, {}) and value != defaults.get(s.key, s.default):
+        if value not in (None, {}, ()) and value != defaults.get(s.key, s.default):
             out.append(f"{s.key} {schema.show(value)} {s.unit}".rstrip())
     return out
 

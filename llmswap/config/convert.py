@@ -1,11 +1,15 @@
 """``python -m llmswap convert-llama-swap FILE``: a llama-swap configuration as an llmswap one.
 
 The common shape carries over: models with ``cmd`` (its ``${PORT}``, ``${MODEL_ID}`` and the
-user's macros keep working), ``proxy``, ``checkEndpoint``, ``ttl``, ``aliases``, ``unlisted``,
-``useModelName``, ``filters`` (``stripParams``, ``setParams``), ``env``; and the global
-``macros``, ``startPort``, ``healthCheckTimeout``, ``globalTTL``, ``includeAliasesInList``,
-``sendLoadingState``, ``apiKeys`` and the startup preload hook.  Every key that does not carry
-over is listed with the reason, at the top of the output and on stderr: never silently dropped.
+user's macros keep working), ``proxy`` (llama-swap's default, ``http://localhost:${PORT}``, when
+there is none), ``checkEndpoint``, ``ttl``, ``aliases``, ``unlisted``, ``useModelName``,
+``filters`` (``stripParams``, ``setParams``, and ``setParamsByID`` as aliases with their own
+presets), ``env``; and the global ``macros``, ``startPort``, ``healthCheckTimeout``,
+``globalTTL``, ``includeAliasesInList``, ``sendLoadingState``, ``selectors`` (as pools),
+``apiKeys`` and the startup preload hook.  Every key that does not carry over is listed with the
+reason, at the top of the output and on stderr: never silently dropped.  A key written in the
+file becomes an environment variable to set (the list says which): a secret kept in a
+configuration file is one copied with it, and one copied from an example is weak.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ _NOT_CARRIED = {
     "timeouts": "see `request_timeout` and `startup_timeout`",
     "cmdStop": "llmswap stops the process group (SIGTERM, then SIGKILL after `stop_timeout`); "
     "for a container use `container_name`",
-    "setParamsByID": "make a model per variant, or use aliases with one set of `set_params`",
 }
+# llama-swap's selector strategies as pools' preferences.
+_STRATEGIES = {"warm": "loaded", "pin": "order", "spillover": "loaded"}
 
 # What carries over (the keys convert() and _model() read).
 _GLOBAL_CARRIED = frozenset(
@@ -48,6 +53,8 @@ _GLOBAL_CARRIED = frozenset(
         "apiKeys",
         "healthCheckTimeout",
         "globalTTL",
+        "selectors",
+        "hooks",
     }
 )
 _MODEL_CARRIED = frozenset(
@@ -81,27 +88,84 @@ def convert(data: Any) -> tuple[dict[str, Any], list[str]]:
                 name, value = "loading_status", "reasoning" if value else "comments"
             out[name] = value
     if data.get("apiKeys"):
-        out["auth"] = {"keys": [_key(i, k) for i, k in enumerate(data["apiKeys"], 1)]}
-    preload = (data.get("hooks") or {}).get("on_startup", {}).get("preload")
-    if preload:
-        out["preload"] = list(preload)
+        out["auth"] = {"keys": [_key(i, k, left) for i, k in enumerate(data["apiKeys"], 1)]}
     for key in data:
         if key == "hooks":
-            if set(data["hooks"]) - {"on_startup"}:
+            if set(data["hooks"] or {}) - {"on_startup"}:
                 left.append("hooks: only on_startup.preload carries over (as `preload`)")
         elif key not in _GLOBAL_CARRIED:
             left.append(f"{key}: {_NOT_CARRIED.get(key, 'unknown to llmswap')}")
     models = {}
     for name, raw in data["models"].items():
         models[str(name)] = _model(str(name), raw, data, left)
+    pools = _pools(data.get("selectors") or {}, models, left)
+    if pools:
+        out["pools"] = pools
+    preload = ((data.get("hooks") or {}).get("on_startup") or {}).get("preload")
+    if preload:
+        out["preload"] = _preload(preload, models, pools, left)
     out["models"] = models
     return out, left
 
 
-def _key(i: int, key: str) -> dict[str, str]:
+def _key(i: int, key: str, left: list[str]) -> dict[str, str]:
     if key.startswith("${env.") and key.endswith("}"):
         return {"name": f"key-{i}", "key_env": key[len("${env.") : -1]}
-    return {"name": f"key-{i}", "key": key}
+    variable = f"LLMSWAP_KEY_{i}"
+    left.append(f"apiKeys[{i - 1}]: a key written in the file; set {variable} to it, or to a "
+                "new one if it came from an example (llmswap refuses weak keys)")  # fmt: skip
+    return {"name": f"key-{i}", "key_env": variable}
+
+
+def _pools(
+    selectors: Mapping[str, Any], models: Mapping[str, Any], left: list[str]
+) -> dict[str, Any]:
+    """llama-swap's selectors as pools, with the targets that are models (or aliases) here."""
+    names = set(models) | {a for m in models.values() for a in _alias_names(m)}
+    pools: dict[str, Any] = {}
+    for name, raw in selectors.items():
+        where = f"selectors.{name}"
+        targets = [str(t) for t in (raw or {}).get("targets") or []]
+        kept = [t for t in targets if t in names]
+        for gone in (t for t in targets if t not in names):
+            left.append(f"{where}.targets: {gone} is not a model here (a peer's, or a profile's)")
+        strategy = (raw or {}).get("strategy", "warm")
+        if strategy == "spillover":
+            left.append(
+                f"{where}.strategy: spillover: the pool serves with a loaded member first "
+                "(prefer: loaded); llmswap queues, not spills over"
+            )
+        for key in sorted(set(raw or {}) - {"targets", "strategy"}):
+            left.append(f"{where}.{key}: not shown by llmswap")
+        if not kept:
+            left.append(f"{where}: none of its targets is a model here; no pool")
+            continue
+        pools[str(name)] = {"models": kept, "prefer": _STRATEGIES.get(strategy, "loaded")}
+    return pools
+
+
+def _alias_names(model: Mapping[str, Any]) -> list[str]:
+    return [a if isinstance(a, str) else next(iter(a)) for a in model.get("aliases") or []]
+
+
+def _preload(
+    names: list[Any], models: Mapping[str, Any], pools: Mapping[str, Any], left: list[str]
+) -> list[str]:
+    """The startup hook's models; a selector's name is its pool's first member."""
+    out: list[str] = []
+    for name in map(str, names):
+        if name in pools:
+            first = pools[name]["models"][0]
+            member = next((m for m, c in models.items() if first == m or first in
+                           _alias_names(c)), first)  # fmt: skip
+            left.append(f"hooks.on_startup.preload: {name} is a pool; its first model, "
+                        f"{member}, is preloaded")  # fmt: skip
+            name = member
+        if name in models:
+            out.append(name)
+        else:
+            left.append(f"hooks.on_startup.preload: {name} is not a model here")
+    return list(dict.fromkeys(out))
 
 
 def _model(name: str, raw: Any, top: Mapping[str, Any], left: list[str]) -> dict[str, Any]:
@@ -109,14 +173,14 @@ def _model(name: str, raw: Any, top: Mapping[str, Any], left: list[str]) -> dict
     if not isinstance(raw, Mapping) or "cmd" not in raw:
         raise ConfigError(f"'{where}' has no 'cmd'")
     out: dict[str, Any] = {"cmd": _command(raw["cmd"])}
-    proxy = str(raw.get("proxy", "")).rstrip("/") or None
-    if proxy:
-        out["backend_url"] = proxy + "/v1"
+    # llama-swap's default proxy: the model's ${PORT} on this machine.
+    proxy = str(raw.get("proxy", "")).rstrip("/") or "http://127.0.0.1:${PORT}"
+    out["backend_url"] = proxy.replace("localhost", "127.0.0.1", 1) + "/v1"
     endpoint = raw.get("checkEndpoint")
     if endpoint == "none":
         left.append(f"{where}.checkEndpoint: none: llmswap always waits for /health")
     elif endpoint:
-        out["health_url"] = (proxy or "http://127.0.0.1:${PORT}") + endpoint
+        out["health_url"] = proxy + endpoint
     if "healthCheckTimeout" in top:
         out["startup_timeout"] = max(15, top["healthCheckTimeout"])
     ttl = raw.get("ttl", -1)
@@ -147,8 +211,12 @@ def _model(name: str, raw: Any, top: Mapping[str, Any], left: list[str]) -> dict
         out["strip_params"] = [p.strip() for p in str(filters["stripParams"]).split(",") if p]
     if filters.get("setParams"):
         out["set_params"] = dict(filters["setParams"])
-    if filters.get("setParamsByID"):
-        left.append(f"{where}.filters.setParamsByID: {_NOT_CARRIED['setParamsByID']}")
+    for id_, params in (filters.get("setParamsByID") or {}).items():
+        variant = str(id_).replace("${MODEL_ID}", name)
+        if variant == name:  # its own name: its own parameters, after setParams
+            out["set_params"] = {**out.get("set_params", {}), **dict(params)}
+        else:  # an alias with its own preset (llama-swap makes the alias)
+            out.setdefault("aliases", []).append({variant: {"set_params": dict(params)}})
     for key in raw:
         if key not in _MODEL_CARRIED:
             left.append(f"{where}.{key}: {_NOT_CARRIED.get(key, 'unknown to llmswap')}")
