@@ -28,6 +28,7 @@ from llmswap.llamacpp import listing
 from llmswap.llamacpp.routes import RouterAPI
 from llmswap.metrics import Metrics
 from llmswap.proxy import Proxy, internal_error
+from llmswap.relay.tunnel import is_upgrade
 from llmswap.responses import json_body
 from llmswap.swap.manager import SwapManager
 
@@ -163,6 +164,8 @@ class OpenAIResource:
 
     @app.route("/metrics", methods=["GET"])
     def metrics(self, request: IRequest) -> Any:
+        if b"model" in request.args:  # type: ignore[attr-defined]  # a backend's, as the router
+            return self._router_call(request, lambda r: r.proxied(request, "/metrics"))
         try:
             self._gate.protect_health(request)
         except errors.APIError as e:
@@ -279,6 +282,10 @@ class OpenAIResource:
     def router_props(self, request: IRequest) -> Any:
         return self._router_call(request, lambda r: r.props(request))
 
+    @app.route("/slots", methods=["GET"])
+    def router_slots(self, request: IRequest) -> Any:
+        return self._router_call(request, lambda r: r.proxied(request, "/slots", Caller.ADMIN))
+
     def _router_call(self, request: IRequest, call: Callable[[RouterAPI], Any]) -> Any:
         try:
             if self._router is None:
@@ -320,6 +327,8 @@ class OpenAIResource:
             found = upstream.target(self._manager.config, request.uri, visible)
             upstream.check_reach(self._manager.config, found, request.method, self._gate.may(
                 key, Caller.ADMIN))  # fmt: skip
+            if is_upgrade(request):
+                return self._upstream.tunnel(request, found)
         except errors.APIError as e:
             return errors.render(request, e)
         return self._upstream.handle(request, found)

@@ -47,6 +47,7 @@ from llmswap.ollama.routes import OllamaProxy, OllamaRoutes
 from llmswap.proxy import Proxy
 from llmswap.relay.agent import BackendPool, backend_agent
 from llmswap.relay.forward import Relay
+from llmswap.relay.tunnel import Tunnels
 from llmswap.resource import OpenAIResource
 from llmswap.site import HTTPService, LLMSwapSite
 from llmswap.swap.manager import SwapManager
@@ -121,6 +122,8 @@ class LLMSwapService(MultiService):
             UpstreamProxy(*parts),
             OllamaProxy(*parts),
         )
+        self.tunnels = upstream.tunnels = Tunnels(reactor)
+        self.tunnels.setServiceParent(self)
         routes = OllamaRoutes(self.manager, ollama, self.gate, http, reactor)
         console = self._console(config, reactor)
         meta = Meta(http, reactor)

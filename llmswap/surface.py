@@ -82,7 +82,10 @@ ROUTES: tuple[Route, ...] = (
     Route("/health", _GET, Body.SMALL, Caller.HEALTH,
           "states and counts; backend details (pids, paths, URLs, output lines, engines) only to "
           "admins or with open_health: full"),
-    Route("/metrics", _GET, Body.SMALL, Caller.HEALTH, "counters and states by model name"),
+    Route("/metrics", _GET, Body.SMALL, Caller.HEALTH, "counters and states by model name; with "
+          "?model= the loaded backend's own metrics, to a key that may use it"),
+    Route("/slots", _GET, Body.SMALL, Caller.ADMIN, "with ?model= the loaded backend's slots "
+          "(what they hold: users' prompts)"),
     Route("/v1/models", _GET, Body.SMALL, Caller.KEY, "the models the key may use"),
     Route("/v1/models/*", _GET, Body.SMALL, Caller.KEY, "a model the key may use"),
     Route("/v1/messages", ("POST",), Body.JSON, Caller.KEY, _ANSWER, Shape.ANTHROPIC),

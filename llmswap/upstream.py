@@ -3,7 +3,8 @@
 llama-server's ``/props`` and web UI, vLLM's ``/metrics``: the model is loaded as for any
 request (the same gate, queue and lease, so the key must be allowed the model), then the request
 goes to the server's root as it came, its body relayed from the temporary file Twisted keeps it
-in, its answer streamed back.
+in, its answer streamed back.  A request to upgrade its connection (a WebSocket: ComfyUI, a
+web UI's live view) is tunnelled (:mod:`llmswap.relay.tunnel`).
 
 It is an operator's tool (:mod:`llmswap.surface`): admin keys, or keys with ``upstream: true``.
 A backend's management routes (sleep, weights, slots...) are for admin keys only, whatever the
@@ -13,10 +14,13 @@ inference routes, since its key is the operator's whole account there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
 
 from llmswap import errors, surface
 from llmswap.bodies import check_size
@@ -24,8 +28,9 @@ from llmswap.config.config import Config
 from llmswap.config.keys import APIKey
 from llmswap.config.model import server_root
 from llmswap.headers import UPSTREAM_POLICY
-from llmswap.proxy import Exchange, Proxy
+from llmswap.proxy import ANSWERED_LATER, Exchange, Proxy
 from llmswap.relay.forward import Relayed
+from llmswap.relay.tunnel import Tunnels
 from llmswap.swap.queue import Lease
 
 PREFIX = b"/upstream/"
@@ -65,7 +70,24 @@ def check_reach(config: Config, found: Target, method: bytes, admin: bool) -> No
 
 
 class UpstreamProxy(Proxy[Target]):
-    """The request path with the model from the URL and the body relayed untouched."""
+    """The request path with the model from the URL and the body relayed untouched; an
+    upgraded connection (a WebSocket) through :attr:`tunnels`."""
+
+    tunnels: Tunnels | None = None
+
+    def tunnel(self, request: IRequest, found: Target) -> IResource:
+        """Queue for the model like a request, then splice the connection to its server; the
+        key's limits count the opening, not the hours a socket stays open."""
+        assert self.tunnels is not None
+        key = self._gate.identify(request)
+        model = self._config.resolve(found.model) or found.model
+        self._gate.check_model(key, model)
+        release = self._gate.admit(key)
+        priority = key.priority if key is not None else 0
+        lease = self._manager.acquire(model, priority, key.name if key is not None else "-")
+        lease.addBoth(_after, release)
+        self.tunnels.open(request, lease, found.path, self.dropped_headers())
+        return ANSWERED_LATER
 
     comments_while_waiting = False  # the answer is the backend's, whatever it is
 
@@ -88,3 +110,8 @@ class UpstreamProxy(Proxy[Target]):
         url = server_root(lease.backend_url) + x.call.path
         return self._relay.forward(x.request, x.model, url, x.upload, self.dropped_headers(),
                                    authorization=lease.authorization)  # fmt: skip
+
+
+def _after(result: Any, release: Callable[[], None]) -> Any:
+    release()
+    return result

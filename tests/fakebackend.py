@@ -24,6 +24,7 @@ with CUDA's out-of-memory words, as llama.cpp does.
 from __future__ import annotations
 
 import argparse
+import base64
 import email
 import email.message
 import hashlib
@@ -243,8 +244,46 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, {"is_sleeping": ASLEEP})
         elif self.path == "/v1/models":
             self._send(200, {"object": "list", "data": [{"id": ARGS.name, "object": "model"}]})
+        elif self.path.startswith("/ws") and self.headers.get("Upgrade", "").lower() == "websocket":
+            self._websocket()
         else:
             self._send(404, {"error": {"message": "not found"}})
+
+    def _websocket(self) -> None:
+        """A WebSocket (RFC 6455) that answers each text message with the backend's name, the
+        path and query it was opened on, the Host it was sent to and the message."""
+        accept = base64.b64encode(hashlib.sha1(
+            self.headers["Sec-WebSocket-Key"].encode() + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+        ).digest()).decode()  # fmt: skip
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", accept)
+        self.end_headers()
+        self.wfile.flush()
+        seen = {"host": self.headers.get("Host"), "path": self.path, "name": ARGS.name,
+                "authorization": self.headers.get("Authorization")}  # fmt: skip
+        while True:
+            head = self.rfile.read(2)
+            if len(head) < 2:
+                return
+            opcode, length = head[0] & 0x0F, head[1] & 0x7F
+            if length == 126:
+                length = int.from_bytes(self.rfile.read(2), "big")
+            elif length == 127:
+                length = int.from_bytes(self.rfile.read(8), "big")
+            mask = self.rfile.read(4) if head[1] & 0x80 else b"\0\0\0\0"
+            data = bytes(b ^ mask[i % 4] for i, b in enumerate(self.rfile.read(length)))
+            if opcode == 8:  # close: answer it, and end
+                self.wfile.write(b"\x88\x00")
+                self.wfile.flush()
+                return
+            reply = json.dumps({**seen, "message": data.decode()}).encode()
+            size = (
+                bytes([len(reply)]) if len(reply) < 126 else b"\x7e" + len(reply).to_bytes(2, "big")
+            )
+            self.wfile.write(b"\x81" + size + reply)
+            self.wfile.flush()
 
     def do_POST(self) -> None:
         self._witness()

@@ -108,6 +108,8 @@ def exercise(port: int) -> dict[str, Any]:
     out["props"] = json.loads(get(port, "/props")[1])
     code, body = get(port, "/props?model=a")
     out["props_a"] = (code, json.loads(body))
+    code, body = get(port, "/slots?model=a")
+    out["slots_a"] = (code, json.loads(body))
     until(lambda: "loaded" in events.statuses("a"))
     out["events"] = [e for e in events.seen if e["model"] == "a"]
     events.close()
@@ -154,6 +156,10 @@ def test_the_router_api_answers_as_llama_servers_router(tmp_path: Path) -> None:
     assert code == their_code == 200
     same_shape(their_props, props)
     assert props["default_generation_settings"]["n_ctx"] == 2048
+    (code, slots), (their_code, their_slots) = ours["slots_a"], theirs["slots_a"]
+    assert code == their_code == 200
+    same_shape(their_slots, slots)
+    assert [s["n_ctx"] for s in slots] == [s["n_ctx"] for s in their_slots]
     # The load as events: loading, then loaded.
     same_shape(theirs["events"][-1], ours["events"][-1])
     statuses = [e["data"]["status"] for e in ours["events"]]

@@ -23,6 +23,7 @@ from typing import Any
 
 import attrs
 import pytest
+import websocket
 import yaml
 
 from tests.support import FAKE, fake_model, free_port, read_ledger, terminate
@@ -470,6 +471,27 @@ def test_the_router_api_keeps_the_admin_routes_rules(keyed: Running) -> None:
     hostile = call(keyed.port, "POST", "/models/load", b'{"model": "' + b"q" * 5000 + b'"}',
                    bearer(ADMIN))  # fmt: skip
     assert hostile.status == 404 and len(hostile.body) < 1000
+
+
+def test_a_websocket_through_upstream_keeps_its_rules(keyed: Running) -> None:
+    """The upgrade is refused to a key without upstream rights, and a tunnel carries neither
+    the client's llmswap key nor its console session to the backend."""
+    url = f"ws://127.0.0.1:{keyed.port}/upstream/alpha/ws"
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        websocket.create_connection(url, timeout=30, header=[f"Authorization: Bearer {BOB}"])
+    assert refused.value.status_code == 403
+    ws = websocket.create_connection(url, timeout=30, cookie="llmswap_session=stolen",
+                                     header=[f"Authorization: Bearer {ALICE}"])  # fmt: skip
+    try:
+        ws.send("hi")
+        seen = json.loads(ws.recv())
+    finally:
+        ws.close()
+    assert seen["name"] == "alpha" and seen["authorization"] is None
+    beta = f"ws://127.0.0.1:{keyed.port}/upstream/beta/ws"
+    with pytest.raises(websocket.WebSocketBadStatusException) as refused:
+        websocket.create_connection(beta, timeout=30, header=[f"Authorization: Bearer {ALICE}"])
+    assert refused.value.status_code == 403  # beta is not alice's, as for any request
 
 
 # Finding 6: what leaks.

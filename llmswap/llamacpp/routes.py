@@ -112,23 +112,28 @@ class RouterAPI:
         return ANSWERED_LATER
 
     def props(self, request: IRequest) -> Any:
-        """``GET /props``: the router's own, or with ``?model=`` that model's backend's, if it
-        is loaded (``&autoload=true``: loading it first, as a request would)."""
-        name = _arg(request, "model")
-        config = self._manager.config
-        if name is None:
+        """``GET /props``: the router's own, or with ``?model=`` that model's backend's."""
+        if _arg(request, "model") is None:
             self._gate.identify(request)
             return json_body(request, self._router_props())
-        key = self._gate.identify(request)
+        return self.proxied(request, "/props")
+
+    def proxied(self, request: IRequest, path: str, caller: Caller = Caller.KEY) -> Any:
+        """A GET route naming its model in ``?model=`` (``/props``, ``/slots``, ``/metrics``),
+        answered by that model's backend if it is loaded (``&autoload=true``: loading it first,
+        as a request would), for a ``caller`` that may use the model."""
+        name = _arg(request, "model") or ""
+        key = self._gate.require(request, caller)
         visible = self._gate.visible(key, self._manager.models())
+        config = self._manager.config
         model = config.resolve(name)
         if model is None or model not in visible:
             raise errors.model_not_found(name, visible)
         autoload = _arg(request, "autoload") in ("true", "1")
         if not autoload and self._manager.state(model) is not ModelState.READY:
             raise errors.bad_request("model is not loaded", "model_not_loaded")
-        found = Target(model, "/props")
-        check_reach(config, found, b"GET", admin=False)
+        found = Target(model, path)
+        check_reach(config, found, b"GET", admin=self._gate.may(key, Caller.ADMIN))
         return self._upstream.handle(request, found)
 
     def _router_props(self) -> dict[str, Any]:
