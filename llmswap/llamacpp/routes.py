@@ -70,7 +70,11 @@ class RouterAPI:
 
     def _named(self, request: IRequest, caller: Caller) -> str:
         """The model a load or unload names (its alias too), if the caller may change it."""
-        key = self._gate.require(request, caller)
+        key = (
+            self._gate.identify(request)
+            if caller is Caller.KEY
+            else self._gate.require(request, caller)
+        )
         content = request.content
         body = json_object(content.read() if content is not None else b"", SMALL_BYTES)
         name = body.get("model")
@@ -123,7 +127,11 @@ class RouterAPI:
         answered by that model's backend if it is loaded (``&autoload=true``: loading it first,
         as a request would), for a ``caller`` that may use the model."""
         name = _arg(request, "model") or ""
-        key = self._gate.require(request, caller)
+        key = (
+            self._gate.identify(request)
+            if caller is Caller.KEY
+            else self._gate.require(request, caller)
+        )
         visible = self._gate.visible(key, self._manager.models())
         config = self._manager.config
         model = config.resolve(name)

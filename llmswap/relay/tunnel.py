@@ -129,6 +129,7 @@ class Tunnels(Service):
         self._open.update((client, backend))
         assert backend.transport is not None
         backend.transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
+        transport.unregisterProducer()  # the HTTP channel was its producer until now
         transport.registerProducer(backend.transport, True)
         backend.transport.registerProducer(transport, True)  # type: ignore[attr-defined]
         transport.resumeProducing()  # Twisted paused it while the request was served
@@ -143,7 +144,9 @@ class Tunnels(Service):
             err = errors.backend_error("The model's server did not take the upgraded connection")
         else:
             return
-        if getattr(request, "_disconnected", False) or request.finished:  # type: ignore[attr-defined]
+        gone = getattr(request, "_disconnected", False) or request.finished  # type: ignore[attr-defined]
+        if gone or request.channel.transport is None:  # type: ignore[attr-defined]  # tunnelled
+            log.failure("upstream: a tunnel", failure)
             return
         request.write(errors.render(request, err))
         request.finish()
