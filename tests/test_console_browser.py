@@ -100,6 +100,7 @@ class ConsoleBrowserTests(DaemonTestCase):
             {"chat": self.fake("chat", startup_delay=1.5), "coder": self.fake("coder", ttl=600)},
             devices={"ram": {"memory": "24GiB", "probe": "ram"}},
             state_dir=os.path.abspath(self.mktemp()),
+            pools={"assistant": {"models": ["coder", "chat"]}},
         )
         self.driver = yield self.in_thread(chromium)
         yield self.browse(lambda d: d.get(self.daemon.url + "/"))  # a browser: sent to /ui/
@@ -114,6 +115,12 @@ class ConsoleBrowserTests(DaemonTestCase):
         self.assertIn("loading for", loading)
         yield self.until(lambda d: self.cell("chat", 1)(d).startswith("ready"))
         yield first
+        # The pool: its members, the loaded one serving it.
+        serving = '#pools [data-pool="assistant"] .serving'
+        yield self.until(lambda d: [e.text for e in d.find_elements(By.CSS_SELECTOR, serving)]
+                         == ["chat"])  # fmt: skip
+        pool = yield self.browse(lambda d: d.find_element(By.ID, "pools").text)
+        self.assertEqual(pool, "pool assistant (prefers loaded): coder, chat")
 
         # A request waits while chat's only slot is busy: the queue shows it, with its position.
         busy = self.post("/v1/chat/completions", {"model": "chat", "fake_sleep": 2.5})

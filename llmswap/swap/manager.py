@@ -19,6 +19,7 @@ from collections.abc import Callable, Generator, Mapping
 from functools import partial
 from typing import Any
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -37,7 +38,7 @@ from llmswap.swap.lane import Lane
 from llmswap.swap.prefetch import Prefetcher, Residency
 from llmswap.swap.queue import Lease, RequestQueue, Ticket
 from llmswap.swap.slot import Slot
-from llmswap.swap.snapshot import Snapshot
+from llmswap.swap.snapshot import PoolSnapshot, Snapshot
 
 log = Logger()
 
@@ -248,9 +249,14 @@ class SwapManager(Service, Changes):
         now, running = self._clock.seconds(), bool(self.running)
         memory = self._memory
         measured, devices = (memory.measured, memory.devices) if memory is not None else ({}, {})
-        return snapshot.take(
+        taken = snapshot.take(
             self._slots, self._queue, self.config, now, running, queue, measured, devices
         )
+        if not self.config.pools:
+            return taken
+        pools = {name: PoolSnapshot(p.members, p.prefer, self.choose(name, lambda _: True))
+                 for name, p in self.config.pools.items()}  # fmt: skip
+        return attrs.evolve(taken, pools=pools)
 
     # -- scheduling ---------------------------------------------------------------------------
 

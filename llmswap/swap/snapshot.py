@@ -59,6 +59,16 @@ class ModelSnapshot:
 
 
 @attrs.frozen
+class PoolSnapshot:
+    """A pool: its members as listed, its preference, and the member a request (of a key that
+    may use them all) would be served by now."""
+
+    members: tuple[str, ...]
+    prefer: str
+    serving: str | None
+
+
+@attrs.frozen
 class HostSnapshot:
     """A host: its engine, ``${HOST}``, budgets, instances, and why its engine did not answer
     last (None: it did)."""
@@ -84,6 +94,7 @@ class Snapshot:
     hosts: Mapping[str, HostSnapshot] = attrs.field(factory=dict)
     # The probed devices as last read (every few seconds, by the memory witness).
     devices: Mapping[str, DeviceReading] = attrs.field(factory=dict)
+    pools: Mapping[str, PoolSnapshot] = attrs.field(factory=dict)
 
     def ready(self) -> list[str]:
         return [n for n, m in self.instances.items() if m.state is ModelState.READY]

@@ -147,6 +147,11 @@ function renderModels() {
   // Only when something shown changed: a row rebuilt between a press and a release eats the click.
   const html = rows.join("");
   if (html !== shownModels) $("model-rows").innerHTML = shownModels = html;
+  // Each pool, and the member a request for it would be served by now.
+  $("pools").innerHTML = Object.entries(state.pools || {}).map(([name, p]) =>
+    `<div class="pool" data-pool="${esc(name)}">pool <b>${esc(name)}</b> (prefers ${esc(p.prefer)}): ` +
+    p.models.map((m) => m === p.serving ? `<b class="serving">${esc(m)}</b>` : esc(m)).join(", ") +
+    `</div>`).join("");
   $("budgets").innerHTML = Object.entries(state.devices).map(([device, size]) => {
     const share = Math.min(1, (used[device] || 0) / size);
     // A probed device also says what it really holds, by anyone (llmswap's models and others).
