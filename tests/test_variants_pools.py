@@ -99,6 +99,12 @@ class PoolTests(DaemonTestCase):
         self.assertEqual(starts(self.ledger), ["a", "c", "b"])  # b fitted beside c: no eviction
         health = yield self.health()
         self.assertEqual(health["models"]["c"]["state"], "ready")
+        self.assertEqual(health["pools"]["chat"], {"models": ["a", "b-think"], "prefer": "loaded",
+                                                   "serving": "b-think"})  # fmt: skip
+        response = yield self.http.get(daemon.url + "/metrics")
+        text = (yield response.content()).decode()
+        self.assertIn('llmswap_pool_requests_total{model="a",pool="chat"} 2.0', text)
+        self.assertIn('llmswap_pool_requests_total{model="b",pool="chat"} 1.0', text)
         self.assertEqual((yield self.ask("strict")), "b")  # order: the first, loaded or not
         listed = yield self.in_thread(daemon.client().models.list)
         self.assertEqual([m.id for m in listed.data], ["a", "b", "c", "chat", "strict"])
