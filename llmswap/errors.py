@@ -245,6 +245,20 @@ def startup_timeout(model: str, timeout: float) -> APIError:
     return _server(504, message, "model_startup_timeout")
 
 
+def upgrade_refused(status: int) -> APIError:
+    """A backend's answer to a tunnelled upgrade that was not a 101: its status when the
+    request was at fault (4xx), else 502."""
+    message = f"The model's server did not accept the upgrade: it answered {status}"
+    if 400 <= status < 500:
+        return _client(status, message, "upgrade_refused")
+    return _server(502, message, "upgrade_refused")
+
+
+def too_many_tunnels(most: int) -> APIError:
+    message = f"{most} upgraded connections are open already; try again later"
+    return _server(503, message, "too_many_tunnels", headers={"Retry-After": "10"})
+
+
 def backend_error(message: str) -> APIError:
     return _server(502, message, "backend_unreachable")
 

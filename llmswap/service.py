@@ -96,6 +96,9 @@ def make_backends(
 class LLMSwapService(MultiService):
     """The whole daemon; ``manager`` and ``port`` are exposed for tests and tooling."""
 
+    # ``--listen`` was given: the file's ``listen`` never applies, and a reload says nothing of it.
+    listen_given = False
+
     def __init__(self, config: Config, reactor: Any) -> None:
         super().__init__()
         pool = BackendPool(reactor)
@@ -195,7 +198,7 @@ class LLMSwapService(MultiService):
             raise errors.bad_request(
                 f"Configuration not reloaded, the running one stays: {e}", "invalid_config"
             ) from None
-        if new.listen != self.config.listen:
+        if new.listen != self.config.listen and not self.listen_given:
             log.warn("reload: 'listen' changed; it applies at the next restart")
         new = attrs.evolve(new, listen=self.config.listen)
         _, changed, added = reload_changes(self.config, new)

@@ -105,6 +105,7 @@ def makeService(options: Options) -> IService:
     config: Config = options["loaded"]
     daemon = make_service(config, reactor)
     daemon.watcher.forced = bool(options["watch-config"])
+    daemon.listen_given = bool(options["listen"])
     _HangupService(daemon, reactor).setServiceParent(daemon)
     # What exists once the daemon runs (modules, configuration) lives as long as the process.
     # Frozen, it is no longer re-scanned by every full garbage collection: those pauses were

@@ -5,17 +5,21 @@ Directories are watched, not files: editors and ``mv`` replace a file by renamin
 it, which a watch on the old file would never see.  Changes are debounced (an editor's save is
 several events; a ``cp`` of five files is five), and an invalid file is refused by the reload
 itself, logged, and the running configuration kept.  Linux only (Twisted's ``inotify``);
-elsewhere the setting logs that it cannot follow and SIGHUP still works.
+elsewhere the setting logs that it cannot follow and SIGHUP still works.  Twisted's inotify
+closes its descriptor when any watched directory is deleted, so a lost one is made again at
+once, with every watch the configuration needs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application.service import Service
+from twisted.internet import inotify
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -28,6 +32,23 @@ from llmswap.errors import APIError
 log = Logger()
 
 DEBOUNCE = 0.5  # seconds of quiet after the last change before reloading
+
+
+class _Notify(inotify.INotify):
+    """Twisted's inotify, telling its watcher when it closed (a watched directory deleted)."""
+
+    def __init__(self, reactor: Any, lost: Callable[[_Notify], None]) -> None:
+        super().__init__(reactor)
+        self._lost = lost
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        self._lost(self)
+
+
+def _normal(path: str) -> str:
+    """As inotify names it: absolute, without ``..`` (a pattern too)."""
+    return os.path.normpath(os.path.abspath(path))
 
 
 def _existing(directory: str) -> str:
@@ -65,14 +86,21 @@ class ConfigWatcher(Service):
         self.follow()
 
     def follow(self) -> None:
-        """Watch what the running configuration reads (after a reload: what it reads now)."""
+        """Watch what the running configuration reads (after a reload: what it reads now).
+        Never raises: a watch that cannot be set is logged, and SIGHUP still reloads."""
+        try:
+            self._follow()
+        except Exception:
+            log.failure("watch_config: cannot follow the configuration")
+
+    def _follow(self) -> None:
         config = self._config()
         on = self.running and (config.watch_config or self.forced)
         if not on or config.source.startswith("<"):
             self._stop_watching()
             return
-        source = os.path.abspath(config.source)
-        self._patterns = (source, *config.include, *config.included)
+        source = _normal(config.source)
+        self._patterns = (source, *map(_normal, config.include), *map(_normal, config.included))
         wanted = {os.path.dirname(p) for p in self._patterns}
         # A directory not made yet (``models.d/``): its nearest existing parent is watched,
         # and the directory's creation is a change.
@@ -80,30 +108,42 @@ class ConfigWatcher(Service):
         directories = {_existing(d) for d in wanted}
         if self._notify is None:
             try:
-                from twisted.internet import inotify
-
-                self._notify = inotify.INotify(self._reactor)
+                self._notify = _Notify(self._reactor, self._closed)
                 self._notify.startReading()
             except Exception as e:
                 log.warn("watch_config: cannot follow {f}: {e}", f=source, e=e)
+                self._notify = None
                 return
-        from twisted.internet import inotify
-
+            self._watched = set()
         mask = (inotify.IN_CLOSE_WRITE | inotify.IN_MOVED_TO | inotify.IN_MOVED_FROM
                 | inotify.IN_CREATE | inotify.IN_DELETE)  # fmt: skip
         for gone in self._watched - directories:
-            self._notify.ignore(FilePath(gone))
+            with contextlib.suppress(KeyError):  # deleted: inotify dropped it already
+                self._notify.ignore(FilePath(gone))
         for new in directories - self._watched:
             self._notify.watch(FilePath(new), mask=mask, callbacks=[self._changed])
         if directories != self._watched:
             log.info("watch_config: following {files}", files=", ".join(self._patterns))
         self._watched = directories
 
+    def _closed(self, notify: _Notify) -> None:
+        """Twisted's inotify closed (a watched directory was deleted): made again, and what
+        the deletion changed is reloaded."""
+        if notify is not self._notify:
+            return  # closed by us
+        self._notify, self._watched = None, set()
+        if self.running:
+            self._reactor.callLater(0, self.follow)
+            self._debounce("a watched directory (deleted)")
+
     def _changed(self, _: Any, path: FilePath[Any], mask: int) -> None:
         name = path.path if isinstance(path.path, str) else path.path.decode()
         made = any(d == name or d.startswith(name + os.sep) for d in self._awaited)
         if not made and not any(fnmatch.fnmatchcase(name, p) for p in self._patterns):
             return  # another file in the same directory (an editor's swap file...)
+        self._debounce(name)
+
+    def _debounce(self, name: str) -> None:
         if self._pending is not None and self._pending.active():
             self._pending.reset(DEBOUNCE)
         else:
@@ -126,8 +166,8 @@ class ConfigWatcher(Service):
             self._pending.cancel()
         self._pending = None
         if self._notify is not None:
-            self._notify.loseConnection()
-            self._notify = None
+            notify, self._notify = self._notify, None
+            notify.loseConnection()
         self._watched = set()
 
     def stopService(self) -> None:

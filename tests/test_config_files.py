@@ -5,6 +5,7 @@ edits as a user would (an editor's rename, a file dropped in, a broken save)."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,33 @@ class WatchTests(DaemonTestCase):
         os.remove(root / "models.d" / "c.yaml")
         yield wait_for(lambda: daemon.service.watcher._notify is None)
         self.assertEqual(listed(), ["b", "c", "d", "e"])
+
+    @inlineCallbacks
+    def test_a_deleted_directory_and_an_include_beside_the_file_are_followed(self) -> Any:
+        root = Path(self.mktemp()).absolute()
+        main = root / "conf" / "llmswap.yaml"
+        write(main, {"include": ["../shared/*.yaml", "models.d/*.yaml"], "watch_config": True,
+                     "models": {"a": self.fake("a")}})  # fmt: skip
+        write(root / "conf" / "models.d" / "c.yaml", {"models": {"c": self.fake("c")}})
+        daemon = Daemon.from_config(load(main), str(root / "logs"))
+        daemon.start()
+        self.addCleanup(daemon.stop)
+        self.daemon = daemon
+
+        def listed() -> list[str]:
+            return sorted(daemon.service.config.models)
+
+        self.assertEqual(listed(), ["a", "c"])
+        write(root / "shared" / "b.yaml", {"models": {"b": self.fake("b")}})
+        yield wait_for(lambda: listed() == ["a", "b", "c"])
+        # Twisted's inotify closes when a watched directory goes: the watch is made again.
+        shutil.rmtree(root / "conf" / "models.d")
+        yield wait_for(lambda: listed() == ["a", "b"])
+        write(main, {"include": ["../shared/*.yaml", "models.d/*.yaml"], "watch_config": True,
+                     "models": {"z": self.fake("z")}})  # fmt: skip
+        yield wait_for(lambda: listed() == ["b", "z"])
+        write(root / "conf" / "models.d" / "d.yaml", {"models": {"d": self.fake("d")}})
+        yield wait_for(lambda: listed() == ["b", "d", "z"])
 
     def refusals(self, root: Path) -> int:
         return self.daemon.service.watcher.refused

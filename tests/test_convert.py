@@ -53,3 +53,26 @@ def test_llama_swaps_example_converts_to_a_file_check_config_accepts(
     for said in ("selectors.llm-plan.targets: z-ai/glm-4.7 is not a model here",
                  "hooks.on_startup.preload: llama is a pool", "peers:", "routing:"):  # fmt: skip
         assert any(line.startswith(said) for line in left), said
+
+
+def test_aliases_named_by_set_params_by_id_and_proxies_on_localhost() -> None:
+    source = {
+        "models": {
+            "m": {
+                "cmd": "server --port ${PORT}",
+                "proxy": "http://localhost:${PORT}",
+                "aliases": ["fast", "other"],
+                "filters": {"setParamsByID": {"fast": {"temperature": 0.1, "model": "x"}}},
+            },
+            "n": {"cmd": "server", "proxy": "http://mylocalhost.lan:8080"},
+        },
+        "selectors": {"s": {"strategy": "roundrobin", "targets": ["m"]}},
+    }
+    out, left = convert.convert(source)
+    m = out["models"]["m"]
+    # The alias listed already carries the preset (once), without the protected "model".
+    assert m["aliases"] == [{"fast": {"set_params": {"temperature": 0.1}}}, "other"]
+    assert m["backend_url"] == "http://127.0.0.1:${PORT}/v1"
+    assert out["models"]["n"]["backend_url"] == "http://mylocalhost.lan:8080/v1"
+    assert out["pools"] == {"s": {"models": ["m"], "prefer": "loaded"}}
+    assert any(line.startswith("selectors.s.strategy: roundrobin: unknown") for line in left)

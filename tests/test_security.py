@@ -488,6 +488,20 @@ def test_a_websocket_through_upstream_keeps_its_rules(keyed: Running) -> None:
     finally:
         ws.close()
     assert seen["name"] == "alpha" and seen["authorization"] is None
+    # An upgrade the backend refuses is answered by llmswap and never becomes a raw connection
+    # to the backend: the next request on the socket is llmswap's again.
+    with socket.create_connection(("127.0.0.1", keyed.port), timeout=30) as raw:
+        raw.sendall(b"GET /upstream/alpha/nothing HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                    b"Connection: Upgrade\r\nAuthorization: Bearer " + ALICE.encode() + b"\r\n"
+                    b"Content-Length: 0\r\n\r\n"
+                    b"GET /slots HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # fmt: skip
+        answers = b""
+        while chunk := raw.recv(65536):
+            answers += chunk
+    assert answers.startswith(b"HTTP/1.1 404") and b'"upgrade_refused"' in answers
+    assert answers.count(b"HTTP/1.1 ") == 2
+    second = answers[answers.index(b"HTTP/1.1 ", 10) :]
+    assert second.startswith(b"HTTP/1.1 401"), second[:200]  # llmswap's: /slots needs a key
     beta = f"ws://127.0.0.1:{keyed.port}/upstream/beta/ws"
     with pytest.raises(websocket.WebSocketBadStatusException) as refused:
         websocket.create_connection(beta, timeout=30, header=[f"Authorization: Bearer {ALICE}"])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -130,6 +131,8 @@ def _pools(
         for gone in (t for t in targets if t not in names):
             left.append(f"{where}.targets: {gone} is not a model here (a peer's, or a profile's)")
         strategy = (raw or {}).get("strategy", "warm")
+        if strategy not in _STRATEGIES:
+            left.append(f"{where}.strategy: {strategy}: unknown; the pool prefers loaded members")
         if strategy == "spillover":
             left.append(
                 f"{where}.strategy: spillover: the pool serves with a loaded member first "
@@ -174,8 +177,8 @@ def _model(name: str, raw: Any, top: Mapping[str, Any], left: list[str]) -> dict
         raise ConfigError(f"'{where}' has no 'cmd'")
     out: dict[str, Any] = {"cmd": _command(raw["cmd"])}
     # llama-swap's default proxy: the model's ${PORT} on this machine.
-    proxy = str(raw.get("proxy", "")).rstrip("/") or "http://127.0.0.1:${PORT}"
-    out["backend_url"] = proxy.replace("localhost", "127.0.0.1", 1) + "/v1"
+    proxy = _loopback(str(raw.get("proxy", "")).rstrip("/") or "http://127.0.0.1:${PORT}")
+    out["backend_url"] = proxy + "/v1"
     endpoint = raw.get("checkEndpoint")
     if endpoint == "none":
         left.append(f"{where}.checkEndpoint: none: llmswap always waits for /health")
@@ -213,14 +216,30 @@ def _model(name: str, raw: Any, top: Mapping[str, Any], left: list[str]) -> dict
         out["set_params"] = dict(filters["setParams"])
     for id_, params in (filters.get("setParamsByID") or {}).items():
         variant = str(id_).replace("${MODEL_ID}", name)
+        preset = {k: v for k, v in dict(params or {}).items() if k != "model"}  # protected
         if variant == name:  # its own name: its own parameters, after setParams
-            out["set_params"] = {**out.get("set_params", {}), **dict(params)}
-        else:  # an alias with its own preset (llama-swap makes the alias)
-            out.setdefault("aliases", []).append({variant: {"set_params": dict(params)}})
+            out["set_params"] = {**out.get("set_params", {}), **preset}
+            continue
+        # An alias with its own preset: the alias listed already, or made (as llama-swap does).
+        listed = out.setdefault("aliases", [])
+        entry = {variant: {"set_params": preset}}
+        if variant in listed:
+            listed[listed.index(variant)] = entry
+        else:
+            listed.append(entry)
     for key in raw:
         if key not in _MODEL_CARRIED:
             left.append(f"{where}.{key}: {_NOT_CARRIED.get(key, 'unknown to llmswap')}")
     return out
+
+
+def _loopback(url: str) -> str:
+    """``localhost`` as the loopback address (llmswap's URLs name it so), no other host."""
+    parts = urlsplit(url)
+    host, colon, port = parts.netloc.partition(":")
+    if host != "localhost":
+        return url
+    return urlunsplit(parts._replace(netloc="127.0.0.1" + colon + port))
 
 
 def _command(cmd: Any) -> str:

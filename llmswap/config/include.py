@@ -22,7 +22,7 @@ JOINED = ("models", "pools", "macros")
 
 
 def _matches(pattern: str, base: str) -> list[str]:
-    path = os.path.join(base, os.path.expanduser(pattern))
+    path = os.path.normpath(os.path.join(base, os.path.expanduser(pattern)))
     if glob.has_magic(path):
         return sorted(p for p in glob.glob(path) if os.path.isfile(p))
     if not os.path.isfile(path):
@@ -55,7 +55,7 @@ def joined(data: Any, source: str) -> tuple[Any, tuple[str, ...], tuple[str, ...
     origin = {section: dict.fromkeys(out.get(section) or {}, source) for section in JOINED}
     files: list[str] = []
     base = os.path.dirname(os.path.abspath(source))
-    absolute = tuple(os.path.join(base, os.path.expanduser(p)) for p in patterns)
+    absolute = tuple(os.path.normpath(os.path.join(base, os.path.expanduser(p))) for p in patterns)
     for pattern in patterns:
         for path in _matches(pattern, base):
             if path in files or os.path.abspath(path) == os.path.abspath(source):

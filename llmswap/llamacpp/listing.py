@@ -15,7 +15,7 @@ import re
 from collections.abc import Generator, Mapping
 from typing import Any
 
-from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
 
 from llmswap.config.config import Config
@@ -87,13 +87,17 @@ def entry(
 
 class Meta:
     """What a loaded backend says of its model (llama-server's ``meta``: ``n_ctx``, ``n_params``
-    ...), asked once per load: the router shows it while the model is loaded."""
+    ...), asked once per load and shared by whoever asks meanwhile; a backend that does not
+    answer within :data:`_META_TIMEOUT`, whole, has none.  The router shows it while the model
+    is loaded."""
 
     def __init__(self, http: BackendHTTP, clock: IReactorTime) -> None:
         self._http = http
         self._clock = clock
         # Instance -> (when it became ready, its meta or None when it has none).
         self._known: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        # Instance -> (when it became ready, who waits for the answer being fetched).
+        self._asking: dict[str, tuple[float, list[Deferred[Any]]]] = {}
 
     def of(self, config: Config, snap: Snapshot, models: list[str]) -> Deferred[dict[str, Any]]:
         """Model -> its meta, for those of ``models`` that are loaded (and have one)."""
@@ -105,28 +109,40 @@ class Meta:
         d = gatherResults(list(asked.values()))
         return d.addCallback(lambda metas: {n: x for n, x in zip(asked, metas, strict=True) if x})
 
-    @inlineCallbacks
-    def _meta(self, config: Config, m: ModelSnapshot) -> Generator[Deferred[Any], Any, Any]:
+    def _meta(self, config: Config, m: ModelSnapshot) -> Deferred[Any]:
         known = self._known.get(m.name)
         if known is not None and known[0] == m.since:
-            return known[1]
+            return succeed(known[1])
+        waiter: Deferred[Any] = Deferred()
+        asking = self._asking.get(m.name)
+        if asking is not None and asking[0] == m.since:
+            asking[1].append(waiter)
+            return waiter
+        # (Waiters for an earlier load of it, if any, get this answer: none is left waiting.)
+        self._asking[m.name] = (m.since, [*(asking[1] if asking else []), waiter])
         cfg = config.instances[m.name]
-        meta = None
-        try:
-            d = self._http.get(cfg.backend_url + "/models")
-            d.addTimeout(_META_TIMEOUT, self._clock)
-            response: BackendResponse = yield d
-            raw = yield response.content()
-            body = json.loads(raw) if response.code == 200 else None
-            for each in body.get("data", []) if isinstance(body, dict) else []:
-                if isinstance(each, dict) and isinstance(each.get("meta"), dict):
-                    meta = each["meta"]
-                    break
-        except Exception:  # not llama-server, or it did not answer: no meta, as a vLLM's
-            meta = None
-        if cfg.info.context_length and meta is None:
-            meta = {"n_ctx": cfg.info.context_length}
+        d = self._fetch(cfg.backend_url).addTimeout(_META_TIMEOUT, self._clock)
+        d.addErrback(lambda _: None)  # not llama-server, or it did not answer: no meta
+        d.addCallback(self._answered, config, m)
+        return waiter
+
+    @inlineCallbacks
+    def _fetch(self, backend_url: str) -> Generator[Deferred[Any], Any, Any]:
+        response: BackendResponse = yield self._http.get(backend_url + "/models")
+        raw = yield response.content()
+        body = json.loads(raw) if response.code == 200 else None
+        for each in body.get("data", []) if isinstance(body, dict) else []:
+            if isinstance(each, dict) and isinstance(each.get("meta"), dict):
+                return each["meta"]
+        return None
+
+    def _answered(self, meta: Any, config: Config, m: ModelSnapshot) -> None:
+        context = config.instances[m.name].info.context_length
+        if meta is None and context:
+            meta = {"n_ctx": context}
         if len(self._known) > 4 * len(config.instances):  # instances a reload removed
             self._known.clear()
         self._known[m.name] = (m.since, meta)
-        return meta
+        _, waiters = self._asking.pop(m.name, (0.0, []))
+        for waiter in waiters:
+            waiter.callback(meta)

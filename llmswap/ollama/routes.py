@@ -179,10 +179,13 @@ class OllamaRoutes:
             return errors.render_ollama(request, e)
         config = self._manager.config
         listed = [self._listed(config.models[n]) for n in names]
-        for name in self._gate.names(self._gate.identify(request), config)[len(names) :]:
-            pool = config.pools[name]  # listed as its first member, under its own name
+        key = self._gate.identify(request)
+        for name in self._gate.names(key, config)[len(names) :]:
+            pool = config.pools[name]  # listed as its first member the key may use
+            members = [config.resolve(m) or m for m in pool.members]
+            first = next(m for m in members if self._gate.allows(key, m))
             if not pool.unlisted:
-                entry = self._listed(config.models[config.resolve(pool.members[0]) or ""])
+                entry = self._listed(config.models[first])
                 entry["name"] = entry["model"] = translate.tagged(name)
                 listed.append(entry)
         return json_body(request, {"models": listed})

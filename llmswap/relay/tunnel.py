@@ -6,7 +6,10 @@ route), then the request goes to the backend on a connection of its own with llm
 its answer on the two connections are spliced: bytes both ways, each side a streaming producer
 for the other, so a slow reader slows its writer instead of filling llmswap's memory.
 
-The lease is released once the tunnel stands: a socket a browser tab keeps open for hours must
+Only a backend that accepts the upgrade (``101``) gets the client's connection: any other
+answer is the client's error, and the backend's connection is closed, so a tunnel is never a
+raw HTTP connection past ``/upstream/``'s path checks.  The lease is released once the tunnel
+stands: a socket a browser tab keeps open for hours must
 not hold the model against every swap (llama-swap's ``ignoreWebsockets``).  When the model is
 evicted its server goes, and so does the tunnel: the client sees the socket close and
 reconnects, which loads the model again.
@@ -14,16 +17,18 @@ reconnects, which loads the model again.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import Any
 from urllib.parse import urlsplit
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
+from twisted.internet.defer import TimeoutError as DeferredTimeoutError
 from twisted.internet.endpoints import HostnameEndpoint, connectProtocol
 from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
@@ -35,6 +40,10 @@ from llmswap.swap.queue import Lease
 log = Logger()
 
 CONNECT_TIMEOUT = 10.0
+ANSWER_TIMEOUT = 30.0  # for the backend's answer to the upgrade
+HEAD_BYTES = 64 * 1024  # the most an answer's status line and headers may take
+MOST = 256  # tunnels open at once: each holds two descriptors, for as long as it stays open
+_DONE = Failure(ConnectionDone())
 
 
 def is_upgrade(request: IRequest) -> bool:
@@ -42,9 +51,6 @@ def is_upgrade(request: IRequest) -> bool:
         bool(request.getHeader(b"upgrade"))
         and b"upgrade" in (request.getHeader(b"connection") or b"").lower()
     )
-
-
-_DONE = Failure(ConnectionDone())
 
 
 class _Side(Protocol):
@@ -68,6 +74,36 @@ class _Side(Protocol):
             self._on_lost(reason)
 
 
+class _Backend(_Side):
+    """The backend's end: its answer's head is held until it is known to accept the upgrade
+    (a ``101``); only then are the connections spliced."""
+
+    def __init__(self, tunnels: Tunnels) -> None:
+        super().__init__(tunnels)
+        self.answered: Deferred[bytes] | None = Deferred()
+        self._head = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.answered is None:
+            super().dataReceived(data)
+            return
+        self._head += data
+        if b"\r\n\r\n" in self._head or len(self._head) > HEAD_BYTES:
+            answered, self.answered = self.answered, None
+            answered.callback(self._head)
+
+    def connectionLost(self, reason: Failure = _DONE) -> None:
+        if self.answered is not None:
+            answered, self.answered = self.answered, None
+            answered.errback(reason)
+        super().connectionLost(reason)
+
+
+def _status(head: bytes) -> int:
+    parts = head.split(b"\r\n", 1)[0].split(b" ", 2)
+    return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else 0
+
+
 class Tunnels(Service):
     """Every open tunnel; stopping llmswap closes them."""
 
@@ -76,6 +112,11 @@ class Tunnels(Service):
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
         self._open: set[_Side] = set()
+
+    def room(self) -> None:
+        """Refuses a tunnel beyond :data:`MOST` (503)."""
+        if len(self._open) >= 2 * MOST:
+            raise errors.too_many_tunnels(MOST)
 
     def open(
         self, request: IRequest, lease: Deferred[Lease], path: str, drop: frozenset[bytes]
@@ -86,68 +127,70 @@ class Tunnels(Service):
         lease.addErrback(self._failed, request)
         request.notifyFinish().addErrback(lambda _: lease.cancel())  # type: ignore[attr-defined]
 
+    @inlineCallbacks
     def _connect(
         self, lease: Lease, request: IRequest, path: str, drop: frozenset[bytes]
-    ) -> Deferred[None]:
-        parts = urlsplit(server_root(lease.backend_url))
-        if parts.scheme != "http" or parts.hostname is None:
-            lease.release()
-            raise errors.bad_request("Only a model served over plain HTTP can be tunnelled")
-        port = parts.port or 80
-        backend = _Side(self)
-        endpoint = HostnameEndpoint(self._reactor, parts.hostname, port, timeout=CONNECT_TIMEOUT)
-        d: Deferred[None] = connectProtocol(endpoint, backend)
-        d.addCallback(lambda _: self._splice(request, backend, parts.netloc, path, drop, lease))
-        d.addBoth(_released, lease)
-        return d
+    ) -> Generator[Deferred[Any], Any, None]:
+        try:
+            parts = urlsplit(server_root(lease.backend_url))
+            if parts.scheme != "http" or parts.hostname is None:
+                raise errors.bad_request("Only a model served over plain HTTP can be tunnelled")
+            backend = _Backend(self)
+            endpoint = HostnameEndpoint(
+                self._reactor, parts.hostname, parts.port or 80, timeout=CONNECT_TIMEOUT
+            )
+            yield connectProtocol(endpoint, backend)
+            assert backend.transport is not None and backend.answered is not None
+            try:
+                backend.transport.write(_head(request, parts.netloc, path, drop, lease))
+                head = yield backend.answered.addTimeout(ANSWER_TIMEOUT, self._reactor)
+                status = _status(head)
+                if status != 101:
+                    raise errors.upgrade_refused(status)
+                self._splice(request, backend, head)
+            except BaseException:
+                backend.transport.loseConnection()
+                raise
+        finally:
+            lease.release()  # a tunnel does not hold its model (the module's docstring)
 
-    def _splice(
-        self, request: IRequest, backend: _Side, host: str, path: str, drop: frozenset[bytes],
-        lease: Lease,
-    ) -> None:  # fmt: skip
+    def _splice(self, request: IRequest, backend: _Backend, head: bytes) -> None:
+        """Hand the client's connection over from HTTP to the tunnel, the 101 first."""
         if request.finished or getattr(request, "_disconnected", False):  # type: ignore[attr-defined]
-            backend.transport.loseConnection()  # type: ignore[union-attr]
-            return
-        headers = request_headers(request, drop)
-        if lease.authorization is not None:
-            headers.setRawHeaders(b"authorization", [lease.authorization])
-        lines = [
-            request.method + b" " + path.encode("latin-1") + b" HTTP/1.1",
-            b"Host: " + host.encode(),
-        ]
-        lines += [
-            name + b": " + value for name, values in headers.getAllRawHeaders() for value in values
-        ]
-        lines += [b"Connection: Upgrade", b"Upgrade: " + (request.getHeader(b"upgrade") or b"")]
+            raise CancelledError()
         channel = request.channel  # type: ignore[attr-defined]
         client = _Side(self, channel.connectionLost)  # the site counts the connection until then
         transport, channel.transport = channel.transport, None
         channel.setTimeout(None)  # an open socket is not an idle connection
-        transport.protocol = client
+        if isinstance(transport, ProtocolWrapper):  # TLS: the wrapper delivers what it reads
+            transport.wrappedProtocol = client
+        else:
+            transport.protocol = client
         client.transport = transport
         client.peer, backend.peer = backend, client
         self._open.update((client, backend))
         assert backend.transport is not None
-        backend.transport.write(b"\r\n".join(lines) + b"\r\n\r\n")
+        transport.write(head)
         transport.unregisterProducer()  # the HTTP channel was its producer until now
         transport.registerProducer(backend.transport, True)
         backend.transport.registerProducer(transport, True)  # type: ignore[attr-defined]
         transport.resumeProducing()  # Twisted paused it while the request was served
-        log.info("upstream: a {kind} tunnel to {path} opened", kind=request.getHeader(b"upgrade"),
-                 path=errors.printable(path))  # fmt: skip
+        log.info("upstream: a {kind} tunnel opened", kind=request.getHeader(b"upgrade"))
 
     def _failed(self, failure: Failure, request: IRequest) -> None:
-        if failure.check(errors.APIError):
-            err: errors.APIError = failure.value  # type: ignore[assignment]
-        elif failure.check(Exception) and not request.finished:  # type: ignore[attr-defined]
-            log.warn("upstream: a tunnel could not open: {e}", e=failure.value)
-            err = errors.backend_error("The model's server did not take the upgraded connection")
-        else:
-            return
         gone = getattr(request, "_disconnected", False) or request.finished  # type: ignore[attr-defined]
-        if gone or request.channel.transport is None:  # type: ignore[attr-defined]  # tunnelled
+        if failure.check(CancelledError) or gone:
+            return  # the client went away: nobody to answer
+        if request.channel.transport is None:  # type: ignore[attr-defined]  # tunnelled
             log.failure("upstream: a tunnel", failure)
             return
+        if failure.check(errors.APIError):
+            err: errors.APIError = failure.value  # type: ignore[assignment]
+        elif failure.check(TimeoutError, DeferredTimeoutError):
+            err = errors.gateway_timeout("The model's server did not answer the upgrade")
+        else:
+            log.warn("upstream: a tunnel could not open: {e}", e=failure.value)
+            err = errors.backend_error("The model's server did not take the upgraded connection")
         request.write(errors.render(request, err))
         request.finish()
 
@@ -161,6 +204,14 @@ class Tunnels(Service):
                 side.transport.loseConnection()
 
 
-def _released(result: Any, lease: Lease) -> Any:
-    lease.release()
-    return result
+def _head(request: IRequest, host: str, path: str, drop: frozenset[bytes], lease: Lease) -> bytes:
+    """The request as the backend gets it: llmswap's headers (no key, no session cookie), its
+    own ``Host``, a remote model's key, the upgrade asked for."""
+    headers = request_headers(request, drop)
+    if lease.authorization is not None:
+        headers.setRawHeaders(b"authorization", [lease.authorization])
+    lines = [request.method + b" " + path.encode("latin-1") + b" HTTP/1.1",
+             b"Host: " + host.encode()]  # fmt: skip
+    lines += [name + b": " + v for name, values in headers.getAllRawHeaders() for v in values]
+    lines += [b"Connection: Upgrade", b"Upgrade: " + (request.getHeader(b"upgrade") or b"")]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
