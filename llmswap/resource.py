@@ -9,7 +9,7 @@ client can provoke comes back OpenAI-shaped with a fitting status (built in
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from klein import Klein
 from twisted.internet.defer import Deferred
@@ -33,6 +33,7 @@ from llmswap.responses import json_body
 from llmswap.swap.manager import SwapManager
 
 log = Logger()
+T = TypeVar("T")
 
 # The console's pages and data: its own script and style only (no inline code, nothing from
 # elsewhere), never framed (clickjacking), types as sent, no referrer to other sites.
@@ -127,20 +128,10 @@ class OpenAIResource:
         return self._console_call(request, lambda c: c.logout(request))
 
     def _console_call(self, request: IRequest, call: Callable[[ConsoleAPI], Any]) -> Any:
-        """A console route's answer; its errors (at once or later) OpenAI-shaped."""
+        """A console route's answer, sent with the console's protective headers."""
         for name, value in CONSOLE_HEADERS:
             request.setHeader(name, value)
-        try:
-            if self._console is None:
-                raise errors.unknown_url(
-                    request.method.decode("latin-1"), request.path.decode("latin-1")
-                )
-            result = call(self._console)
-        except errors.APIError as e:
-            return errors.render(request, e)
-        if isinstance(result, Deferred):
-            result.addErrback(_render_api_error, request)
-        return result
+        return _delegated(request, self._console, call)
 
     @app.route("/api/", branch=True)
     def ollama(self, request: IRequest) -> Any:
@@ -287,17 +278,7 @@ class OpenAIResource:
         return self._router_call(request, lambda r: r.proxied(request, "/slots", Caller.ADMIN))
 
     def _router_call(self, request: IRequest, call: Callable[[RouterAPI], Any]) -> Any:
-        try:
-            if self._router is None:
-                raise errors.unknown_url(
-                    request.method.decode("latin-1"), request.path.decode("latin-1")
-                )
-            result = call(self._router)
-        except errors.APIError as e:
-            return errors.render(request, e)
-        if isinstance(result, Deferred):
-            result.addErrback(_render_api_error, request)
-        return result
+        return _delegated(request, self._router, call)
 
     @app.route("/v1/<path:_endpoint>", methods=["POST"])
     def proxy(self, request: IRequest, _endpoint: str) -> IResource:
@@ -345,6 +326,22 @@ class OpenAIResource:
     @app.handle_errors(Exception)
     def internal_error(self, request: IRequest, failure: Failure) -> bytes:
         return errors.render(request, internal_error(failure, request))
+
+
+def _delegated(request: IRequest, part: T | None, call: Callable[[T], Any]) -> Any:
+    """The answer of a part of the API the daemon may lack (the console, the router API): its
+    errors, at once or later, OpenAI-shaped; 404 when it is not there."""
+    try:
+        if part is None:
+            raise errors.unknown_url(
+                request.method.decode("latin-1"), request.path.decode("latin-1")
+            )
+        result = call(part)
+    except errors.APIError as e:
+        return errors.render(request, e)
+    if isinstance(result, Deferred):
+        result.addErrback(_render_api_error, request)
+    return result
 
 
 def _render_api_error(failure: Failure, request: IRequest) -> bytes:

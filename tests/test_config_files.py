@@ -81,19 +81,25 @@ def test_a_plain_include_must_exist(tmp_path: Path) -> None:
 
 
 class WatchTests(DaemonTestCase):
+    def following(self, main: Path, root: Path) -> Daemon:
+        """llmswap started from ``main``, as ``twistd llmswap --config`` would."""
+        daemon = Daemon.from_config(load(main), str(root / "logs"))
+        daemon.start()
+        self.addCleanup(daemon.stop)
+        self.daemon = daemon
+        return daemon
+
+    def listed(self) -> list[str]:
+        return sorted(self.daemon.service.config.models)
+
     @inlineCallbacks
     def test_a_followed_configuration_reloads_as_its_files_change(self) -> Any:
         root = Path(self.mktemp()).absolute()
         main = root / "llmswap.yaml"
         write(main, {"include": ["models.d/*.yaml"], "watch_config": True,
                      "models": {"a": self.fake("a")}})  # fmt: skip
-        daemon = Daemon.from_config(load(main), str(root / "logs"))
-        daemon.start()
-        self.addCleanup(daemon.stop)
-        self.daemon = daemon
-
-        def listed() -> list[str]:
-            return sorted(daemon.service.config.models)
+        daemon = self.following(main, root)
+        listed = self.listed
 
         # A model dropped into the directory is served.
         write(root / "models.d" / "b.yaml", {"models": {"b": self.fake("b")}})
@@ -126,13 +132,8 @@ class WatchTests(DaemonTestCase):
         write(main, {"include": ["../shared/*.yaml", "models.d/*.yaml"], "watch_config": True,
                      "models": {"a": self.fake("a")}})  # fmt: skip
         write(root / "conf" / "models.d" / "c.yaml", {"models": {"c": self.fake("c")}})
-        daemon = Daemon.from_config(load(main), str(root / "logs"))
-        daemon.start()
-        self.addCleanup(daemon.stop)
-        self.daemon = daemon
-
-        def listed() -> list[str]:
-            return sorted(daemon.service.config.models)
+        self.following(main, root)
+        listed = self.listed
 
         self.assertEqual(listed(), ["a", "c"])
         write(root / "shared" / "b.yaml", {"models": {"b": self.fake("b")}})

@@ -146,10 +146,67 @@ class LiveStream:
         self._on_close(self)
 
 
-class LiveStreams(Service):
+class SharedStreams(Service):
+    """SSE streams fed by the event stream: one subscription to ``kinds`` and one heartbeat
+    serve them all, and exist only while a stream is open (nobody watching costs nothing)."""
+
+    kinds: tuple[type[Any], ...] = ()
+
+    def __init__(self, bus: EventBus, clock: IReactorTime) -> None:
+        self._bus = bus
+        self._clock = clock
+        # Each open stream, with what its reader may see (None: everything).
+        self._open: dict[LiveStream, Any] = {}
+        self._subscription: Subscription | None = None
+        self._heartbeat: LoopingCall | None = None
+
+    def _add(self, stream: LiveStream, sees: Any = None) -> None:
+        if self._subscription is None:
+            self._listening()
+            self._subscription = self._bus.subscribe_all(self.kinds, self._event)
+            self._heartbeat = LoopingCall(self._send, b": idle\n\n")
+            self._heartbeat.clock = self._clock
+            self._heartbeat.start(HEARTBEAT, now=False)
+        self._open[stream] = sees
+        stream.start()
+
+    def _listening(self) -> None:
+        """The first stream opens: what the streams share is set up."""
+
+    def _event(self, e: Any) -> None:
+        raise NotImplementedError
+
+    def _send(self, payload: bytes) -> None:
+        for stream in list(self._open):
+            stream.send(payload)
+
+    def _closed(self, stream: LiveStream) -> None:
+        self._open.pop(stream, None)
+        if not self._open:
+            self._quiet()
+
+    def _quiet(self) -> None:
+        if self._subscription is not None:
+            self._subscription.cancel()
+            self._subscription = None
+        if self._heartbeat is not None and self._heartbeat.running:
+            self._heartbeat.stop()
+        self._heartbeat = None
+
+    def stopService(self) -> None:
+        super().stopService()
+        for stream in list(self._open):
+            stream.request.unregisterProducer()  # type: ignore[attr-defined]
+            stream.request.finish()
+        self._open.clear()
+        self._quiet()
+
+
+class LiveStreams(SharedStreams):
     """Every open console's stream, and the one subscription and timer they share."""
 
     name = "live consoles"
+    kinds = _KINDS
 
     def __init__(
         self,
@@ -158,26 +215,15 @@ class LiveStreams(Service):
         snapshot: Callable[[int], Snapshot],
         config: Callable[[], Config],
     ) -> None:
-        self._bus = bus
-        self._clock = clock
+        super().__init__(bus, clock)
         self._snapshot = snapshot
         self._config = config
-        self._open: set[LiveStream] = set()
-        self._subscription: Subscription | None = None
         self._rows: deque[tuple[str, dict[str, Any]]] = deque(maxlen=PENDING)
         self._dropped = False
         self._flush: IDelayedCall | None = None
-        self._heartbeat: LoopingCall | None = None
 
     def add(self, request: IRequest) -> None:
-        stream = LiveStream(request, self._catch_up, self._closed)
-        self._open.add(stream)
-        if self._subscription is None:  # nobody watching costs nothing
-            self._subscription = self._bus.subscribe_all(_KINDS, self._event)
-            self._heartbeat = LoopingCall(self._send, b": idle\n\n")
-            self._heartbeat.clock = self._clock
-            self._heartbeat.start(HEARTBEAT, now=False)
-        stream.start()
+        self._add(LiveStream(request, self._catch_up, self._closed))
 
     def _catch_up(self) -> bytes:
         return sse_event(
@@ -212,31 +258,9 @@ class LiveStreams(Service):
                 out.append(sse_event(json.dumps(batch).encode(), kind))
         self._send(b"".join(out))
 
-    def _send(self, payload: bytes) -> None:
-        for stream in list(self._open):
-            stream.send(payload)
-
-    def _closed(self, stream: LiveStream) -> None:
-        self._open.discard(stream)
-        if not self._open:
-            self._quiet()
-
     def _quiet(self) -> None:
-        if self._subscription is not None:
-            self._subscription.cancel()
-            self._subscription = None
-        if self._heartbeat is not None and self._heartbeat.running:
-            self._heartbeat.stop()
-        self._heartbeat = None
+        super()._quiet()
         if self._flush is not None and self._flush.active():
             self._flush.cancel()
         self._flush = None
         self._rows.clear()
-
-    def stopService(self) -> None:
-        super().stopService()
-        for stream in list(self._open):
-            stream.request.unregisterProducer()  # type: ignore[attr-defined]
-            stream.request.finish()
-        self._open.clear()
-        self._quiet()

@@ -15,17 +15,15 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 
 from llmswap.config.config import Config
-from llmswap.console.live import HEARTBEAT, LiveStream
-from llmswap.events import EventBus, ModelStateChanged, Subscription
+from llmswap.console.live import LiveStream, SharedStreams
+from llmswap.events import EventBus, ModelStateChanged
 from llmswap.llamacpp.listing import STATUS, Meta, entry, shown
 from llmswap.responses import sse_event
 from llmswap.swap.snapshot import Snapshot
@@ -49,10 +47,11 @@ def _logged(failure: Failure) -> None:
     log.failure("router API: a model event", failure)
 
 
-class ModelEvents(Service):
+class ModelEvents(SharedStreams):
     """Every open ``/models/sse`` stream, with the models each may see."""
 
     name = "router model events"
+    kinds = (ModelStateChanged,)
 
     def __init__(
         self,
@@ -62,29 +61,21 @@ class ModelEvents(Service):
         config: Callable[[], Config],
         meta: Meta,
     ) -> None:
+        super().__init__(bus, clock)
         self._meta = meta
         # Events leave in the order of their changes, a loaded one after its backend's meta.
         self._sent: Deferred[None] = succeed(None)
-        self._bus = bus
-        self._clock = clock
         self._snapshot = snapshot
         self._config = config
-        self._open: dict[LiveStream, frozenset[str]] = {}
         self._said: dict[str, str] = {}  # model -> the status last written
-        self._subscription: Subscription | None = None
-        self._heartbeat: LoopingCall | None = None
 
     def add(self, request: IRequest, visible: list[str]) -> None:
         models = frozenset(visible)
         stream = LiveStream(request, lambda: self._statuses(models), self._closed, resync=b"")
-        if self._subscription is None:  # nobody listening costs nothing
-            self._said = self._now()
-            self._subscription = self._bus.subscribe(ModelStateChanged, self._changed)
-            self._heartbeat = LoopingCall(self._send_all, b": idle\n\n")
-            self._heartbeat.clock = self._clock
-            self._heartbeat.start(HEARTBEAT, now=False)
-        self._open[stream] = models
-        stream.start()
+        self._add(stream, models)
+
+    def _listening(self) -> None:
+        self._said = self._now()
 
     def _now(self) -> dict[str, str]:
         snap, config = self._snapshot(), self._config()
@@ -93,7 +84,7 @@ class ModelEvents(Service):
     def _statuses(self, models: frozenset[str]) -> bytes:
         return b"".join(_event(n, s) for n, s in self._now().items() if n in models)
 
-    def _changed(self, e: ModelStateChanged) -> None:
+    def _event(self, e: ModelStateChanged) -> None:
         config = self._config()
         model = next((m for m, ns in config.placements.items() if e.model in ns), None)
         if model is None:
@@ -103,7 +94,7 @@ class ModelEvents(Service):
             return
         self._said[model] = status
         if status != "loaded":
-            self._sent.addCallback(lambda _: self._send(model, _event(model, status)))
+            self._sent.addCallback(lambda _: self._send_to(model, _event(model, status)))
             self._sent.addErrback(_logged)
             return
         snap = self._snapshot()
@@ -114,39 +105,14 @@ class ModelEvents(Service):
             def send(metas: dict[str, Any]) -> None:
                 full = entry(config, model, m, int(self._clock.seconds()), metas.get(model))
                 info = {k: v for k, v in full.items() if k not in _NOT_INFO}
-                self._send(model, _event(model, status, info))
+                self._send_to(model, _event(model, status, info))
 
             return meta.addCallback(send)
 
         self._sent.addCallback(loaded)
         self._sent.addErrback(_logged)
 
-    def _send(self, model: str, payload: bytes) -> None:
+    def _send_to(self, model: str, payload: bytes) -> None:
         for stream, models in list(self._open.items()):
             if model in models:
                 stream.send(payload)
-
-    def _send_all(self, payload: bytes) -> None:
-        for stream in list(self._open):
-            stream.send(payload)
-
-    def _closed(self, stream: LiveStream) -> None:
-        self._open.pop(stream, None)
-        if not self._open:
-            self._quiet()
-
-    def _quiet(self) -> None:
-        if self._subscription is not None:
-            self._subscription.cancel()
-            self._subscription = None
-        if self._heartbeat is not None and self._heartbeat.running:
-            self._heartbeat.stop()
-        self._heartbeat = None
-
-    def stopService(self) -> None:
-        super().stopService()
-        for stream in list(self._open):
-            stream.request.unregisterProducer()  # type: ignore[attr-defined]
-            stream.request.finish()
-        self._open.clear()
-        self._quiet()
