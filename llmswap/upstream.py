@@ -79,8 +79,8 @@ class UpstreamProxy(Proxy[Target]):
         """Queue for the model like a request, then splice the connection to its server; the
         key's limits count the opening, not the hours a socket stays open."""
         assert self.tunnels is not None
-        self.tunnels.room()
         key = self._gate.identify(request)
+        self.tunnels.room()
         model = self._config.resolve(found.model) or found.model
         self._gate.check_model(key, model)
         release = self._gate.admit(key)

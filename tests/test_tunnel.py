@@ -5,6 +5,7 @@ the model still free to be swapped out while the socket stays open."""
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 import websocket
@@ -45,3 +46,34 @@ class TunnelTests(DaemonTestCase):
             with self.assertRaises(websocket.WebSocketBadStatusException) as refused:
                 yield self.connect(path)
             self.assertEqual(refused.exception.status_code, status)
+
+
+class EagerClientTests(DaemonTestCase):
+    @inlineCallbacks
+    def test_a_frame_sent_with_the_upgrade_request_reaches_the_backend(self) -> Any:
+        """A client that does not wait for the 101: its first frame, in the same segment as its
+        request, was in llmswap's buffer when the connection was handed over."""
+        self.start({"a": self.fake("a")})
+        port = self.daemon.port
+
+        def eager() -> bytes:
+            payload, mask = b"early", b"\x01\x02\x03\x04"
+            frame = b"\x81" + bytes([0x80 | len(payload)]) + mask + bytes(
+                b ^ mask[i % 4] for i, b in enumerate(payload)
+            )  # fmt: skip
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+                raw.sendall(b"GET /upstream/a/ws HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                            b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                            b"Sec-WebSocket-Version: 13\r\n\r\n" + frame)  # fmt: skip
+                seen = b""
+                while b'"early"' not in seen:
+                    chunk = raw.recv(65536)
+                    if not chunk:
+                        break
+                    seen += chunk
+                return seen
+
+        seen = yield self.in_thread(eager)
+        self.assertTrue(seen.startswith(b"HTTP/1.1 101"), seen[:100])
+        self.assertIn(b'"message": "early"', seen)

@@ -112,10 +112,11 @@ class Tunnels(Service):
     def __init__(self, reactor: Any) -> None:
         self._reactor = reactor
         self._open: set[_Side] = set()
+        self._opening = 0  # queued for their model, or waiting for the backend's 101
 
     def room(self) -> None:
-        """Refuses a tunnel beyond :data:`MOST` (503)."""
-        if len(self._open) >= 2 * MOST:
+        """Refuses a tunnel beyond :data:`MOST`, open or opening (503)."""
+        if len(self._open) // 2 + self._opening >= MOST:
             raise errors.too_many_tunnels(MOST)
 
     def open(
@@ -123,8 +124,10 @@ class Tunnels(Service):
     ) -> None:
         """Tunnel ``request`` to ``path`` on the server of the lease ``lease`` fires with;
         errors before the tunnel stands are answered OpenAI-shaped."""
+        self._opening += 1
         lease.addCallback(self._connect, request, path, drop)
         lease.addErrback(self._failed, request)
+        lease.addBoth(self._opened)
         request.notifyFinish().addErrback(lambda _: lease.cancel())  # type: ignore[attr-defined]
 
     @inlineCallbacks
@@ -171,6 +174,11 @@ class Tunnels(Service):
         self._open.update((client, backend))
         assert backend.transport is not None
         transport.write(head)
+        # What the client sent after its request, before the 101 (an eager client's first
+        # frame), is in the channel's buffer of pipelined data: it goes on to the backend.
+        early, channel._dataBuffer = b"".join(channel._dataBuffer), []
+        if early:
+            backend.transport.write(early)
         transport.unregisterProducer()  # the HTTP channel was its producer until now
         transport.registerProducer(backend.transport, True)
         backend.transport.registerProducer(transport, True)  # type: ignore[attr-defined]
@@ -193,6 +201,9 @@ class Tunnels(Service):
             err = errors.backend_error("The model's server did not take the upgraded connection")
         request.write(errors.render(request, err))
         request.finish()
+
+    def _opened(self, _: Any) -> None:
+        self._opening -= 1
 
     def ended(self, side: _Side) -> None:
         self._open.discard(side)
