@@ -96,6 +96,8 @@ class BackendResponse(Protocol):
 
     def content(self) -> Deferred[bytes]: ...
 
+    def deliverBody(self, protocol: Any) -> None: ...
+
 
 class BackendHTTP(Protocol):
     """GET and POST to a backend's control routes."""

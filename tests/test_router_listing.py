@@ -9,6 +9,8 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
 
 from llmswap.config.config import parse
 from llmswap.events import ModelState
@@ -26,14 +28,25 @@ def snapshot(state: ModelState, since: float = 1.0, error: str | None = None) ->
     return Snapshot(0.0, True, "swap-aware", 50, 0, 0, (), instances)
 
 
+class Transport:
+    stopped = False
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
 class Response:
     def __init__(self, body: Any, stall: bool = False) -> None:
         self.code = 200
         self._body = body
         self._stall = stall
+        self.transport = Transport()
 
-    def content(self) -> Deferred[bytes]:
-        return Deferred() if self._stall else succeed(json.dumps(self._body).encode())
+    def deliverBody(self, protocol: Any) -> None:
+        protocol.makeConnection(self.transport)
+        if not self._stall:
+            protocol.dataReceived(json.dumps(self._body).encode())
+            protocol.connectionLost(Failure(ResponseDone()))
 
 
 class HTTP:
@@ -81,7 +94,8 @@ def test_meta_is_asked_once_per_load_and_shared() -> None:
 
 def test_a_backend_that_stalls_is_given_up_on() -> None:
     clock = Clock()
-    answers: list[Any] = [Deferred, Response(None, stall=True)]  # no headers; headers, no body
+    stalled = Response(None, stall=True)
+    answers: list[Any] = [Deferred, stalled]  # no headers; headers, no body
     for answer in answers:
         meta = Meta(HTTP(answer), clock)
         got: list[Any] = []
@@ -91,3 +105,11 @@ def test_a_backend_that_stalls_is_given_up_on() -> None:
         clock.advance(2.5)
         # Without an answer: none for a, the configured context length for b.
         assert sorted(got, key=len) == [{}, {"b": {"n_ctx": 4096}}]
+    assert stalled.transport.stopped  # the stalled body's connection is closed, not left
+
+
+def test_an_answer_over_its_cap_is_cut() -> None:
+    meta = Meta(HTTP(Response({"data": [{"meta": {"pad": "x" * (2 << 20)}}]})), Clock())
+    got: list[Any] = []
+    meta.of(CONFIG, snapshot(ModelState.READY), ["a"]).addCallback(got.append)
+    assert got == [{}]

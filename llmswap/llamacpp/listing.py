@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from llmswap.config.config import Config
 from llmswap.events import ModelState
 from llmswap.interfaces import BackendHTTP, BackendResponse
+from llmswap.relay import capped
 from llmswap.swap.snapshot import ModelSnapshot, Snapshot
 
 STATUS = {
@@ -129,7 +130,7 @@ class Meta:
     @inlineCallbacks
     def _fetch(self, backend_url: str) -> Generator[Deferred[Any], Any, Any]:
         response: BackendResponse = yield self._http.get(backend_url + "/models")
-        raw = yield response.content()
+        raw = yield capped.read(response)
         body = json.loads(raw) if response.code == 200 else None
         for each in body.get("data", []) if isinstance(body, dict) else []:
             if isinstance(each, dict) and isinstance(each.get("meta"), dict):

@@ -33,6 +33,7 @@ from llmswap.events import Cause, ModelState
 from llmswap.interfaces import BackendHTTP, BackendResponse
 from llmswap.ollama import stream, translate
 from llmswap.proxy import Exchange, Proxy, internal_error
+from llmswap.relay import capped
 from llmswap.relay.forward import Relayed
 from llmswap.responses import json_body
 from llmswap.swap.manager import SwapManager
@@ -365,7 +366,7 @@ class OllamaRoutes:
             d = self._http.get(url)
             d.addTimeout(_PROPS_TIMEOUT, self._clock)
             response: BackendResponse = yield d
-            body = yield response.content()
+            body = yield capped.read(response).addTimeout(_PROPS_TIMEOUT, self._clock)
             return json.loads(body) if response.code == 200 else None
         except Exception:
             return None
