@@ -169,7 +169,7 @@ class Proxy(MultiService, Generic[CallT]):
         self.parse(x, key)
         self._gate.check_model(key, x.model)
         self.check_path(x)
-        x.priority = key.priority if key is not None else self._priority(request)
+        x.priority = self.priority_of(request, key)
         x.release_key = self._gate.admit(key)
         x.client = client_of(request, x.client)
         return self._manager.acquire(x.model, x.priority, x.key_name, x.client)
@@ -340,7 +340,10 @@ class Proxy(MultiService, Generic[CallT]):
         else:
             x.request.write(self.render_error(x.request, err))
 
-    def _priority(self, request: IRequest) -> int:
+    def priority_of(self, request: IRequest, key: APIKey | None) -> int:
+        """Its key's priority, else the ``priority_header``'s (0 without either)."""
+        if key is not None:
+            return key.priority
         header = self._config.priority_header
         if header is None:
             return 0

@@ -83,9 +83,13 @@ class UpstreamProxy(Proxy[Target]):
         self.tunnels.room()
         model = self._config.resolve(found.model) or found.model
         self._gate.check_model(key, model)
+        priority = self.priority_of(request, key)
         release = self._gate.admit(key)
-        priority = key.priority if key is not None else 0
-        lease = self._manager.acquire(model, priority, key.name if key is not None else "-")
+        try:
+            lease = self._manager.acquire(model, priority, key.name if key is not None else "-")
+        except BaseException:  # refused at once (a full queue, crash backoff): not counted
+            release()
+            raise
         lease.addBoth(_after, release)
         self.tunnels.open(request, lease, found.path, self.dropped_headers())
         return ANSWERED_LATER
