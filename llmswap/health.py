@@ -66,10 +66,7 @@ def document(
             for name, m in snap.instances.items()
         },
         # Each pool's members, and the one that serves it now.
-        "pools": {
-            name: {"models": list(p.members), "prefer": p.prefer, "serving": p.serving}
-            for name, p in snap.pools.items()
-        },
+        "pools": {name: p.document() for name, p in snap.pools.items()},
         # The probed devices as last measured: bytes, and a GPU's figures where NVML gives them.
         "devices": {d: _reading(r) for d, r in snap.devices.items()},
         "hosts": {

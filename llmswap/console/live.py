@@ -81,10 +81,7 @@ def state(snap: Snapshot, config: Config) -> dict[str, Any]:
         "probed": {d: {"total": r.total, "used": r.used} for d, r in snap.devices.items()},
         "hosts": {n: {"engine": h.engine, "error": h.error} for n, h in snap.hosts.items()},
         "models": models,
-        "pools": {
-            n: {"models": list(p.members), "prefer": p.prefer, "serving": p.serving}
-            for n, p in snap.pools.items()
-        },
+        "pools": {n: p.document() for n, p in snap.pools.items()},
         "queue": [
             {
                 "model": w.model,

@@ -89,27 +89,26 @@ class ModelEvents(SharedStreams):
         model = next((m for m, ns in config.placements.items() if e.model in ns), None)
         if model is None:
             return
-        status = STATUS[shown(self._snapshot(), config, model).state]
+        snap = self._snapshot()
+        m = shown(snap, config, model)
+        status = STATUS[m.state]
         if self._said.get(model) == status:
             return
         self._said[model] = status
-        if status != "loaded":
+        if status == "loaded":
+            meta = self._meta.of(config, snap, [model])
+
+            def loaded(_: None) -> Deferred[None]:
+                def send(metas: dict[str, Any]) -> None:
+                    full = entry(config, model, m, int(self._clock.seconds()), metas.get(model))
+                    info = {k: v for k, v in full.items() if k not in _NOT_INFO}
+                    self._send_to(model, _event(model, status, info))
+
+                return meta.addCallback(send)
+
+            self._sent.addCallback(loaded)
+        else:
             self._sent.addCallback(lambda _: self._send_to(model, _event(model, status)))
-            self._sent.addErrback(_logged)
-            return
-        snap = self._snapshot()
-        m = shown(snap, config, model)
-        meta = self._meta.of(config, snap, [model])
-
-        def loaded(_: None) -> Deferred[None]:
-            def send(metas: dict[str, Any]) -> None:
-                full = entry(config, model, m, int(self._clock.seconds()), metas.get(model))
-                info = {k: v for k, v in full.items() if k not in _NOT_INFO}
-                self._send_to(model, _event(model, status, info))
-
-            return meta.addCallback(send)
-
-        self._sent.addCallback(loaded)
         self._sent.addErrback(_logged)
 
     def _send_to(self, model: str, payload: bytes) -> None:

@@ -20,6 +20,7 @@ from twisted.web.iweb import IRequest
 from llmswap import __version__, errors
 from llmswap.access import Caller, Gate
 from llmswap.bodies import json_object
+from llmswap.config.keys import APIKey
 from llmswap.events import Cause, ModelState
 from llmswap.llamacpp.events import ModelEvents
 from llmswap.llamacpp.listing import Meta, entry, shown
@@ -70,19 +71,20 @@ class RouterAPI:
 
     def _named(self, request: IRequest, caller: Caller) -> str:
         """The model a load or unload names (its alias too), if the caller may change it."""
-        key = (
-            self._gate.identify(request)
-            if caller is Caller.KEY
-            else self._gate.require(request, caller)
-        )
+        key = self._gate.authorize(request, caller)
         content = request.content
         body = json_object(content.read() if content is not None else b"", SMALL_BYTES)
         name = body.get("model")
         if not isinstance(name, str) or not name:
             raise errors.bad_request("model name is missing from the request",
                                      "missing_required_parameter", "model")  # fmt: skip
-        model = self._manager.config.resolve(name)
+        return self._model(key, name)
+
+    def _model(self, key: APIKey | None, name: str) -> str:
+        """The model ``name`` (or its alias) means, if ``key`` may use it; else 404, listing
+        the models it may."""
         visible = self._gate.visible(key, self._manager.models())
+        model = self._manager.config.resolve(name)
         if model is None or model not in visible:
             raise errors.model_not_found(name, visible)
         return model
@@ -126,17 +128,9 @@ class RouterAPI:
         """A GET route naming its model in ``?model=`` (``/props``, ``/slots``, ``/metrics``),
         answered by that model's backend if it is loaded (``&autoload=true``: loading it first,
         as a request would), for a ``caller`` that may use the model."""
-        name = _arg(request, "model") or ""
-        key = (
-            self._gate.identify(request)
-            if caller is Caller.KEY
-            else self._gate.require(request, caller)
-        )
-        visible = self._gate.visible(key, self._manager.models())
+        key = self._gate.authorize(request, caller)
+        model = self._model(key, _arg(request, "model") or "")
         config = self._manager.config
-        model = config.resolve(name)
-        if model is None or model not in visible:
-            raise errors.model_not_found(name, visible)
         autoload = _arg(request, "autoload") in ("true", "1")
         if not autoload and self._manager.state(model) is not ModelState.READY:
             raise errors.bad_request("model is not loaded", "model_not_loaded")

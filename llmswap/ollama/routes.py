@@ -175,17 +175,19 @@ class OllamaRoutes:
     @app.route("/tags", methods=["GET"])
     def tags(self, request: IRequest) -> bytes:
         try:
-            names = self._visible(request)
+            key = self._gate.identify(request)
         except errors.APIError as e:
             return errors.render_ollama(request, e)
         config = self._manager.config
-        listed = [self._listed(config.models[n]) for n in names]
-        key = self._gate.identify(request)
-        for name in self._gate.names(key, config)[len(names) :]:
+        listed = []
+        for name in self._gate.names(key, config):
+            if name in config.models:
+                listed.append(self._listed(config.models[name]))
+                continue
             pool = config.pools[name]  # listed as its first member the key may use
-            members = [config.resolve(m) or m for m in pool.members]
-            first = next(m for m in members if self._gate.allows(key, m))
             if not pool.unlisted:
+                members = [config.resolve(m) or m for m in pool.members]
+                first = next(m for m in members if self._gate.allows(key, m))
                 entry = self._listed(config.models[first])
                 entry["name"] = entry["model"] = translate.tagged(name)
                 listed.append(entry)

@@ -67,6 +67,10 @@ class PoolSnapshot:
     prefer: str
     serving: str | None
 
+    def document(self) -> dict[str, Any]:
+        """As ``/health`` and the console show it."""
+        return {"models": list(self.members), "prefer": self.prefer, "serving": self.serving}
+
 
 @attrs.frozen
 class HostSnapshot:
