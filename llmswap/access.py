@@ -129,6 +129,12 @@ class Gate:
             return None
         presented = _presented(request)
         if presented is None:
+            # The console's playground: an admin's browser session, on a request only the
+            # console's own page can make (X-Requested-With needs CORS elsewhere).
+            key = self._session(request) if request.getHeader(b"x-requested-with") else None
+            if key is not None:
+                self._same_origin(request)
+                return key
             raise errors.unauthorized(
                 "Missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
             )
@@ -228,7 +234,10 @@ class Gate:
             raise errors.foreign_origin(errors.quote(origin.decode("latin-1")))
 
     def open_session(self, request: IRequest) -> tuple[str, int]:
-        """Log a browser in with the admin key it presents: (token for its cookie, seconds)."""
+        """Log a browser in with the admin key it presents: (token for its cookie, seconds).
+        Only a key opens one: a session does not renew itself."""
+        if self.auth is not None and _presented(request) is None:
+            raise errors.unauthorized("Log in with an admin key: 'Authorization: Bearer <key>'")
         key = self.identify(request)
         if key is None:
             raise errors.bad_request("This daemon has no keys: the console needs no login")

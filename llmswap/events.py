@@ -101,6 +101,12 @@ class RequestEnded:
     completion_tokens: int | None = None
     tokens_per_second: float | None = None  # as the backend measured it (llama.cpp's timings)
     pool: str | None = None  # the pool asked for, whose member ``model`` served it
+    # A failed or cut request's details (the console keeps them): llmswap's error, the start
+    # of the request body, the backend's answer.  Empty for the others.
+    error: str | None = None
+    sent: bytes = b""
+    answer: bytes = b""
+    console: bool = False  # sent by the console's playground
 
 
 @attrs.frozen

@@ -13,6 +13,7 @@ import sys
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IRequest
 
+from llmswap import errors
 from llmswap.access import SESSION_COOKIE
 
 # Per RFC 9110 these describe one connection, not the message; the rest pass through.
@@ -73,3 +74,15 @@ def client_of(request: IRequest, said: str | None) -> str | None:
     forwarded = request.getHeader(OPEN_WEBUI_USER)
     who = forwarded.decode("latin-1") if forwarded else said
     return sys.intern(who[:CLIENT_CHARS]) if who else None
+
+
+def header_priority(request: IRequest, header: str | None) -> int:
+    """A keyless request's priority, from ``priority_header`` when it is set (0 otherwise);
+    a value that is not a whole number is the client's error."""
+    value = request.getHeader(header) if header is not None else None
+    if header is None or value is None:
+        return 0
+    try:
+        return int(value)
+    except ValueError:
+        raise errors.invalid_priority(header, value) from None

@@ -43,7 +43,7 @@ from llmswap.config.config import Config
 from llmswap.config.keys import APIKey
 from llmswap.config.model import Preset, server_root
 from llmswap.events import EventBus, ModelState, RequestEnded
-from llmswap.headers import KEY_HEADERS, client_of
+from llmswap.headers import KEY_HEADERS, client_of, header_priority
 from llmswap.heartbeat import Heartbeat, say_waiting
 from llmswap.relay.ending import OPENAI, OPENAI_OTHER, StreamEnd, ends_known
 from llmswap.relay.forward import BackendGone, Relay, Relayed, started_writing
@@ -54,6 +54,7 @@ from llmswap.swap.queue import Lease
 log = Logger()
 
 CLIENT_CLOSED = 499  # nginx's convention for "client went away before the answer"
+CONSOLE = b"llmswap-console"  # the X-Requested-With of the console's own requests
 
 
 def internal_error(failure: Failure, request: IRequest) -> errors.APIError:
@@ -86,6 +87,7 @@ class Exchange(Generic[CallT]):
     waited: float | None = None
     relayed: Relayed = _NOT_RELAYED
     status: int = 0
+    error: str | None = None  # llmswap's own, when it answered one
     gone: bool = False  # the client hung up
     answering: Deferred[Any] | None = None  # the chain that answers it
     priority: int = 0
@@ -303,6 +305,7 @@ class Proxy(MultiService, Generic[CallT]):
         tail = relayed.tail
         usage = usage_from(tail) if tail else None
         request = x.request
+        failed = x.status >= 400 or x.status == 0  # the console keeps what it needs to see why
         self._bus.publish(
             RequestEnded(
                 at=self._clock.seconds(),
@@ -320,6 +323,10 @@ class Proxy(MultiService, Generic[CallT]):
                 completion_tokens=usage[1] if usage else None,
                 tokens_per_second=speed_from(tail) if usage else None,
                 pool=x.pool,
+                error=x.error,
+                sent=x.body[:4096] if failed else b"",
+                answer=tail if failed else b"",
+                console=request.getHeader(b"x-requested-with") == CONSOLE,
             )
         )
 
@@ -334,7 +341,7 @@ class Proxy(MultiService, Generic[CallT]):
             err = failure.value.error
         else:
             err = internal_error(failure, x.request)
-        x.status = err.status
+        x.status, x.error = err.status, err.message
         if started_writing(x.request):
             x.request.write(self.ending.error(err))
         else:
@@ -344,16 +351,7 @@ class Proxy(MultiService, Generic[CallT]):
         """Its key's priority, else the ``priority_header``'s (0 without either)."""
         if key is not None:
             return key.priority
-        header = self._config.priority_header
-        if header is None:
-            return 0
-        value = request.getHeader(header)
-        if value is None:
-            return 0
-        try:
-            return int(value)
-        except ValueError:
-            raise errors.invalid_priority(header, value) from None
+        return header_priority(request, self._config.priority_header)
 
     def _reasoning(self, x: Exchange[CallT]) -> bool:
         """Whether a waiting chat stream is told its model's progress as reasoning."""

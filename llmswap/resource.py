@@ -111,6 +111,22 @@ class OpenAIResource:
     def admin_timeline(self, request: IRequest) -> Any:
         return self._console_call(request, lambda c: c.timeline(request))
 
+    @app.route("/admin/failures", methods=["GET"])
+    def admin_failures(self, request: IRequest) -> Any:
+        return self._console_call(request, lambda c: c.failures(request))
+
+    @app.route("/admin/config", methods=["GET"])
+    def admin_config(self, request: IRequest) -> Any:
+        return self._console_call(request, lambda c: c.config(request, None))
+
+    @app.route("/admin/config/check", methods=["POST"])
+    def admin_config_check(self, request: IRequest) -> Any:
+        return self._console_call(request, lambda c: c.config(request, "check"))
+
+    @app.route("/admin/config/apply", methods=["POST"])
+    def admin_config_apply(self, request: IRequest) -> Any:
+        return self._console_call(request, lambda c: c.config(request, "apply"))
+
     @app.route("/admin/logs", methods=["GET"])
     def admin_own_log(self, request: IRequest) -> Any:
         return self._console_call(request, lambda c: c.logs(request, None))

@@ -32,6 +32,8 @@ from llmswap.config.config import Config, load, reload_changes
 from llmswap.config.model import ModelConfig
 from llmswap.config.values import ConfigError
 from llmswap.console.activity import Activity
+from llmswap.console.configpage import ConfigPage
+from llmswap.console.failures import Failures
 from llmswap.console.live import LiveStreams
 from llmswap.console.logs import OwnLog
 from llmswap.console.routes import ConsoleAPI
@@ -154,9 +156,22 @@ class LLMSwapService(MultiService):
         timeline = Timeline(self.bus, reactor, self.manager.snapshot)
         own_log = OwnLog(settings.log_lines)
         live = LiveStreams(self.bus, reactor, self.manager.snapshot, lambda: self.config)
-        for service in (activity, timeline, own_log, live):
+        failures = Failures(self.bus, reactor, settings, self._model_state, self._output)
+        for service in (activity, failures, timeline, own_log, live):
             service.setServiceParent(self)
-        return ConsoleAPI(self.manager, self.gate, activity, timeline, own_log, live)
+        config_page = ConfigPage(self.manager, self.reload, reactor)
+        return ConsoleAPI(
+            self.manager, self.gate, activity, timeline, own_log, live, failures, config_page
+        )
+
+    def _model_state(self, model: str) -> dict[str, Any] | None:
+        """A model's state and error now, as a failed request's record keeps them."""
+        found = self.manager.snapshot().instances.get(model)
+        return {"state": found.state.value, "error": found.error} if found else None
+
+    def _output(self, model: str, lines: int) -> Deferred[list[str]] | None:
+        backend = self.manager.backends.get(model)
+        return backend.output(lines) if backend is not None else None
 
     def _loaded(self) -> list[tuple[ModelConfig, IBackend]]:
         """The instances that are loaded now, with their backends (what the witness measures)."""

@@ -59,6 +59,8 @@ class Console:
     history: str | None = None
     history_days: float = CONSOLE["history_days"].default
     log_lines: int = CONSOLE["log_lines"].default
+    failures: int = CONSOLE["failures"].default
+    edit_config: bool = CONSOLE["edit_config"].default
 
 
 @attrs.frozen
@@ -349,12 +351,17 @@ def reload_changes(old: Config, new: Config) -> tuple[list[str], list[str], list
     return removed, changed, [n for n in after if n not in before]
 
 
-def load(path: str | os.PathLike[str], previous_ports: Mapping[str, int] | None = None) -> Config:
+def load(
+    path: str | os.PathLike[str],
+    previous_ports: Mapping[str, int] | None = None,
+    text: str | None = None,
+) -> Config:
     """Read and validate a YAML file; every failure is a ConfigError with a readable message.
 
-    ``previous_ports``: the running configuration's ``${PORT}``s, which a reload keeps."""
+    ``previous_ports``: the running configuration's ``${PORT}``s, which a reload keeps;
+    ``text``: the file's content to check instead of what it holds (its includes are read)."""
     source = str(path)
-    data = read_yaml(source)
+    data = read_yaml(source, text)
     try:
         data, included, include = joined(data, source)
         config = parse(data, source=source, previous_ports=previous_ports)

@@ -30,12 +30,15 @@ def _matches(pattern: str, base: str) -> list[str]:
     return [path]
 
 
-def read_yaml(path: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+def read_yaml(path: str, text: str | None = None) -> Any:
+    """The document of the file at ``path``, or of ``text`` standing for it (a version not yet
+    written, which the console checks)."""
+    if text is None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise ConfigError(f"cannot read {path}: {e.strerror}") from None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:

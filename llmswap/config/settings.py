@@ -127,6 +127,11 @@ CONSOLE = Section("console", (
     Setting("history_days", "number", 7.0, "days of activity the history file keeps", unit="days"),
     Setting("log_lines", "number", 1000, "lines of llmswap's own log (and of each backend's, when "
       "asked) the Logs view gets", unit="lines", integer=True),
+    Setting("failures", "number", 50, "failed or cut requests the console keeps with their "
+      "details (request, backend answer and output); in `history` too when it is set",
+      unit="requests", integer=True),
+    Setting("edit_config", "flag", True, "the console's Config view may check, write and apply "
+      "the configuration file (off: it only shows it)"),
 ))
 
 DOCKER = Section("docker", (

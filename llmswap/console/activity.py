@@ -54,6 +54,7 @@ def record(e: RequestEnded) -> dict[str, Any]:
         "duration": e.duration, "prompt_tokens": e.prompt_tokens,
         "completion_tokens": e.completion_tokens,
         "tokens_per_s": round(speed, 1) if speed is not None else None,
+        "console": e.console,  # the playground's (not kept in the history)
     }  # fmt: skip
 
 
@@ -126,6 +127,7 @@ class Activity(Service):
         loaded = [dict(zip(FIELDS, r, strict=True)) for r in reversed(rows)]
         for row in loaded:
             row["stream"] = bool(row["stream"])
+            row["console"] = False
         self._rows = deque([*loaded, *self._rows], maxlen=self._console.activity)
         for seconds, call in ((_FLUSH_SECONDS, self._flush), (_PRUNE_SECONDS, self._prune)):
             loop = LoopingCall(call)

@@ -21,6 +21,8 @@ from zope.interface import implementer
 from llmswap import errors
 from llmswap.access import SESSION_COOKIE, Gate
 from llmswap.console.activity import Activity
+from llmswap.console.configpage import ConfigPage
+from llmswap.console.failures import Failures
 from llmswap.console.live import LiveStreams
 from llmswap.console.logs import OwnLog
 from llmswap.console.timeline import Timeline
@@ -55,6 +57,8 @@ class ConsoleAPI:
         timeline: Timeline,
         own_log: OwnLog,
         live: LiveStreams,
+        failures: Failures,
+        config_page: ConfigPage,
     ) -> None:
         self._manager = manager
         self._gate = gate
@@ -62,6 +66,8 @@ class ConsoleAPI:
         self._timeline = timeline
         self._own_log = own_log
         self._live = live
+        self._failures = failures
+        self._config_page = config_page
         self.static: IResource = File(str(STATIC))
         self.static.childNotFound = _NoSuchFile()  # type: ignore[attr-defined,assignment]
 
@@ -85,6 +91,19 @@ class ConsoleAPI:
             limit=_count(request, "limit", 1000, 100_000),
         )
         return json_body(request, {"activity": rows}, no_store=True)
+
+    def failures(self, request: IRequest) -> bytes:
+        self._gate.require_admin(request)
+        rows = self._failures.recent(_count(request, "limit", 1000, 100_000))
+        return json_body(request, {"failures": rows}, no_store=True)
+
+    def config(self, request: IRequest, action: str | None) -> Any:
+        """The Config view: GET shows, POST ``check`` validates, POST ``apply`` writes and
+        reloads (:mod:`llmswap.console.configpage`)."""
+        self._gate.require_admin(request)
+        if action is None:
+            return self._config_page.show(request)
+        return (self._config_page.check if action == "check" else self._config_page.apply)(request)
 
     def timeline(self, request: IRequest) -> bytes:
         self._gate.require_admin(request)

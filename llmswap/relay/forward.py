@@ -119,10 +119,12 @@ class Relay:
                 pipe.stop_timer()
                 body: Deferred[bytes] = treq.content(response)
                 body.addTimeout(self.idle_timeout, self._clock)
-                body.addCallback(
-                    lambda b: request.write(ending.backend_error(model, response.code, b))
-                )
-                return body.addCallback(lambda _: Relayed(response.code))
+
+                def written(b: bytes) -> Relayed:
+                    request.write(ending.backend_error(model, response.code, b))
+                    return Relayed(response.code, tail=b[-4096:])
+
+                return body.addCallback(written)
             if writer is not None:
                 writer.start(response.code, response.headers)
             elif not committed:

@@ -1,0 +1,231 @@
+"""The console's second round through real sockets: failed requests kept with what explains
+them, the Config view (check at a line, apply with a backup and what changed), and the
+playground's requests (an admin's browser session on the API routes, marked as the console's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.web.http_headers import Headers
+
+from llmswap.config import editing
+from llmswap.config.config import Console, load
+from llmswap.console.failures import Failures
+from llmswap.events import EventBus, RequestEnded
+from tests.support import Daemon, sleep, wait_for
+from tests.test_console import ADMIN, USER
+from tests.test_daemon import DaemonTestCase, broken_stream
+
+CONSOLE = {"X-Requested-With": ["llmswap-console"]}
+
+
+class ConsolePagesTests(DaemonTestCase):
+    @inlineCallbacks
+    def call(self, method: str, path: str, body: Any = None, **headers: str) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        response = yield self.http.request(
+            method, self.daemon.url + path, data=data,
+            headers=Headers({k.replace("_", "-"): [v] for k, v in headers.items()}),
+        )  # fmt: skip
+        text = yield response.text()
+        return response.code, json.loads(text) if text.startswith("{") else text
+
+    def from_file(self, raw: dict[str, Any]) -> Path:
+        path = Path(self.mktemp()).resolve()
+        path.mkdir()
+        config = path / "llmswap.yaml"
+        config.write_text(yaml.safe_dump(raw, sort_keys=False))
+        self.daemon = Daemon.from_config(load(config), str(path / "logs"))
+        self.daemon.start()
+        self.addCleanup(self.daemon.stop)
+        return config
+
+    # -- failed requests --------------------------------------------------------------------
+
+    @inlineCallbacks
+    def test_a_failed_request_is_kept_with_its_request_answer_state_and_backend_output(
+        self,
+    ) -> Any:
+        self.start({"a": self.fake("a"), "crashy": self.fake("crashy", crash_after=2)})
+        yield self.chat("a")
+        sent = {"model": "a", "messages": [{"role": "user", "content": "why?"}], "fake_status": 500}
+        response = yield self.post("/v1/chat/completions", sent)
+        self.assertEqual(response.code, 500)
+        yield broken_stream(self, "crashy")  # cut mid-stream: status 0
+        yield self.post("/v1/chat/completions", {"model": "nope"})  # llmswap's own 404
+        yield wait_for(lambda: len(self.daemon.service.health()["models"]) == 2)
+
+        def kept() -> list[dict[str, Any]]:
+            return self.failures  # type: ignore[no-any-return]
+
+        @inlineCallbacks
+        def read() -> Any:
+            code, body = yield self.call("GET", "/admin/failures")
+            self.assertEqual(code, 200)
+            self.failures = body["failures"]
+
+        for _ in range(200):
+            yield read()
+            if len(kept()) == 3 and all(f["output"] is not None for f in kept()[1:]):
+                break
+            yield sleep(0.05)
+        unknown, cut, teapot = kept()  # newest first
+        self.assertEqual((unknown["status"], unknown["model"]), (404, "nope"))
+        self.assertIn("The model 'nope' does not exist", unknown["error"])
+        self.assertIsNone(unknown["state"])
+        self.assertEqual(
+            (cut["status"], cut["model"], cut["path"]), (0, "crashy", "/v1/chat/completions")
+        )
+        self.assertEqual(json.loads(cut["request"])["stream"], True)
+        self.assertEqual(teapot["status"], 500)
+        self.assertEqual(json.loads(teapot["request"]), sent)  # the body as sent
+        self.assertIn("fake failure", teapot["answer"])  # the backend's own error body
+        self.assertEqual(teapot["state"], {"state": "ready", "error": None})
+        self.assertTrue(any('"POST /v1/chat/completions HTTP/1.1" 500' in line
+                            for line in teapot["output"]), teapot["output"])  # fmt: skip
+        # The Activity row it belongs to has the same time.
+        _code, body = yield self.call("GET", "/admin/activity?status=500")
+        self.assertEqual(body["activity"][0]["at"], teapot["at"])
+
+    @inlineCallbacks
+    def test_failed_requests_survive_a_restart_in_the_history_the_newest_kept(self) -> Any:
+        history = os.path.abspath(self.mktemp())
+        console = Console(history=history, failures=3)
+        first = Failures(EventBus(), reactor, console, lambda m: None, lambda m, n: None)
+        first.startService()
+        yield wait_for(lambda: first._db is not None)
+        for i in range(5):
+            first._ended(failed_event(reactor.seconds(), i))
+        yield first.stopService()  # waits for its writes
+        second = Failures(EventBus(), reactor, console, lambda m: None, lambda m, n: None)
+        second.startService()
+        self.addCleanup(second.stopService)
+        yield wait_for(lambda: second._db is not None)
+        self.assertEqual([f["model"] for f in second.recent()], ["m4", "m3", "m2"])
+        self.assertEqual(second.recent()[0]["request"], '{"model": "m4"}')
+
+    # -- the Config view --------------------------------------------------------------------
+
+    @inlineCallbacks
+    def test_config_is_shown_without_its_secrets_checked_at_a_line_and_applied(self) -> Any:
+        fake_a = self.fake("a")
+        raw = {"models": {"a": fake_a},
+               "auth": {"keys": [{"name": "ops", "key": ADMIN, "admin": True},
+                                 {"name": "user", "key": USER}]}}  # fmt: skip
+        path = self.from_file(raw)
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        code, _ = yield self.call("GET", "/admin/config", Authorization=f"Bearer {USER}")
+        self.assertEqual(code, 403)
+        code, shown = yield self.call("GET", "/admin/config", **admin)
+        self.assertEqual(code, 200)
+        self.assertNotIn(ADMIN, json.dumps(shown))
+        self.assertNotIn(USER, json.dumps(shown))
+        self.assertEqual(shown["text"].count(editing.MASK), 2)
+        in_file = "the configuration file"
+        self.assertEqual(shown["keys"], [{"name": "ops", "from": in_file},
+                                         {"name": "user", "from": in_file}])  # fmt: skip
+        self.assertTrue(
+            shown["running"][0].endswith("OK, 1 models, listen tcp:0:interface=127.0.0.1")
+        )
+
+        # An error is refused at its line; the file is untouched.
+        bad = shown["text"].replace("  a:\n", "  a:\n    ttll: 5\n", 1)
+        code, verdict = yield self.call("POST", "/admin/config/check", {"text": bad}, **admin)
+        line = bad.splitlines().index("    ttll: 5") + 1
+        self.assertEqual((code, verdict["ok"], verdict["problems"][0]["line"]), (200, False, line))
+        before = path.read_text()
+        code, refused = yield self.call("POST", "/admin/config/apply", {"text": bad}, **admin)
+        self.assertEqual((code, refused["error"]["code"]), (400, "invalid_config"))
+        self.assertIn(f"line {line}: unknown key 'models.a.ttll'", refused["error"]["message"])
+        self.assertEqual(path.read_text(), before)
+
+        # A valid edit: a model added, the loaded one changed (restarted), the secrets kept.
+        yield self.post("/v1/chat/completions", {"model": "a"}, headers=admin)
+        fake_b = yaml.safe_dump({"b": self.fake("b")})
+        good = (
+            shown["text"]
+            .replace("  a:\n", "  a:\n    ttl: 77\n", 1)
+            .replace("auth:", "".join(f"  {line}\n" for line in fake_b.splitlines()) + "auth:", 1)
+        )
+        code, verdict = yield self.call("POST", "/admin/config/check", {"text": good}, **admin)
+        self.assertEqual((code, verdict["ok"], verdict["models"]), (200, True, ["a", "b"]))
+        code, applied = yield self.call("POST", "/admin/config/apply", {"text": good}, **admin)
+        self.assertEqual(code, 200, applied)
+        self.assertEqual(applied["changes"], {"added": ["b"], "removed": [], "changed": ["a"],
+                                              "restarted": ["a"]})  # fmt: skip
+        self.assertEqual(Path(applied["backup"]).read_text(), before)
+        written = yaml.safe_load(path.read_text())
+        self.assertEqual([k["key"] for k in written["auth"]["keys"]], [ADMIN, USER])
+        self.assertEqual(written["models"]["a"]["ttl"], 77)
+        health = yield self.health()
+        self.assertEqual(sorted(health["models"]), ["a", "b"])
+
+    @inlineCallbacks
+    def test_a_read_only_config_is_shown_and_never_written(self) -> Any:
+        path = self.from_file({"models": {"a": self.fake("a")}, "console": {"edit_config": False}})
+        code, shown = yield self.call("GET", "/admin/config")
+        self.assertEqual((code, shown["editable"]), (200, False))
+        before = path.read_text()
+        code, body = yield self.call("POST", "/admin/config/apply", {"text": before + "\n"},
+                                     X_Requested_With="llmswap-console")  # fmt: skip
+        self.assertEqual((code, body["error"]["code"]), (403, "config_read_only"))
+        code, body = yield self.call("POST", "/admin/config/check", {"txt": 1})
+        self.assertEqual((code, body["error"]["param"]), (400, "text"))
+        self.assertEqual(path.read_text(), before)
+
+    # -- the playground's requests ------------------------------------------------------------
+
+    @inlineCallbacks
+    def test_the_playground_uses_the_session_on_the_api_and_is_marked_as_the_console(
+        self,
+    ) -> Any:
+        keys = [{"name": "ops", "key": ADMIN, "admin": True}]
+        self.start({"a": self.fake("a")}, auth={"keys": keys})
+        response = yield self.http.post(
+            self.daemon.url + "/admin/session",
+            headers=Headers({"Authorization": [f"Bearer {ADMIN}"]}),
+        )
+        cookie = response.headers.getRawHeaders("set-cookie")[0].split(";")[0]
+        chat = {"model": "a", "messages": [{"role": "user", "content": "hi"}]}
+        # The cookie alone (a form on another site could send it): no key.
+        code, body = yield self.call("POST", "/v1/chat/completions", chat, Cookie=cookie)
+        self.assertEqual(code, 401)
+        code, body = yield self.call("POST", "/v1/chat/completions", chat, Cookie=cookie,
+                                     X_Requested_With="llmswap-console",
+                                     Origin="http://elsewhere.example")  # fmt: skip
+        self.assertEqual(code, 403)
+        code, body = yield self.call("POST", "/v1/chat/completions", chat, Cookie=cookie,
+                                     X_Requested_With="llmswap-console")  # fmt: skip
+        self.assertEqual((code, body["choices"][0]["message"]["content"]), (200, "Hello from a"))
+        # A session does not open another.
+        code, body = yield self.call("POST", "/admin/session", Cookie=cookie,
+                                     X_Requested_With="llmswap-console")  # fmt: skip
+        self.assertEqual(code, 401)
+        yield wait_for(lambda: bool(self.daemon.service.manager.snapshot().instances))
+
+        @inlineCallbacks
+        def rows() -> Any:
+            _code, body = yield self.call("GET", "/admin/activity?status=200", Cookie=cookie)
+            return body["activity"]
+
+        for _ in range(100):
+            found = yield rows()
+            if found:
+                break
+            yield sleep(0.05)
+        self.assertEqual([(r["key"], r["console"]) for r in found], [("ops", True)])
+
+
+def failed_event(at: float, i: int) -> RequestEnded:
+    return RequestEnded(
+        at=at + i, method="POST", path="/v1/chat/completions", model=f"m{i}",
+        configured=False, key="-", stream=False, status=502, queue_wait=0.0, duration=0.1,
+        first_byte=None, error="Model backend is unreachable", sent=b'{"model": "m%d"}' % i,
+    )  # fmt: skip
