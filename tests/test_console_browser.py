@@ -13,15 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from selenium import webdriver
 from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 from twisted.internet.defer import inlineCallbacks
 
+from llmswap.config.config import load
 from tests.fakebackend import live_processes
-from tests.support import HI, wait_for
+from tests.support import HI, Daemon, wait_for
 from tests.test_console import ADMIN
 from tests.test_daemon import DaemonTestCase
 
@@ -91,16 +94,48 @@ class ConsoleBrowserTests(DaemonTestCase):
             lambda d: d.find_element(By.CSS_SELECTOR, f'#tabs [data-view="{name}"]').click()
         )
 
+    def js(self, d: webdriver.Chrome, expression: str) -> Any:
+        return d.execute_script(f"return {expression}")
+
+    def drag(self, selector: str) -> Callable[[webdriver.Chrome], None]:
+        """A drag across the middle half of an element (uPlot zooms to it)."""
+
+        def step(d: webdriver.Chrome) -> None:
+            over = d.find_element(By.CSS_SELECTOR, selector)
+            width = over.size["width"]
+            ActionChains(d).move_to_element_with_offset(
+                over, -width // 4, 0
+            ).click_and_hold().move_by_offset(width // 2, 0).release().perform()
+
+        return step
+
+    def hover_swap(self) -> Any:
+        """Move the cursor over the timeline's last swap marker."""
+
+        def step(d: webdriver.Chrome) -> None:
+            left = self.js(
+                d, "charts.chart.valToPos(timeline.swaps[timeline.swaps.length - 1].at, 'x')"
+            )
+            over = d.find_element(By.CSS_SELECTOR, "#chart .u-over")
+            offset = int(left - over.size["width"] / 2)
+            ActionChains(d).move_to_element_with_offset(over, offset, 0).perform()
+
+        return self.browse(step)
+
     def shot(self, name: str) -> Any:
         return self.browse(lambda d: d.save_screenshot(str(DOCS / f"console-{name}.png")))
 
     @inlineCallbacks
     def test_every_view_live_in_a_real_browser(self) -> Any:
         self.start(
-            {"chat": self.fake("chat", startup_delay=1.5), "coder": self.fake("coder", ttl=600)},
+            {
+                "chat": self.fake("chat", startup_delay=1.5),
+                "coder": self.fake("coder", ttl=600, startup_delay=1.5),
+            },
             devices={"ram": {"memory": "24GiB", "probe": "ram"}},
             state_dir=os.path.abspath(self.mktemp()),
             pools={"assistant": {"models": ["coder", "chat"]}},
+            keepalive_interval=0.5,  # the playground shows the loading comments as they come
         )
         self.driver = yield self.in_thread(chromium)
         yield self.browse(lambda d: d.get(self.daemon.url + "/"))  # a browser: sent to /ui/
@@ -147,7 +182,6 @@ class ConsoleBrowserTests(DaemonTestCase):
         )
         self.assertEqual(cells[1:5], ["chat", "coder", "-", "200"])
         self.assertEqual(cells[8:10], ["3", "3"])  # prompt and completion tokens, from usage
-        yield self.shot("activity")
 
         # Models: Unload stops the backend (checked on the real process list).
         yield self.tab("models")
@@ -167,17 +201,31 @@ class ConsoleBrowserTests(DaemonTestCase):
         budgets = yield self.browse(lambda d: d.find_element(By.ID, "budgets").text)
         self.assertRegex(budgets, r"counted; measured in use: \d+\.\d of \d+\.\d GiB")
 
-        def memory_points(d: webdriver.Chrome) -> int:  # the device's use over time, charted
-            lines = d.find_elements(
-                By.CSS_SELECTOR, '#budgets svg.memory[data-device="ram"] polyline'
-            )
-            return len((lines[0].get_attribute("points") or "").split()) if lines else 0
-
-        yield self.until(lambda d: memory_points(d) >= 2)
         yield self.shot("models")
 
+        # Swaps: uPlot's timeline with time ticks, the queue as its own band, device memory.
         yield self.tab("swaps")
-        yield self.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#chart rect")) >= 2)
+        yield self.until(lambda d: self.js(d, "charts.chart && charts.chart.series.length") >= 3)
+        # uPlot draws its axes on a canvas: the labels it drew are read from it.
+        ticks = yield self.browse(lambda d: self.js(d, "charts.chart.axes[0]._values"))
+        self.assertGreaterEqual(len(ticks), 3)  # ticks along the time axis, the first dated
+        self.assertRegex(ticks[0], r"\d+/\d+/\d+ \d+:\d\d")
+        rows = yield self.browse(lambda d: self.js(d, "charts.chart.axes[1]._values"))
+        self.assertEqual([r for r in rows if r], ["coder", "chat", "swaps"])
+        yield self.until(
+            lambda d: (
+                self.js(
+                    d,
+                    "charts['chart-memory'] && "
+                    "charts['chart-memory'].data[1].filter(v => v !== null).length",
+                )
+                >= 2
+            )
+        )
+        memory = yield self.browse(
+            lambda d: self.js(d, "charts['chart-memory'].series.map(s => s.label)")
+        )
+        self.assertEqual(memory[1:], ["ram in use (measured)", "ram budget"])
         causes = yield self.browse(
             lambda d: [
                 r.find_elements(By.TAG_NAME, "td")[1].text
@@ -186,7 +234,82 @@ class ConsoleBrowserTests(DaemonTestCase):
         )
         self.assertIn("admin", causes)
         self.assertIn("request", causes)
+        # Hover names a swap's cause and times; a drag zooms every chart of the view.
+        yield self.hover_swap()
+        hovered = yield self.until(lambda d: d.find_element(By.ID, "chart-hover").text)
+        self.assertRegex(hovered, r"swap at .* \((request|admin)\): .* → .*, stop .*, load ")
         yield self.shot("swaps")
+        before = yield self.browse(
+            lambda d: self.js(d, "charts.chart.scales.x.max - charts.chart.scales.x.min")
+        )
+        yield self.browse(self.drag("#chart .u-over"))
+        after = yield self.browse(
+            lambda d: self.js(
+                d, "[charts.chart.scales.x, charts['chart-queue'].scales.x].map(x => x.max - x.min)"
+            )
+        )
+        self.assertLess(after[0], before / 2)
+        self.assertAlmostEqual(after[1], after[0], places=3)  # the queue band follows the zoom
+
+        # A request failed on purpose: its Activity row opens what explains it.
+        failing = {"model": "chat", "messages": [{"role": "user", "content": "fail me"}],
+                   "fake_status": 500}  # fmt: skip
+        self.assertEqual((yield self.post("/v1/chat/completions", failing)).code, 500)
+        yield self.tab("activity")
+        yield self.until(
+            lambda d: self.js(d, "charts['chart-rate'] && charts['chart-rate'].series.length") >= 3
+        )
+        yield self.click("#activity-rows tr.failed")
+        yield self.until(lambda d: '"POST /v1/chat/completions HTTP/1.1" 500'
+                         in d.find_element(By.ID, "failure-output").text)  # fmt: skip
+        title = yield self.browse(lambda d: d.find_element(By.ID, "failure-title").text)
+        self.assertRegex(title, r"POST /v1/chat/completions → chat: status 500$")
+        answer = yield self.browse(lambda d: d.find_element(By.ID, "failure-answer").text)
+        self.assertIn("fake failure", answer)
+        yield self.shot("failed")
+
+        # Replayed into the playground, then a chat there that waits for a swap and streams.
+        yield self.click("#failure-replay")
+        typed = yield self.browse(
+            lambda d: d.find_element(By.ID, "pg-input").get_attribute("value")
+        )
+        self.assertEqual(typed, "fail me")
+        yield self.browse(
+            lambda d: Select(d.find_element(By.ID, "pg-model")).select_by_value("coder")
+        )
+        yield self.until(lambda d: self.js(d, "state.models.coder.state") == "stopped")
+        yield self.click("#pg-send")
+        yield self.until(lambda d: "loading coder" in d.find_element(By.ID, "pg-status").text)
+        yield self.until(lambda d: "tokens/s" in d.find_element(By.ID, "pg-status").text)
+        status = yield self.browse(lambda d: d.find_element(By.ID, "pg-status").text)
+        self.assertRegex(
+            status,
+            r"^first token after [\d.]+ s \(the model was loaded for it\); "
+            r"5 tokens, [\d.]+ tokens/s$",
+        )
+        said = yield self.browse(
+            lambda d: [e.text for e in d.find_elements(By.CSS_SELECTOR, "#pg-messages .msg")]
+        )
+        self.assertEqual(said, ["fail me", "t0 t1 t2 t3 t4 "])  # as streamed
+        yield self.shot("playground")
+
+        # The playground's request went through the queue as the console's.
+        yield self.tab("activity")
+        yield self.until(
+            lambda d: (
+                "console" in d.find_element(By.CSS_SELECTOR, "#activity-rows tr:first-child").text
+            )
+        )
+        yield self.shot("activity")
+        yield self.tab("keys")
+        yield self.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#key-rows tr[data-key="-"]'))
+        cells = yield self.browse(
+            lambda d: [
+                td.text for td in d.find_elements(By.CSS_SELECTOR, '#key-rows tr[data-key="-"] td')
+            ]
+        )
+        self.assertEqual(cells[4:6], ["1", "0"])  # one error, no limit hit
+        yield self.shot("keys")
 
         # Logs: what the backend printed, live.
         yield self.tab("logs")
@@ -224,6 +347,64 @@ class ConsoleBrowserTests(DaemonTestCase):
         (session,) = cookies
         self.assertEqual((session["httpOnly"], session["sameSite"]), (True, "Strict"))
         self.assertNotIn(ADMIN, session["value"])
+
+    @inlineCallbacks
+    def test_the_config_view_refuses_an_error_at_its_line_and_applies_a_valid_edit(self) -> Any:
+        root = Path(self.mktemp()).resolve()
+        root.mkdir()
+        path = root / "llmswap.yaml"
+        path.write_text(yaml.safe_dump({"models": {"chat": self.fake("chat")}}, sort_keys=False))
+        self.daemon = Daemon.from_config(load(path), str(root / "logs"))
+        self.daemon.start()
+        self.addCleanup(self.daemon.stop)
+        yield self.chat("chat")
+        self.driver = yield self.in_thread(chromium)
+        yield self.browse(lambda d: d.get(self.daemon.url + "/ui/"))
+        yield self.until(lambda d: d.find_element(By.ID, "link").text == "live")
+        yield self.tab("config")
+        text = yield self.until(lambda d: d.find_element(By.ID, "cfg-text").get_attribute("value"))
+        self.assertEqual(text, path.read_text())
+        running = yield self.browse(lambda d: d.find_element(By.ID, "cfg-running").text)
+        self.assertIn("OK, 1 models", running)
+
+        lines = text.splitlines()
+        at = lines.index("  chat:") + 2  # the line after the model's name
+        bad = "\n".join([*lines[: at - 1], "    ttll: 5", *lines[at - 1 :]]) + "\n"
+        yield self.browse(self.type_config(bad))
+        yield self.click("#cfg-check")
+        marked = yield self.until(
+            lambda d: [b.text for b in d.find_elements(By.CSS_SELECTOR, "#cfg-gutter b")]
+        )
+        self.assertEqual(marked, [str(at)])
+        problem = yield self.browse(lambda d: d.find_element(By.ID, "cfg-problems").text)
+        self.assertTrue(problem.startswith(f"line {at}: unknown key 'models.chat.ttll'"), problem)
+        yield self.click("#cfg-apply")
+        yield self.until(lambda d: "not applied" in d.find_element(By.ID, "cfg-status").text)
+        self.assertEqual(path.read_text(), text)  # refused: the file is untouched
+        yield self.shot("config-error")
+
+        coder = yaml.safe_dump({"coder": self.fake("coder")}, sort_keys=False)
+        good = bad.replace("ttll: 5", "ttl: 5").replace(
+            "models:\n", "models:\n" + "".join(f"  {line}\n" for line in coder.splitlines()), 1
+        )
+        yield self.browse(self.type_config(good))
+        yield self.click("#cfg-apply")
+        changes = yield self.until(lambda d: d.find_element(By.ID, "cfg-changes").text)
+        self.assertEqual(changes.splitlines(), ["added: coder", "changed: chat", "removed: none",
+                                                "restarted: chat"])  # fmt: skip
+        self.assertEqual(path.read_text(), good)
+        self.assertEqual((root / "llmswap.yaml.bak").read_text(), text)
+        health = yield self.health()
+        self.assertEqual(sorted(health["models"]), ["chat", "coder"])
+        yield self.shot("config")
+
+    def type_config(self, text: str) -> Callable[[webdriver.Chrome], None]:
+        """Put ``text`` in the editor as typing does (an input event)."""
+        return lambda d: d.execute_script(
+            "const t = document.getElementById('cfg-text'); t.value = arguments[0];"
+            "t.dispatchEvent(new Event('input'));",
+            text,
+        )
 
     def chat_with_key(self, model: str) -> Any:
         headers = {"Authorization": [f"Bearer {ADMIN}"]}

@@ -62,14 +62,16 @@ $("logout").addEventListener("click", async () => {
 
 // -- tabs -------------------------------------------------------------------------------------
 
-for (const tab of document.querySelectorAll("#tabs button")) {
-  tab.addEventListener("click", () => {
-    document.querySelectorAll("#tabs button").forEach((b) => b.classList.toggle("active", b === tab));
-    document.querySelectorAll(".view").forEach((v) => v.classList.toggle("active", v.id === tab.dataset.view));
-    if (tab.dataset.view === "logs") followLog();
-    if (tab.dataset.view === "swaps") drawChart();
-  });
+// What each view does when shown (the other scripts add theirs).
+const views = { logs: () => followLog() };
+const showing = (view) => $(view).classList.contains("active");
+
+function show(view) {
+  document.querySelectorAll("#tabs button").forEach((b) => b.classList.toggle("active", b.dataset.view === view));
+  document.querySelectorAll(".view").forEach((v) => v.classList.toggle("active", v.id === view));
+  if (views[view]) views[view]();
 }
+for (const tab of document.querySelectorAll("#tabs button")) tab.addEventListener("click", () => show(tab.dataset.view));
 
 // -- live stream ------------------------------------------------------------------------------
 
@@ -84,6 +86,7 @@ async function start() {
   }
   renderActivity();
   renderSwaps();
+  onFailed();
   if (source) source.close();
   source = new EventSource("/admin/events");
   source.onopen = () => { $("link").textContent = "live"; $("link").className = "link up"; };
@@ -97,8 +100,10 @@ async function start() {
     fillLogSources();
   });
   source.addEventListener("activity", (e) => {
-    activity = JSON.parse(e.data).reverse().concat(activity).slice(0, 5000);
+    const rows = JSON.parse(e.data);
+    activity = rows.reverse().concat(activity).slice(0, 5000);
     renderActivity();
+    if (rows.some(failed)) onFailed();
   });
   source.addEventListener("timeline", (e) => {
     for (const item of JSON.parse(e.data)) {
@@ -158,19 +163,14 @@ function renderModels() {
     const probed = (state.probed || {})[device];
     const real = probed ? `; measured in use: ${(probed.used / 2 ** 30).toFixed(1)} of ${(probed.total / 2 ** 30).toFixed(1)} GiB` : "";
     return `<div>${esc(device)} <span class="bar"><span data-share="${(share * 100).toFixed(1)}"></span></span>
-      ${((used[device] || 0) / 2 ** 30).toFixed(1)} of ${(size / 2 ** 30).toFixed(1)} GiB counted${real}
-      ${probed ? memoryChart(device, size) : ""}</div>`;
+      ${((used[device] || 0) / 2 ** 30).toFixed(1)} of ${(size / 2 ** 30).toFixed(1)} GiB counted${real}</div>`;
   }).join("") + hosts.filter(([, h]) => h.error).map(([name, h]) =>
     `<div class="error">host ${esc(name)}: ${esc(h.error)}</div>`).join("");
   // Widths set through the DOM: the page's Content-Security-Policy allows no inline style.
   for (const fill of $("budgets").querySelectorAll("[data-share]")) fill.style.width = `${fill.dataset.share}%`;
 }
 
-// A probed device's use over time (the last hour, or since the first sample, at least five
-// minutes): what it held, by anyone, shaded against its total, with the budget llmswap counts
-// against as a dashed line.
-const MEMORY_SPAN = 3600, MEMORY_LEAST = 300;
-
+// A probed device's use over time, as the live state reports it (the Swaps view charts it).
 function remember(live) {
   timeline.memory = timeline.memory || {};
   for (const [device, probed] of Object.entries(live.probed || {})) {
@@ -179,24 +179,6 @@ function remember(live) {
     if (!last || live.now - last[0] >= 5) kept.push([live.now, probed.used, probed.total]);
     while (kept.length && kept[0][0] < live.now - 6 * 3600) kept.shift();
   }
-}
-
-function memoryChart(device, budget) {
-  const samples = (timeline.memory[device] || []).filter((m) => m[0] >= state.now - MEMORY_SPAN);
-  if (!samples.length) return "";
-  const span = Math.max(MEMORY_LEAST, state.now - samples[0][0]);
-  const width = 600, height = 70, total = Math.max(budget, ...samples.map((m) => m[2]));
-  const x = (t) => ((t - (state.now - span)) / span) * width;
-  const y = (bytes) => height - 1 - (bytes / total) * (height - 2);
-  const points = samples.map((m) => `${x(m[0]).toFixed(1)},${y(m[1]).toFixed(1)}`).join(" ");
-  const area = `${x(samples[0][0]).toFixed(1)},${height} ${points} ${x(samples[samples.length - 1][0]).toFixed(1)},${height}`;
-  const peak = Math.max(...samples.map((m) => m[1]));
-  return `<svg class="memory" data-device="${esc(device)}" viewBox="0 0 ${width} ${height}" preserveAspectRatio="none" role="img"
-    aria-label="${esc(device)} memory in use over time">
-    <title>${esc(device)}: in use over the last ${Math.round(span / 60)} minutes, peak ${(peak / 2 ** 30).toFixed(1)} GiB of ${(total / 2 ** 30).toFixed(1)} GiB</title>
-    <line x1="0" x2="${width}" y1="${y(budget)}" y2="${y(budget)}" stroke="#9ca3af" stroke-dasharray="4,4"/>
-    <polygon points="${area}" fill="#ede9fe"/>
-    <polyline points="${points}" fill="none" stroke="#7c3aed" stroke-width="1.5" vector-effect="non-scaling-stroke"/></svg>`;
 }
 
 $("model-rows").addEventListener("click", async (event) => {
@@ -234,10 +216,19 @@ setInterval(() => {  // ages, countdowns and "loading for" tick between state ev
 function renderActivity() {
   const model = $("f-model").value.trim(), key = $("f-key").value.trim(), status = $("f-status").value.trim();
   const shown = activity.filter((r) => (!model || r.model === model) && (!key || r.key === key) && (!status || String(r.status) === status)).slice(0, 1000);
-  $("activity-rows").innerHTML = shown.map((r) => `<tr><td>${clock(r.at)}</td><td>${esc(ROUTES[r.path] || r.path)}</td>
+  // A failed row opens its details (the Failed view); the playground's are marked.
+  $("activity-rows").innerHTML = shown.map((r) => `<tr${failed(r) ? ` class="failed" data-at="${r.at}" title="details"` : ""}><td>${clock(r.at)}</td>
+    <td>${esc(ROUTES[r.path] || r.path)}${r.console ? ' <span class="tag">console</span>' : ""}</td>
     <td>${esc(r.model)}</td><td>${esc(r.key)}</td><td>${r.status}</td><td>${secs(r.queue_wait)}</td><td>${secs(r.ttft)}</td>
     <td>${secs(r.duration)}</td><td>${r.prompt_tokens ?? ""}</td><td>${r.completion_tokens ?? ""}</td><td>${r.tokens_per_s ?? ""}</td></tr>`).join("");
+  if (showing("activity")) drawActivity();
+  if (showing("keys")) renderKeys();
 }
+const failed = (r) => r.status >= 400 || r.status === 0;
+$("activity-rows").addEventListener("click", (event) => {
+  const row = event.target.closest("tr.failed");
+  if (row) openFailure(Number(row.dataset.at));
+});
 for (const id of ["f-model", "f-key", "f-status"]) $(id).addEventListener("input", renderActivity);
 
 // -- swaps ------------------------------------------------------------------------------------
@@ -245,49 +236,8 @@ for (const id of ["f-model", "f-key", "f-status"]) $(id).addEventListener("input
 function renderSwaps() {
   $("swap-rows").innerHTML = timeline.swaps.slice(-200).reverse().map((s) => `<tr><td>${clock(s.at)}</td><td>${esc(s.cause)}</td>
     <td>${esc(s.loaded || "")}</td><td>${esc(s.unloaded.join(", "))}</td><td>${secs(s.stop_seconds)}</td><td>${secs(s.load_seconds)}</td></tr>`).join("");
-  if ($("swaps").classList.contains("active")) drawChart();
+  if (showing("swaps")) drawSwaps();
 }
-
-function drawChart() {
-  const svg = $("chart");
-  const width = svg.clientWidth || 900, height = svg.clientHeight || 260;
-  const end = now();
-  let span = Number($("span").value);
-  if (!span) {  // from the first change recorded (at least a minute), so short histories are readable
-    const first = Math.min(end - 60, ...timeline.changes.map((c) => c.at), ...timeline.swaps.map((s) => s.at));
-    span = end - first + 2;
-  }
-  const begin = end - span;
-  const models = state ? Object.keys(state.models) : [...new Set(timeline.changes.map((c) => c.model))];
-  const left = 140, row = Math.min(28, (height - 70) / Math.max(1, models.length));
-  const x = (t) => left + ((Math.max(t, begin) - begin) / span) * (width - left - 10);
-  const parts = [];
-  models.forEach((model, i) => {
-    const y = 10 + i * row;
-    parts.push(`<text x="4" y="${y + row * 0.65}" font-size="12">${esc(model)}</text>`);
-    const changes = timeline.changes.filter((c) => c.model === model);
-    let current = changes.length ? changes[0].old : (state ? state.models[model].state : "stopped");
-    let since = begin;
-    for (const c of changes.concat([{ at: end, new: null }])) {
-      if (STATE_COLORS[current] && c.at > begin) {
-        parts.push(`<rect x="${x(since)}" y="${y + 3}" width="${Math.max(1, x(c.at) - x(since))}" height="${row - 6}" fill="${STATE_COLORS[current]}"><title>${esc(model)} ${current} from ${clock(since)}</title></rect>`);
-      }
-      since = c.at; current = c.new;
-    }
-  });
-  for (const s of timeline.swaps.filter((s) => s.at >= begin)) {
-    parts.push(`<line x1="${x(s.at)}" x2="${x(s.at)}" y1="5" y2="${10 + models.length * row}" stroke="#1d2330" stroke-dasharray="2,3"><title>${clock(s.at)} ${esc(s.cause)}: ${esc(s.unloaded.join(", ") || "-")} → ${esc(s.loaded || "-")}, stop ${secs(s.stop_seconds)}, load ${secs(s.load_seconds)}</title></line>`);
-  }
-  const base = height - 12, depth = timeline.depth.filter((d) => d[0] >= begin);
-  const most = Math.max(1, ...depth.map((d) => d[1]));
-  const points = depth.map((d) => `${x(d[0])},${base - (d[1] / most) * 40}`).join(" ");
-  parts.push(`<text x="4" y="${base - 20}" font-size="12">queue (max ${most})</text>`);
-  if (points) parts.push(`<polyline points="${points}" fill="none" stroke="#2563eb" stroke-width="1.5"/>`);
-  parts.push(`<text x="${left}" y="${height - 1}" font-size="11" fill="#6b7280">${clock(begin)}</text><text x="${width - 70}" y="${height - 1}" font-size="11" fill="#6b7280">${clock(end)}</text>`);
-  svg.innerHTML = parts.join("");
-}
-$("span").addEventListener("change", drawChart);
-setInterval(() => { if ($("swaps").classList.contains("active")) drawChart(); }, 5000);
 
 // -- logs -------------------------------------------------------------------------------------
 
@@ -336,4 +286,4 @@ async function followLog() {
 $("log-source").addEventListener("change", followLog);
 $("log-filter").addEventListener("input", showLogLines);
 
-start();
+document.addEventListener("DOMContentLoaded", start);
