@@ -58,6 +58,20 @@ def record(e: RequestEnded) -> dict[str, Any]:
     }  # fmt: skip
 
 
+@inlineCallbacks
+def history(path: str, *schema: str) -> Generator[Deferred[Any], Any, adbapi.ConnectionPool]:
+    """The history file, its ``schema`` made: one connection in one thread (the reactor never
+    waits on the disk, and writes land in order)."""
+    db = adbapi.ConnectionPool("sqlite3", path, check_same_thread=False, cp_min=1, cp_max=1)
+    try:
+        for statement in schema:
+            yield db.runOperation(statement)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
 class Activity(Service):
     """The last ``console.activity`` finished requests, newest last."""
 
@@ -115,9 +129,7 @@ class Activity(Service):
 
     @inlineCallbacks
     def _open(self, path: str) -> Generator[Deferred[Any], Any, None]:
-        db = adbapi.ConnectionPool("sqlite3", path, check_same_thread=False, cp_min=1, cp_max=1)
-        yield db.runOperation(_SCHEMA)
-        yield db.runOperation("CREATE INDEX IF NOT EXISTS activity_at ON activity (at)")
+        db = yield history(path, _SCHEMA, "CREATE INDEX IF NOT EXISTS activity_at ON activity (at)")
         self._db = db
         yield self._prune()
         rows = yield db.runQuery(

@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from llmswap.config.config import Console
-from llmswap.console.activity import record
+from llmswap.console.activity import history, record
 from llmswap.events import EventBus, RequestEnded
 
 log = Logger()
@@ -123,22 +123,23 @@ class Failures(Service):
 
     def startService(self) -> None:
         super().startService()
-        if self._console.history and self._console.failures:
-            self._opening = self._open(self._console.history).addErrback(
-                lambda f: log.failure(
-                    "failures history {path} unusable", f, path=self._console.history
-                )
-            )
+        path = self._console.history
+        if path and self._console.failures:
+            self._opening = self._open(path)
+            self._opening.addErrback(lambda f: log.failure("failures history unusable", f))
 
     @inlineCallbacks
     def _open(self, path: str) -> Generator[Deferred[Any], Any, None]:
-        db = adbapi.ConnectionPool("sqlite3", path, check_same_thread=False, cp_min=1, cp_max=1)
-        yield db.runOperation(_SCHEMA)
+        db = yield history(path, _SCHEMA)
         cutoff = self._clock.seconds() - self._console.history_days * 86400
-        yield db.runOperation("DELETE FROM failures WHERE at < ?", (cutoff,))
-        rows = yield db.runQuery(
-            "SELECT document FROM failures ORDER BY at DESC LIMIT ?", (self._console.failures,)
-        )
+        try:
+            yield db.runOperation("DELETE FROM failures WHERE at < ?", (cutoff,))
+            rows = yield db.runQuery(
+                "SELECT document FROM failures ORDER BY at DESC LIMIT ?", (self._console.failures,)
+            )
+        except BaseException:
+            db.close()
+            raise
         self._db = db
         older = [json.loads(r[0]) for r in reversed(rows)]
         for document in older:  # ids are this run's: unique, not kept across restarts
