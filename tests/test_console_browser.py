@@ -292,6 +292,30 @@ class ConsoleBrowserTests(DaemonTestCase):
         )
         self.assertEqual(said, ["fail me", "t0 t1 t2 t3 t4 "])  # as streamed
         yield self.shot("playground")
+        names = yield self.browse(
+            lambda d: [
+                o.get_attribute("value") for o in Select(d.find_element(By.ID, "pg-model")).options
+            ]
+        )
+        self.assertEqual(sorted(names), ["assistant", "chat", "coder"])  # the pool too
+        # Embeddings: dimensions and norm; a transcription of a file uploaded from the page.
+        yield self.browse(
+            lambda d: Select(d.find_element(By.ID, "pg-mode")).select_by_value("embed")
+        )
+        yield self.browse(lambda d: d.find_element(By.ID, "pg-input").send_keys("a sentence"))
+        yield self.click("#pg-send")
+        embedded = yield self.until(lambda d: d.find_element(By.ID, "pg-result").text)
+        self.assertEqual(embedded.splitlines()[:2], ["dimensions: 3", "norm: 0.9354"])
+        audio = Path(self.mktemp())
+        audio.write_bytes(b"RIFF....WAVEfmt " + bytes(64))
+        yield self.browse(
+            lambda d: Select(d.find_element(By.ID, "pg-mode")).select_by_value("transcribe")
+        )
+        yield self.browse(
+            lambda d: d.find_element(By.ID, "pg-file").send_keys(str(audio.resolve()))
+        )
+        yield self.click("#pg-send")
+        yield self.until(lambda d: d.find_element(By.ID, "pg-result").text == "heard coder")
 
         # The playground's request went through the queue as the console's.
         yield self.tab("activity")
