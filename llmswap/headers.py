@@ -38,6 +38,7 @@ NOT_RELAYED = HOP_BY_HOP | {b"set-cookie", b"content-security-policy"}
 UPSTREAM_POLICY = b"sandbox allow-scripts allow-forms allow-popups"
 # llmswap's own API keys: dropped whenever keys are on (a remote model gets its own instead).
 KEY_HEADERS = frozenset({b"authorization", b"x-api-key"})
+CONSOLE_REQUEST = b"llmswap-console"  # the X-Requested-With of the console's own requests
 
 
 def request_headers(request: IRequest, drop: frozenset[bytes]) -> Headers:
@@ -86,3 +87,10 @@ def header_priority(request: IRequest, header: str | None) -> int:
         return int(value)
     except ValueError:
         raise errors.invalid_priority(header, value) from None
+
+
+def from_console(request: IRequest) -> bool:
+    """Whether the console's playground sent it: its header, and no key but the session's (a
+    label in the activity: a client with a key of its own is that client)."""
+    said = request.getHeader(b"x-requested-with") == CONSOLE_REQUEST
+    return said and not any(request.getHeader(name) for name in KEY_HEADERS)

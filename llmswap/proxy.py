@@ -43,7 +43,7 @@ from llmswap.config.config import Config
 from llmswap.config.keys import APIKey
 from llmswap.config.model import Preset, server_root
 from llmswap.events import EventBus, ModelState, RequestEnded
-from llmswap.headers import KEY_HEADERS, client_of, header_priority
+from llmswap.headers import KEY_HEADERS, client_of, from_console, header_priority
 from llmswap.heartbeat import Heartbeat, say_waiting
 from llmswap.relay.ending import OPENAI, OPENAI_OTHER, StreamEnd, ends_known
 from llmswap.relay.forward import BackendGone, Relay, Relayed, started_writing
@@ -54,7 +54,6 @@ from llmswap.swap.queue import Lease
 log = Logger()
 
 CLIENT_CLOSED = 499  # nginx's convention for "client went away before the answer"
-CONSOLE = b"llmswap-console"  # the X-Requested-With of the console's own requests
 
 
 def internal_error(failure: Failure, request: IRequest) -> errors.APIError:
@@ -326,7 +325,7 @@ class Proxy(MultiService, Generic[CallT]):
                 error=x.error,
                 sent=x.body[:4096] if failed else b"",
                 answer=tail if failed else b"",
-                console=request.getHeader(b"x-requested-with") == CONSOLE,
+                console=from_console(request),
             )
         )
 

@@ -34,9 +34,11 @@ class Body(enum.Enum):
     JSON = "max_body_bytes"
     FORM = "max_body_bytes; a multipart upload max_upload_bytes"
     UPLOAD = "max_upload_bytes"
+    CONFIG = "1 MiB (a configuration file's text)"
 
 
 SMALL_BYTES = 64 * 1024
+CONFIG_BYTES = 1024 * 1024
 
 
 class Shape(enum.Enum):
@@ -114,6 +116,9 @@ ROUTES: tuple[Route, ...] = (
     Route("/admin/session", ("DELETE",), Body.SMALL, Caller.ANYONE, "nothing (a logout)"),
     Route("/admin/unload", ("POST",), Body.SMALL, Caller.UNLOAD, "the models' states"),
     Route("/admin/models/*/unload", ("POST",), Body.SMALL, Caller.UNLOAD, "the model's state"),
+    Route("/admin/config/*", ("POST",), Body.CONFIG, Caller.ADMIN,
+          "whether a configuration text is valid, each problem at its line (errors quote no "
+          "file's text); apply: what the reload changed. Only where console.edit_config allows"),
     Route("/admin/*", _ANY, Body.SMALL, Caller.ADMIN,
           "everything: prompts in the logs and activity, every model's state; reload and load"),
 )  # fmt: skip
@@ -220,6 +225,8 @@ def limit(r: Route, request: IRequest, config: Config) -> tuple[int, str]:
     """The most bytes ``request``'s body may have on route ``r``, and the setting that says so."""
     if r.body is Body.SMALL:
         return SMALL_BYTES, "the fixed limit of this route"
+    if r.body is Body.CONFIG:
+        return CONFIG_BYTES, "the fixed limit of this route"
     if r.body is Body.UPLOAD:
         return config.max_upload_bytes, "max_upload_bytes"
     if r.body is Body.FORM:

@@ -40,15 +40,53 @@ def test_secrets_are_masked_and_nothing_else_is() -> None:
     assert SECRET not in shown and TOKEN not in shown
     assert shown.count(editing.MASK) == 2
     assert 'OMP_NUM_THREADS: "4"' in shown and "key_env: APP_KEY" in shown
-    # A broken file has no paths: every key-looking line is masked all the same.
-    broken = editing.masked(FILE + "  - [unclosed\n")
-    assert SECRET not in broken and TOKEN not in broken and "key_env: APP_KEY" in broken
+    # A broken file has no paths: every key-looking value is masked all the same (more than
+    # the paths would: key_env's too), flow mappings and any case included.
+    broken = editing.masked(FILE + "  - {name: b, Key: sk-flow-0123456789abcdef}\n  - [unclosed\n")
+    assert SECRET not in broken and TOKEN not in broken and "sk-flow" not in broken
+    assert "OMP_NUM_THREADS" in broken
 
 
 def test_a_mask_sent_back_gets_its_secret_with_its_quoting() -> None:
     edited = editing.masked(FILE).replace('OMP_NUM_THREADS: "4"', 'OMP_NUM_THREADS: "8"')
     restored = editing.unmasked(edited, FILE)
     assert restored == FILE.replace('OMP_NUM_THREADS: "4"', 'OMP_NUM_THREADS: "8"')
+
+
+# Shapes a secret takes in real files: each comes back byte for byte when the masked text is
+# sent back unchanged, and none shows in the masked one.
+SHAPES = {
+    "flow mapping": "models:\n  a:\n    env: {HF_TOKEN: hf_flow_secret, OTHER: y}\n",
+    "anchor and alias": "x-env: &hf {HF_TOKEN: hf_anchored_secret}\nmodels:\n  a:\n    env: *hf\n"
+    "  b:\n    env: *hf\n",
+    "anchored secret": "auth:\n  keys:\n    - name: a\n      key: &k sk-anchored-secret-0123\n",
+    "block scalar": "auth:\n  keys:\n    - name: a\n      key: >-\n        sk-block-secret\n"
+    "      admin: true\n",
+    "cmd string": "models:\n  a:\n    cmd: llama-server --api-key sk-cmd-secret --port 9 "
+    "--hf-token=hf_cmd_secret\n",
+    "cmd list": "models:\n  a:\n    cmd: [llama-server, --api-key, sk-list-secret, -c, '4096']\n",
+    "macro": "macros:\n  OPENAI_API_KEY: sk-macro-secret\nmodels: {}\n",
+    "crlf": "auth:\r\n  keys:\r\n    - name: a\r\n      key: sk-crlf-secret-0123\r\n",
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_shape_of_secret_is_masked_and_given_back_unchanged(shape: str) -> None:
+    original = SHAPES[shape]
+    shown = editing.masked(original)
+    assert "secret" not in shown.replace(editing.MASK, ""), shown
+    assert yaml.safe_load(shown) is not None  # still valid YAML, the mask a plain value
+    assert editing.unmasked(shown, original) == original
+
+
+def test_check_config_lines_are_shown_without_their_secrets() -> None:
+    line = (
+        "  a: http://x/v1 (cmd llama-server --api-key sk-1 --hf-token=hf_2; env HF_TOKEN=hf_3 A=4)"
+    )
+    assert editing.redacted(line) == (
+        "  a: http://x/v1 (cmd llama-server --api-key (secret) --hf-token=(secret); "
+        "env HF_TOKEN=(secret) A=4)"
+    )
 
 
 def test_a_mask_moved_where_no_secret_was_is_refused_at_its_line() -> None:
@@ -95,12 +133,17 @@ def test_check_reads_the_text_not_the_file_and_says_the_line(tmp_path: Path) -> 
 
 
 def test_a_write_is_atomic_keeps_the_previous_file_and_its_mode(tmp_path: Path) -> None:
+    real = tmp_path / "etc" / "llmswap.yaml"
+    real.parent.mkdir()
+    real.write_text(FILE)
+    os.chmod(real, 0o600)
     path = tmp_path / "llmswap.yaml"
-    path.write_text(FILE)
-    os.chmod(path, 0o600)
+    path.symlink_to(real)  # as /etc/llmswap.yaml often is: the file is written where it is
     edited = editing.masked(FILE).replace("admin: true", "admin: false")
     backup = editing.write(edited, str(path))
+    assert Path(backup) == real.with_name("llmswap.yaml.bak")
     assert Path(backup).read_text() == FILE
-    assert path.read_text() == FILE.replace("admin: true", "admin: false")  # secrets kept
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["llmswap.yaml", "llmswap.yaml.bak"]
+    assert path.is_symlink() and real.read_text() == FILE.replace("admin: true", "admin: false")
+    for written in (real, Path(backup)):  # the secrets in the backup are no more readable
+        assert stat.S_IMODE(written.stat().st_mode) == 0o600
+    assert sorted(p.name for p in real.parent.iterdir()) == ["llmswap.yaml", "llmswap.yaml.bak"]

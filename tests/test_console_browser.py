@@ -377,7 +377,9 @@ class ConsoleBrowserTests(DaemonTestCase):
         root = Path(self.mktemp()).resolve()
         root.mkdir()
         path = root / "llmswap.yaml"
-        path.write_text(yaml.safe_dump({"models": {"chat": self.fake("chat")}}, sort_keys=False))
+        # Without auth the file is edited only where the owner says so (it says what runs).
+        raw = {"models": {"chat": self.fake("chat")}, "console": {"edit_config": True}}
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
         self.daemon = Daemon.from_config(load(path), str(root / "logs"))
         self.daemon.start()
         self.addCleanup(self.daemon.stop)

@@ -10,9 +10,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import attrs
 import yaml
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
 
 from llmswap.config import editing
@@ -168,17 +170,35 @@ class ConsolePagesTests(DaemonTestCase):
         self.assertEqual(sorted(health["models"]), ["a", "b"])
 
     @inlineCallbacks
-    def test_a_read_only_config_is_shown_and_never_written(self) -> Any:
-        path = self.from_file({"models": {"a": self.fake("a")}, "console": {"edit_config": False}})
+    def test_without_auth_the_config_is_shown_read_only_unless_the_owner_says_so(self) -> Any:
+        path = self.from_file({"models": {"a": self.fake("a")}})  # edit_config: auth, no auth
         code, shown = yield self.call("GET", "/admin/config")
-        self.assertEqual((code, shown["editable"]), (200, False))
+        self.assertEqual((code, shown["editable"], shown["text"]), (200, False, ""))
+        self.assertIn("OK, 1 models", shown["running"][0])
         before = path.read_text()
-        code, body = yield self.call("POST", "/admin/config/apply", {"text": before + "\n"},
-                                     X_Requested_With="llmswap-console")  # fmt: skip
-        self.assertEqual((code, body["error"]["code"]), (403, "config_read_only"))
+        for action in ("check", "apply"):  # a check reads files too: not here either
+            code, body = yield self.call("POST", f"/admin/config/{action}", {"text": before},
+                                         X_Requested_With="llmswap-console")  # fmt: skip
+            self.assertEqual((code, body["error"]["code"]), (403, "config_read_only"))
+            self.assertIn("console.edit_config is auth and there is no auth section",
+                          body["error"]["message"])  # fmt: skip
+        self.assertEqual(path.read_text(), before)
+
+    @inlineCallbacks
+    def test_an_error_quotes_no_text_of_a_file_it_read(self) -> Any:
+        secret = Path(self.mktemp()).resolve()
+        secret.write_text("aws_access_key_id = AKIAEXAMPLEEXAMPLE\n[unclosed: {\n")
+        path = self.from_file({"models": {"a": self.fake("a")}, "console": {"edit_config": True}})
+        text = path.read_text() + f"include: [{secret}]\n"
+        code, verdict = yield self.call("POST", "/admin/config/check", {"text": text},
+                                        X_Requested_With="llmswap-console")  # fmt: skip
+        self.assertEqual((code, verdict["ok"]), (200, False))
+        (problem,) = verdict["problems"]
+        self.assertNotIn("AKIA", problem["message"])
+        self.assertRegex(problem["message"], r"is not valid YAML at line \d+, column \d+: ")
+        self.assertIsNone(problem["line"])  # a line of another file, not of this text
         code, body = yield self.call("POST", "/admin/config/check", {"txt": 1})
         self.assertEqual((code, body["error"]["param"]), (400, "text"))
-        self.assertEqual(path.read_text(), before)
 
     # -- the playground's requests ------------------------------------------------------------
 
@@ -229,3 +249,30 @@ def failed_event(at: float, i: int) -> RequestEnded:
         configured=False, key="-", stream=False, status=502, queue_wait=0.0, duration=0.1,
         first_byte=None, error="Model backend is unreachable", sent=b'{"model": "m%d"}' % i,
     )  # fmt: skip
+
+
+def test_a_flood_of_failures_shares_one_read_of_the_output_and_caps_its_lines() -> None:
+    reads: list[Deferred[list[str]]] = []
+
+    def output(model: str, lines: int) -> Deferred[list[str]]:
+        reads.append(Deferred())
+        return reads[-1]
+
+    clock = Clock()
+    failures = Failures(EventBus(), clock, Console(failures=3), lambda m: None, output)
+    for i in range(10):
+        failures._ended(attrs.evolve(failed_event(clock.seconds(), i), model="a", configured=True))
+    assert len(reads) == 1  # one read under way serves every failure meanwhile
+    reads[0].callback(["x" * 5000, "last"])
+    kept = failures.recent()
+    assert [f["request"] for f in kept] == ['{"model": "m9"}', '{"model": "m8"}', '{"model": "m7"}']
+    assert all(f["output"] == ["x" * 500, "last"] for f in kept)
+    failures._ended(attrs.evolve(failed_event(clock.seconds(), 10), model="a", configured=True))
+    assert len(reads) == 2  # the next failure reads the output of its own moment
+    reads[1].errback(OSError("gone"))
+    assert failures.recent(1)[0]["output"] == [
+        "[llmswap: the backend's output could not be read: gone]"
+    ]
+    ignored = Failures(EventBus(), clock, Console(failures=0), lambda m: None, output)
+    ignored._ended(failed_event(clock.seconds(), 0))
+    assert ignored.recent() == []  # console.failures: 0 keeps no prompt anywhere

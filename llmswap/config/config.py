@@ -60,7 +60,7 @@ class Console:
     history_days: float = CONSOLE["history_days"].default
     log_lines: int = CONSOLE["log_lines"].default
     failures: int = CONSOLE["failures"].default
-    edit_config: bool = CONSOLE["edit_config"].default
+    edit_config: str = CONSOLE["edit_config"].default
 
 
 @attrs.frozen
@@ -310,6 +310,8 @@ def _place(
 
 
 def _console(raw: Any) -> Console:
+    if isinstance(raw, Mapping) and isinstance(raw.get("edit_config"), bool):  # YAML's true/false
+        raw = {**raw, "edit_config": str(raw["edit_config"]).lower()}
     values = CONSOLE.read_all(raw, "console")
     values["hosts"] = tuple(h.lower() for h in names(values["hosts"] or None, "console.hosts"))
     return Console(**values)

@@ -42,7 +42,13 @@ def read_yaml(path: str, text: str | None = None) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        # Where and what, without PyYAML's snippet of the text: an included file may be any
+        # file the daemon can read, and the console shows this message.
+        mark = getattr(e, "problem_mark", None)
+        parts = (getattr(e, "context", None), getattr(e, "problem", None))
+        what = ", ".join(p for p in parts if p) or type(e).__name__
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path} is not valid YAML{where}: {what}") from None
 
 
 def joined(data: Any, source: str) -> tuple[Any, tuple[str, ...], tuple[str, ...]]:

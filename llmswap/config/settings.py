@@ -128,10 +128,12 @@ CONSOLE = Section("console", (
     Setting("log_lines", "number", 1000, "lines of llmswap's own log (and of each backend's, when "
       "asked) the Logs view gets", unit="lines", integer=True),
     Setting("failures", "number", 50, "failed or cut requests the console keeps with their "
-      "details (request, backend answer and output); in `history` too when it is set",
-      unit="requests", integer=True),
-    Setting("edit_config", "flag", True, "the console's Config view may check, write and apply "
-      "the configuration file (off: it only shows it)"),
+      "details (request body, backend answer and output: users' prompts); in `history` too when "
+      "it is set; `0` keeps none", unit="requests", integer=True, minimum=-1),
+    Setting("edit_config", "choice", "auth", "the console's Config view may check, write and "
+      "apply the configuration file (which says what commands run): `auth` with an admin key "
+      "only, so never without `auth`; `true` also without `auth`, to whoever may use the console; "
+      "`false` never (it only shows the running configuration)", choices=("auth", "true", "false")),
 ))
 
 DOCKER = Section("docker", (

@@ -9,7 +9,6 @@ the server (:mod:`llmswap.config.editing`).  File work runs in the reactor's thr
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Generator
 from typing import Any
 
@@ -25,10 +24,9 @@ from llmswap.config.values import ConfigError
 from llmswap.describe import describe
 from llmswap.events import ModelState
 from llmswap.responses import json_body
-from llmswap.surface import SMALL_BYTES
+from llmswap.surface import CONFIG_BYTES
 from llmswap.swap.manager import SwapManager
 
-_API_KEY_ARGUMENT = re.compile(r"(--api-key[= ])\S+")
 _LOADED = (ModelState.STARTING, ModelState.READY, ModelState.DRAINING, ModelState.ASLEEP)
 
 
@@ -51,41 +49,54 @@ class ConfigPage:
         pool = self._reactor.getThreadPool()
         return deferToThreadPool(self._reactor, pool, call, *args)
 
-    def _source(self) -> str:
-        source = self._config.source
-        if source.startswith("<"):
-            raise errors.bad_request(f"This daemon runs the {source} configuration: no file")
-        return source
+    def _editable(self) -> bool:
+        """``console.edit_config``: ``auth`` lets admin keys write the file (so nobody without
+        keys), ``true`` whoever may use the console, ``false`` nobody; and only a file."""
+        config = self._config
+        setting = config.console.edit_config
+        on = setting == "true" or (setting == "auth" and config.auth is not None)
+        return on and not config.source.startswith("<")
+
+    def _writable_source(self) -> str:
+        if not self._editable():
+            setting = self._config.console.edit_config
+            why = ("this daemon runs no configuration file" if self._config.source.startswith("<")
+                   else f"console.edit_config is {setting}"
+                   + (" and there is no auth section" if setting == "auth" else ""))  # fmt: skip
+            raise errors.forbidden("-", f"check or edit the configuration ({why})",
+                                   "config_read_only")  # fmt: skip
+        return self._config.source
 
     @inlineCallbacks
     def show(self, request: IRequest) -> Generator[Deferred[Any], Any, bytes]:
         config = self._config
-        text = yield self._in_thread(editing.read_masked, self._source())
+        editable = self._editable()
+        # The file's text only where it may be edited: it is the same secrets masked, but
+        # nothing needs it where it cannot be changed here.
+        text = (yield self._in_thread(editing.read_masked, config.source)) if editable else ""
         running = yield self._in_thread(describe, config, config.source)
         keys = config.auth.keys if config.auth is not None else ()
         return json_body(request, {
             "source": config.source,
             "text": text,
-            "editable": config.console.edit_config,
+            "editable": editable,
             "included": list(config.included),
-            # A command line may hold an --api-key; a key is shown by where it comes from.
-            "running": [_API_KEY_ARGUMENT.sub(r"\1(secret)", line) for line in running],
+            "running": [editing.redacted(line) for line in running],
             "keys": [{"name": k.name, "from": f"environment variable {k.env}" if k.env
                       else "the configuration file"} for k in keys],
         }, no_store=True)  # fmt: skip
 
     @inlineCallbacks
     def check(self, request: IRequest) -> Generator[Deferred[Any], Any, bytes]:
-        text, source = _text(request), self._source()
+        source = self._writable_source()  # a check reads files: not where nothing may change
+        text = _text(request)
         config, problems = yield self._in_thread(editing.check, text, source, self._config)
         return json_body(request, _verdict(config, problems), no_store=True)
 
     @inlineCallbacks
     def apply(self, request: IRequest) -> Generator[Deferred[Any], Any, bytes]:
-        if not self._config.console.edit_config:
-            raise errors.forbidden("-", "edit the configuration (console.edit_config is off)",
-                                   "config_read_only")  # fmt: skip
-        text, source = _text(request), self._source()
+        source = self._writable_source()
+        text = _text(request)
         config, problems = yield self._in_thread(editing.check, text, source, self._config)
         if problems:  # an error in the API's shape, with every problem at its line
             first = problems[0]
@@ -116,7 +127,7 @@ class ConfigPage:
 
 def _text(request: IRequest) -> str:
     content = request.content
-    body = json_object(content.read() if content is not None else b"", SMALL_BYTES)
+    body = json_object(content.read() if content is not None else b"", CONFIG_BYTES)
     text = body.get("text")
     if not isinstance(text, str):
         raise errors.bad_request("'text' must be the configuration file's text", param="text")

@@ -19,8 +19,9 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -33,6 +34,8 @@ log = Logger()
 SENT_BYTES = 4096
 ANSWER_BYTES = 2048
 OUTPUT_LINES = 40
+LINE_CHARS = 500  # of each output line kept
+_FLUSH_SECONDS = 1.0
 _OUTPUT_SECONDS = 5.0
 _SCHEMA = "CREATE TABLE IF NOT EXISTS failures (at REAL, document TEXT)"
 
@@ -68,7 +71,10 @@ class Failures(Service):
         self._ids = itertools.count(1)
         self._db: adbapi.ConnectionPool | None = None
         self._opening: Deferred[Any] = succeed(None)
-        self._writes: set[Deferred[Any]] = set()
+        self._unsaved: deque[dict[str, Any]] = deque(maxlen=console.failures)
+        self._flushing: LoopingCall | None = None
+        # The failures waiting for a read of their model's output under way.
+        self._reading: dict[str, deque[dict[str, Any]]] = {}
         bus.subscribe(RequestEnded, self._ended)
 
     def recent(self, limit: int = 1000) -> list[dict[str, Any]]:
@@ -84,31 +90,51 @@ class Failures(Service):
             "state": self._model_state(e.model) if e.configured else None, "output": None,
         }  # fmt: skip
         self._kept.append(document)
-        lines = self._output(e.model, OUTPUT_LINES) if e.configured else None
+        if not e.configured:
+            self._save(document)
+            return
+        reading = self._reading.get(e.model)
+        if reading is not None:  # a flood of failures shares one read of the output
+            reading.append(document)
+            return
+        lines = self._output(e.model, OUTPUT_LINES)
         if lines is None:
             self._save(document)
             return
+        # Bounded as the ring: those pushed out of it need no output.
+        waiting = self._reading[e.model] = deque([document], maxlen=self._console.failures)
         lines.addTimeout(_OUTPUT_SECONDS, self._clock)
 
-        def got(found: list[str]) -> None:
-            document["output"] = found[-OUTPUT_LINES:]
+        def got(found: list[str]) -> list[str]:
+            return [line[:LINE_CHARS] for line in found[-OUTPUT_LINES:]]
 
-        def missed(f: Failure) -> None:
-            document["output"] = [f"[llmswap: the backend's output could not be read: "
-                                  f"{f.getErrorMessage()}]"]  # fmt: skip
+        def missed(f: Failure) -> list[str]:
+            return [f"[llmswap: the backend's output could not be read: {f.getErrorMessage()}]"]
 
-        lines.addCallbacks(got, missed).addBoth(lambda _: self._save(document))
+        def read(output: list[str]) -> None:
+            del self._reading[e.model]
+            for each in waiting:
+                each["output"] = output
+                self._save(each)
+
+        lines.addCallbacks(got, missed).addCallback(read)
 
     # -- history ----------------------------------------------------------------------------
 
     def _save(self, document: dict[str, Any]) -> None:
-        if self._db is None:
-            return
-        row = (document["at"], json.dumps(document))
+        if self._db is not None:
+            self._unsaved.append(document)  # bounded: a flood keeps the newest
+
+    def _flush(self) -> Deferred[Any]:
+        """Write what failed since the last flush, in one transaction; only the newest
+        ``console.failures`` are kept (only they are ever read back)."""
+        if self._db is None or not self._unsaved:
+            return succeed(None)
+        rows = [(d["at"], json.dumps(d)) for d in self._unsaved]
+        self._unsaved.clear()
 
         def insert(cursor: sqlite3.Cursor) -> None:
-            cursor.execute("INSERT INTO failures VALUES (?, ?)", row)
-            # Only the newest are ever read back; the rest go now, not in an hourly prune.
+            cursor.executemany("INSERT INTO failures VALUES (?, ?)", rows)
             cursor.execute(
                 "DELETE FROM failures WHERE at < (SELECT MIN(at) FROM (SELECT at FROM failures "
                 "ORDER BY at DESC LIMIT ?))",
@@ -116,10 +142,8 @@ class Failures(Service):
             )
 
         d: Deferred[Any] = self._db.runInteraction(insert)
-        d.addErrback(lambda f: log.warn("failed request not kept in the history: {e}",
-                                        e=f.value))  # fmt: skip
-        self._writes.add(d)
-        d.addBoth(lambda _: self._writes.discard(d))
+        return d.addErrback(lambda f: log.warn("failed requests not kept in the history: {e}",
+                                               e=f.value))  # fmt: skip
 
     def startService(self) -> None:
         super().startService()
@@ -141,6 +165,11 @@ class Failures(Service):
             db.close()
             raise
         self._db = db
+        self._flushing = LoopingCall(self._flush)
+        self._flushing.clock = self._clock
+        self._flushing.start(_FLUSH_SECONDS, now=False).addErrback(
+            lambda f: log.failure("failures history", f)
+        )
         older = [json.loads(r[0]) for r in reversed(rows)]
         for document in older:  # ids are this run's: unique, not kept across restarts
             document["id"] = next(self._ids)
@@ -150,7 +179,11 @@ class Failures(Service):
     def stopService(self) -> Generator[Deferred[Any], Any, None]:
         super().stopService()
         yield self._opening
-        yield DeferredList(list(self._writes))  # each has its errback
+        if self._flushing is not None and self._flushing.running:
+            self._flushing.stop()
         if self._db is not None:
-            self._db.close()
-            self._db = None
+            try:
+                yield self._flush()
+            finally:
+                self._db.close()
+                self._db = None
