@@ -14,15 +14,13 @@ from collections import deque
 from collections.abc import Generator
 from typing import Any
 
-from twisted.application.service import Service
-from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from llmswap.config.config import Console
+from llmswap.console.history import HistoryService, history
 from llmswap.events import EventBus, RequestEnded
 
 log = Logger()
@@ -58,35 +56,18 @@ def record(e: RequestEnded) -> dict[str, Any]:
     }  # fmt: skip
 
 
-@inlineCallbacks
-def history(path: str, *schema: str) -> Generator[Deferred[Any], Any, adbapi.ConnectionPool]:
-    """The history file, its ``schema`` made: one connection in one thread (the reactor never
-    waits on the disk, and writes land in order)."""
-    db = adbapi.ConnectionPool("sqlite3", path, check_same_thread=False, cp_min=1, cp_max=1)
-    try:
-        for statement in schema:
-            yield db.runOperation(statement)
-    except BaseException:
-        db.close()
-        raise
-    return db
-
-
-class Activity(Service):
+class Activity(HistoryService):
     """The last ``console.activity`` finished requests, newest last."""
 
     name = "activity"
 
     def __init__(self, bus: EventBus, clock: IReactorTime, console: Console) -> None:
-        self._clock = clock
+        super().__init__(clock)
         self._console = console
         self._rows: deque[dict[str, Any]] = deque(maxlen=console.activity)
         # Bounded: a history that cannot keep up (a full or stalled disk) loses its oldest.
         self._unsaved: deque[dict[str, Any]] = deque(maxlen=console.activity)
         self._failing = False  # the last write to the history failed
-        self._db: adbapi.ConnectionPool | None = None
-        self._opening: Deferred[Any] = succeed(None)
-        self._loops: list[LoopingCall] = []
         bus.subscribe(RequestEnded, self._ended)
 
     def recent(
@@ -120,12 +101,7 @@ class Activity(Service):
 
     def startService(self) -> None:
         super().startService()
-        if self._console.history:
-            self._opening = self._open(self._console.history).addErrback(
-                lambda f: log.failure(
-                    "activity history {path} unusable", f, path=self._console.history
-                )
-            )
+        self.open_history(self._console.history, "activity")
 
     @inlineCallbacks
     def _open(self, path: str) -> Generator[Deferred[Any], Any, None]:
@@ -141,11 +117,8 @@ class Activity(Service):
             row["stream"] = bool(row["stream"])
             row["console"] = False
         self._rows = deque([*loaded, *self._rows], maxlen=self._console.activity)
-        for seconds, call in ((_FLUSH_SECONDS, self._flush), (_PRUNE_SECONDS, self._prune)):
-            loop = LoopingCall(call)
-            loop.clock = self._clock
-            loop.start(seconds, now=False).addErrback(lambda f: log.failure("history", f))
-            self._loops.append(loop)
+        self.every(_FLUSH_SECONDS, self._flush)
+        self.every(_PRUNE_SECONDS, self._prune)
 
     def _flush(self) -> Deferred[Any]:
         rows = list(self._unsaved)
@@ -183,18 +156,3 @@ class Activity(Service):
         d: Deferred[Any] = self._db.runOperation("DELETE FROM activity WHERE at < ?", (cutoff,))
         # A prune that fails (the disk is full) is tried again in an hour.
         return d.addErrback(lambda f: log.warn("activity history not pruned: {e}", e=f.value))
-
-    @inlineCallbacks
-    def stopService(self) -> Generator[Deferred[Any], Any, None]:
-        super().stopService()
-        yield self._opening  # a stop during the start closes the database after it is read
-        for loop in self._loops:
-            if loop.running:
-                loop.stop()
-        self._loops = []
-        if self._db is not None:
-            try:
-                yield self._flush()
-            finally:
-                self._db.close()
-                self._db = None

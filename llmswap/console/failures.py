@@ -17,16 +17,14 @@ from collections import deque
 from collections.abc import Callable, Generator
 from typing import Any
 
-from twisted.application.service import Service
-from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from llmswap.config.config import Console
-from llmswap.console.activity import history, record
+from llmswap.console.activity import record
+from llmswap.console.history import HistoryService, history
 from llmswap.events import EventBus, RequestEnded
 
 log = Logger()
@@ -50,7 +48,7 @@ def _text(data: bytes, limit: int) -> str:
     return text + f"\n[… {len(data) - limit} more bytes]" if len(data) > limit else text
 
 
-class Failures(Service):
+class Failures(HistoryService):
     """The last failed requests, newest last; each a document the console shows as it is."""
 
     name = "failures"
@@ -63,16 +61,13 @@ class Failures(Service):
         model_state: Callable[[str], dict[str, Any] | None],
         output: Callable[[str, int], Deferred[list[str]] | None],
     ) -> None:
-        self._clock = clock
+        super().__init__(clock)
         self._console = console
         self._model_state = model_state
         self._output = output
         self._kept: deque[dict[str, Any]] = deque(maxlen=console.failures)
         self._ids = itertools.count(1)
-        self._db: adbapi.ConnectionPool | None = None
-        self._opening: Deferred[Any] = succeed(None)
         self._unsaved: deque[dict[str, Any]] = deque(maxlen=console.failures)
-        self._flushing: LoopingCall | None = None
         # The failures waiting for a read of their model's output under way.
         self._reading: dict[str, deque[dict[str, Any]]] = {}
         bus.subscribe(RequestEnded, self._ended)
@@ -147,10 +142,8 @@ class Failures(Service):
 
     def startService(self) -> None:
         super().startService()
-        path = self._console.history
-        if path and self._console.failures:
-            self._opening = self._open(path)
-            self._opening.addErrback(lambda f: log.failure("failures history unusable", f))
+        if self._console.failures:
+            self.open_history(self._console.history, "failed requests")
 
     @inlineCallbacks
     def _open(self, path: str) -> Generator[Deferred[Any], Any, None]:
@@ -165,25 +158,8 @@ class Failures(Service):
             db.close()
             raise
         self._db = db
-        self._flushing = LoopingCall(self._flush)
-        self._flushing.clock = self._clock
-        self._flushing.start(_FLUSH_SECONDS, now=False).addErrback(
-            lambda f: log.failure("failures history", f)
-        )
+        self.every(_FLUSH_SECONDS, self._flush)
         older = [json.loads(r[0]) for r in reversed(rows)]
         for document in older:  # ids are this run's: unique, not kept across restarts
             document["id"] = next(self._ids)
         self._kept = deque([*older, *self._kept], maxlen=self._console.failures)
-
-    @inlineCallbacks
-    def stopService(self) -> Generator[Deferred[Any], Any, None]:
-        super().stopService()
-        yield self._opening
-        if self._flushing is not None and self._flushing.running:
-            self._flushing.stop()
-        if self._db is not None:
-            try:
-                yield self._flush()
-            finally:
-                self._db.close()
-                self._db = None
