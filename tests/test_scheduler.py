@@ -16,7 +16,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from llmswap.config.settings import FIFO, SWAP_AWARE
-from llmswap.swap.linger import HALF_LIFE, PAYS, LingerRecord
+from llmswap.swap.linger import HALF_LIFE, PAYS, UNTRIED, LingerRecord
 from llmswap.swap.policy import (
     Arrival,
     Decision,
@@ -119,6 +119,23 @@ def test_a_model_does_not_linger_for_the_user_who_just_left_it() -> None:
         assert decide(v).change is None
 
 
+def test_an_untried_linger_is_not_bet_on_a_contender_that_looks_like_the_user_who_left() -> None:
+    """Nobody says who they are: a request for b sent after a's last answer, with nothing else
+    waiting, is a lone user switching as far as anyone can tell.  Until a has bets of its own,
+    that first bet is not taken; one that waited while a served (someone else) still is."""
+    untried = ready("a", last_used=9, linger_evidence=0.0, answered_after=4)
+    after = View(now=9.1, instances={"a": untried, "b": idle("b")}, linger=2,
+                 waiting=[Waiting(5, "b", 9.05)])  # fmt: skip
+    assert decide(after).change == Load("b", ("a",))
+    before = attrs.evolve(after, waiting=[Waiting(4, "b", 8.5)])  # waited while a served
+    assert decide(before).change is None
+    tried = attrs.evolve(after, instances={"a": attrs.evolve(untried, linger_evidence=1.0),
+                                           "b": idle("b")})  # fmt: skip
+    assert decide(tried).change is None  # its bets paid lately: it lingers as they say
+    named = attrs.evolve(after, waiting=[Waiting(1, "b", 9.05, client="bob")])
+    assert decide(named).change is None  # someone else, who says so
+
+
 def test_a_model_whose_lingering_has_not_paid_lately_does_not_linger() -> None:
     losing = [ready("a", last_used=9, linger_payoff=0.3), idle("b")]
     assert decide(view(9.1, losing, [("b", 0)], linger=2)).change == Load("b", ("a",))
@@ -145,7 +162,7 @@ def test_lingering_never_outlasts_its_window_nor_happens_when_it_does_not_pay(
 
 def test_a_bet_that_never_pays_stops_the_linger_and_one_that_pays_brings_it_back() -> None:
     r = LingerRecord()
-    assert r.payoff(0) >= PAYS  # a new model lingers
+    assert r.payoff(0) >= PAYS and r.evidence(0) < UNTRIED  # a new model lingers, untried
     r.contested(0, until=2)
     assert r.payoff(1) >= PAYS  # not settled yet
     assert r.payoff(3) < PAYS  # its window ended with no follow-up: wasted
@@ -153,6 +170,7 @@ def test_a_bet_that_never_pays_stops_the_linger_and_one_that_pays_brings_it_back
     r.arrived(11)  # the follow-up came (whether the policy lingered or not)
     assert r.payoff(11) >= PAYS
     assert (r.paid_total, r.wasted_total) == (1, 1)
+    assert r.evidence(11) >= UNTRIED and r.evidence(11 + 3 * HALF_LIFE) < UNTRIED  # it fades
     for t in range(20, 80, 10):  # a run of wasted bets, then an hour of nothing
         r.contested(t, until=t + 2)
     assert r.payoff(80) < 0.2

@@ -15,7 +15,9 @@ during its load is one lingering would have served, so a model that stopped ling
 when lingering would pay again.  A lone user's follow-up always comes after the other model's
 answer: never during a bet.
 Old outcomes fade (:data:`HALF_LIFE`); the policy lingers while the payoff is at least
-:data:`PAYS`, which one wasted bet of a new model brings below.
+:data:`PAYS`, which one wasted bet of a new model brings below.  A model whose linger is untried
+(:data:`UNTRIED`) does not take its first bet against anonymous requests that all came after its
+last answer (``swap/policy.py``): that is the lone user, as far as anyone can tell.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ PAYS = 0.5  # the payoff at which lingering is worth its wait (the ski-rental bo
 # lingers, loses that after one lost bet, and has it back once its lost bets have faded (about
 # twelve minutes) or one of them pays.
 _PRIOR_PAID, _PRIOR_BETS = 0.6, 1.0
+# Less than half a bet lately (none, or one over five minutes old): the model's linger is
+# untried, and the prior alone says to linger.  Then a contender that looks like the user who
+# just left (it came after the last answer, and nobody says who either is) is not made to wait
+# for a first bet: a lone user switching models would pay one load time per model for it.
+UNTRIED = 0.5
 
 
 def window(linger: float, bounded: bool, load_seconds: float | None) -> float:
@@ -71,6 +78,11 @@ class LingerRecord:
         if self.open_until is not None:
             self.open_until = None
             self._record(now, paid=True)
+
+    def evidence(self, now: float) -> float:
+        """How many bets it has lately (faded): below :data:`UNTRIED`, its payoff is the prior's."""
+        self._settle(now)
+        return self._faded(now)[1]
 
     def payoff(self, now: float) -> float:
         """How often its lingering pays, lately (0 to 1)."""

@@ -345,6 +345,7 @@ class SwapManager(Service, Changes):
     def _released(self, lease: Lease) -> None:
         self._queue.returned(lease)
         lease.slot.released()
+        lease.slot.answered_after = self._queue.entered
         # Idle with requests for others waiting (not its own: those it serves next).
         waiting = self._queue.waiting
         if not lease.slot.in_flight and len(waiting) and not waiting.count(lease.instance):

@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 import attrs
 
 from llmswap.config.settings import FIFO, SWAP_AWARE
-from llmswap.swap.linger import PAYS, window
+from llmswap.swap.linger import PAYS, UNTRIED, window
 
 
 @attrs.frozen
@@ -76,6 +76,11 @@ class ModelView:
     linger_payoff: float = 1.0
     # Who sent its last request, when the request said.
     last_client: str | None = None
+    # Its bets lately (faded); below UNTRIED its linger rests on the prior alone.
+    linger_evidence: float = 1.0
+    # The last request that entered the queue before its last answer went out: those after it
+    # were sent after that answer.
+    answered_after: int = -1
 
     def footprint(self, asleep: bool) -> tuple[str, float] | None:
         """The device and memory it occupies awake, or asleep (None: nothing counted)."""
@@ -264,13 +269,17 @@ def _swap_aware(view: View) -> Decision:
     # requests for it may arrive and be served without paying for two loads.
     # A model whose last request came from the one client that every request waiting for
     # another model comes from, each sent after that last request, has no follow-up coming:
-    # that user moved on (one still sending to both keeps it).
+    # that user moved on (one still sending to both keeps it).  Where nobody says who they
+    # are, the same pattern (every contender sent after the last answer) is the user who left,
+    # as far as anyone can tell, until the model's bets say otherwise (its linger untried).
     asked = [w for ws in remaining.values() for w in ws]
 
     def moved_on(m: ModelView) -> bool:
         who = m.last_client
-        return who is not None and all(w.client == who and w.enqueued >= m.last_used
-                                       for w in asked)  # fmt: skip
+        if who is not None:
+            return all(w.client == who and w.enqueued >= m.last_used for w in asked)
+        return (m.linger_evidence < UNTRIED and bool(asked)
+                and all(w.client is None and w.seq > m.answered_after for w in asked))  # fmt: skip
 
     lingering = {
         n: until

@@ -179,6 +179,7 @@ class RequestQueue:
         self.waiting = WaitingRoom()
         self.leases: set[Lease] = set()
         self._seq = itertools.count()
+        self.entered = -1  # the last ticket's seq
         self._drop_cancelled = self._drop  # bound once: every ticket shares it
         # Fires when the oldest waiting request reaches its timeout (see _expire).
         self._expiry: IDelayedCall | None = None
@@ -193,7 +194,7 @@ class RequestQueue:
         capacity = self._config().queue_size
         if waiting >= capacity:
             raise errors.queue_full(capacity)
-        seq = next(self._seq)
+        seq = self.entered = next(self._seq)
         ticket = Ticket(
             seq, model, self._clock.seconds(), priority, waiting + 1, key, self._drop_cancelled
         )

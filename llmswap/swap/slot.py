@@ -60,6 +60,7 @@ class Slot:
         self.restarts = Restarts()
         self.linger = LingerRecord()
         self.last_client: str | None = None  # who asked last, when the request said
+        self.answered_after = -1  # the queue's last request when its last answer went out
         self.served = 0  # requests finished since it last became ready
         backend.on_exit(self._exited)
 

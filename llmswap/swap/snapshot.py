@@ -209,6 +209,8 @@ def policy_view(
             sleep_memory=sleep_memory,
             load_seconds=slot.last_load_seconds,
             linger_payoff=slot.linger.payoff(now),
+            linger_evidence=slot.linger.evidence(now),
+            answered_after=slot.answered_after,
             last_client=slot.last_client,
         )
         free = cfg.concurrency - slot.in_flight if slot.ready else 0
