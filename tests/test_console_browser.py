@@ -94,6 +94,16 @@ class ConsoleBrowserTests(DaemonTestCase):
             lambda d: d.find_element(By.CSS_SELECTOR, f'#tabs [data-view="{name}"]').click()
         )
 
+    def texts(self, selector: str) -> Any:
+        """The text of each element ``selector`` matches, read in one step: the live views
+        rebuild their rows, and rows read one by one may be gone by the next."""
+        return self.browse(
+            lambda d: d.execute_script(
+                "return [...document.querySelectorAll(arguments[0])].map(e => e.innerText.trim())",
+                selector,
+            )
+        )
+
     def js(self, d: webdriver.Chrome, expression: str) -> Any:
         return d.execute_script(f"return {expression}")
 
@@ -163,9 +173,7 @@ class ConsoleBrowserTests(DaemonTestCase):
         waiting = self.chat("coder")
         yield self.tab("queue")
         yield self.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#queue-rows tr"))
-        row = yield self.browse(
-            lambda d: [td.text for td in d.find_elements(By.CSS_SELECTOR, "#queue-rows td")]
-        )
+        row = yield self.texts("#queue-rows td")
         self.assertEqual(row[:3], ["1", "coder", "-"])
         yield self.shot("queue")
         yield busy
@@ -174,12 +182,7 @@ class ConsoleBrowserTests(DaemonTestCase):
         # Activity: the finished requests with their tokens.
         yield self.tab("activity")
         yield self.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#activity-rows tr")) >= 3)
-        cells = yield self.browse(
-            lambda d: [
-                td.text
-                for td in d.find_elements(By.CSS_SELECTOR, "#activity-rows tr:first-child td")
-            ]
-        )
+        cells = yield self.texts("#activity-rows tr:first-child td")
         self.assertEqual(cells[1:5], ["chat", "coder", "-", "200"])
         self.assertEqual(cells[8:10], ["3", "3"])  # prompt and completion tokens, from usage
 
@@ -226,12 +229,7 @@ class ConsoleBrowserTests(DaemonTestCase):
             lambda d: self.js(d, "charts['chart-memory'].series.map(s => s.label)")
         )
         self.assertEqual(memory[1:], ["ram in use (measured)", "ram budget"])
-        causes = yield self.browse(
-            lambda d: [
-                r.find_elements(By.TAG_NAME, "td")[1].text
-                for r in d.find_elements(By.CSS_SELECTOR, "#swap-rows tr")
-            ]
-        )
+        causes = yield self.texts("#swap-rows tr td:nth-child(2)")
         self.assertIn("admin", causes)
         self.assertIn("request", causes)
         # Hover names a swap's cause and times; a drag zooms every chart of the view.
@@ -327,11 +325,7 @@ class ConsoleBrowserTests(DaemonTestCase):
         yield self.shot("activity")
         yield self.tab("keys")
         yield self.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#key-rows tr[data-key="-"]'))
-        cells = yield self.browse(
-            lambda d: [
-                td.text for td in d.find_elements(By.CSS_SELECTOR, '#key-rows tr[data-key="-"] td')
-            ]
-        )
+        cells = yield self.texts('#key-rows tr[data-key="-"] td')
         self.assertEqual(cells[4:6], ["1", "0"])  # one error, no limit hit
         yield self.shot("keys")
 

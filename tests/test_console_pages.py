@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import Clock
 from twisted.web.http_headers import Headers
 
-from llmswap.config import editing
+from llmswap.config import secrets
 from llmswap.config.config import Console, load
 from llmswap.console.failures import Failures
 from llmswap.events import EventBus, RequestEnded
@@ -129,7 +129,7 @@ class ConsolePagesTests(DaemonTestCase):
         self.assertEqual(code, 200)
         self.assertNotIn(ADMIN, json.dumps(shown))
         self.assertNotIn(USER, json.dumps(shown))
-        self.assertEqual(shown["text"].count(editing.MASK), 2)
+        self.assertEqual(shown["text"].count(secrets.MASK), 2)
         in_file = "the configuration file"
         self.assertEqual(shown["keys"], [{"name": "ops", "from": in_file},
                                          {"name": "user", "from": in_file}])  # fmt: skip
@@ -186,10 +186,10 @@ class ConsolePagesTests(DaemonTestCase):
 
     @inlineCallbacks
     def test_an_error_quotes_no_text_of_a_file_it_read(self) -> Any:
-        secret = Path(self.mktemp()).resolve()
-        secret.write_text("aws_access_key_id = AKIAEXAMPLEEXAMPLE\n[unclosed: {\n")
         path = self.from_file({"models": {"a": self.fake("a")}, "console": {"edit_config": True}})
-        text = path.read_text() + f"include: [{secret}]\n"
+        beside = path.with_name("models.yaml")  # in the configuration's directory: read
+        beside.write_text("aws_access_key_id = AKIAEXAMPLEEXAMPLE\n[unclosed: {\n")
+        text = path.read_text() + "include: [models.yaml]\n"
         code, verdict = yield self.call("POST", "/admin/config/check", {"text": text},
                                         X_Requested_With="llmswap-console")  # fmt: skip
         self.assertEqual((code, verdict["ok"]), (200, False))

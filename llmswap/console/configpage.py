@@ -18,7 +18,7 @@ from twisted.web.iweb import IRequest
 
 from llmswap import errors
 from llmswap.bodies import json_object
-from llmswap.config import editing
+from llmswap.config import editing, secrets
 from llmswap.config.config import Config
 from llmswap.config.values import ConfigError
 from llmswap.describe import describe
@@ -49,42 +49,31 @@ class ConfigPage:
         pool = self._reactor.getThreadPool()
         return deferToThreadPool(self._reactor, pool, call, *args)
 
-    def _editable(self) -> bool:
-        """``console.edit_config``: ``auth`` lets admin keys write the file (so nobody without
-        keys), ``true`` whoever may use the console, ``false`` nobody; and only a file."""
+    def _read_only(self) -> str | None:
+        """Why the file may not be checked or written here (None: it may).
+        ``console.edit_config``: ``auth`` lets admin keys write it (so nobody without keys),
+        ``true`` whoever may use the console, ``false`` nobody; and only a file."""
         config = self._config
         setting = config.console.edit_config
-        on = setting == "true" or (setting == "auth" and config.auth is not None)
-        return on and not config.source.startswith("<")
+        if config.source.startswith("<"):
+            return "this daemon runs no configuration file"
+        if setting == "false" or (setting == "auth" and config.auth is None):
+            alone = " and there is no auth section" if setting == "auth" else ""
+            return f"console.edit_config is {setting}{alone}"
+        return None
 
     def _writable_source(self) -> str:
-        if not self._editable():
-            setting = self._config.console.edit_config
-            why = ("this daemon runs no configuration file" if self._config.source.startswith("<")
-                   else f"console.edit_config is {setting}"
-                   + (" and there is no auth section" if setting == "auth" else ""))  # fmt: skip
-            raise errors.forbidden("-", f"check or edit the configuration ({why})",
+        why = self._read_only()
+        if why is not None:
+            raise errors.forbidden("-", f"may not check or edit the configuration here ({why})",
                                    "config_read_only")  # fmt: skip
         return self._config.source
 
     @inlineCallbacks
     def show(self, request: IRequest) -> Generator[Deferred[Any], Any, bytes]:
-        config = self._config
-        editable = self._editable()
-        # The file's text only where it may be edited: it is the same secrets masked, but
-        # nothing needs it where it cannot be changed here.
-        text = (yield self._in_thread(editing.read_masked, config.source)) if editable else ""
-        running = yield self._in_thread(describe, config, config.source)
-        keys = config.auth.keys if config.auth is not None else ()
-        return json_body(request, {
-            "source": config.source,
-            "text": text,
-            "editable": editable,
-            "included": list(config.included),
-            "running": [editing.redacted(line) for line in running],
-            "keys": [{"name": k.name, "from": f"environment variable {k.env}" if k.env
-                      else "the configuration file"} for k in keys],
-        }, no_store=True)  # fmt: skip
+        why = self._read_only()
+        document = yield self._in_thread(_shown, self._config, why is None)
+        return json_body(request, {**document, "read_only": why}, no_store=True)
 
     @inlineCallbacks
     def check(self, request: IRequest) -> Generator[Deferred[Any], Any, bytes]:
@@ -98,18 +87,11 @@ class ConfigPage:
         source = self._writable_source()
         text = _text(request)
         config, problems = yield self._in_thread(editing.check, text, source, self._config)
-        if problems:  # an error in the API's shape, with every problem at its line
+        if problems:  # the first, at its line (a check lists them all)
             first = problems[0]
             where = f"line {first.line}: " if first.line else ""
-            refused = {
-                "error": {
-                    "message": f"Configuration not applied: {where}{first.message}",
-                    "type": "invalid_request_error",
-                    "code": "invalid_config",
-                }
-            }
-            return json_body(request, {**refused, **_verdict(config, problems)}, status=400,
-                             no_store=True)  # fmt: skip
+            message = f"Configuration not applied: {where}{first.message}"
+            raise errors.bad_request(message, "invalid_config")
         try:
             backup = yield self._in_thread(editing.write, text, source)
         except (OSError, ConfigError) as e:
@@ -123,6 +105,26 @@ class ConfigPage:
             **_verdict(config, []), "applied": True, "backup": backup,
             "changes": {**changes, "restarted": restarted},
         }, no_store=True)  # fmt: skip
+
+
+def _shown(config: Config, editable: bool) -> dict[str, Any]:
+    """The Config view's document (in a thread: it reads the file).  The file's text only where
+    it may be edited (nothing needs it elsewhere), with its secrets masked; not at all when its
+    secrets cannot be found (it does not parse).  No line holds a secret value."""
+    original = None if config.source.startswith("<") else editing.read(config.source)
+    keys = config.auth.keys if config.auth is not None else ()
+    known = secrets.values(original) | {k.secret for k in keys}
+    text = secrets.masked(original) if editable and original is not None else None
+    return {
+        "source": config.source,
+        "text": text or "",
+        "editable": editable,
+        "unreadable": editable and text is None,
+        "included": list(config.included),
+        "running": [secrets.scrubbed(line, known) for line in describe(config, config.source)],
+        "keys": [{"name": k.name, "from": f"environment variable {k.env}" if k.env
+                  else "the configuration file"} for k in keys],
+    }  # fmt: skip
 
 
 def _text(request: IRequest) -> str:

@@ -77,8 +77,9 @@ async function showConfig() {
     ? "<tr><th>Key</th><th>Its secret comes from</th></tr>" + configFile.keys.map((k) => `<tr><td>${esc(k.name)}</td><td>${esc(k.from)}</td></tr>`).join("")
     : "";
   if ($("cfg-text").dataset.edited !== "1") setText(configFile.text);
-  $("cfg-apply").disabled = !configFile.editable;
-  $("cfg-apply").title = configFile.editable ? "" : "console.edit_config is off: the file is read-only here";
+  for (const id of ["cfg-text", "cfg-check", "cfg-apply", "cfg-reset"]) $(id).disabled = !configFile.editable;
+  $("cfg-status").textContent = configFile.read_only ? `Read-only here: ${configFile.read_only}.`
+    : configFile.unreadable ? "The file is not valid YAML (or not UTF-8), so its secrets cannot be found: it is not shown. Fix it on the box, or write the whole file here." : "";
 }
 views.config = showConfig;
 
@@ -132,11 +133,15 @@ $("cfg-apply").addEventListener("click", async () => {
   $("cfg-status").textContent = "applying…";
   $("cfg-changes").innerHTML = "";
   const [status, answer] = await send("/admin/config/apply");
-  marks(answer.problems || []);
-  if (status !== 200) {  // the problems are listed at their lines; the status says it was refused
-    $("cfg-status").textContent = answer.problems?.length ? "not applied: the file is unchanged" : answer.error?.message || status;
+  if (status !== 200) {
+    $("cfg-status").textContent = answer.error?.message || status;
+    if (answer.error?.code === "invalid_config") {  // each problem at its line, as a check finds them
+      const [, verdict] = await send("/admin/config/check");
+      marks(verdict.problems || []);
+    }
     return;
   }
+  marks([]);
   const c = answer.changes;
   const list = (what, names) => `<li>${what}: ${names.length ? names.map(esc).join(", ") : "none"}</li>`;
   $("cfg-changes").innerHTML = `<ul class="changes">${list("added", c.added)}${list("changed", c.changed)}${list("removed", c.removed)}${list("restarted", c.restarted)}</ul>`;
