@@ -319,7 +319,7 @@ class LearnedLingerTests(ManagerCase):
         self.assertNoResult(b)  # each follow-up came within the linger: no swap
         linger = self.health()["models"]["a"]["linger"]
         self.assertEqual((linger["paid"], linger["wasted"]), (6, 0))
-        self.assertEqual(linger["seconds"], 2.0)
+        self.assertEqual(linger["seconds"], 1.0)  # twice what its follow-ups took
         scraped = samples(
             generate_latest(Metrics(self.manager.bus, self.manager.snapshot).registry).decode()
         )
@@ -327,6 +327,21 @@ class LearnedLingerTests(ManagerCase):
             scraped[("llmswap_lingers_total", (("model", "a"), ("outcome", "paid")))], 6
         )
         lease.release()
-        self.clock.advance(2)
+        self.clock.advance(1)
         self.successResultOf(b).release()
         self.assertEqual(self.events, ["start a", "stop a", "start b"])
+
+    def test_a_linger_lasts_as_long_as_its_follow_ups_take_to_come(self) -> None:
+        # a's user asks again at once (an agent): once two follow-ups came within 0.03 s,
+        # a lingers 0.1 s, not 2, when the next does not come.
+        lease = self.successResultOf(self.manager.acquire("a"))
+        b = self.manager.acquire("b")
+        for _ in range(3):
+            lease.release()
+            self.clock.advance(0.03)
+            lease = self.successResultOf(self.manager.acquire("a"))
+        lease.release()
+        self.clock.advance(0.1)
+        self.assertEqual(self.events, ["start a", "stop a", "start b"])  # not 2 s later
+        self.successResultOf(b).release()
+        self.assertEqual(self.health()["models"]["a"]["linger"]["seconds"], 0.1)

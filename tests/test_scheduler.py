@@ -12,11 +12,12 @@ from collections.abc import Sequence
 from typing import cast
 
 import attrs
+import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from llmswap.config.settings import FIFO, SWAP_AWARE
-from llmswap.swap.linger import HALF_LIFE, PAYS, UNTRIED, LingerRecord
+from llmswap.swap.linger import FOLLOW_UPS, HALF_LIFE, PAYS, UNTRIED, LingerRecord, window
 from llmswap.swap.policy import (
     Arrival,
     Decision,
@@ -167,7 +168,7 @@ def test_a_bet_that_never_pays_stops_the_linger_and_one_that_pays_brings_it_back
     assert r.payoff(1) >= PAYS  # not settled yet
     assert r.payoff(3) < PAYS  # its window ended with no follow-up: wasted
     r.contested(10, until=12)
-    r.arrived(11)  # the follow-up came (whether the policy lingered or not)
+    r.arrived(11, since=10)  # the follow-up came (whether the policy lingered or not)
     assert r.payoff(11) >= PAYS
     assert (r.paid_total, r.wasted_total) == (1, 1)
     assert r.evidence(11) >= UNTRIED and r.evidence(11 + 3 * HALF_LIFE) < UNTRIED  # it fades
@@ -176,8 +177,25 @@ def test_a_bet_that_never_pays_stops_the_linger_and_one_that_pays_brings_it_back
     assert r.payoff(80) < 0.2
     assert r.payoff(80 + HALF_LIFE) < PAYS  # five minutes later, still lost
     assert r.payoff(80 + 5 * HALF_LIFE) >= PAYS  # faded: it lingers again, to see
-    r.arrived(10_000)  # a request with no bet open settles nothing
+    r.arrived(10_000, since=9_999)  # a request with no bet open settles nothing
     assert r.paid_total == 1
+
+
+def test_a_linger_lasts_as_long_as_follow_ups_have_taken_and_grows_with_a_slower_one() -> None:
+    r = LingerRecord()
+    assert r.wait() is None  # nothing known: the whole window
+    for t, delay in ((10, 0.01), (20, 0.03)):
+        r.contested(t, until=t + 2)
+        r.arrived(t + delay, since=t)
+    assert r.wait() == 0.1  # at least the floor
+    r.contested(30, until=32)
+    r.arrived(30.8, since=30)  # slower: it came after the linger, while the other loaded
+    assert r.wait() == pytest.approx(1.6)
+    assert window(2, True, 1.5, r.wait()) == 1.5  # never past the ski-rental bound
+    for t in range(40, 40 + 10 * FOLLOW_UPS, 10):  # the latest few count
+        r.contested(t, until=t + 2)
+        r.arrived(t + 0.02, since=t)
+    assert r.wait() == 0.1
 
 
 def test_sleepers_hold_host_memory_and_the_least_recently_used_one_makes_room() -> None:

@@ -22,6 +22,8 @@ last answer (``swap/policy.py``): that is the lone user, as far as anyone can te
 
 from __future__ import annotations
 
+from collections import deque
+
 import attrs
 
 HALF_LIFE = 300.0  # seconds after which an outcome counts half
@@ -35,14 +37,22 @@ _PRIOR_PAID, _PRIOR_BETS = 0.6, 1.0
 # just left (it came after the last answer, and nobody says who either is) is not made to wait
 # for a first bet: a lone user switching models would pay one load time per model for it.
 UNTRIED = 0.5
+# A client that asks again at once (an agent, a script, a batch) is followed up within
+# milliseconds: waiting a whole load time for one that does not come is the linger's whole cost.
+# Once KNOWN follow-ups have paid, a linger lasts ROOM times the longest of the latest
+# FOLLOW_UPS delays (at least WAIT_FLOOR), within the window.
+FOLLOW_UPS, KNOWN, ROOM, WAIT_FLOOR = 8, 2, 2.0, 0.1
 
 
-def window(linger: float, bounded: bool, load_seconds: float | None) -> float:
+def window(
+    linger: float, bounded: bool, load_seconds: float | None, wait: float | None = None
+) -> float:
     """Seconds a model may linger after its last request: ``linger``, at most its last load
-    time when ``bounded`` (the ski-rental bound)."""
+    time when ``bounded`` (the ski-rental bound), and at most ``wait``, what its follow-ups have
+    taken to come (:meth:`LingerRecord.wait`)."""
     if bounded and load_seconds is not None:
-        return min(linger, load_seconds)
-    return linger
+        linger = min(linger, load_seconds)
+    return min(linger, wait) if wait is not None else linger
 
 
 @attrs.define
@@ -56,6 +66,8 @@ class LingerRecord:
     opened_at: float | None = None  # when it opened
     paid_total: int = 0
     wasted_total: int = 0
+    # Seconds from its last answer to the follow-ups that paid, the latest few.
+    delays: deque[float] = attrs.field(factory=lambda: deque(maxlen=FOLLOW_UPS))
 
     def contested(self, now: float, until: float) -> None:
         """Another model's request waits while this one lingers (or could, until ``until``)."""
@@ -72,12 +84,21 @@ class LingerRecord:
             self.open_until = None
             self._record(now, paid=False)
 
-    def arrived(self, now: float) -> None:
-        """A request for this instance arrived."""
+    def arrived(self, now: float, since: float) -> None:
+        """A request for this instance arrived, ``since`` its last answer went out."""
         self._settle(now)
         if self.open_until is not None:
             self.open_until = None
             self._record(now, paid=True)
+            self.delays.append(max(0.0, now - since))
+
+    def wait(self) -> float | None:
+        """How long it need linger: its follow-ups' longest recent delay, with room; None
+        until a few have come.  A follow-up slower than that still settles its bet (during the
+        other model's load), and the next linger is longer."""
+        if len(self.delays) < KNOWN:
+            return None
+        return max(WAIT_FLOOR, ROOM * max(self.delays))
 
     def evidence(self, now: float) -> float:
         """How many bets it has lately (faded): below :data:`UNTRIED`, its payoff is the prior's."""

@@ -269,7 +269,7 @@ class SwapManager(Service, Changes):
             waiting = self._queue.waiting
             waiting.add(ticket)
             slot = self._slots[ticket.instance]
-            slot.linger.arrived(ticket.enqueued)
+            slot.linger.arrived(ticket.enqueued, slot.last_used)
             if not slot.ready:  # it waits, maybe for a model lingering on its host
                 host = slot.config.host
                 self._bets.waits(self.view(host), ticket.instance, self._on(host), ticket.enqueued)

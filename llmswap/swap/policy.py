@@ -78,6 +78,8 @@ class ModelView:
     last_client: str | None = None
     # Its bets lately (faded); below UNTRIED its linger rests on the prior alone.
     linger_evidence: float = 1.0
+    # How long its follow-ups have taken to come, with room (None: not known yet).
+    linger_wait: float | None = None
     # The last request that entered the queue before its last answer went out: those after it
     # were sent after that answer.
     answered_after: int = -1
@@ -99,7 +101,7 @@ class ModelView:
         when lingering has not paid lately)."""
         if self.linger_payoff < PAYS:
             return None
-        until = self.last_used + window(linger, bounded, self.load_seconds)
+        until = self.last_used + window(linger, bounded, self.load_seconds, self.linger_wait)
         return until if self.ready and now < until else None
 
 

@@ -167,7 +167,9 @@ def take(
 
 def _linger(slot: Slot, config: Config, now: float) -> dict[str, float]:
     payoff, record = slot.linger.payoff(now), slot.linger
-    span = linger.window(config.linger, config.linger_bound, slot.last_load_seconds)
+    span = linger.window(
+        config.linger, config.linger_bound, slot.last_load_seconds, slot.linger.wait()
+    )
     lingers = config.scheduler == SWAP_AWARE and payoff >= linger.PAYS
     return {"seconds": round(span, 3) if lingers else 0.0, "payoff": round(payoff, 3),
             "paid": record.paid_total, "wasted": record.wasted_total}  # fmt: skip
@@ -210,6 +212,7 @@ def policy_view(
             load_seconds=slot.last_load_seconds,
             linger_payoff=slot.linger.payoff(now),
             linger_evidence=slot.linger.evidence(now),
+            linger_wait=slot.linger.wait(),
             answered_after=slot.answered_after,
             last_client=slot.last_client,
         )
