@@ -37,10 +37,11 @@ _PRIOR_PAID, _PRIOR_BETS = 0.6, 1.0
 # just left (it came after the last answer, and nobody says who either is) is not made to wait
 # for a first bet: a lone user switching models would pay one load time per model for it.
 UNTRIED = 0.5
-# A client that asks again at once (an agent, a script, a batch) is followed up within
-# milliseconds: waiting a whole load time for one that does not come is the linger's whole cost.
-# Once KNOWN follow-ups have paid, a linger lasts ROOM times the longest of the latest
-# FOLLOW_UPS delays (at least WAIT_FLOOR), within the window.
+# Clients that ask again at once (agents, scripts, batches) leave a model idle for milliseconds
+# between requests: waiting a whole load time for a request that does not come is then the
+# linger's whole cost.  Once KNOWN requests came to it idle, a linger lasts ROOM times the
+# longest of the latest FOLLOW_UPS idle spells (at least WAIT_FLOOR), within the window; one
+# long spell among them (a person's pause) gives the whole window back.
 FOLLOW_UPS, KNOWN, ROOM, WAIT_FLOOR = 8, 2, 2.0, 0.1
 
 
@@ -84,18 +85,20 @@ class LingerRecord:
             self.open_until = None
             self._record(now, paid=False)
 
-    def arrived(self, now: float, since: float) -> None:
-        """A request for this instance arrived, ``since`` its last answer went out."""
+    def arrived(self, now: float, since: float, idle: bool) -> None:
+        """A request for this instance arrived, ``since`` its last answer went out; ``idle``:
+        it was loaded and answering nothing (how long that lasted is what a linger waits)."""
         self._settle(now)
+        if idle:
+            self.delays.append(max(0.0, now - since))
         if self.open_until is not None:
             self.open_until = None
             self._record(now, paid=True)
-            self.delays.append(max(0.0, now - since))
 
     def wait(self) -> float | None:
-        """How long it need linger: its follow-ups' longest recent delay, with room; None
-        until a few have come.  A follow-up slower than that still settles its bet (during the
-        other model's load), and the next linger is longer."""
+        """How long it need linger: the longest of its latest idle spells before a request
+        came, with room; None until a few have come.  A request slower than that still settles
+        its bet (during the other model's load), and the next linger is longer."""
         if len(self.delays) < KNOWN:
             return None
         return max(WAIT_FLOOR, ROOM * max(self.delays))

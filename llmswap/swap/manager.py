@@ -269,7 +269,8 @@ class SwapManager(Service, Changes):
             waiting = self._queue.waiting
             waiting.add(ticket)
             slot = self._slots[ticket.instance]
-            slot.linger.arrived(ticket.enqueued, slot.last_used)
+            idle = slot.ready and not slot.in_flight
+            slot.linger.arrived(ticket.enqueued, slot.last_used, idle)
             if not slot.ready:  # it waits, maybe for a model lingering on its host
                 host = slot.config.host
                 self._bets.waits(self.view(host), ticket.instance, self._on(host), ticket.enqueued)
