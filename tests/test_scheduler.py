@@ -168,7 +168,7 @@ def test_a_bet_that_never_pays_stops_the_linger_and_one_that_pays_brings_it_back
     assert r.payoff(1) >= PAYS  # not settled yet
     assert r.payoff(3) < PAYS  # its window ended with no follow-up: wasted
     r.contested(10, until=12)
-    r.arrived(11, since=10, idle=True)  # the follow-up came (lingered for or not)
+    r.arrived(11, since=10, loaded=True)  # the follow-up came (lingered for or not)
     assert r.payoff(11) >= PAYS
     assert (r.paid_total, r.wasted_total) == (1, 1)
     assert r.evidence(11) >= UNTRIED and r.evidence(11 + 3 * HALF_LIFE) < UNTRIED  # it fades
@@ -177,26 +177,26 @@ def test_a_bet_that_never_pays_stops_the_linger_and_one_that_pays_brings_it_back
     assert r.payoff(80) < 0.2
     assert r.payoff(80 + HALF_LIFE) < PAYS  # five minutes later, still lost
     assert r.payoff(80 + 5 * HALF_LIFE) >= PAYS  # faded: it lingers again, to see
-    r.arrived(10_000, since=9_999, idle=True)  # a request with no bet open settles nothing
+    r.arrived(10_000, since=9_999, loaded=True)  # a request with no bet open settles nothing
     assert r.paid_total == 1
 
 
-def test_a_linger_lasts_as_long_as_idle_spells_have_and_grows_with_a_longer_one() -> None:
+def test_a_linger_lasts_as_long_as_follow_ups_have_taken_and_grows_with_a_slower_one() -> None:
     r = LingerRecord()
     assert r.wait() is None  # nothing known: the whole window
     for t, delay in ((10, 0.01), (20, 0.03)):
         r.contested(t, until=t + 2)
-        r.arrived(t + delay, since=t, idle=True)
+        r.arrived(t + delay, since=t, loaded=True)
     assert r.wait() == 0.1  # at least the floor
     r.contested(30, until=32)
-    r.arrived(30.8, since=30, idle=True)  # slower: after the linger, while the other loaded
+    r.arrived(30.8, since=30, loaded=True)  # slower: after the linger, while the other loaded
     assert r.wait() == pytest.approx(1.6)
     assert window(2, True, 1.5, r.wait()) == 1.5  # never past the ski-rental bound
-    r.arrived(31, since=30.8, idle=False)  # it was answering another: no idle spell
+    r.arrived(31, since=30.8, loaded=False)  # it was not loaded: no spell it lingered
     assert r.wait() == pytest.approx(1.6)
     for t in range(40, 40 + 10 * FOLLOW_UPS, 10):  # the latest few count
         r.contested(t, until=t + 2)
-        r.arrived(t + 0.02, since=t, idle=True)
+        r.arrived(t + 0.02, since=t, loaded=True)
     assert r.wait() == 0.1
 
 

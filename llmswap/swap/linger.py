@@ -37,11 +37,12 @@ _PRIOR_PAID, _PRIOR_BETS = 0.6, 1.0
 # just left (it came after the last answer, and nobody says who either is) is not made to wait
 # for a first bet: a lone user switching models would pay one load time per model for it.
 UNTRIED = 0.5
-# Clients that ask again at once (agents, scripts, batches) leave a model idle for milliseconds
-# between requests: waiting a whole load time for a request that does not come is then the
-# linger's whole cost.  Once KNOWN requests came to it idle, a linger lasts ROOM times the
-# longest of the latest FOLLOW_UPS idle spells (at least WAIT_FLOOR), within the window; one
-# long spell among them (a person's pause) gives the whole window back.
+# Clients that ask again at once (agents, scripts, batches) send their next request within
+# milliseconds of an answer: waiting a whole load time for one that does not come is then the
+# linger's whole cost.  Once KNOWN requests came to it loaded, a linger lasts ROOM times the
+# longest of the latest FOLLOW_UPS spells from an answer to the next request (at least
+# WAIT_FLOOR), within the window; one long spell among them (a person's pause) gives the whole
+# window back.
 FOLLOW_UPS, KNOWN, ROOM, WAIT_FLOOR = 8, 2, 2.0, 0.1
 
 
@@ -85,19 +86,21 @@ class LingerRecord:
             self.open_until = None
             self._record(now, paid=False)
 
-    def arrived(self, now: float, since: float, idle: bool) -> None:
-        """A request for this instance arrived, ``since`` its last answer went out; ``idle``:
-        it was loaded and answering nothing (how long that lasted is what a linger waits)."""
+    def arrived(self, now: float, since: float, loaded: bool) -> None:
+        """A request for this instance arrived, ``since`` its last answer went out; ``loaded``:
+        it was ready (the spell since that answer is one a linger would have waited).  Spells
+        while it answers others count too: two clients of one model each keep it busy while
+        the other's follow-up comes, and the spells show how soon follow-ups come."""
         self._settle(now)
-        if idle:
+        if loaded:
             self.delays.append(max(0.0, now - since))
         if self.open_until is not None:
             self.open_until = None
             self._record(now, paid=True)
 
     def wait(self) -> float | None:
-        """How long it need linger: the longest of its latest idle spells before a request
-        came, with room; None until a few have come.  A request slower than that still settles
+        """How long it need linger: the longest of its latest spells from an answer to the next
+        request, with room; None until a few have come.  A request slower than that still settles
         its bet (during the other model's load), and the next linger is longer."""
         if len(self.delays) < KNOWN:
             return None

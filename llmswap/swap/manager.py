@@ -269,8 +269,7 @@ class SwapManager(Service, Changes):
             waiting = self._queue.waiting
             waiting.add(ticket)
             slot = self._slots[ticket.instance]
-            idle = slot.ready and not slot.in_flight
-            slot.linger.arrived(ticket.enqueued, slot.last_used, idle)
+            slot.linger.arrived(ticket.enqueued, slot.last_used, slot.ready)
             if not slot.ready:  # it waits, maybe for a model lingering on its host
                 host = slot.config.host
                 self._bets.waits(self.view(host), ticket.instance, self._on(host), ticket.enqueued)
