@@ -319,7 +319,7 @@ class LearnedLingerTests(ManagerCase):
         self.assertNoResult(b)  # each follow-up came within the linger: no swap
         linger = self.health()["models"]["a"]["linger"]
         self.assertEqual((linger["paid"], linger["wasted"]), (6, 0))
-        self.assertEqual(linger["seconds"], 1.0)  # twice what its follow-ups took
+        self.assertEqual(linger["seconds"], 1.5)  # three times what its follow-ups took
         scraped = samples(
             generate_latest(Metrics(self.manager.bus, self.manager.snapshot).registry).decode()
         )
@@ -327,7 +327,7 @@ class LearnedLingerTests(ManagerCase):
             scraped[("llmswap_lingers_total", (("model", "a"), ("outcome", "paid")))], 6
         )
         lease.release()
-        self.clock.advance(1)
+        self.clock.advance(1.5)
         self.successResultOf(b).release()
         self.assertEqual(self.events, ["start a", "stop a", "start b"])
 

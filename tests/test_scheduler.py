@@ -190,10 +190,10 @@ def test_a_linger_lasts_as_long_as_follow_ups_have_taken_and_grows_with_a_slower
     assert r.wait() == 0.1  # at least the floor
     r.contested(30, until=32)
     r.arrived(30.8, since=30, loaded=True)  # slower: after the linger, while the other loaded
-    assert r.wait() == pytest.approx(1.6)
+    assert r.wait() == pytest.approx(2.4)
     assert window(2, True, 1.5, r.wait()) == 1.5  # never past the ski-rental bound
     r.arrived(31, since=30.8, loaded=False)  # it was not loaded: no spell it lingered
-    assert r.wait() == pytest.approx(1.6)
+    assert r.wait() == pytest.approx(2.4)
     for t in range(40, 40 + 10 * FOLLOW_UPS, 10):  # the latest few count
         r.contested(t, until=t + 2)
         r.arrived(t + 0.02, since=t, loaded=True)

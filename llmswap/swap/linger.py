@@ -43,7 +43,7 @@ UNTRIED = 0.5
 # longest of the latest FOLLOW_UPS spells from an answer to the next request (at least
 # WAIT_FLOOR), within the window; one long spell among them (a person's pause) gives the whole
 # window back.
-FOLLOW_UPS, KNOWN, ROOM, WAIT_FLOOR = 8, 2, 2.0, 0.1
+FOLLOW_UPS, KNOWN, ROOM, WAIT_FLOOR = 8, 2, 3.0, 0.1
 
 
 def window(
