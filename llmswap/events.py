@@ -101,12 +101,17 @@ class RequestEnded:
     completion_tokens: int | None = None
     tokens_per_second: float | None = None  # as the backend measured it (llama.cpp's timings)
     pool: str | None = None  # the pool asked for, whose member ``model`` served it
-    # A failed or cut request's details (the console keeps them): llmswap's error, the start
-    # of the request body, the backend's answer.  Empty for the others.
+    # A failed request's details (the console keeps them, capped): llmswap's error, the
+    # request body, the end of the backend's answer.  Empty for the others.
     error: str | None = None
     sent: bytes = b""
     answer: bytes = b""
     console: bool = False  # sent by the console's playground
+
+
+def failed(status: int) -> bool:
+    """Whether an ended request failed: an error answer, one cut off (0), a client gone (499)."""
+    return status >= 400 or status == 0
 
 
 @attrs.frozen

@@ -42,7 +42,7 @@ from llmswap.bodies import form_model, parse_body
 from llmswap.config.config import Config
 from llmswap.config.keys import APIKey
 from llmswap.config.model import Preset, server_root
-from llmswap.events import EventBus, ModelState, RequestEnded
+from llmswap.events import EventBus, ModelState, RequestEnded, failed
 from llmswap.headers import KEY_HEADERS, client_of, from_console, header_priority
 from llmswap.heartbeat import Heartbeat, say_waiting
 from llmswap.relay.ending import OPENAI, OPENAI_OTHER, StreamEnd, ends_known
@@ -304,7 +304,7 @@ class Proxy(MultiService, Generic[CallT]):
         tail = relayed.tail
         usage = usage_from(tail) if tail else None
         request = x.request
-        failed = x.status >= 400 or x.status == 0  # the console keeps what it needs to see why
+        kept = failed(x.status)  # the console keeps what it needs to see why
         self._bus.publish(
             RequestEnded(
                 at=self._clock.seconds(),
@@ -323,8 +323,8 @@ class Proxy(MultiService, Generic[CallT]):
                 tokens_per_second=speed_from(tail) if usage else None,
                 pool=x.pool,
                 error=x.error,
-                sent=x.body[:4096] if failed else b"",
-                answer=tail if failed else b"",
+                sent=x.body if kept else b"",
+                answer=tail if kept else b"",
                 console=from_console(request),
             )
         )

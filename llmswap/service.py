@@ -199,7 +199,7 @@ class LLMSwapService(MultiService):
         A configuration that does not validate is refused with its error; the running one keeps
         serving.  The listening endpoint stays (changing it needs a restart).
         """
-        if self.config.source.startswith("<"):
+        if not self.config.from_file:
             raise errors.bad_request(
                 f"Nothing to reload: this daemon runs the {self.config.source} configuration"
             )

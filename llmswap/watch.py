@@ -96,7 +96,7 @@ class ConfigWatcher(Service):
     def _follow(self) -> None:
         config = self._config()
         on = self.running and (config.watch_config or self.forced)
-        if not on or config.source.startswith("<"):
+        if not on or not config.from_file:
             self._stop_watching()
             return
         source = _normal(config.source)

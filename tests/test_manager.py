@@ -7,6 +7,7 @@ from typing import Any
 
 import attrs
 from prometheus_client import generate_latest
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
@@ -16,6 +17,7 @@ from llmswap.errors import APIError
 from llmswap.metrics import Metrics
 from llmswap.swap import restarts
 from llmswap.swap.manager import SwapManager
+from llmswap.swap.queue import Lease
 from llmswap.testing import MemoryBackend, MemoryHTTP
 from tests.support import samples
 
@@ -308,14 +310,19 @@ class LearnedLingerTests(ManagerCase):
         linger = self.health()["models"]["a"]["linger"]
         self.assertEqual((linger["paid"], linger["wasted"]), (0, 0))
 
-    def test_lingering_that_pays_is_kept(self) -> None:
-        # a's user asks again 0.5 s after each answer, while b's user waits.
+    def follow_ups(self, count: int, gap: float) -> tuple[Lease, Deferred[Lease]]:
+        """a's user asks ``count`` times more, ``gap`` s after each answer, while b's user
+        waits: a's last lease, and b's waiting request."""
         lease = self.successResultOf(self.manager.acquire("a"))
         b = self.manager.acquire("b")
-        for _ in range(6):
+        for _ in range(count):
             lease.release()
-            self.clock.advance(0.5)
+            self.clock.advance(gap)
             lease = self.successResultOf(self.manager.acquire("a"))
+        return lease, b
+
+    def test_lingering_that_pays_is_kept(self) -> None:
+        lease, b = self.follow_ups(6, 0.5)
         self.assertNoResult(b)  # each follow-up came within the linger: no swap
         linger = self.health()["models"]["a"]["linger"]
         self.assertEqual((linger["paid"], linger["wasted"]), (6, 0))
@@ -334,12 +341,7 @@ class LearnedLingerTests(ManagerCase):
     def test_a_linger_lasts_as_long_as_its_follow_ups_take_to_come(self) -> None:
         # a's user asks again at once (an agent): once two follow-ups came within 0.03 s,
         # a lingers 0.1 s, not 2, when the next does not come.
-        lease = self.successResultOf(self.manager.acquire("a"))
-        b = self.manager.acquire("b")
-        for _ in range(3):
-            lease.release()
-            self.clock.advance(0.03)
-            lease = self.successResultOf(self.manager.acquire("a"))
+        lease, b = self.follow_ups(3, 0.03)
         lease.release()
         self.clock.advance(0.1)
         self.assertEqual(self.events, ["start a", "stop a", "start b"])  # not 2 s later

@@ -148,6 +148,11 @@ class Config:
         return frozenset(names - set(self.pass_env))
 
     @property
+    def from_file(self) -> bool:
+        """Whether it was read from a file (not the built-in models, nor a test's mapping)."""
+        return not self.source.startswith("<")
+
+    @property
     def ports(self) -> dict[str, int]:
         """Each model's ``${PORT}``, for the next reload to keep."""
         return {n: m.port for n, m in self.models.items() if m.port is not None}

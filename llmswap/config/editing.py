@@ -20,6 +20,7 @@ import yaml
 
 from llmswap.config import secrets
 from llmswap.config.config import Config, load
+from llmswap.config.include import resolved
 from llmswap.config.values import ConfigError
 
 _QUOTED = re.compile(r"'([^' ]+)'")
@@ -104,8 +105,7 @@ def _inside(text: str, source: str) -> None:
     for pattern in patterns:
         if not isinstance(pattern, str):
             continue
-        path = os.path.normpath(os.path.join(base, os.path.expanduser(pattern)))
-        if not path.startswith(base + os.sep):
+        if not resolved(pattern, base).startswith(base + os.sep):
             raise ConfigError(
                 f"'include' names {pattern!r}, outside {base}: the console reads no file "
                 "outside the configuration's directory (edit the file on the box for that)"

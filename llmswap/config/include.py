@@ -21,8 +21,14 @@ from llmswap.config.values import ConfigError
 JOINED = ("models", "pools", "macros")
 
 
+def resolved(pattern: str, base: str) -> str:
+    """An include pattern as an absolute path, relative to ``base`` (the including file's
+    directory)."""
+    return os.path.normpath(os.path.join(base, os.path.expanduser(pattern)))
+
+
 def _matches(pattern: str, base: str) -> list[str]:
-    path = os.path.normpath(os.path.join(base, os.path.expanduser(pattern)))
+    path = resolved(pattern, base)
     if glob.has_magic(path):
         return sorted(p for p in glob.glob(path) if os.path.isfile(p))
     if not os.path.isfile(path):
@@ -64,7 +70,7 @@ def joined(data: Any, source: str) -> tuple[Any, tuple[str, ...], tuple[str, ...
     origin = {section: dict.fromkeys(out.get(section) or {}, source) for section in JOINED}
     files: list[str] = []
     base = os.path.dirname(os.path.abspath(source))
-    absolute = tuple(os.path.normpath(os.path.join(base, os.path.expanduser(p))) for p in patterns)
+    absolute = tuple(resolved(p, base) for p in patterns)
     for pattern in patterns:
         for path in _matches(pattern, base):
             if path in files or os.path.abspath(path) == os.path.abspath(source):

@@ -55,7 +55,7 @@ class ConfigPage:
         ``true`` whoever may use the console, ``false`` nobody; and only a file."""
         config = self._config
         setting = config.console.edit_config
-        if config.source.startswith("<"):
+        if not config.from_file:
             return "this daemon runs no configuration file"
         if setting == "false" or (setting == "auth" and config.auth is None):
             alone = " and there is no auth section" if setting == "auth" else ""
@@ -111,7 +111,7 @@ def _shown(config: Config, editable: bool) -> dict[str, Any]:
     """The Config view's document (in a thread: it reads the file).  The file's text only where
     it may be edited (nothing needs it elsewhere), with its secrets masked; not at all when its
     secrets cannot be found (it does not parse).  No line holds a secret value."""
-    original = None if config.source.startswith("<") else editing.read(config.source)
+    original = editing.read(config.source) if config.from_file else None
     keys = config.auth.keys if config.auth is not None else ()
     known = secrets.values(original) | {k.secret for k in keys}
     text = secrets.masked(original) if editable and original is not None else None

@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from llmswap.config.config import Console
 from llmswap.console.activity import record
 from llmswap.console.history import HistoryService, history
-from llmswap.events import EventBus, RequestEnded
+from llmswap.events import EventBus, RequestEnded, failed
 
 log = Logger()
 
@@ -36,11 +36,6 @@ LINE_CHARS = 500  # of each output line kept
 _FLUSH_SECONDS = 1.0
 _OUTPUT_SECONDS = 5.0
 _SCHEMA = "CREATE TABLE IF NOT EXISTS failures (at REAL, document TEXT)"
-
-
-def failed(e: RequestEnded) -> bool:
-    """An error answer, a cut one (0) or a client that left (499)."""
-    return e.status >= 400 or e.status == 0
 
 
 def _text(data: bytes, limit: int) -> str:
@@ -77,7 +72,7 @@ class Failures(HistoryService):
         return list(itertools.islice(reversed(self._kept), limit))
 
     def _ended(self, e: RequestEnded) -> None:
-        if not failed(e) or self._console.failures == 0:
+        if not failed(e.status) or self._console.failures == 0:
             return
         document = {
             **record(e), "id": next(self._ids), "method": e.method, "error": e.error,

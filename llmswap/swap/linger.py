@@ -68,7 +68,7 @@ class LingerRecord:
     opened_at: float | None = None  # when it opened
     paid_total: int = 0
     wasted_total: int = 0
-    # Seconds from its last answer to the follow-ups that paid, the latest few.
+    # Seconds from an answer of its to the next request for it, while loaded: the latest few.
     delays: deque[float] = attrs.field(factory=lambda: deque(maxlen=FOLLOW_UPS))
 
     def contested(self, now: float, until: float) -> None:
