@@ -341,6 +341,8 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path == "/v1/chat/completions":
             if req.get("stream"):
                 self._stream(req, extra)
+            elif _last_words(req) == "fake cut":
+                self._cut(extra)
             else:
                 message = _answer(req)
                 self._send(
@@ -427,6 +429,18 @@ class Handler(BaseHTTPRequestHandler):
     def _chunk(self, data: bytes) -> None:
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
+
+    def _cut(self, extra: dict[str, str]) -> None:
+        """A whole answer that breaks off: its headers and half a JSON object, then the
+        connection closes (no length, so only the missing end of the chunks tells)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        for k, v in extra.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self._chunk(b'{"id": "chatcmpl-fake", "choices": [{"index": 0, "mess')
+        self.close_connection = True
 
     def _start_stream(self, extra: dict[str, str]) -> None:
         self.send_response(200)
@@ -518,6 +532,10 @@ def _form_echo(raw: bytes, content_type: str, digest: str, headers: dict[str, st
             fields[name] = data.decode()
     return {"text": f"heard {ARGS.name}", "fields": fields, "files": files, "sha256": digest,
             "bytes": len(raw), "headers": headers}  # fmt: skip
+
+
+def _last_words(req: dict[str, Any]) -> Any:
+    return ((req.get("messages") or [{}])[-1] or {}).get("content")
 
 
 def _answer(req: dict[str, Any]) -> dict[str, Any]:

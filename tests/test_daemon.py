@@ -241,6 +241,19 @@ class FailureTests(DaemonTestCase):
         self.assertEqual(starts(self.ledger), ["crashy", "crashy"])
 
     @inlineCallbacks
+    def test_a_whole_answer_cut_by_the_backend_never_looks_complete(self) -> Any:
+        # Its 200 and headers went out as they came (no length to hold it by): the
+        # connection is cut, so the client raises rather than reading half a JSON object.
+        self.start({"a": self.fake("a")})
+        client = self.daemon.client(timeout=30)
+        cut = [{"role": "user", "content": "fake cut"}]
+        create = client.chat.completions.create
+        with self.assertRaises(openai.APIConnectionError):
+            yield self.in_thread(create, model="a", messages=cut)
+        answer = yield self.chat("a")
+        self.assertEqual(answer.choices[0].message.content, "Hello from a")
+
+    @inlineCallbacks
     def test_backend_dying_while_idle_is_reported_and_restarted(self) -> Any:
         self.start({"alpha": self.fake("alpha")})
         yield self.chat("alpha")

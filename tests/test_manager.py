@@ -15,7 +15,7 @@ from llmswap import health
 from llmswap.config.config import parse
 from llmswap.errors import APIError
 from llmswap.metrics import Metrics
-from llmswap.swap import restarts
+from llmswap.swap import policy, restarts
 from llmswap.swap.manager import SwapManager
 from llmswap.swap.queue import Lease
 from llmswap.testing import MemoryBackend, MemoryHTTP
@@ -138,6 +138,20 @@ class ManagerTests(ManagerCase):
         held.release()
         self.assertEqual(self.events, ["start a"])
         self.assertEqual(self.health()["queue_size"], 0)
+
+    def test_a_fault_taking_one_request_answers_it_and_the_next_ones_go_on(self) -> None:
+        def broken(*args: Any) -> None:
+            raise ZeroDivisionError("a bug")
+
+        unpatch = self.patch(policy, "on_arrival", broken)
+        err = self.failureResultOf(self.manager.acquire("b"), APIError).value
+        self.assertEqual((err.status, err.code), (500, "internal"))
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.assertEqual(self.health()["queue_size"], 0)
+        unpatch.restore()
+        self.successResultOf(self.manager.acquire("a")).release()
+        self.successResultOf(self.manager.acquire("b")).release()
+        self.assertEqual(self.events, ["start a", "stop a", "start b"])
 
     def test_backend_crash_is_reported_and_the_next_request_restarts_it(self) -> None:
         self.successResultOf(self.manager.acquire("a")).release()

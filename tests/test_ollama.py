@@ -211,6 +211,18 @@ def test_a_stream_that_breaks_off_ends_with_an_error_line() -> None:
     }
 
 
+def test_a_whole_answer_that_breaks_off_is_an_error_not_an_empty_200() -> None:
+    for status in (200, 500):  # an answer, or the backend's own error, cut short
+        writer, request, _ = _writer(stream.CHAT, stream_=False)
+        writer.start(status, Headers())
+        writer.data(b'{"choices": [{"mess')
+        writer.fail("Model 'gemma3' stream interrupted: the backend closed the connection")
+        assert request.responseCode == 502
+        assert json.loads(b"".join(request.written)) == {
+            "error": "Model 'gemma3' stream interrupted: the backend closed the connection"
+        }
+
+
 def test_a_stream_that_ends_unfinished_is_never_done() -> None:
     # The backend's body ended (its connection closed) before [DONE] or a finish reason.
     writer, request, _ = _writer(stream.GENERATE)

@@ -132,6 +132,17 @@ class OllamaClientTests(DaemonTestCase):
         self.assertEqual(e.exception.status_code, 501)
 
     @inlineCallbacks
+    def test_a_whole_answer_cut_by_the_backend_is_an_error_the_client_raises(self) -> Any:
+        self.start({"a": self.fake("a")})
+        cut = [{"role": "user", "content": "fake cut"}]
+        with self.assertRaises(ollama.ResponseError) as e:
+            yield self.call("chat", model="a", messages=cut, stream=False)
+        self.assertEqual(e.exception.status_code, 502)
+        self.assertIn("Model 'a' stream interrupted: the backend closed", e.exception.error)
+        answer = yield self.call("chat", model="a", messages=HI, stream=False)
+        self.assertEqual(answer.message.content, "Hello from a")  # and the model goes on
+
+    @inlineCallbacks
     def test_ollama_and_openai_requests_share_one_queue_and_policy(self) -> Any:
         """While a's only slot is busy, an Ollama request for b waits, then an OpenAI request
         for a arrives: swap-aware serves the loaded model's request first, whichever API."""

@@ -6,7 +6,7 @@ once (nothing is held back but an incomplete event), and the end becomes Ollama'
 fragments, are written whole once the model finished them, as Ollama does.  A ``stream: false``
 answer is one JSON object.  A backend error becomes ``{"error": "..."}`` with the backend's
 status, and a stream that breaks off ends with an ``{"error": ...}`` line, which Ollama's
-clients raise.
+clients raise; a whole answer that breaks off (nothing of it written yet) is a 502 error.
 """
 
 from __future__ import annotations
@@ -100,6 +100,8 @@ class OllamaWriter:
     def fail(self, message: str) -> None:
         if self._stream and self._failed_status is None:
             self._line({"error": message})
+        else:  # nothing went out yet: a whole answer is an error, never a 200 with no body
+            self._error(502, message)
 
     # -- streams --------------------------------------------------------------------------
 

@@ -266,19 +266,28 @@ class SwapManager(Service, Changes):
             ticket: Ticket = yield self._queue.next()
             if ticket.dropped:
                 continue
-            waiting = self._queue.waiting
-            waiting.add(ticket)
-            slot = self._slots[ticket.instance]
-            slot.linger.arrived(ticket.enqueued, slot.last_used, slot.ready)
-            if not slot.ready:  # it waits, maybe for a model lingering on its host
-                host = slot.config.host
-                self._bets.waits(self.view(host), ticket.instance, self._on(host), ticket.enqueued)
-            alone, free = len(waiting) == 1, slot.has_free_slot()
-            arrival = policy.on_arrival(alone, slot.state.resident, slot.ready, free)
-            if arrival is policy.Arrival.ADMIT:
-                self._admit(ticket)
-            elif arrival is policy.Arrival.DECIDE:
-                self._dispatch()
+            try:
+                self._taken(ticket)
+            except Exception:  # one request's fault must not leave those behind it unseen
+                log.failure("swap manager could not take a request for {m}", m=ticket.instance)
+                self._queue.waiting.remove(ticket)
+                ticket.reject(errors.internal())
+
+    def _taken(self, ticket: Ticket) -> None:
+        """A request enters the waiting room: admitted at once, or the policy decides."""
+        waiting = self._queue.waiting
+        waiting.add(ticket)
+        slot = self._slots[ticket.instance]
+        slot.linger.arrived(ticket.enqueued, slot.last_used, slot.ready)
+        if not slot.ready:  # it waits, maybe for a model lingering on its host
+            host = slot.config.host
+            self._bets.waits(self.view(host), ticket.instance, self._on(host), ticket.enqueued)
+        alone, free = len(waiting) == 1, slot.has_free_slot()
+        arrival = policy.on_arrival(alone, slot.state.resident, slot.ready, free)
+        if arrival is policy.Arrival.ADMIT:
+            self._admit(ticket)
+        elif arrival is policy.Arrival.DECIDE:
+            self._dispatch()
 
     def view(self, host: str) -> policy.View:
         """The picture the policy decides on for ``host``."""
@@ -369,8 +378,7 @@ class SwapManager(Service, Changes):
     def _admin(
         self, names: list[str], change: Callable[[], Deferred[Any]]
     ) -> Generator[Deferred[Any], Any, Any]:
-        """Run an admin change as soon as no other change is under way on the hosts of the
-        instances ``names``."""
+        """Run an admin change once no other change is under way on ``names``' hosts."""
         lanes = list(dict.fromkeys(map(self._lane, names)))
         while (under_way := lane.idle(lanes)) is not None:
             yield under_way
