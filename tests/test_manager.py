@@ -353,11 +353,13 @@ class LearnedLingerTests(ManagerCase):
         self.assertEqual(self.events, ["start a", "stop a", "start b"])
 
     def test_a_linger_lasts_as_long_as_its_follow_ups_take_to_come(self) -> None:
-        # a's user asks again at once (an agent): once two follow-ups came within 0.03 s,
-        # a lingers 0.1 s, not 2, when the next does not come.
-        lease, b = self.follow_ups(3, 0.03)
+        # a's user asks again at once (an agent): once two follow-ups came within 0.01 s,
+        # a lingers 0.03 s, not 2, when the next does not come.
+        lease, b = self.follow_ups(3, 0.01)
         lease.release()
-        self.clock.advance(0.1)
+        self.clock.advance(0.029)
+        self.assertEqual(self.events, ["start a"])
+        self.clock.advance(0.002)
         self.assertEqual(self.events, ["start a", "stop a", "start b"])  # not 2 s later
         self.successResultOf(b).release()
-        self.assertEqual(self.health()["models"]["a"]["linger"]["seconds"], 0.1)
+        self.assertEqual(self.health()["models"]["a"]["linger"]["seconds"], 0.03)

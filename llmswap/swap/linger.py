@@ -41,9 +41,10 @@ UNTRIED = 0.5
 # milliseconds of an answer: waiting a whole load time for one that does not come is then the
 # linger's whole cost.  Once KNOWN requests came to it loaded, a linger lasts ROOM times the
 # longest of the latest FOLLOW_UPS spells from an answer to the next request (at least
-# WAIT_FLOOR), within the window; one long spell among them (a person's pause) gives the whole
-# window back.
-FOLLOW_UPS, KNOWN, ROOM, WAIT_FLOOR = 8, 2, 3.0, 0.1
+# WAIT_FLOOR: a busy box's scheduling jitter, which even a follow-up sent at once may meet),
+# within the window; one long spell among them (a person's pause) gives the whole window back.
+# At 0.1 s the floor was four users' whole loss to llama.cpp's router (docs/benchmarks.md).
+FOLLOW_UPS, KNOWN, ROOM, WAIT_FLOOR = 8, 2, 3.0, 0.02
 
 
 def window(

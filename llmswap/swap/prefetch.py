@@ -56,6 +56,7 @@ _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_RESIDENT = bytes(b & 1 for b in range(256))  # mincore's byte per page: its low bit says cached
 
 
 class _Mapping:
@@ -73,7 +74,7 @@ class _Mapping:
         vec = (ctypes.c_ubyte * pages)()
         if _libc.mincore(ctypes.c_void_p(self.address + offset), length, vec) != 0:
             raise OSError(ctypes.get_errno(), "mincore failed")
-        resident = sum(b & 1 for b in vec)
+        resident = bytes(vec).translate(_RESIDENT).count(1)  # C speed: this runs during loads
         return min(length, resident * PAGE)
 
     def close(self) -> None:
