@@ -56,23 +56,37 @@ class Processes(threading.Thread):
         self._quit = threading.Event()
 
     def run(self) -> None:
+        # Only processes new since the run began are read, and a model's command line once:
+        # reading every process's, every 10 ms, held the clients' GIL long enough to delay the
+        # requests it is there to witness.  (Not a model yet may be one forked, not yet exec'd.)
+        models: set[int] = set()
         while not self._quit.is_set():
             alive = 0
             for entry in os.scandir("/proc"):
                 if not entry.name.isdigit() or int(entry.name) in self._before:
                     continue
+                pid = int(entry.name)
                 try:
-                    argv = Path(f"/proc/{entry.name}/cmdline").read_bytes().split(b"\0")
-                    state = Path(f"/proc/{entry.name}/stat").read_text().rsplit(")", 1)[1]
+                    if pid not in models and self._is_model(
+                        Path(f"/proc/{pid}/cmdline").read_bytes()
+                    ):
+                        models.add(pid)
+                    if pid in models:
+                        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1]
+                        if state.split()[0] not in ("Z", "X"):
+                            alive += 1
+                            self.seen.add(pid)
                 except OSError:
                     continue
-                has_model = b"-m" in argv or b"--model" in argv  # the router's own has neither
-                if has_model and any(self._mark.encode() in a for a in argv):
-                    if state.split()[0] not in ("Z", "X"):
-                        alive += 1
-                        self.seen.add(int(entry.name))
             self.most = max(self.most, alive)
             time.sleep(0.01)
+
+    def _is_model(self, cmdline: bytes) -> bool:
+        """A model's process (llmswap's exec shim, whose arguments are the server's, counts as
+        the server it becomes)."""
+        argv = cmdline.split(b"\0")
+        has_model = b"-m" in argv or b"--model" in argv  # the router's own has neither
+        return has_model and any(self._mark.encode() in a for a in argv)
 
     def stop(self) -> None:
         self._quit.set()
