@@ -42,6 +42,7 @@ from typing import Any, cast
 
 ARGS: argparse.Namespace
 READY_AT = 0.0
+SIGTERMS = 0  # received (--miss-first-sigterm)
 ASLEEP = False
 
 
@@ -509,6 +510,14 @@ class Handler(BaseHTTPRequestHandler):
         self._chunk(b"")
 
 
+def _second_sigterm_exits(*_: Any) -> None:
+    global SIGTERMS
+    SIGTERMS += 1
+    if SIGTERMS > 1:
+        _exit("sigterm", 1)
+    _ledger("sigterm_missed")
+
+
 def _exit(event: str, code: int) -> None:
     """Leave as a process does on a signal: the ledger and the GPU witness know first."""
     _ledger(event)
@@ -579,6 +588,7 @@ def main() -> None:
         help="fail the load with CUDA's out-of-memory words (beside-peers: while another lives)",
     )
     p.add_argument("--ignore-sigterm", action="store_true")
+    p.add_argument("--miss-first-sigterm", action="store_true")
     p.add_argument("--child", action="store_true", help="fork a child process into our group")
     p.add_argument("--ledger", default=None)
     p.add_argument("--log-requests", action="store_true", help="ledger every request's path")
@@ -599,6 +609,8 @@ def main() -> None:
     ARGS = p.parse_args()
     if ARGS.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    elif ARGS.miss_first_sigterm:  # as llama-server whose shutdown missed its wake-up
+        signal.signal(signal.SIGTERM, _second_sigterm_exits)
     else:
         signal.signal(signal.SIGTERM, lambda *_: _exit("sigterm", 0))
     _ledger("start")

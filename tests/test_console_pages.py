@@ -276,3 +276,16 @@ def test_a_flood_of_failures_shares_one_read_of_the_output_and_caps_its_lines() 
     ignored = Failures(EventBus(), clock, Console(failures=0), lambda m: None, output)
     ignored._ended(failed_event(clock.seconds(), 0))
     assert ignored.recent() == []  # console.failures: 0 keeps no prompt anywhere
+
+
+def test_a_stop_waits_for_a_read_of_output_under_way_and_leaves_no_timer() -> None:
+    read: Deferred[list[str]] = Deferred()
+    clock = Clock()
+    failures = Failures(EventBus(), clock, Console(failures=3), lambda m: None, lambda m, n: read)
+    failures.startService()
+    failures._ended(attrs.evolve(failed_event(clock.seconds(), 0), model="a", configured=True))
+    stopped = failures.stopService()
+    assert not stopped.called  # the failure is kept with its output, read before the stop
+    read.callback(["the last line"])
+    assert stopped.called and failures.recent()[0]["output"] == ["the last line"]
+    assert clock.getDelayedCalls() == []  # the read's timeout went with it

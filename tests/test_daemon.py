@@ -23,6 +23,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from llmswap.backends.stopping import StopRecord
 from tests.fakebackend import live_peers, live_processes
 from tests.support import (
     FAKE,
@@ -226,6 +227,15 @@ def broken_stream(case: DaemonTestCase, model: str) -> Any:
     return seen, str(ctx.exception)
 
 
+def test_a_second_sigterm_comes_after_three_times_the_usual_stop() -> None:
+    record = StopRecord()
+    assert record.grace(10) == 5  # nothing known yet: half of stop_timeout
+    record.took.extend([0.05, 0.06])  # llama-server: about 50 ms
+    assert record.grace(10) == 1  # at least a second
+    record.took.append(2.5)  # vLLM: seconds
+    assert record.grace(10) == 5 and record.grace(60) == 7.5
+
+
 class FailureTests(DaemonTestCase):
     @inlineCallbacks
     def test_crash_mid_stream_ends_with_error_event_and_model_restarts(self) -> Any:
@@ -321,6 +331,21 @@ class FailureTests(DaemonTestCase):
         scraped = samples((yield response.text()))
         self.assertEqual(scraped[("llmswap_backend_killed_total", (("model", "stubborn"),))], 1)
         self.assertEqual(scraped[("llmswap_backend_killed_total", (("model", "alpha"),))], 0)
+
+    @inlineCallbacks
+    def test_a_backend_that_misses_its_sigterm_is_asked_again_not_killed(self) -> Any:
+        # As llama-server whose shutdown missed its wake-up: a second SIGTERM ends it.
+        lost = self.fake("lost", miss_first_sigterm=True, stop_timeout=6)
+        self.start({"lost": lost, "alpha": self.fake("alpha")})
+        yield self.chat("lost")
+        answer = yield self.chat("alpha")
+        self.assertEqual(answer.choices[0].message.content, "Hello from alpha")
+        events = [(e["event"], e.get("name")) for e in read_ledger(self.ledger)]
+        self.assertIn(("sigterm_missed", "lost"), events)
+        self.assertIn(("sigterm", "lost"), events)  # it exited on the second, not killed
+        self.assert_one_at_a_time()
+        backend = self.daemon.service.manager.backends["lost"].describe()
+        self.assertEqual((backend["asked_again"], backend["killed"]), (1, 0))
 
     @inlineCallbacks
     def test_missing_command_is_a_clear_503(self) -> Any:

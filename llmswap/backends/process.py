@@ -29,6 +29,7 @@ from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
 from llmswap import errors
+from llmswap.backends.stopping import StopRecord
 from llmswap.config.model import ModelConfig
 from llmswap.interfaces import IBackend
 
@@ -149,6 +150,7 @@ class ProcessBackend:
         self._exit_callback: Callable[[str], None] | None = None
         self._last_exit: str | None = None
         self._killed = 0  # stops that took SIGKILL: it ignored SIGTERM for stop_timeout
+        self._stops = StopRecord()
 
     # -- IBackend -------------------------------------------------------------------------
 
@@ -194,10 +196,18 @@ class ProcessBackend:
         if self._pgid is None:
             return succeed(None)
         self._stopping = True
-        pgid = self._pgid
+        pgid, began, timeout = self._pgid, self._clock.seconds(), self._model.stop_timeout
         if self._transport is not None:
             self._signal_group(pgid, signal.SIGTERM)
-        d = self._wait_exit(self._model.stop_timeout)
+        again = self._clock.callLater(self._stops.grace(timeout), self._ask_again, pgid, began)
+        d = self._wait_exit(timeout)
+
+        def stopped(result: Any) -> Any:
+            if again.active():
+                again.cancel()
+                if not isinstance(result, Failure):  # it stopped when first asked: how soon
+                    self._stops.took.append(self._clock.seconds() - began)
+            return result
 
         def escalate(f: Failure) -> Deferred[None]:
             f.trap(TimeoutError)
@@ -211,9 +221,18 @@ class ProcessBackend:
             self._killed += 1
             return self._wait_exit(_KILL_WAIT)
 
-        d.addErrback(escalate)
+        d.addBoth(stopped).addErrback(escalate)
         d.addCallback(lambda _: self._reap_group(pgid))
         return d
+
+    def _ask_again(self, pgid: int, began: float) -> None:
+        if self._transport is None:
+            return
+        log.warn("model {model}: pid {pid} still running {t:.1f} s after SIGTERM; sending a "
+                 "second SIGTERM", model=self.name, pid=pgid,
+                 t=self._clock.seconds() - began)  # fmt: skip
+        self._stops.asked_again += 1
+        self._signal_group(pgid, signal.SIGTERM)
 
     def adopt(self) -> Deferred[bool]:
         # A process from an earlier llmswap cannot be re-attached (and PDEATHSIG killed it).
@@ -240,7 +259,8 @@ class ProcessBackend:
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"kind": "process", "pid": self._pgid if self.alive() else None,
-                                "killed": self._killed}  # fmt: skip
+                                "killed": self._killed,
+                                "asked_again": self._stops.asked_again}  # fmt: skip
         if self._log_path is not None:
             info["log"] = str(self._log_path)
         if self._last_exit is not None:

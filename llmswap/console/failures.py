@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable, Generator
 from typing import Any
 
-from twisted.internet.defer import Deferred, inlineCallbacks, succeed
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -65,6 +65,7 @@ class Failures(HistoryService):
         self._unsaved: deque[dict[str, Any]] = deque(maxlen=console.failures)
         # The failures waiting for a read of their model's output under way.
         self._reading: dict[str, deque[dict[str, Any]]] = {}
+        self._reads: list[Deferred[Any]] = []  # those reads, under way
         bus.subscribe(RequestEnded, self._ended)
 
     def recent(self, limit: int = 1000) -> list[dict[str, Any]]:
@@ -107,7 +108,14 @@ class Failures(HistoryService):
                 each["output"] = output
                 self._save(each)
 
+        self._reads.append(lines)
         lines.addCallbacks(got, missed).addCallback(read)
+
+        def finished(result: Any) -> Any:
+            self._reads.remove(lines)
+            return result
+
+        lines.addBoth(finished).addErrback(lambda f: log.failure("a failure's output", f))
 
     # -- history ----------------------------------------------------------------------------
 
@@ -139,6 +147,13 @@ class Failures(HistoryService):
         super().startService()
         if self._console.failures:
             self.open_history(self._console.history, "failed requests")
+
+    @inlineCallbacks
+    def stopService(self) -> Generator[Deferred[Any], Any, None]:
+        # Reads of output under way end first (within their timeout): the failures waiting
+        # for them are kept with it, and no timer outlives the service.
+        yield gatherResults(list(self._reads), consumeErrors=True)
+        yield HistoryService.stopService(self)
 
     @inlineCallbacks
     def _open(self, path: str) -> Generator[Deferred[Any], Any, None]:
