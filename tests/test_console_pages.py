@@ -279,13 +279,21 @@ def test_a_flood_of_failures_shares_one_read_of_the_output_and_caps_its_lines() 
 
 
 def test_a_stop_waits_for_a_read_of_output_under_way_and_leaves_no_timer() -> None:
-    read: Deferred[list[str]] = Deferred()
+    reads: list[Deferred[list[str]]] = []
+
+    def output(model: str, lines: int) -> Deferred[list[str]]:
+        reads.append(Deferred())
+        return reads[-1]
+
     clock = Clock()
-    failures = Failures(EventBus(), clock, Console(failures=3), lambda m: None, lambda m, n: read)
+    failures = Failures(EventBus(), clock, Console(failures=3), lambda m: None, output)
     failures.startService()
     failures._ended(attrs.evolve(failed_event(clock.seconds(), 0), model="a", configured=True))
     stopped = failures.stopService()
     assert not stopped.called  # the failure is kept with its output, read before the stop
-    read.callback(["the last line"])
-    assert stopped.called and failures.recent()[0]["output"] == ["the last line"]
+    # One the shutdown answers meanwhile (another model's) is kept without a read.
+    failures._ended(attrs.evolve(failed_event(clock.seconds(), 1), model="b", configured=True))
+    assert len(reads) == 1 and failures.recent()[0]["output"] is None
+    reads[0].callback(["the last line"])
+    assert stopped.called and failures.recent()[1]["output"] == ["the last line"]
     assert clock.getDelayedCalls() == []  # the read's timeout went with it

@@ -149,6 +149,8 @@ class ManagerTests(ManagerCase):
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
         self.assertEqual(self.health()["queue_size"], 0)
         unpatch.restore()
+        due = [call.getTime() for call in self.clock.getDelayedCalls()]
+        self.assertIn(self.clock.seconds(), due)  # a round is due at once, in a turn of its own
         self.successResultOf(self.manager.acquire("a")).release()
         self.successResultOf(self.manager.acquire("b")).release()
         self.assertEqual(self.events, ["start a", "stop a", "start b"])

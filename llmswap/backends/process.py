@@ -197,22 +197,25 @@ class ProcessBackend:
             return succeed(None)
         self._stopping = True
         pgid, began, timeout = self._pgid, self._clock.seconds(), self._model.stop_timeout
-        if self._transport is not None:
+        asked = self._transport is not None
+        if asked:
             self._signal_group(pgid, signal.SIGTERM)
-        again = self._clock.callLater(self._stops.grace(timeout), self._ask_again, pgid, began)
+        grace = self._stops.grace(timeout) if asked else None
+        again = None if grace is None else self._clock.callLater(grace, self._ask_again, pgid)
         d = self._wait_exit(timeout)
 
         def stopped(result: Any) -> Any:
-            if again.active():
+            if again is not None and again.active():
                 again.cancel()
-                if not isinstance(result, Failure):  # it stopped when first asked: how soon
-                    self._stops.took.append(self._clock.seconds() - began)
+            if asked and not isinstance(result, Failure):
+                self._stops.took.append(self._clock.seconds() - began)
             return result
 
         def escalate(f: Failure) -> Deferred[None]:
             f.trap(TimeoutError)
             log.warn(
-                "model {model}: pid {pid} ignored SIGTERM for {t:g} s; sending SIGKILL",
+                "model {model}: pid {pid} still running after its stop_timeout of {t:g} s; "
+                "sending SIGKILL",
                 model=self.name,
                 pid=pgid,
                 t=self._model.stop_timeout,
@@ -225,12 +228,11 @@ class ProcessBackend:
         d.addCallback(lambda _: self._reap_group(pgid))
         return d
 
-    def _ask_again(self, pgid: int, began: float) -> None:
+    def _ask_again(self, pgid: int) -> None:
         if self._transport is None:
             return
-        log.warn("model {model}: pid {pid} still running {t:.1f} s after SIGTERM; sending a "
-                 "second SIGTERM", model=self.name, pid=pgid,
-                 t=self._clock.seconds() - began)  # fmt: skip
+        log.warn("model {model}: pid {pid} slow to stop; sending a second SIGTERM",
+                 model=self.name, pid=pgid)  # fmt: skip
         self._stops.asked_again += 1
         self._signal_group(pgid, signal.SIGTERM)
 

@@ -1,13 +1,15 @@
-"""How long a process backend is given to stop before it is asked again.
+"""When a process backend that is slow to stop is asked again.
 
 A server asked to stop with SIGTERM normally exits within its usual time (llama-server: about
 50 ms; vLLM: seconds).  Now and then one does not: llama-server's main loop can miss the wake-up
 of its shutdown and then waits, with nothing left to do, until it is killed; every request for
 the next model waited ``stop_timeout`` (10 s) for it.  llama-server, and uvicorn (vLLM's server),
 take a second SIGTERM as "exit now".  So a stop still running after :data:`ROOM` times the
-backend's longest recent stop (at least :data:`FLOOR`; half of ``stop_timeout`` before one is
-known) is asked again with a second SIGTERM, and only a backend still running at
-``stop_timeout`` is killed.
+longest of the backend's recent stops (at least :data:`FLOOR`; half of ``stop_timeout`` before
+one is known) is asked again with a second SIGTERM, and only a backend still running at
+``stop_timeout`` is killed.  Every stop is recorded, those the second SIGTERM ended too: the
+grace only grows from them, so a backend whose graceful stop is long (vLLM's) is asked again at
+most once, then no more (its grace reaches ``stop_timeout``).
 """
 
 from __future__ import annotations
@@ -21,15 +23,13 @@ RECENT, ROOM, FLOOR = 8, 3.0, 1.0
 
 @attrs.define
 class StopRecord:
-    """One backend's stops: how long the latest took when first asked, and how many were asked
-    again."""
+    """One backend's stops: how long the latest took, and how many were asked again."""
 
     took: deque[float] = attrs.field(factory=lambda: deque(maxlen=RECENT))
     asked_again: int = 0
 
-    def grace(self, stop_timeout: float) -> float:
-        """Seconds after the first SIGTERM at which the second is sent."""
-        half = stop_timeout / 2
-        if not self.took:
-            return half
-        return min(half, max(FLOOR, ROOM * max(self.took)))
+    def grace(self, stop_timeout: float) -> float | None:
+        """Seconds after the first SIGTERM at which the second is sent; None: not before
+        ``stop_timeout``, its SIGKILL."""
+        grace = max(FLOOR, ROOM * max(self.took)) if self.took else stop_timeout / 2
+        return grace if grace < stop_timeout else None

@@ -185,7 +185,8 @@ MODEL = Section("models.<name>", (
       shown_default="`backend_url` without `/v1` + `/health`"),
     Setting("startup_timeout", "number", 180.0, "seconds to become healthy", unit="s"),
     Setting("stop_timeout", "number", 10.0, "seconds between SIGTERM and SIGKILL (a "
-      "second SIGTERM comes at three times the usual stop, at least 1 s, or at half of this)",
+      "second SIGTERM comes at three times its longest recent stop, at least 1 s, or at half of "
+      "this)",
       unit="s"),
     Setting("container_name", "text", None,
       "a pre-created Docker container to start/stop (exactly one of this, `cmd` and `remote`)"),

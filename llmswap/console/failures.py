@@ -66,6 +66,7 @@ class Failures(HistoryService):
         # The failures waiting for a read of their model's output under way.
         self._reading: dict[str, deque[dict[str, Any]]] = {}
         self._reads: list[Deferred[Any]] = []  # those reads, under way
+        self._closing = False  # stopping: a failure from now on is kept without its output
         bus.subscribe(RequestEnded, self._ended)
 
     def recent(self, limit: int = 1000) -> list[dict[str, Any]]:
@@ -88,7 +89,7 @@ class Failures(HistoryService):
         if reading is not None:  # a flood of failures shares one read of the output
             reading.append(document)
             return
-        lines = self._output(e.model, OUTPUT_LINES)
+        lines = None if self._closing else self._output(e.model, OUTPUT_LINES)
         if lines is None:
             self._save(document)
             return
@@ -151,7 +152,9 @@ class Failures(HistoryService):
     @inlineCallbacks
     def stopService(self) -> Generator[Deferred[Any], Any, None]:
         # Reads of output under way end first (within their timeout): the failures waiting
-        # for them are kept with it, and no timer outlives the service.
+        # for them are kept with it, and no timer outlives the service.  Requests the
+        # shutdown answers later start none.
+        self._closing = True
         yield gatherResults(list(self._reads), consumeErrors=True)
         yield HistoryService.stopService(self)
 

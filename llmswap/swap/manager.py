@@ -272,6 +272,7 @@ class SwapManager(Service, Changes):
                 log.failure("swap manager could not take a request for {m}", m=ticket.instance)
                 self._queue.waiting.remove(ticket)
                 ticket.reject(errors.internal())
+                self._arm_recheck(self._clock.seconds())  # any round it cut short, anew
 
     def _taken(self, ticket: Ticket) -> None:
         """A request enters the waiting room: admitted at once, or the policy decides."""
@@ -396,5 +397,4 @@ class SwapManager(Service, Changes):
 
 
 def _logged(failure: Failure) -> None:
-    """The end of a change nobody waits for: its lane logged it, and its requests were
-    answered."""
+    """The end of a change nobody waits for: its lane logged it, its requests were answered."""
