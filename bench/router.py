@@ -76,8 +76,8 @@ class Processes(threading.Thread):
                         if state.split()[0] not in ("Z", "X"):
                             alive += 1
                             self.seen.add(pid)
-                except OSError:
-                    continue
+                except OSError:  # gone: its pid may come back as another process
+                    models.discard(pid)
             self.most = max(self.most, alive)
             time.sleep(0.01)
 
