@@ -52,6 +52,8 @@ SHAPES = {
     "cmd list": "models:\n  a:\n    cmd: [llama-server, --api-key, sk-list-secret, -c, '4096']\n",
     "macro": "macros:\n  OPENAI_API_KEY: sk-macro-secret\nmodels: {}\n",
     "crlf": "auth:\r\n  keys:\r\n    - name: a\r\n      key: sk-crlf-secret-0123\r\n",
+    "url credentials": "models:\n  a:\n    backend_url: http://bob:url-secret-pw@10.0.0.2:8/v1\n"
+    "    env: {HTTP_PROXY: 'http://proxy-secret-token@proxy:3128'}\n",
 }
 
 
@@ -111,6 +113,7 @@ def test_a_mask_moved_where_no_secret_was_is_refused_at_its_line(edit: object, l
          f"cmd: srv --hf-token {MASK} --api-key {MASK}\n"),
         ("cmd: [srv, --api-key, sk-aaaaaaaa]\n", f"cmd: [srv, --alias, {MASK}]\n"),
         ("cmd: srv --api-key sk-aaaaaaaa\n", f"cmd: srv --api-key {MASK} --port {MASK}\n"),
+        ("cmd: srv --url http://u:pw-aaaaaaaa@h\n", f"cmd: srv --api-key {MASK}\n"),
     ],
 )  # fmt: skip
 def test_a_mask_is_given_back_only_after_the_flag_it_followed(original: str, edited: str) -> None:
@@ -136,6 +139,10 @@ def test_messages_are_scrubbed_of_every_secret_value() -> None:
     assert known == {SECRET, TOKEN}
     assert secrets.scrubbed(f"'models.a.ttl' must be a number, got '{TOKEN}'", known) == (
         "'models.a.ttl' must be a number, got '(secret)'"
+    )
+    # A URL's credentials, wherever a message quotes one (the user stays: it names no secret).
+    assert secrets.scrubbed("a: http://bob:pw-123456@h:8/v1 down", ()) == (
+        "a: http://bob:(secret)@h:8/v1 down"
     )
 
 

@@ -118,6 +118,7 @@ class ConsolePagesTests(DaemonTestCase):
     @inlineCallbacks
     def test_config_is_shown_without_its_secrets_checked_at_a_line_and_applied(self) -> Any:
         fake_a = self.fake("a")
+        fake_a["env"] = {"HTTP_PROXY": "http://proxy:url-cred-9f8e7d@127.0.0.1:9"}
         raw = {"models": {"a": fake_a},
                "auth": {"keys": [{"name": "ops", "key": ADMIN, "admin": True},
                                  {"name": "user", "key": USER}]}}  # fmt: skip
@@ -129,7 +130,8 @@ class ConsolePagesTests(DaemonTestCase):
         self.assertEqual(code, 200)
         self.assertNotIn(ADMIN, json.dumps(shown))
         self.assertNotIn(USER, json.dumps(shown))
-        self.assertEqual(shown["text"].count(secrets.MASK), 2)
+        self.assertNotIn("url-cred-9f8e7d", json.dumps(shown))  # nor in the running lines
+        self.assertEqual(shown["text"].count(secrets.MASK), 3)
         in_file = "the configuration file"
         self.assertEqual(shown["keys"], [{"name": "ops", "from": in_file},
                                          {"name": "user", "from": in_file}])  # fmt: skip

@@ -1,8 +1,9 @@
 """The secrets of a configuration file's text, so that none leaves llmswap through the console.
 
 A secret is a key written in the file (``auth.keys[].key``), an ``env`` or ``macros`` value
-whose name holds KEY, TOKEN, SECRET or PASSWORD, and a command line's value of such a flag
-(``--api-key sk-...``, ``--hf-token=...``, or the item after ``--api-key`` in a list).  The text
+whose name holds KEY, TOKEN, SECRET or PASSWORD, a command line's value of such a flag
+(``--api-key sk-...``, ``--hf-token=...``, or the item after ``--api-key`` in a list), and the
+credentials of a URL anywhere (``http://user:password@host``).  The text
 a browser gets holds :data:`MASK` in each one's place.  A text sent back gets the original again
 only where the mask stands exactly where the secret stood: the same paths (an anchored secret
 reached through the same aliases, none added), after the same flag.  A mask anywhere else is an
@@ -30,6 +31,10 @@ _MOST_PATHS = 50_000
 _SHORTEST = 6  # a value shorter than this is not scrubbed from messages (it would match anything)
 _TOKEN = re.compile(r"\S+")
 _ANCHORS = re.compile(r"(?:[&!]\S*\s+)*")
+# A URL's credentials: the password of user:password@, or a user@ alone (a token, as a rule).
+_USERINFO = re.compile(
+    r"[A-Za-z][A-Za-z0-9+.-]*://(?P<user>[^\s/?#@:\"']*)(?::(?P<password>[^\s/?#@\"']*))?@"
+)
 Path = tuple[str | int, ...]
 
 
@@ -48,8 +53,18 @@ def _flag(token: str) -> bool:
 
 
 def spans(raw: str) -> list[tuple[str, int, int]]:
-    """Each secret value of a command line or ``NAME=value`` list in ``raw``: its flag (or
-    name) and where the value is, without quotes or a trailing ``;`` / ``)`` / ``,``."""
+    """Each secret value of a command line or ``NAME=value`` list in ``raw``, and each URL's
+    credentials: its flag (or name, or ``url``) and where the value is, without quotes or a
+    trailing ``;`` / ``)`` / ``,``; in order."""
+    found = _flag_spans(raw)
+    for m in _USERINFO.finditer(raw):
+        start, end = m.span("password") if m.group("password") else m.span("user")
+        if start < end and not any(a < end and start < b for _, a, b in found):
+            found.append(("url", start, end))
+    return sorted(found, key=lambda span: span[1])
+
+
+def _flag_spans(raw: str) -> list[tuple[str, int, int]]:
     found = []
     tokens = [(m.group(), m.start()) for m in _TOKEN.finditer(raw)]
     for i, (token, at) in enumerate(tokens):
