@@ -207,5 +207,14 @@ def test_a_write_is_atomic_keeps_the_previous_file_and_its_mode(tmp_path: Path) 
     for written in (real, Path(backup)):  # the secrets in the backup are no more readable
         assert stat.S_IMODE(written.stat().st_mode) == 0o600
     assert sorted(p.name for p in real.parent.iterdir()) == ["llmswap.yaml", "llmswap.yaml.bak"]
+    # Applies in a row keep the files before each: a hasty second apply loses no good file.
+    versions = [real.read_bytes()]
+    for ttl in (1, 2, 3):
+        editing.write(edited.replace("models:\n", f"ttl_note: {ttl}\nmodels:\n", 1), str(path))
+        versions.append(real.read_bytes())
+    kept = [real.with_name(n).read_bytes() for n in ("llmswap.yaml.bak", "llmswap.yaml.bak.1",
+                                                      "llmswap.yaml.bak.2")]  # fmt: skip
+    assert kept == versions[-2::-1][:3]  # the newest backup first; the oldest let go
+    assert len(list(real.parent.iterdir())) == 4
     real.write_bytes(b"models: \xff\n")  # not UTF-8: not shown, never a traceback
     assert editing.read_masked(str(path)) is None

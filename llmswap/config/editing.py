@@ -112,10 +112,16 @@ def _inside(text: str, source: str) -> None:
             )
 
 
+# Backups kept: ``<name>.bak`` the file before the last apply, ``.bak.1`` before that...  One
+# would be lost to the next apply, and a bad apply is often followed by a hasty second one.
+BACKUPS = 3
+
+
 def write(text: str, source: str) -> str:
     """Write ``text`` (masks given back their secrets) to ``source`` atomically, the previous
-    file kept beside it as ``<name>.bak`` with its mode: where the backup went.  A symlinked
-    file is written where it is.  Blocking: run it in a thread."""
+    file kept beside it as ``<name>.bak`` (older ones as ``.bak.1``...) with its mode and owner:
+    where the backup went.  A symlinked file is written where it is.  Blocking: run it in a
+    thread."""
     original = read(source)
     whole = secrets.unmasked(text, original)
     if original is not None and "\r\n" in original:  # a browser's editor gives LF: as the file was
@@ -124,7 +130,8 @@ def write(text: str, source: str) -> str:
     directory = os.path.dirname(target)
     backup = target + ".bak"
     existed = os.path.exists(target)
-    mode = os.stat(target).st_mode & 0o777 if existed else 0o600
+    was = os.stat(target) if existed else None
+    mode = was.st_mode & 0o777 if was is not None else 0o600
     fd, temporary = tempfile.mkstemp(prefix=".llmswap-", suffix=".yaml", dir=directory)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
@@ -132,13 +139,21 @@ def write(text: str, source: str) -> str:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(temporary, mode)
+        _own(temporary, was)
         if existed:
             with open(target, "rb") as old:
                 kept = old.read()
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+            for n in range(BACKUPS - 1, 0, -1):
+                older = f"{backup}.{n - 1}" if n > 1 else backup
+                if os.path.exists(older):
+                    os.replace(older, f"{backup}.{n}")
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_EXCL
             with os.fdopen(os.open(backup, flags, mode), "wb") as copy:
                 copy.write(kept)
-            os.chmod(backup, mode)  # an older backup keeps its mode otherwise
+                copy.flush()
+                os.fsync(copy.fileno())
+            os.chmod(backup, mode)  # exactly the file's, whatever the umask took
+            _own(backup, was)
         os.replace(temporary, target)
     except BaseException:
         if os.path.exists(temporary):
@@ -150,6 +165,16 @@ def write(text: str, source: str) -> str:
     finally:
         os.close(folder)
     return backup
+
+
+def _own(path: str, was: os.stat_result | None) -> None:
+    """Give ``path`` the owner of the file it replaces (llmswap run as root editing another
+    user's file); a user who may not is left the owner, as any editor leaves it."""
+    if was is not None:
+        try:
+            os.chown(path, was.st_uid, was.st_gid)
+        except PermissionError:
+            pass
 
 
 def read(source: str) -> str | None:

@@ -1,10 +1,10 @@
 """The console's Config view: the running configuration, the file's text, check and apply.
 
 Check is ``check-config``'s validation of a text not yet written (its includes read from beside
-the file); apply checks again, writes the file atomically with the previous one kept as
-``<file>.bak``, reloads as ``POST /admin/reload`` does and says what changed.  Secrets stay on
-the server (:mod:`llmswap.config.editing`).  File work runs in the reactor's thread pool.
-``console.edit_config: false`` leaves the view read-only.
+the file); apply checks again, writes the file atomically with the previous ones kept as
+``<file>.bak``, ``.bak.1``, ``.bak.2``, reloads as ``POST /admin/reload`` does and says what
+changed.  Secrets stay on the server (:mod:`llmswap.config.editing`).  File work runs in the
+reactor's thread pool.  ``console.edit_config: false`` leaves the view read-only.
 """
 
 from __future__ import annotations
