@@ -82,8 +82,9 @@ class IAnswerWriter(Interface):
     def end() -> None:
         """The backend's body is complete: write what is left."""
 
-    def fail(message: str) -> None:
-        """The backend's body broke off after ``start``: end the answer with this error."""
+    def fail(reason: str, status: int) -> None:
+        """The backend's body broke off after ``start`` (``reason``: why): end the answer with
+        an error; ``status`` (502, or 504 for silence) where nothing of it was sent yet."""
 
 
 class BackendResponse(Protocol):

@@ -203,23 +203,26 @@ def test_a_stream_that_breaks_off_ends_with_an_error_line() -> None:
     writer, request, _ = _writer(stream.GENERATE)
     writer.start(200, Headers())
     writer.data(_sse({"choices": [{"delta": {"content": "par"}}]})[: -len(b"data: [DONE]\n\n")])
-    writer.fail("Model 'gemma3' stream interrupted: the backend closed the connection")
+    writer.fail("the backend closed the connection", 502)
     lines = [json.loads(line) for line in b"".join(request.written).splitlines()]
     assert lines[0]["response"] == "par"
     assert lines[-1] == {
-        "error": "Model 'gemma3' stream interrupted: the backend closed the connection"
+        "error": "Model 'gemma3:latest' stream interrupted: the backend closed the connection"
     }
 
 
 def test_a_whole_answer_that_breaks_off_is_an_error_not_an_empty_200() -> None:
-    for status in (200, 500):  # an answer, or the backend's own error, cut short
+    # An answer, or the backend's own error, cut short; closed, or silent too long.
+    for status, reason, code in ((200, "the backend closed the connection", 502),
+                                 (500, "the backend closed the connection", 502),
+                                 (200, "no data for request_timeout (9 s)", 504)):  # fmt: skip
         writer, request, _ = _writer(stream.CHAT, stream_=False)
         writer.start(status, Headers())
         writer.data(b'{"choices": [{"mess')
-        writer.fail("Model 'gemma3' stream interrupted: the backend closed the connection")
-        assert request.responseCode == 502
+        writer.fail(reason, code)
+        assert request.responseCode == code
         assert json.loads(b"".join(request.written)) == {
-            "error": "Model 'gemma3' stream interrupted: the backend closed the connection"
+            "error": f"Model 'gemma3:latest' answer interrupted: {reason}"
         }
 
 

@@ -138,7 +138,7 @@ class OllamaClientTests(DaemonTestCase):
         with self.assertRaises(ollama.ResponseError) as e:
             yield self.call("chat", model="a", messages=cut, stream=False)
         self.assertEqual(e.exception.status_code, 502)
-        self.assertIn("Model 'a' stream interrupted: the backend closed", e.exception.error)
+        self.assertIn("Model 'a' answer interrupted: the backend closed", e.exception.error)
         answer = yield self.call("chat", model="a", messages=HI, stream=False)
         self.assertEqual(answer.message.content, "Hello from a")  # and the model goes on
 

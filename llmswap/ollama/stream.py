@@ -6,7 +6,8 @@ once (nothing is held back but an incomplete event), and the end becomes Ollama'
 fragments, are written whole once the model finished them, as Ollama does.  A ``stream: false``
 answer is one JSON object.  A backend error becomes ``{"error": "..."}`` with the backend's
 status, and a stream that breaks off ends with an ``{"error": ...}`` line, which Ollama's
-clients raise; a whole answer that breaks off (nothing of it written yet) is a 502 error.
+clients raise; a whole answer that breaks off (nothing of it written yet) is a 502 error (504
+when the backend fell silent).
 """
 
 from __future__ import annotations
@@ -87,21 +88,21 @@ class OllamaWriter:
             if self._held.strip():
                 self._event(self._held)
             if self._said is not None:
-                self.fail(self._said)
+                self._line({"error": self._said})
                 return
             if not (self._saw_done or self._finish_reason):  # cut: never a false done: true
-                self.fail(f"Model '{self._name}' stream interrupted: it ended unfinished")
+                self.fail("it ended unfinished", 502)
                 return
             self._flush_calls()
             self._line(self._final(self._base(done=True)))
         else:
             self._answer(b"".join(self._whole))
 
-    def fail(self, message: str) -> None:
+    def fail(self, reason: str, status: int) -> None:
         if self._stream and self._failed_status is None:
-            self._line({"error": message})
+            self._line({"error": f"Model '{self._name}' stream interrupted: {reason}"})
         else:  # nothing went out yet: a whole answer is an error, never a 200 with no body
-            self._error(502, message)
+            self._error(status, f"Model '{self._name}' answer interrupted: {reason}")
 
     # -- streams --------------------------------------------------------------------------
 

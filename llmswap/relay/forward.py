@@ -210,7 +210,7 @@ class Relay:
             else "the backend closed the connection"
         )
         if writer is not None:
-            writer.fail(f"Model '{model}' stream interrupted: {why}")
+            writer.fail(why, 504 if pipe.idle else 502)
             return
         if _is_stream(request.responseHeaders):
             request.write(
