@@ -247,6 +247,23 @@ class DockerBackendTests(DockerTestCase):
         self.assertEqual(scraped[("llmswap_backend_killed_total", (("model", "stubborn"),))], 1)
         self.assertEqual(scraped[("llmswap_backend_killed_total", (("model", "beta"),))], 0)
 
+    @inlineCallbacks
+    def test_a_container_that_misses_its_stop_signal_is_asked_again_not_killed(self) -> Any:
+        # As llama-server whose shutdown missed its wake-up: its second SIGTERM ends it.
+        models = {"lost": self.create("lost", "--miss-first-sigterm"), "beta": self.create("beta")}
+        models["lost"]["stop_timeout"] = 6  # the first stop: asked again at 3 s
+        d = self.daemon(models)
+        yield self.chat(d, "lost")
+        r = yield self.chat(d, "beta")
+        self.assertEqual(r.choices[0].message.content, "Hello from beta")
+        name = models["lost"]["container_name"]
+        self.assertEqual(docker("inspect", "-f", "{{.State.ExitCode}}", name).stdout.strip(), "1")
+        events = [(e["event"], e.get("name")) for e in read_ledger(self.ledger)]
+        self.assertIn(("sigterm_missed", "lost"), events)
+        self.assertEqual([e for e in events if e[0] == "overlap"], [])
+        backend = d.service.manager.backends["lost"].describe()
+        self.assertEqual((backend["asked_again"], backend["killed"]), (1, 0))
+
 
 def _metrics(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
@@ -263,7 +280,7 @@ def _serves(url: str) -> bool:
 
 # What the driver's state is made of: written by the reactor's thread, and by no other.
 DRIVER_STATE = {"_running", "_stopping", "_engine_state", "_exit_code", "_log_tail", "_lost",
-                "_watch", "lost", "_killed"}  # fmt: skip
+                "_watch", "lost", "_killed", "_stops"}  # fmt: skip
 
 
 class DriverThreadTests(DockerTestCase):

@@ -34,6 +34,7 @@ from zope.interface import implementer
 from llmswap import errors
 from llmswap.backends.container import Seen
 from llmswap.backends.engine import DockerClientProvider
+from llmswap.backends.stopping import StopRecord
 from llmswap.config.host import LOCAL
 from llmswap.config.model import ModelConfig
 from llmswap.interfaces import IBackend
@@ -67,6 +68,7 @@ class DockerBackend:
         self._log_threads: ThreadPool | None = None  # started by the first log follow
         self._follows: set[Callable[[], None]] = set()
         self._killed = 0  # stops the engine ended with SIGKILL after stop_timeout
+        self._stops = StopRecord()
         self._starting: Deferred[Any] | None = None  # the engine's start call, until it ends
 
     # -- IBackend -------------------------------------------------------------------------
@@ -114,12 +116,15 @@ class DockerBackend:
         self._watch_stop()
         self._stopping = True
         began = self._reactor.seconds()
+        grace = self._stops.grace(self._model.stop_timeout)  # see backends/stopping.py
+        again = None if grace is None else self._reactor.callLater(grace, self._ask_again)
         d = self._in_thread(self._stop_sync)
 
         def stopped(seen: Seen) -> None:
             self._note(seen)
             # The engine's SIGKILL after stop_timeout (137: killed by signal 9).
             took = self._reactor.seconds() - began
+            self._stops.took.append(took)
             if seen.exit_code == 137 and took >= int(max(1, self._model.stop_timeout)):
                 self._killed += 1
             if seen.running:
@@ -130,9 +135,19 @@ class DockerBackend:
 
         def done(result: Any) -> Any:
             self._stopping = False
+            if again is not None and again.active():
+                again.cancel()
             return result
 
         return d.addCallback(stopped).addBoth(done)
+
+    def _ask_again(self) -> None:
+        log.warn("model {m}: container {c} slow to stop; sending its stop signal again",
+                 m=self.name, c=self._container_name)  # fmt: skip
+        self._stops.asked_again += 1
+        self._in_thread(self._signal_sync).addErrback(
+            lambda f: log.warn("model {m}: second stop signal: {e}", m=self.name, e=f.value)
+        )
 
     def adopt(self) -> Deferred[bool]:
         d = self._in_thread(self._read_sync)
@@ -179,7 +194,7 @@ class DockerBackend:
             "container": self._container_name,
             "container_state": self._engine_state,
         }
-        info["killed"] = self._killed
+        info["killed"], info["asked_again"] = self._killed, self._stops.asked_again
         if self._exit_code is not None:
             info["exit_code"] = self._exit_code
         if self._log_tail:
@@ -293,6 +308,13 @@ class DockerBackend:
                 f"Model '{self.name}': container '{self._container_name}' did not stop: {e}"
             ) from None
         return Seen.of(container)
+
+    def _signal_sync(self) -> None:
+        container = self._container()
+        try:
+            container.kill(signal=container.attrs["Config"].get("StopSignal") or "SIGTERM")
+        except docker.errors.APIError:  # it stopped meanwhile
+            pass
 
     def _read_sync(self) -> Seen:
         return Seen.of(self._container(), tail=True)

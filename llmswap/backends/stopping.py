@@ -1,4 +1,4 @@
-"""When a process backend that is slow to stop is asked again.
+"""When a backend that is slow to stop is asked again (a process, or a container's stop signal).
 
 A server asked to stop with SIGTERM normally exits within its usual time (llama-server: about
 50 ms; vLLM: seconds).  Now and then one does not: llama-server's main loop can miss the wake-up
