@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 from typing import Any
 
 import pytest
@@ -113,13 +114,39 @@ class HistoryTests(unittest.TestCase):
         first.startService()
         yield wait_for(lambda: first._db is not None)
         bus.publish(_ended(reactor.seconds(), "a"))
-        bus.publish(_ended(reactor.seconds(), "b"))
+        bus.publish(_ended(reactor.seconds(), "b", console=True))  # the playground's
         yield first.stopService()  # flushes what is not written yet
         second = Activity(EventBus(), reactor, console)
         second.startService()
         self.addCleanup(second.stopService)
         yield wait_for(lambda: len(second.recent()) == 2)
-        self.assertEqual([r["model"] for r in second.recent()], ["b", "a"])
+        rows = second.recent()
+        self.assertEqual([(r["model"], r["console"]) for r in rows], [("b", True), ("a", False)])
+
+    @inlineCallbacks
+    def test_a_history_file_of_an_earlier_llmswap_is_read_and_written_on(self) -> Any:
+        path = os.path.abspath(self.mktemp())
+        with sqlite3.connect(path) as old:  # its table without the console column
+            old.execute(
+                "CREATE TABLE activity (at REAL, path TEXT, model TEXT, key TEXT, status "
+                "INTEGER, stream INTEGER, queue_wait REAL, ttft REAL, duration REAL, "
+                "prompt_tokens INTEGER, completion_tokens INTEGER, tokens_per_s REAL)"
+            )
+            row = (reactor.seconds(), "/v1/chat/completions", "old", "-", 200, 0, 0.1, None,
+                   0.2, 1, 2, None)  # fmt: skip
+            old.execute(f"INSERT INTO activity VALUES ({', '.join('?' * len(row))})", row)
+        old.close()
+        bus = EventBus()
+        activity = Activity(bus, reactor, Console(history=path, activity=10))
+        activity.startService()
+        yield wait_for(lambda: len(activity.recent()) == 1)
+        self.assertEqual(activity.recent()[0]["console"], False)
+        bus.publish(_ended(reactor.seconds(), "new", console=True))
+        yield activity.stopService()
+        with sqlite3.connect(path) as db:
+            kept = db.execute("SELECT model, console FROM activity ORDER BY at").fetchall()
+        db.close()
+        self.assertEqual(kept, [("old", None), ("new", 1)])
 
     @inlineCallbacks
     def test_a_full_disk_neither_stops_the_history_nor_grows_memory(self) -> Any:

@@ -27,14 +27,14 @@ log = Logger()
 
 FIELDS = (
     "at", "path", "model", "key", "status", "stream", "queue_wait", "ttft", "duration",
-    "prompt_tokens", "completion_tokens", "tokens_per_s",
+    "prompt_tokens", "completion_tokens", "tokens_per_s", "console",
 )  # fmt: skip
 _FLUSH_SECONDS = 1.0
 _PRUNE_SECONDS = 3600.0
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS activity (at REAL, path TEXT, model TEXT, key TEXT, "
     "status INTEGER, stream INTEGER, queue_wait REAL, ttft REAL, duration REAL, "
-    "prompt_tokens INTEGER, completion_tokens INTEGER, tokens_per_s REAL)"
+    "prompt_tokens INTEGER, completion_tokens INTEGER, tokens_per_s REAL, console INTEGER)"
 )
 
 
@@ -52,7 +52,7 @@ def record(e: RequestEnded) -> dict[str, Any]:
         "duration": e.duration, "prompt_tokens": e.prompt_tokens,
         "completion_tokens": e.completion_tokens,
         "tokens_per_s": round(speed, 1) if speed is not None else None,
-        "console": e.console,  # the playground's (not kept in the history)
+        "console": e.console,  # the playground's
     }  # fmt: skip
 
 
@@ -106,6 +106,9 @@ class Activity(HistoryService):
     @inlineCallbacks
     def _open(self, path: str) -> Generator[Deferred[Any], Any, None]:
         db = yield history(path, _SCHEMA, "CREATE INDEX IF NOT EXISTS activity_at ON activity (at)")
+        columns = yield db.runQuery("PRAGMA table_info(activity)")
+        if "console" not in {c[1] for c in columns}:  # a file of an earlier llmswap
+            yield db.runOperation("ALTER TABLE activity ADD COLUMN console INTEGER")
         self._db = db
         yield self._prune()
         rows = yield db.runQuery(
@@ -114,8 +117,7 @@ class Activity(HistoryService):
         )
         loaded = [dict(zip(FIELDS, r, strict=True)) for r in reversed(rows)]
         for row in loaded:
-            row["stream"] = bool(row["stream"])
-            row["console"] = False
+            row["stream"], row["console"] = bool(row["stream"]), bool(row["console"])
         self._rows = deque([*loaded, *self._rows], maxlen=self._console.activity)
         self.every(_FLUSH_SECONDS, self._flush)
         self.every(_PRUNE_SECONDS, self._prune)
@@ -129,7 +131,8 @@ class Activity(HistoryService):
         marks = ", ".join("?" * len(FIELDS))
 
         def insert(cursor: sqlite3.Cursor) -> None:
-            cursor.executemany(f"INSERT INTO activity VALUES ({marks})", values)
+            cursor.executemany(f"INSERT INTO activity ({', '.join(FIELDS)}) VALUES ({marks})",
+                               values)  # fmt: skip
 
         def written(_: object) -> None:
             if self._failing:
