@@ -349,6 +349,19 @@ class FailureTests(DaemonTestCase):
         self.assertEqual((backend["asked_again"], backend["killed"]), (1, 0))
 
     @inlineCallbacks
+    def test_a_models_python_path_does_not_reach_the_exec_shim(self) -> Any:
+        # A PYTHONPATH meant for the backend (vLLM's, say) holds a module the shim imports.
+        shadow = self.mktemp()
+        os.makedirs(shadow)
+        with open(os.path.join(shadow, "ctypes.py"), "w") as f:
+            f.write("raise ImportError('not the standard ctypes')\n")
+        model = self.fake("shadowed")
+        model["env"] = {"PYTHONPATH": shadow}
+        self.start({"shadowed": model})
+        answer = yield self.chat("shadowed")
+        self.assertEqual(answer.choices[0].message.content, "Hello from shadowed")
+
+    @inlineCallbacks
     def test_missing_command_is_a_clear_503(self) -> Any:
         self.start(
             {"ghost": {"backend_url": "http://127.0.0.1:1/v1", "cmd": ["/nonexistent/llama"]}}

@@ -173,7 +173,9 @@ class ProcessBackend:
         self._tail.clear()
         self._last_exit = None
         self._stopping = False
-        argv = [sys.executable, "-c", _EXEC_SHIM, str(os.getpid()), *self._model.cmd]
+        # -I -S: the model's env (a PYTHONPATH meant for vLLM) cannot reach the shim, and it
+        # starts sooner (no site): it is on every load's path.
+        argv = [sys.executable, "-I", "-S", "-c", _EXEC_SHIM, str(os.getpid()), *self._model.cmd]
         reactor: IReactorProcess = self._reactor
         self._transport = reactor.spawnProcess(
             _ServerProtocol(self),
