@@ -189,6 +189,19 @@ def test_a_check_reads_no_file_outside_the_configurations_directory(tmp_path: Pa
         assert problem.line == 4
 
 
+def test_an_error_in_an_included_file_quotes_none_of_its_secrets(tmp_path: Path) -> None:
+    path = tmp_path / "llmswap.yaml"
+    path.write_text("include: [models.d/*.yaml]\nmodels:\n  a:\n    cmd: x --port ${PORT}\n")
+    (tmp_path / "models.d").mkdir()
+    token = "hf_included_0123456789"
+    (tmp_path / "models.d" / "b.yaml").write_text(
+        f"models:\n  b:\n    cmd: x --port ${{PORT}}\n    env: {{HF_TOKEN: {token}}}\n"
+        f"    ttl: {token}\n"  # pasted where it does not belong
+    )
+    _, (problem,) = editing.check(path.read_text(), str(path), None)
+    assert "ttl" in problem.message and token not in problem.message, problem.message
+
+
 def test_a_write_is_atomic_keeps_the_previous_file_and_its_mode(tmp_path: Path) -> None:
     real = tmp_path / "etc" / "llmswap.yaml"
     real.parent.mkdir()

@@ -9,6 +9,7 @@ through error messages.
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import tempfile
@@ -84,6 +85,7 @@ def check(text: str, source: str, running: Config | None) -> tuple[Config | None
         whole = secrets.unmasked(text, original)
         known |= secrets.values(whole)
         _inside(whole, source)
+        known |= included_secrets(_patterns(whole), source)
         ports: Mapping[str, int] | None = running.ports if running is not None else None
         return load(source, ports, whole), []
     except ConfigError as e:
@@ -92,19 +94,33 @@ def check(text: str, source: str, running: Config | None) -> tuple[Config | None
         return None, [Problem(message, None if elsewhere else line_of(text, message))]
 
 
-def _inside(text: str, source: str) -> None:
-    """Refuse an ``include:`` outside the configuration's directory."""
+def _patterns(text: str) -> list[str]:
+    """The text's ``include:`` patterns (none when it does not parse: the check says so)."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError:
-        return  # the check says so
+        return []
     patterns = data.get("include") if isinstance(data, dict) else None
-    if not isinstance(patterns, list):
-        return
+    return [p for p in patterns if isinstance(p, str) and p] if isinstance(patterns, list) else []
+
+
+def included_secrets(patterns: list[str], source: str) -> set[str]:
+    """The secret values of the files ``patterns`` name in the configuration's directory: a
+    message about an included file may quote one, and the console shows no included file."""
     base = os.path.dirname(os.path.abspath(source))
+    found: set[str] = set()
     for pattern in patterns:
-        if not isinstance(pattern, str):
-            continue
+        path = resolved(pattern, base)
+        if path.startswith(base + os.sep):
+            for each in sorted(glob.glob(path)) if glob.has_magic(path) else [path]:
+                found |= secrets.values(read(each))
+    return found
+
+
+def _inside(text: str, source: str) -> None:
+    """Refuse an ``include:`` outside the configuration's directory."""
+    base = os.path.dirname(os.path.abspath(source))
+    for pattern in _patterns(text):
         if not resolved(pattern, base).startswith(base + os.sep):
             raise ConfigError(
                 f"'include' names {pattern!r}, outside {base}: the console reads no file "

@@ -114,6 +114,8 @@ def _shown(config: Config, editable: bool) -> dict[str, Any]:
     original = editing.read(config.source) if config.from_file else None
     keys = config.auth.keys if config.auth is not None else ()
     known = secrets.values(original) | {k.secret for k in keys}
+    for path in config.included:  # the running configuration's, wherever they are
+        known |= secrets.values(editing.read(path))
     text = secrets.masked(original) if editable and original is not None else None
     return {
         "source": config.source,
