@@ -53,7 +53,8 @@ SHAPES = {
     "macro": "macros:\n  OPENAI_API_KEY: sk-macro-secret\nmodels: {}\n",
     "crlf": "auth:\r\n  keys:\r\n    - name: a\r\n      key: sk-crlf-secret-0123\r\n",
     "url credentials": "models:\n  a:\n    backend_url: http://bob:url-secret-pw@10.0.0.2:8/v1\n"
-    "    env: {HTTP_PROXY: 'http://proxy-secret-token@proxy:3128'}\n",
+    "    env: {HTTP_PROXY: 'http://proxy-secret-token@proxy:3128', "
+    "DB: 'postgres://u:raw@secret#1@db/x'}\n",
 }
 
 
@@ -119,6 +120,13 @@ def test_a_mask_moved_where_no_secret_was_is_refused_at_its_line(edit: object, l
 def test_a_mask_is_given_back_only_after_the_flag_it_followed(original: str, edited: str) -> None:
     with pytest.raises(ConfigError, match="the same key, the same flag"):
         secrets.unmasked(edited, original)
+
+
+def test_a_long_text_is_searched_for_urls_in_linear_time() -> None:
+    started = time.monotonic()
+    for text in ("a" * 1_000_000, "a://" * 250_000, "http://" + "x@" * 500_000):
+        secrets.spans(text)
+    assert time.monotonic() - started < 60  # quadratic, a megabyte takes hours
 
 
 def test_a_text_of_nested_aliases_is_not_walked_for_ever() -> None:
@@ -198,6 +206,7 @@ def test_an_error_in_an_included_file_quotes_none_of_its_secrets(tmp_path: Path)
         f"models:\n  b:\n    cmd: x --port ${{PORT}}\n    env: {{HF_TOKEN: {token}}}\n"
         f"    ttl: {token}\n"  # pasted where it does not belong
     )
+    os.mkfifo(tmp_path / "models.d" / "pipe.yaml")  # read, it would block for ever
     _, (problem,) = editing.check(path.read_text(), str(path), None)
     assert "ttl" in problem.message and token not in problem.message, problem.message
 
@@ -229,5 +238,24 @@ def test_a_write_is_atomic_keeps_the_previous_file_and_its_mode(tmp_path: Path) 
                                                       "llmswap.yaml.bak.2")]  # fmt: skip
     assert kept == versions[-2::-1][:3]  # the newest backup first; the oldest let go
     assert len(list(real.parent.iterdir())) == 4
+    # A link planted at a backup's name is moved along as a name, never written through.
+    victim = tmp_path / "victim"
+    victim.write_text("untouched")
+    real.with_name("llmswap.yaml.bak").unlink()
+    real.with_name("llmswap.yaml.bak").symlink_to(victim)
+    editing.write(edited, str(path))
+    assert victim.read_text() == "untouched"
+    assert not real.with_name("llmswap.yaml.bak").is_symlink()
+    assert real.with_name("llmswap.yaml.bak.1").is_symlink()
     real.write_bytes(b"models: \xff\n")  # not UTF-8: not shown, never a traceback
     assert editing.read_masked(str(path)) is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file away takes root")
+def test_a_write_by_root_keeps_the_files_owner(tmp_path: Path) -> None:
+    path = tmp_path / "llmswap.yaml"
+    path.write_text(FILE)
+    os.chown(path, 4321, 4321)  # another user's file, edited by llmswap run as root
+    editing.write(FILE.replace("admin: true", "admin: false"), str(path))
+    for written in (path, tmp_path / "llmswap.yaml.bak"):
+        assert (written.stat().st_uid, written.stat().st_gid) == (4321, 4321)

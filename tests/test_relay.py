@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web._newclient import RequestNotSent
@@ -168,6 +169,19 @@ class RelayTests(unittest.TestCase):
         failure = self.failureResultOf(done, errors.APIError)
         self.assertEqual(failure.value.status, 502)
         self.assertIn("Model 'm' backend is unreachable", failure.value.message)
+
+    def test_a_backend_urls_credentials_never_reach_the_log(self) -> None:
+        logged: list[str] = []
+        observer = cast(ILogObserver, lambda event: logged.append(formatEvent(event)))
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        done = self.relay.forward(self.client.request, "m", "http://bob:pw-0123456789@b:9/v1/x",
+                                  BODY)  # fmt: skip
+        self.backend.answer.errback(ConnectionLost("reset by http://bob:pw-0123456789@b:9"))
+        self.failureResultOf(done, errors.APIError)
+        (line,) = [m for m in logged if "unreachable" in m]
+        self.assertNotIn("pw-0123456789", line)
+        self.assertIn("http://bob:(secret)@b:9/v1/x", line)
 
     def test_silence_before_the_headers_is_a_504_and_the_backend_request_is_cancelled(
         self,

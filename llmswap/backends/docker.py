@@ -124,9 +124,10 @@ class DockerBackend:
             self._note(seen)
             # The engine's SIGKILL after stop_timeout (137: killed by signal 9).
             took = self._reactor.seconds() - began
-            self._stops.took.append(took)
             if seen.exit_code == 137 and took >= int(max(1, self._model.stop_timeout)):
                 self._killed += 1
+            else:  # a stop the engine's SIGKILL ended says nothing of how long one takes
+                self._stops.took.append(took)
             if seen.running:
                 raise errors.backend_unavailable(
                     f"Model '{self.name}': container '{self._container_name}' still runs after stop"
@@ -142,8 +143,7 @@ class DockerBackend:
         return d.addCallback(stopped).addBoth(done)
 
     def _ask_again(self) -> None:
-        log.warn("model {m}: container {c} slow to stop; sending its stop signal again",
-                 m=self.name, c=self._container_name)  # fmt: skip
+        log.warn("model {m}: slow to stop; sending its stop signal again", m=self.name)
         self._stops.asked_again += 1
         self._in_thread(self._signal_sync).addErrback(
             lambda f: log.warn("model {m}: second stop signal: {e}", m=self.name, e=f.value)

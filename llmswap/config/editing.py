@@ -113,7 +113,8 @@ def included_secrets(patterns: list[str], source: str) -> set[str]:
         path = resolved(pattern, base)
         if path.startswith(base + os.sep):
             for each in sorted(glob.glob(path)) if glob.has_magic(path) else [path]:
-                found |= secrets.values(read(each))
+                if os.path.isfile(each):  # as includes are read: never a FIFO that blocks
+                    found |= secrets.values(read(each))
     return found
 
 
@@ -145,52 +146,49 @@ def write(text: str, source: str) -> str:
     target = os.path.realpath(source)
     directory = os.path.dirname(target)
     backup = target + ".bak"
-    existed = os.path.exists(target)
-    was = os.stat(target) if existed else None
-    mode = was.st_mode & 0o777 if was is not None else 0o600
-    fd, temporary = tempfile.mkstemp(prefix=".llmswap-", suffix=".yaml", dir=directory)
+    was = os.stat(target) if os.path.exists(target) else None
+    written: list[str] = []  # temporary files, until each is renamed into place
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(whole)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(temporary, mode)
-        _own(temporary, was)
-        if existed:
+        temporary = _new_file(directory, whole.encode("utf-8"), was, written)
+        if was is not None:
             with open(target, "rb") as old:
-                kept = old.read()
-            for n in range(BACKUPS - 1, 0, -1):
+                copy = _new_file(directory, old.read(), was, written)
+            for n in range(BACKUPS - 1, 0, -1):  # a dangling link at a backup's name moves too
                 older = f"{backup}.{n - 1}" if n > 1 else backup
-                if os.path.exists(older):
+                if os.path.lexists(older):
                     os.replace(older, f"{backup}.{n}")
-            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_EXCL
-            with os.fdopen(os.open(backup, flags, mode), "wb") as copy:
-                copy.write(kept)
-                copy.flush()
-                os.fsync(copy.fileno())
-            os.chmod(backup, mode)  # exactly the file's, whatever the umask took
-            _own(backup, was)
+            os.replace(copy, backup)  # a name replaced, never a link followed
         os.replace(temporary, target)
     except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+        for path in written:
+            if os.path.lexists(path):
+                os.unlink(path)
         raise
     folder = os.open(directory, os.O_RDONLY)
     try:
-        os.fsync(folder)  # the rename itself survives a power cut
+        os.fsync(folder)  # the renames themselves survive a power cut
     finally:
         os.close(folder)
     return backup
 
 
-def _own(path: str, was: os.stat_result | None) -> None:
-    """Give ``path`` the owner of the file it replaces (llmswap run as root editing another
-    user's file); a user who may not is left the owner, as any editor leaves it."""
-    if was is not None:
-        try:
-            os.chown(path, was.st_uid, was.st_gid)
-        except PermissionError:
-            pass
+def _new_file(directory: str, data: bytes, was: os.stat_result | None, made: list[str]) -> str:
+    """A new file in ``directory`` holding ``data``, synced, with the mode and owner of the
+    file it will stand for (``was``; 0600 for a new one): set through its descriptor, so a
+    name swapped for a link meanwhile gives nothing away (llmswap may run as root)."""
+    fd, path = tempfile.mkstemp(prefix=".llmswap-", suffix=".yaml", dir=directory)
+    made.append(path)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+        os.fchmod(f.fileno(), was.st_mode & 0o777 if was is not None else 0o600)
+        if was is not None:
+            try:
+                os.fchown(f.fileno(), was.st_uid, was.st_gid)
+            except PermissionError:  # a user who may not is left the owner, as editors leave it
+                pass
+    return path
 
 
 def read(source: str) -> str | None:

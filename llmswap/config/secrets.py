@@ -31,10 +31,10 @@ _MOST_PATHS = 50_000
 _SHORTEST = 6  # a value shorter than this is not scrubbed from messages (it would match anything)
 _TOKEN = re.compile(r"\S+")
 _ANCHORS = re.compile(r"(?:[&!]\S*\s+)*")
-# A URL's credentials: the password of user:password@, or a user@ alone (a token, as a rule).
-_USERINFO = re.compile(
-    r"[A-Za-z][A-Za-z0-9+.-]*://(?P<user>[^\s/?#@:\"']*)(?::(?P<password>[^\s/?#@\"']*))?@"
-)
+# A URL's credentials: the password of user:password@, or a user@ alone (a token, as a rule);
+# up to the authority's last @ (a password may hold a raw @ or #).  The scheme starts a word
+# and is short: no text makes the search quadratic.
+_USERINFO = re.compile(r"(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]{0,31}://(?P<info>[^\s/?\"']*)@")
 Path = tuple[str | int, ...]
 
 
@@ -58,7 +58,10 @@ def spans(raw: str) -> list[tuple[str, int, int]]:
     trailing ``;`` / ``)`` / ``,``; in order."""
     found = _flag_spans(raw)
     for m in _USERINFO.finditer(raw):
-        start, end = m.span("password") if m.group("password") else m.span("user")
+        start, end = m.span("info")
+        colon = m.group("info").find(":")
+        if colon >= 0 and start + colon + 1 < end:  # the password; a user@ alone is the token
+            start += colon + 1
         if start < end and not any(a < end and start < b for _, a, b in found):
             found.append(("url", start, end))
     return sorted(found, key=lambda span: span[1])

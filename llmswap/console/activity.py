@@ -106,9 +106,13 @@ class Activity(HistoryService):
     @inlineCallbacks
     def _open(self, path: str) -> Generator[Deferred[Any], Any, None]:
         db = yield history(path, _SCHEMA, "CREATE INDEX IF NOT EXISTS activity_at ON activity (at)")
-        columns = yield db.runQuery("PRAGMA table_info(activity)")
-        if "console" not in {c[1] for c in columns}:  # a file of an earlier llmswap
-            yield db.runOperation("ALTER TABLE activity ADD COLUMN console INTEGER")
+        try:
+            columns = yield db.runQuery("PRAGMA table_info(activity)")
+            if "console" not in {c[1] for c in columns}:  # a file of an earlier llmswap
+                yield db.runOperation("ALTER TABLE activity ADD COLUMN console INTEGER")
+        except BaseException:  # read-only, say: unusable, and closed
+            db.close()
+            raise
         self._db = db
         yield self._prune()
         rows = yield db.runQuery(

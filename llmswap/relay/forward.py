@@ -24,6 +24,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IRequest
 
 from llmswap import errors
+from llmswap.config import secrets
 from llmswap.headers import NOT_RELAYED, request_headers
 from llmswap.interfaces import IAnswerWriter
 from llmswap.relay.body import BytesBody
@@ -186,13 +187,15 @@ class Relay:
             )
         if f.check(CancelledError, errors.APIError):
             return f
+        # A URL's credentials are the operator's secret: not in the log (the console shows it).
+        url, why = secrets.scrubbed(url, ()), secrets.scrubbed(f.getErrorMessage(), ())
         if pipe.held is not None:
             log.warn("{model}: backend at {url} closed mid-answer: {e}", model=model, url=url,
-                     e=f.getErrorMessage())  # fmt: skip
+                     e=why)  # fmt: skip
             return Failure(errors.backend_error(f"Model '{model}' backend closed the connection "
                                                 "before its answer was complete"))  # fmt: skip
         log.warn("{model}: backend at {url} unreachable: {e}", model=model, url=url,
-                 e=f.getErrorMessage())  # fmt: skip
+                 e=why)  # fmt: skip
         err = errors.backend_error(f"Model '{model}' backend is unreachable")
         return Failure(BackendGone(err) if f.check(ConnectError) else err)
 

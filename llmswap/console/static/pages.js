@@ -71,7 +71,7 @@ async function showConfig() {
     return;
   }
   $("cfg-source").textContent = configFile.source;
-  $("cfg-included").textContent = configFile.included.length ? `and ${configFile.included.join(", ")} (shown here, not edited)` : "";
+  $("cfg-included").textContent = configFile.included.length ? `and ${configFile.included.join(", ")} (listed here, not edited)` : "";
   $("cfg-running").textContent = configFile.running.join("\n");
   $("cfg-keys").innerHTML = configFile.keys.length
     ? "<tr><th>Key</th><th>Its secret comes from</th></tr>" + configFile.keys.map((k) => `<tr><td>${esc(k.name)}</td><td>${esc(k.from)}</td></tr>`).join("")
