@@ -434,18 +434,13 @@ class Handler(BaseHTTPRequestHandler):
     def _cut(self, extra: dict[str, str]) -> None:
         """A whole answer that breaks off: its headers and half a JSON object, then the
         connection closes (no length, so only the missing end of the chunks tells)."""
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Transfer-Encoding", "chunked")
-        for k, v in extra.items():
-            self.send_header(k, v)
-        self.end_headers()
+        self._start_stream(extra, "application/json")
         self._chunk(b'{"id": "chatcmpl-fake", "choices": [{"index": 0, "mess')
         self.close_connection = True
 
-    def _start_stream(self, extra: dict[str, str]) -> None:
+    def _start_stream(self, extra: dict[str, str], kind: str = "text/event-stream") -> None:
         self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Content-Type", kind)
         self.send_header("Transfer-Encoding", "chunked")
         for k, v in extra.items():
             self.send_header(k, v)

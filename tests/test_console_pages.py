@@ -253,7 +253,8 @@ def failed_event(at: float, i: int) -> RequestEnded:
     )  # fmt: skip
 
 
-def test_a_flood_of_failures_shares_one_read_of_the_output_and_caps_its_lines() -> None:
+def reading_failures(console: Console) -> tuple[Failures, list[Deferred[list[str]]], Clock]:
+    """The failed-requests list on a Clock, and each read of a backend's output it starts."""
     reads: list[Deferred[list[str]]] = []
 
     def output(model: str, lines: int) -> Deferred[list[str]]:
@@ -261,7 +262,11 @@ def test_a_flood_of_failures_shares_one_read_of_the_output_and_caps_its_lines() 
         return reads[-1]
 
     clock = Clock()
-    failures = Failures(EventBus(), clock, Console(failures=3), lambda m: None, output)
+    return Failures(EventBus(), clock, console, lambda m: None, output), reads, clock
+
+
+def test_a_flood_of_failures_shares_one_read_of_the_output_and_caps_its_lines() -> None:
+    failures, reads, clock = reading_failures(Console(failures=3))
     for i in range(10):
         failures._ended(attrs.evolve(failed_event(clock.seconds(), i), model="a", configured=True))
     assert len(reads) == 1  # one read under way serves every failure meanwhile
@@ -275,20 +280,13 @@ def test_a_flood_of_failures_shares_one_read_of_the_output_and_caps_its_lines() 
     assert failures.recent(1)[0]["output"] == [
         "[llmswap: the backend's output could not be read: gone]"
     ]
-    ignored = Failures(EventBus(), clock, Console(failures=0), lambda m: None, output)
+    ignored, _, _ = reading_failures(Console(failures=0))
     ignored._ended(failed_event(clock.seconds(), 0))
     assert ignored.recent() == []  # console.failures: 0 keeps no prompt anywhere
 
 
 def test_a_stop_waits_for_a_read_of_output_under_way_and_leaves_no_timer() -> None:
-    reads: list[Deferred[list[str]]] = []
-
-    def output(model: str, lines: int) -> Deferred[list[str]]:
-        reads.append(Deferred())
-        return reads[-1]
-
-    clock = Clock()
-    failures = Failures(EventBus(), clock, Console(failures=3), lambda m: None, output)
+    failures, reads, clock = reading_failures(Console(failures=3))
     failures.startService()
     failures._ended(attrs.evolve(failed_event(clock.seconds(), 0), model="a", configured=True))
     stopped = failures.stopService()
