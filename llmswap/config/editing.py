@@ -9,7 +9,6 @@ through error messages.
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 import tempfile
@@ -21,7 +20,7 @@ import yaml
 
 from llmswap.config import secrets
 from llmswap.config.config import Config, load
-from llmswap.config.include import resolved
+from llmswap.config.include import matches, resolved
 from llmswap.config.values import ConfigError
 
 _QUOTED = re.compile(r"'([^' ]+)'")
@@ -110,11 +109,14 @@ def included_secrets(patterns: list[str], source: str) -> set[str]:
     base = os.path.dirname(os.path.abspath(source))
     found: set[str] = set()
     for pattern in patterns:
-        path = resolved(pattern, base)
-        if path.startswith(base + os.sep):
-            for each in sorted(glob.glob(path)) if glob.has_magic(path) else [path]:
-                if os.path.isfile(each):  # as includes are read: never a FIFO that blocks
-                    found |= secrets.values(read(each))
+        if not resolved(pattern, base).startswith(base + os.sep):
+            continue
+        try:
+            files = matches(pattern, base)  # as includes are read: files only, never a FIFO
+        except ConfigError:
+            continue  # the check says so
+        for each in files:
+            found |= secrets.values(read(each))
     return found
 
 

@@ -27,7 +27,9 @@ def resolved(pattern: str, base: str) -> str:
     return os.path.normpath(os.path.join(base, os.path.expanduser(pattern)))
 
 
-def _matches(pattern: str, base: str) -> list[str]:
+def matches(pattern: str, base: str) -> list[str]:
+    """The files an include pattern names, in order; a glob may match none, a path must be a
+    file."""
     path = resolved(pattern, base)
     if glob.has_magic(path):
         return sorted(p for p in glob.glob(path) if os.path.isfile(p))
@@ -72,7 +74,7 @@ def joined(data: Any, source: str) -> tuple[Any, tuple[str, ...], tuple[str, ...
     base = os.path.dirname(os.path.abspath(source))
     absolute = tuple(resolved(p, base) for p in patterns)
     for pattern in patterns:
-        for path in _matches(pattern, base):
+        for path in matches(pattern, base):
             if path in files or os.path.abspath(path) == os.path.abspath(source):
                 continue
             files.append(path)

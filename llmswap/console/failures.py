@@ -63,9 +63,8 @@ class Failures(HistoryService):
         self._kept: deque[dict[str, Any]] = deque(maxlen=console.failures)
         self._ids = itertools.count(1)
         self._unsaved: deque[dict[str, Any]] = deque(maxlen=console.failures)
-        # The failures waiting for a read of their model's output under way.
-        self._reading: dict[str, deque[dict[str, Any]]] = {}
-        self._reads: list[Deferred[Any]] = []  # those reads, under way
+        # The failures waiting for a read of their model's output under way, and that read.
+        self._reading: dict[str, tuple[deque[dict[str, Any]], Deferred[Any]]] = {}
         self._closing = False  # stopping: a failure from now on is kept without its output
         bus.subscribe(RequestEnded, self._ended)
 
@@ -87,14 +86,15 @@ class Failures(HistoryService):
             return
         reading = self._reading.get(e.model)
         if reading is not None:  # a flood of failures shares one read of the output
-            reading.append(document)
+            reading[0].append(document)
             return
         lines = None if self._closing else self._output(e.model, OUTPUT_LINES)
         if lines is None:
             self._save(document)
             return
         # Bounded as the ring: those pushed out of it need no output.
-        waiting = self._reading[e.model] = deque([document], maxlen=self._console.failures)
+        waiting = deque([document], maxlen=self._console.failures)
+        self._reading[e.model] = (waiting, lines)
         lines.addTimeout(_OUTPUT_SECONDS, self._clock)
 
         def got(found: list[str]) -> list[str]:
@@ -109,14 +109,8 @@ class Failures(HistoryService):
                 each["output"] = output
                 self._save(each)
 
-        self._reads.append(lines)
         lines.addCallbacks(got, missed).addCallback(read)
-
-        def finished(result: Any) -> Any:
-            self._reads.remove(lines)
-            return result
-
-        lines.addBoth(finished).addErrback(lambda f: log.failure("a failure's output", f))
+        lines.addErrback(lambda f: log.failure("a failure's output", f))
 
     # -- history ----------------------------------------------------------------------------
 
@@ -155,7 +149,7 @@ class Failures(HistoryService):
         # for them are kept with it, and no timer outlives the service.  Requests the
         # shutdown answers later start none.
         self._closing = True
-        yield gatherResults(list(self._reads), consumeErrors=True)
+        yield gatherResults([read for _, read in self._reading.values()], consumeErrors=True)
         yield HistoryService.stopService(self)
 
     @inlineCallbacks
