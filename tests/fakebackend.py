@@ -563,6 +563,16 @@ def _answer(req: dict[str, Any]) -> dict[str, Any]:
     return {"role": "assistant", "content": f"Hello from {ARGS.name}"}
 
 
+def _say_ready() -> None:
+    """Print a line once /health says ready, as llama-server's "model loaded" (llmswap polls
+    at once on a line a starting backend prints)."""
+    if ARGS.never_ready:
+        return
+    while time.time() < READY_AT or (ARGS.ready_when and not os.path.exists(ARGS.ready_when)):
+        time.sleep(0.005)
+    print("fake: model loaded", flush=True)
+
+
 def main() -> None:
     global ARGS, READY_AT
     p = argparse.ArgumentParser()
@@ -632,6 +642,7 @@ def main() -> None:
         time.sleep(ARGS.startup_delay)
     server = ThreadingHTTPServer((ARGS.host, ARGS.port), Handler)
     server.daemon_threads = True
+    threading.Thread(target=_say_ready, daemon=True).start()
     # shutdown() waits for serve_forever(), which this (the main) thread runs: not from here.
     signal.signal(signal.SIGUSR2, lambda *_: threading.Thread(target=server.shutdown).start())
     server.serve_forever()

@@ -67,16 +67,30 @@ def test_residency_and_read_ahead_within_a_budget(tmp_path: Path) -> None:
         pytest.skip("this filesystem keeps the file cached (tmpfs?)")
     assert before.total == size
     # A budget of two chunks reads two chunks; a cancelled read reads nothing.
-    assert read_ahead([path], 2 * CHUNK, threading.Event()) == 2 * CHUNK
+    assert read_ahead([path], lambda: 2 * CHUNK, threading.Event()) == 2 * CHUNK
     assert residency([path]).cached >= 2 * CHUNK
     stop = threading.Event()
     stop.set()
-    assert read_ahead([path], size, stop) == 0
+    assert read_ahead([path], lambda: size, stop) == 0
     # What is cached already (the two chunks, and what the kernel's own readahead brought) is
     # not read again.
-    assert read_ahead([path], size, threading.Event()) <= 4 * CHUNK
+    assert read_ahead([path], lambda: size, threading.Event()) <= 4 * CHUNK
     # (This machine's kernel reclaims a few cold pages on its own: not all need be left.)
     assert residency([path]).cached >= 0.95 * size
+
+
+def test_files_wholly_cached_cost_no_budget(tmp_path: Path) -> None:
+    """The budget asks about the loaded models' files, tens of gigabytes of pages: not when
+    there is nothing to read."""
+    path = tmp_path / "w.gguf"
+    path.write_bytes(os.urandom(2 * CHUNK))  # just written: in the page cache
+    if residency([str(path)]).cached < 2 * CHUNK:
+        pytest.skip("this machine dropped the file from the cache at once")
+
+    def budget() -> int:
+        raise AssertionError("asked for a budget with nothing to read")
+
+    assert read_ahead([str(path)], budget, threading.Event()) == 0
 
 
 class Recorder:

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -368,7 +368,10 @@ class EndpointTests(unittest.TestCase):
             return endpoints.endpointForURI(URI.fromBytes(url))
 
         plain = at(b"http://127.0.0.1:8081/v1/chat/completions")
-        self.assertIsInstance(plain, HostnameEndpoint)
+        # An address is connected to as one, at once: no resolver thread, no happy-eyeballs race.
+        self.assertIsInstance(plain, TCP4ClientEndpoint)
+        self.assertIsInstance(at(b"http://[::1]:8081/v1/models"), TCP6ClientEndpoint)
+        self.assertIsInstance(at(b"http://gpu-box.lan:8081/v1/models"), HostnameEndpoint)
         self.assertIs(at(b"http://127.0.0.1:8081/health"), plain)
         self.assertIsNot(at(b"http://127.0.0.1:8082/v1/models"), plain)
         tls = at(b"https://127.0.0.1:8081/v1/models")

@@ -140,7 +140,7 @@ class ProcessBackend:
         self._log_path = log_dir / log_file_name(model.name) if log_dir else None
         self._logfile: LogFile | None = None
         self._tail = bytearray()
-        # Console log views following the output live, and the line they have in part.
+        # Who follows the output live (log views, a load's readiness), and the line in part.
         self._followers: list[Callable[[str], None]] = []
         self._partial = b""
         self._transport: IProcessTransport | None = None
@@ -327,12 +327,12 @@ class ProcessBackend:
         if self._logfile is not None:
             self._logfile.write(data.decode("utf-8", "replace"))
             self._logfile.flush()
-        if self._followers:
-            *complete, self._partial = (self._partial + data).split(b"\n")
-            for raw in complete:
-                text = raw.decode("utf-8", "replace")
-                for line in list(self._followers):
-                    line(text)
+        *complete, partial = (self._partial + data).split(b"\n")
+        self._partial = partial[-_TAIL_BYTES:]  # a progress bar's \r never ends a line
+        for raw in complete if self._followers else ():  # cut always: a new follower's
+            text = raw.decode("utf-8", "replace")  # first line is whole
+            for line in list(self._followers):
+                line(text)
 
     def _ended(self, reason: Failure) -> None:
         value = reason.value

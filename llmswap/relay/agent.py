@@ -6,8 +6,14 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable
 from typing import Any
 
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.python.failure import Failure
@@ -34,7 +40,11 @@ class Endpoints:
     """Builds each backend origin's endpoint once.
 
     Agent's own factory builds a new HostnameEndpoint for every request, IDNA-encoding the host
-    each time: about 9% of the CPU of a relayed request (profiled).  Backends are few.
+    each time: about 9% of the CPU of a relayed request (profiled).  Backends are few.  A host
+    given as an address (``127.0.0.1``, as llmswap's own URLs give it) is connected to as one: a
+    HostnameEndpoint resolves even an address through ``getaddrinfo`` in a pool thread, and races
+    it against itself on a timer, for every new connection (every health poll of a loading
+    llama-server, which closes each connection it answers 503 on).
     """
 
     def __init__(self, reactor: Any) -> None:
@@ -46,12 +56,21 @@ class Endpoints:
         key = (uri.scheme, uri.host, uri.port)
         endpoint = self._built.get(key)
         if endpoint is None:
-            endpoint = HostnameEndpoint(self._reactor, uri.host.decode("ascii"), uri.port)
+            endpoint = _endpoint(self._reactor, uri.host.decode("ascii"), uri.port)
             if uri.scheme == b"https":
                 tls = self._https.creatorForNetloc(uri.host, uri.port)
                 endpoint = wrapClientTLS(tls, endpoint)
             self._built[key] = endpoint
         return endpoint
+
+
+def _endpoint(reactor: Any, host: str, port: int) -> IStreamClientEndpoint:
+    # HostnameEndpoint's default connect timeout, for all three.
+    if isIPAddress(host):
+        return TCP4ClientEndpoint(reactor, host, port, timeout=30)
+    if isIPv6Address(host):
+        return TCP6ClientEndpoint(reactor, host, port, timeout=30)
+    return HostnameEndpoint(reactor, host, port, timeout=30)
 
 
 def backend_agent(reactor: Any, pool: HTTPConnectionPool) -> Agent:

@@ -115,11 +115,13 @@ def mem_available() -> int:
     return 0
 
 
-def read_ahead(files: Iterable[str], budget: int, cancelled: threading.Event) -> int:
-    """Read the files' uncached chunks until ``budget`` bytes are read or ``cancelled`` is set;
-    returns the bytes read."""
+def read_ahead(files: Iterable[str], budget: Callable[[], int], cancelled: threading.Event) -> int:
+    """Read the files' uncached chunks until ``budget()`` bytes are read or ``cancelled`` is set;
+    returns the bytes read.  The budget is asked for at the first uncached chunk: files wholly
+    cached (a model loaded before, as a swapping box's usually are) cost one residency pass."""
     done = 0
     buf = bytearray(CHUNK)
+    allowed: int | None = None
     for path in files:
         with open(path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
@@ -129,9 +131,13 @@ def read_ahead(files: Iterable[str], budget: int, cancelled: threading.Event) ->
             try:
                 for offset in range(0, size, CHUNK):
                     length = min(CHUNK, size - offset)
-                    if cancelled.is_set() or done + length > budget:
+                    if cancelled.is_set():
                         return done
                     if m.cached(offset, length) < length:
+                        if allowed is None:
+                            allowed = budget()
+                        if done + length > allowed:
+                            return done
                         f.seek(offset)
                         f.readinto(memoryview(buf)[:length])
                         done += length
@@ -214,10 +220,14 @@ class Prefetcher(Service):
 def _read(
     model: ModelConfig, spared: list[ModelConfig], reserve: int, cancelled: threading.Event
 ) -> None:
-    """A prefetch, in a thread: the budget is measured when it starts."""
-    files = weight_files(model)
-    kept = residency(f for m in spared for f in weight_files(m)).cached
-    read = read_ahead(files, max(0, mem_available() - reserve - kept), cancelled)
+    """A prefetch, in a thread: the budget is measured once there is something to read (the
+    loaded models' files can be tens of gigabytes of pages to ask about)."""
+
+    def budget() -> int:
+        kept = residency(f for m in spared for f in weight_files(m)).cached
+        return max(0, mem_available() - reserve - kept)
+
+    read = read_ahead(weight_files(model), budget, cancelled)
     log.info(
         "prefetch {model}: read {mib:.0f} MiB ahead{why}",
         model=model.name,

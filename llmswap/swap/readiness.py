@@ -2,9 +2,18 @@
 
 llama-server answers 503 while it loads the model and 200 once it can serve; vLLM and most other
 OpenAI servers refuse connections until ready.  Both look the same here: anything but a 2xx is
-"not yet".  The poll interval is short (10 ms by default) because every poll of delay is added to
-every swap; a single poll is also bounded, so a backend that accepts the connection and then says
+"not yet".  A single poll is bounded, so a backend that accepts the connection and then says
 nothing cannot stall the swap past its ``startup_timeout``.
+
+A load pays for its polls twice: each poll's worth of delay is added to the swap, and each poll
+costs llmswap about half a millisecond of CPU (a loading llama-server closes every connection it
+answers 503 on), taken from the backend that loads and the one that serves, on a box whose
+cores they fill.  Polled every 10 ms, two loads were half of what llmswap spent on four users'
+whole run against llama.cpp's router (docs/benchmarks.md).  Most servers say when they are
+ready ("model loaded", "Application startup complete"), so each line a starting backend prints
+is a poll at once (:class:`_Lines`), and a backend whose last readiness was told so is polled
+between its lines only every :data:`TOLD` seconds.  One whose readiness came silently, or whose
+first load this is, is polled every ``health_interval``.
 """
 
 from __future__ import annotations
@@ -12,14 +21,20 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
-from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
+import attrs
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from llmswap import errors
 from llmswap.interfaces import BackendHTTP, BackendResponse
 
 PROBE_TIMEOUT = 5.0
+# Between the lines of a backend that says when it is ready: a guess wrong once (it became
+# ready silently this time) costs at most this, and the next load polls at the interval again.
+TOLD = 0.1
+# Lines wake polls at once this many times in a row, then one per interval: a backend that
+# prints a line a millisecond is polled no more often than a silent one.
+BURST = 3
 
 
 class BackendDied(Exception):
@@ -47,28 +62,116 @@ def probe(
     return 200 <= response.code < 300
 
 
-@inlineCallbacks
-def wait_healthy(
-    clock: IReactorTime,
-    http: BackendHTTP,
-    model: str,
-    url: str,
-    timeout: float,
-    interval: float,
-    alive: Callable[[], bool],
-) -> Generator[Deferred[Any], Any, None]:
-    """Poll ``url`` until 2xx; fail fast if ``alive()`` turns false; give up after ``timeout``.
+@attrs.define
+class Readiness:
+    """One backend's waits for readiness, and what its last one taught (owned by its Slot)."""
 
-    Fails with :class:`BackendDied` or a 504 APIError.
-    """
-    deadline = clock.seconds() + timeout
-    while True:
-        if not alive():
-            raise BackendDied(model)
-        remaining = deadline - clock.seconds()
-        if remaining <= 0:
-            raise errors.startup_timeout(model, timeout)
-        if (yield probe(clock, http, url, min(PROBE_TIMEOUT, remaining))):
-            return None
-        wait: Deferred[None] = deferLater(clock, min(interval, max(remaining, 0.0)), lambda: None)
-        yield wait
+    told: bool = True  # its last readiness came on a poll a line of its called (or none yet)
+
+    @inlineCallbacks
+    def wait(
+        self,
+        clock: IReactorTime,
+        http: BackendHTTP,
+        model: str,
+        url: str,
+        timeout: float,
+        interval: float,
+        alive: Callable[[], bool],
+        follow: Callable[[Callable[[str], None]], Callable[[], None]],
+    ) -> Generator[Deferred[Any], Any, None]:
+        """Poll ``url`` until 2xx, at once after each line ``follow`` reports; fail fast if
+        ``alive()`` turns false; give up after ``timeout``.
+
+        Fails with :class:`BackendDied` or a 504 APIError.
+        """
+        deadline = clock.seconds() + timeout
+        lines = _Lines(clock, interval)
+        unfollow = follow(lines.heard)
+        first = True  # ready at the first poll tells nothing of how it says so
+        try:
+            while True:
+                if not alive():
+                    raise BackendDied(model)
+                remaining = deadline - clock.seconds()
+                if remaining <= 0:
+                    raise errors.startup_timeout(model, timeout)
+                called = lines.polled()
+                if (yield probe(clock, http, url, min(PROBE_TIMEOUT, remaining))):
+                    self.told = called or (first and self.told)
+                    return None
+                first = False
+                pause = max(interval, TOLD) if self.told else interval
+                yield lines.pause(min(pause, max(remaining, 0.0)))
+        finally:
+            unfollow()
+            lines.close()
+
+
+class _Lines:
+    """A starting backend's lines, as calls to poll now: a pause between polls ends at the
+    first line (at once for :data:`BURST` lines in a row, then once an interval has passed)."""
+
+    def __init__(self, clock: IReactorTime, interval: float) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._credit, self._at = float(BURST), clock.seconds()
+        self._heard = False  # a line came since the last poll began
+        self._pausing: Deferred[None] | None = None
+        self._timer: IDelayedCall | None = None
+
+    def heard(self, _line: str) -> None:
+        self._heard = True
+        if self._pausing is not None:
+            self._end_at(self._due())
+
+    def polled(self) -> bool:
+        """A poll begins; True when a line called it (and it spends a credit)."""
+        called, self._heard = self._heard, False
+        if called:
+            self._credit = self._credits() - 1
+            self._at = self._clock.seconds()
+        return called
+
+    def pause(self, seconds: float) -> Deferred[None]:
+        """Until ``seconds`` have passed or a line calls for a poll."""
+        if self._heard and self._due() <= 0:
+            return succeed(None)
+        self._pausing = Deferred(lambda _: self.close())
+        self._end_at(min(seconds, self._due()) if self._heard else seconds)
+        return self._pausing
+
+    def close(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = self._pausing = None
+
+    def _credits(self) -> float:
+        refilled = (self._clock.seconds() - self._at) / self._interval if self._interval else BURST
+        return min(float(BURST), self._credit + refilled)
+
+    def _due(self) -> float:
+        """Seconds until a line may call a poll."""
+        return max(0.0, (1 - self._credits()) * self._interval)
+
+    def _end_at(self, seconds: float) -> None:
+        if seconds <= 0:
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+            self._end_now()
+            return
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() - self._clock.seconds() <= seconds:
+                return
+            self._timer.cancel()
+        self._timer = self._clock.callLater(seconds, self._end)
+
+    def _end(self) -> None:
+        self._timer = None
+        self._end_now()
+
+    def _end_now(self) -> None:
+        pausing, self._pausing = self._pausing, None
+        if pausing is not None:
+            pausing.callback(None)

@@ -23,7 +23,7 @@ from llmswap.events import EventBus, ModelState, ModelStateChanged
 from llmswap.interfaces import BackendHTTP, IBackend
 from llmswap.swap import sleep
 from llmswap.swap.linger import LingerRecord
-from llmswap.swap.readiness import BackendDied, wait_healthy
+from llmswap.swap.readiness import BackendDied, Readiness
 from llmswap.swap.restarts import Restarts
 from llmswap.swap.state import check
 
@@ -58,6 +58,7 @@ class Slot:
         self.keep_alive: float | None = None
         self._idle: list[Deferred[None]] = []
         self.restarts = Restarts()
+        self.readiness = Readiness()
         self.linger = LingerRecord()
         self.last_client: str | None = None  # who asked last, when the request said
         self.answered_after = -1  # the queue's last request when its last answer went out
@@ -137,8 +138,9 @@ class Slot:
                 yield self.backend.start()
             if cfg.remote is None:  # a remote endpoint is up whenever it answers
                 timeout = cfg.startup_timeout
-                yield wait_healthy(self._clock, http, self.name, cfg.health_url, timeout,
-                                   health_interval, self.backend.alive)  # fmt: skip
+                yield self.readiness.wait(self._clock, http, self.name, cfg.health_url, timeout,
+                                          health_interval, self.backend.alive,
+                                          self.backend.follow)  # fmt: skip
         except BaseException as e:
             if self.backend.alive():
                 self.set(ModelState.STOPPING)
