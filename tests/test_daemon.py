@@ -23,6 +23,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from llmswap.backends import session
 from llmswap.backends.stopping import StopRecord
 from tests.fakebackend import live_peers, live_processes
 from tests.support import (
@@ -350,6 +351,8 @@ class FailureTests(DaemonTestCase):
 
     @inlineCallbacks
     def test_a_models_python_path_does_not_reach_the_exec_shim(self) -> Any:
+        # Where util-linux's setsid and setpriv are missing, the Python shim starts each server.
+        self.patch(session, "_util_linux", lambda: None)
         # A PYTHONPATH meant for the backend (vLLM's, say) holds a module the shim imports.
         shadow = self.mktemp()
         os.makedirs(shadow)
@@ -360,6 +363,8 @@ class FailureTests(DaemonTestCase):
         self.start({"shadowed": model})
         answer = yield self.chat("shadowed")
         self.assertEqual(answer.choices[0].message.content, "Hello from shadowed")
+        pid = self.daemon.service.manager.backends["shadowed"].describe()["pid"]
+        self.assertEqual(os.getsid(pid), pid)  # the shim made it a session of its own
 
     @inlineCallbacks
     def test_missing_command_is_a_clear_503(self) -> Any:

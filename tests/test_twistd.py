@@ -110,6 +110,20 @@ def test_twistd_serves_swaps_survives_sighup_and_stops_cleanly_on_sigterm(daemon
     assert "Traceback" not in output
 
 
+def test_a_backend_leads_its_own_session_and_dies_with_a_killed_daemon(daemon: Any) -> None:
+    proc, url, ledger, _ = daemon
+    client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
+    client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}])
+    (backend,) = live_peers(ledger)
+    assert os.getsid(backend) == backend  # a stop signals its whole group
+    proc.kill()  # no clean-up: the kernel's PR_SET_PDEATHSIG must end it
+    proc.wait()
+    deadline = time.monotonic() + 20
+    while live_peers(ledger):
+        assert time.monotonic() < deadline, "the backend outlived its daemon"
+        time.sleep(0.05)
+
+
 def test_twistd_refuses_a_bad_config_naming_the_key(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("models:\n  m: {cmd: x, backend_url: 'http://x/v1', startup_timeot: 3}\n")

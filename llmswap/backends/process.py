@@ -3,8 +3,8 @@
 Each backend runs in its own session and process group, so a stop reaches every process the
 server forked (a wrapper script, a CUDA helper) and nothing survives to hold GPU memory.  The stop
 is only reported done once the whole group is gone: that confirmation is what lets the swap
-manager promise that two models never load at once.  A small exec shim also asks the kernel to
-SIGKILL the server if llmswap itself dies without cleaning up (``PR_SET_PDEATHSIG``).
+manager promise that two models never load at once.  The server also dies with llmswap
+(:mod:`llmswap.backends.session`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,29 +28,12 @@ from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
 from llmswap import errors
+from llmswap.backends.session import group_alive, launcher
 from llmswap.backends.stopping import StopRecord
 from llmswap.config.model import ModelConfig
 from llmswap.interfaces import IBackend
 
 log = Logger()
-
-# Runs between fork and exec of the real server: new session (so the group can be signalled as
-# one), die with llmswap, and report a missing binary readably instead of as a traceback.
-_EXEC_SHIM = """\
-import ctypes, os, signal, sys
-os.setsid()
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-except Exception:
-    pass
-if os.getppid() != int(sys.argv[1]):
-    os._exit(1)
-try:
-    os.execvp(sys.argv[2], sys.argv[2:])
-except OSError as e:
-    sys.stderr.write("llmswap: cannot run %r: %s\\n" % (sys.argv[2], e.strerror))
-    os._exit(127)
-"""
 
 _TAIL_BYTES = 16 * 1024
 _LOG_ROTATE_BYTES = 8 * 1024 * 1024
@@ -77,31 +59,6 @@ def last_lines(path: Path, lines: int, window: int = 1 << 20) -> list[str]:
     except OSError:
         return []
     return data.decode("utf-8", "replace").splitlines()[-lines:]
-
-
-def group_alive(pgid: int) -> bool:
-    """Whether any non-zombie process is in group ``pgid``.
-
-    Zombies are skipped: an orphan reparented to a PID 1 that never reaps would otherwise look
-    alive forever, yet it holds no memory.
-    """
-    try:
-        os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
-        return False
-    try:
-        pids = [p for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return True
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != b"Z":
-            return True
-    return False
 
 
 class _ServerProtocol(ProcessProtocol):
@@ -173,13 +130,11 @@ class ProcessBackend:
         self._tail.clear()
         self._last_exit = None
         self._stopping = False
-        # -I -S: the model's env (a PYTHONPATH meant for vLLM) cannot reach the shim, and it
-        # starts sooner (no site): it is on every load's path.
-        argv = [sys.executable, "-I", "-S", "-c", _EXEC_SHIM, str(os.getpid()), *self._model.cmd]
+        argv = [*launcher(os.getpid()), *self._model.cmd]
         reactor: IReactorProcess = self._reactor
         self._transport = reactor.spawnProcess(
             _ServerProtocol(self),
-            sys.executable,
+            argv[0],
             argv,
             env=env,
             path=self._model.cwd,
