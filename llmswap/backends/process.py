@@ -108,6 +108,7 @@ class ProcessBackend:
         self._last_exit: str | None = None
         self._killed = 0  # stops that took SIGKILL: it ignored SIGTERM for stop_timeout
         self._stops = StopRecord()
+        self._launcher = launcher(os.getpid())  # asked here, as the daemon starts
 
     # -- IBackend -------------------------------------------------------------------------
 
@@ -130,7 +131,7 @@ class ProcessBackend:
         self._tail.clear()
         self._last_exit = None
         self._stopping = False
-        argv = [*launcher(os.getpid()), *self._model.cmd]
+        argv = [*self._launcher, *self._model.cmd]
         reactor: IReactorProcess = self._reactor
         self._transport = reactor.spawnProcess(
             _ServerProtocol(self),

@@ -49,7 +49,7 @@ def launcher(parent: int) -> list[str]:
 @functools.cache
 def _util_linux() -> tuple[str, str] | None:
     """``setsid`` and a ``setpriv`` that knows ``--pdeathsig`` (util-linux 2.33 and later), on
-    llmswap's PATH.  Asked once, at the first start (a few milliseconds)."""
+    llmswap's PATH.  Asked once, as the first process backend is made (a few milliseconds)."""
     setsid, setpriv = shutil.which("setsid"), shutil.which("setpriv")
     if not (setsid and setpriv):
         return None
