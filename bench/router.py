@@ -11,10 +11,12 @@ slots), through three workloads:
 - ``four``: four users at once, on a, a, b, b (3 requests each).
 
 Each row: requests answered and failed, the wall time, the loads and the most model processes
-alive at once (both from the process table, sampled every 10 ms), and the latency's p50 and
-p95.  Rounds alternate the systems; llmswap runs on its OpenAI route (anonymous clients, as the
-``openai`` SDK's, and clients that name their user, as Open WebUI's forwarded user header does)
-and on its Ollama route.
+alive at once (both from the process table, sampled every 10 ms), the latency's p50 and p95, and
+the CPU seconds the proxy itself used (the router's process or llmswap's, not their models':
+on a box whose cores the model fills, what the proxy spends it takes from the model).  Rounds
+alternate the systems; llmswap runs on its OpenAI route (anonymous clients, as the ``openai``
+SDK's, and clients that name their user, as Open WebUI's forwarded user header does) and on its
+Ollama route.
 
     python -m bench.router [--rounds 3] [--json out.json]
 """
@@ -118,11 +120,18 @@ def _ask(port: int, route: str, model: str, user: str | None) -> tuple[bool, flo
     return ok, time.monotonic() - started
 
 
+def cpu_seconds(pid: int) -> float:
+    """The CPU time process ``pid`` has used (its own threads, not its children's)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(
-    port: int, route: str, workload: str, names: dict[str, str], mark: str, named: bool
+    port: int, route: str, workload: str, names: dict[str, str], mark: str, named: bool, pid: int
 ) -> dict[str, Any]:
     watch = Processes(mark)
     watch.start()
+    cpu = cpu_seconds(pid)
     results: list[tuple[bool, float]] = []
     lock = threading.Lock()
 
@@ -142,6 +151,7 @@ def run(
     for u in users:
         u.join()
     wall = time.monotonic() - started
+    cpu = cpu_seconds(pid) - cpu
     watch.stop()
     times = [t for ok, t in results if ok]
     return {
@@ -152,30 +162,31 @@ def run(
         "most_alive": watch.most,
         "p50": round(percentile(times, 0.5), 2),
         "p95": round(percentile(times, 0.95), 2),
+        "cpu": round(cpu, 2),
     }
 
 
 @contextlib.contextmanager
-def router(binary: str, models_dir: Path) -> Iterator[tuple[int, dict[str, str]]]:
+def router(binary: str, models_dir: Path) -> Iterator[tuple[int, dict[str, str], int]]:
     port = free_port()
     args = [binary, "--models-dir", str(models_dir), "--models-max", "1", "--host", "127.0.0.1",
             "--port", str(port), *FLAGS]  # fmt: skip
-    with process(args, port, path="/models"):
+    with process(args, port, path="/models") as proc:
         _, listed = get(port, "/models")
         ids = [m["id"] for m in json.loads(listed)["data"]]
-        yield port, {n: n for n in ("a", "b") if n in ids}
+        yield port, {n: n for n in ("a", "b") if n in ids}, proc.pid
 
 
 @contextlib.contextmanager
-def swapper(binary: str, models_dir: Path) -> Iterator[tuple[int, dict[str, str]]]:
+def swapper(binary: str, models_dir: Path) -> Iterator[tuple[int, dict[str, str], int]]:
     models = {
         n: {"cmd": [binary, "-m", str(models_dir / f"{n}.gguf"), "--alias", n, "--host",
                     "127.0.0.1", "--port", "${PORT}", *FLAGS],
             "startup_timeout": 120, "concurrency": 4}
         for n in ("a", "b")
     }  # fmt: skip
-    with llmswap(models) as (port, _):
-        yield port, {"a": "a", "b": "b"}
+    with llmswap(models) as (port, proc):
+        yield port, {"a": "a", "b": "b"}, proc.pid
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -196,8 +207,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for _ in range(args.rounds):
         for system, (start, route, named) in systems.items():
             for workload in args.workloads.split(","):
-                with start(binary, models_dir) as (port, names):
-                    row = run(port, route, workload, names, str(models_dir), named)
+                with start(binary, models_dir) as (port, names, pid):
+                    row = run(port, route, workload, names, str(models_dir), named, pid)
                 rows.setdefault(workload, {}).setdefault(system, []).append(row)
                 print(workload, system, row, flush=True)
     summary = {
@@ -205,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "wall": [r["wall"] for r in runs], "loads": [r["loads"] for r in runs],
                 "failed": sum(r["failed"] for r in runs),
                 "most_alive": max(r["most_alive"] for r in runs),
-                "p50": [r["p50"] for r in runs], "p95": [r["p95"] for r in runs]}
+                "p50": [r["p50"] for r in runs], "p95": [r["p95"] for r in runs],
+                "cpu": [r["cpu"] for r in runs]}
             for s, runs in by.items()}
         for w, by in rows.items()
     }  # fmt: skip

@@ -85,6 +85,8 @@ def test_router_benchmark_runs_every_system_on_the_real_binary() -> None:
     lone = out["summary"]["lone"]
     assert set(lone) == {"llama-server router", "llmswap", "llmswap, users named",
                          "llmswap, Ollama route"}  # fmt: skip
-    for system in lone.values():
+    for name, system in lone.items():
         assert system["failed"] == 0 and system["most_alive"] == 1
         assert system["loads"] == [8]  # a lone user alternating: every request is a switch
+        # The proxy's own process was measured (the router's may use less than a clock tick).
+        assert system["cpu"][0] > 0 or name == "llama-server router"

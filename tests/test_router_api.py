@@ -122,9 +122,9 @@ def test_the_router_api_answers_as_llama_servers_router(tmp_path: Path) -> None:
     models_dir.mkdir()
     for n in ("a", "b"):
         os.symlink(gguf, models_dir / f"{n}.gguf")
-    with router(binary, models_dir) as (theirs_port, _):
+    with router(binary, models_dir) as (theirs_port, _, _):
         theirs = exercise(theirs_port)
-    with swapper(binary, models_dir) as (ours_port, _):
+    with swapper(binary, models_dir) as (ours_port, _, _):
         ours = exercise(ours_port)
         unload_all(ours_port)
     for when in ("before", "loaded"):
