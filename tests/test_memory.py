@@ -318,6 +318,10 @@ class WitnessedManagerTests(unittest.TestCase):
         )
         self.assertEqual(self.events, ["start a", "stop a"])
 
+    def test_health_shows_the_probed_devices_from_the_start(self) -> None:
+        self.start("4GiB")  # no time has passed: the first reading is taken as the daemon starts
+        self.assertEqual(self.health()["devices"], {"ram": {"total": 10 * GiB, "free": 10 * GiB}})
+
     def test_a_measured_footprint_is_kept_shown_and_counted_when_larger(self) -> None:
         self.start("4GiB")  # a and b fit together, as declared
         self.backends["a"].measured = 7 * GiB  # but a really takes 7

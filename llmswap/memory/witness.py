@@ -112,9 +112,16 @@ class MemoryWitness(Service):
         # Always: a reload may add a probe.  With none, a round is a look at the configuration.
         read = self._in_thread(footprints.read, self._directory())
         read.addCallback(self._restore).addErrback(self._failed, "reading the kept footprints")
+        # The first round at once, once the kept peaks are back: /health shows the devices
+        # from the daemon's first seconds, and a peak measured then is not overwritten.
+        read.addCallback(self._start_measuring)
+
+    def _start_measuring(self, _: object) -> None:
+        if not self.running:
+            return  # stopped before the kept footprints were read
         self._loop = LoopingCall(self._measure)
         self._loop.clock = self._reactor
-        self._loop.start(self._every, now=False).addErrback(self._failed, "measuring")
+        self._loop.start(self._every, now=True).addErrback(self._failed, "measuring")
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
