@@ -24,6 +24,7 @@ from llmswap import errors, health
 from llmswap.access import Gate
 from llmswap.accesslog import AccessLog
 from llmswap.anthropic import AnthropicProxy
+from llmswap.backends import session
 from llmswap.backends.docker import DockerBackend
 from llmswap.backends.engine import DockerClientProvider
 from llmswap.backends.process import ProcessBackend
@@ -111,6 +112,7 @@ class LLMSwapService(MultiService):
         # other listener); publishers hold no reference to them.
         self.bus = EventBus()
         backends = make_backends(config, reactor)
+        session.util_linux()  # which launcher starts a server: asked now, not at a load
         prefetch = Prefetcher(lambda: self.config, reactor)
         prefetch.setServiceParent(self)
         self.memory = MemoryWitness(lambda: self.config, self._loaded, reactor, self.bus)

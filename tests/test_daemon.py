@@ -352,7 +352,7 @@ class FailureTests(DaemonTestCase):
     @inlineCallbacks
     def test_a_models_python_path_does_not_reach_the_exec_shim(self) -> Any:
         # Where util-linux's setsid and setpriv are missing, the Python shim starts each server.
-        self.patch(session, "_util_linux", lambda: None)
+        self.patch(session, "util_linux", lambda: None)
         # A PYTHONPATH meant for the backend (vLLM's, say) holds a module the shim imports.
         shadow = self.mktemp()
         os.makedirs(shadow)

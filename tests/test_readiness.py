@@ -152,3 +152,23 @@ def test_a_cancelled_wait_leaves_no_timer_and_no_follower(
     d.cancel()
     d.addErrback(lambda _: None)
     assert not clock.getDelayedCalls() and not backend._followers
+
+
+def test_a_follow_that_cannot_end_does_not_fail_a_ready_load(
+    loading: tuple[Clock, MemoryBackend, Counted],
+) -> None:
+    clock, backend, http = loading
+
+    def follow(line: Any) -> Any:
+        def unfollow() -> None:
+            raise OSError("docker-py cannot close an ssh:// engine's stream")
+
+        return unfollow
+
+    d = Readiness().wait(clock, http, "m", URL, 60.0, INTERVAL, backend.alive, follow)
+    clock.advance(0.5)
+    backend.healthy = True
+    clock.advance(TOLD)
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert results == [None]

@@ -11,6 +11,7 @@ from typing import Any, cast
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import ILogObserver, formatEvent, globalLogPublisher
@@ -25,7 +26,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
 from llmswap import errors
-from llmswap.relay.agent import Endpoints, _SentAgain
+from llmswap.relay.agent import ATTEMPT_DELAY, Endpoints, _SentAgain
 from llmswap.relay.body import BytesBody
 from llmswap.relay.ending import ANTHROPIC, OPENAI_OTHER
 from llmswap.relay.forward import BackendGone, Relay, Relayed
@@ -377,6 +378,15 @@ class EndpointTests(unittest.TestCase):
         tls = at(b"https://127.0.0.1:8081/v1/models")
         self.assertNotIsInstance(tls, HostnameEndpoint)  # a TLS wrapper around one
         self.assertIs(at(b"https://127.0.0.1:8081/v1/embeddings"), tls)
+
+    def test_a_named_backend_that_refuses_is_known_to_refuse_within_the_attempt_delay(self) -> None:
+        reactor = MemoryReactorClock()
+        endpoint = Endpoints(reactor).endpointForURI(URI.fromBytes(b"http://vllm.lan:8000/health"))
+        connecting = endpoint.connect(Factory.forProtocol(Protocol))
+        factory = reactor.tcpClients[0][2]
+        factory.clientConnectionFailed(reactor.connectors[0], Failure(ConnectionRefusedError()))
+        reactor.advance(ATTEMPT_DELAY)  # Twisted's default would wait 0.3 s to say so
+        self.failureResultOf(connecting, ConnectionRefusedError)
 
 
 class SentAgainTests(unittest.TestCase):

@@ -18,6 +18,7 @@ import openai
 import pytest
 import yaml
 
+from llmswap.backends import session
 from tests.fakebackend import live_peers
 from tests.support import fake_model, free_port, wait_answering
 
@@ -122,6 +123,56 @@ def test_a_backend_leads_its_own_session_and_dies_with_a_killed_daemon(daemon: A
     while live_peers(ledger):
         assert time.monotonic() < deadline, "the backend outlived its daemon"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("tools", ["util-linux", "python shim"])
+def test_a_server_whose_daemon_died_as_it_launched_is_never_run(
+    tools: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Died before PR_SET_PDEATHSIG was set: the launcher finds its parent is not the daemon.
+    if tools == "python shim":
+        monkeypatch.setattr(session, "util_linux", lambda: None)
+    else:
+        assert session.util_linux() is not None, "util-linux's setsid and setpriv are missing"
+    ran = tmp_path / "ran"
+    launched = subprocess.run([*session.launcher(1), "touch", str(ran)], timeout=30)
+    assert launched.returncode == 1 and not ran.exists()
+    subprocess.run([*session.launcher(os.getpid()), "touch", str(ran)], timeout=30, check=True)
+    assert ran.exists()
+
+
+def test_a_forking_twistd_starts_backends_and_stops_them(tmp_path: Path) -> None:
+    # Plain `twistd llmswap` makes the service, then forks: a backend must name the daemon it
+    # runs under, not the process that made it, or its launcher refuses to run it.
+    ledger = str(tmp_path / "ledger")
+    cfg = tmp_path / "llmswap.yaml"
+    cfg.write_text(yaml.safe_dump({"models": {"alpha": fake_model("alpha", ledger)}}))
+    port, pidfile = free_port(), tmp_path / "twistd.pid"
+    subprocess.run(
+        [TWISTD, f"--pidfile={pidfile}", f"--logfile={tmp_path / 'twistd.log'}", "llmswap",
+         "--config", str(cfg), "--listen", f"tcp:{port}:interface=127.0.0.1"],
+        cwd=tmp_path, check=True, timeout=60,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not pidfile.exists():
+        assert time.monotonic() < deadline, "the daemon never wrote its pid"
+        time.sleep(0.05)
+    pid = int(pidfile.read_text())
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
+                               max_retries=3, timeout=30)  # fmt: skip
+        answer = client.chat.completions.create(
+            model="alpha", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert answer.choices[0].message.content == "Hello from alpha"
+        (backend,) = live_peers(ledger)
+        assert os.getsid(backend) == backend
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    while os.path.exists(f"/proc/{pid}") or live_peers(ledger):
+        assert time.monotonic() < deadline + 60, "the daemon or its backend outlived SIGTERM"
+        time.sleep(0.05)
+    assert "Traceback" not in (tmp_path / "twistd.log").read_text()
 
 
 def test_twistd_refuses_a_bad_config_naming_the_key(tmp_path: Path) -> None:

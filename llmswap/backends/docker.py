@@ -35,13 +35,15 @@ from llmswap import errors
 from llmswap.backends.container import Seen
 from llmswap.backends.engine import DockerClientProvider
 from llmswap.backends.stopping import StopRecord
+from llmswap.backends.streams import Watch, close_stream
 from llmswap.config.host import LOCAL
 from llmswap.config.model import ModelConfig
 from llmswap.interfaces import IBackend
 
 log = Logger()
 
-# Log follows one container may have open at once (console viewers); more wait for a thread.
+# Log follows one container may have open at once (console viewers, and a load's readiness
+# wait); more wait for a thread, and a load whose follow waits is polled by the clock alone.
 LOG_FOLLOWS = 4
 
 
@@ -64,7 +66,7 @@ class DockerBackend:
         self._pid = 0  # the container's main process, when its engine is this host's
         self._lost: str | None = None  # why the engine was last unreachable
         self._exit_callback: Callable[[str], None] | None = None
-        self._watch: _Watch | None = None
+        self._watch: Watch | None = None
         self._log_threads: ThreadPool | None = None  # started by the first log follow
         self._follows: set[Callable[[], None]] = set()
         self._killed = 0  # stops the engine ended with SIGKILL after stop_timeout
@@ -235,7 +237,7 @@ class DockerBackend:
             stream = self._container().logs(stream=True, follow=True, tail=0)
             streams.append(stream)
             if stopped.is_set():  # stopped while it opened: ``stop`` did not see it
-                stream.close()
+                close_stream(stream)
                 return
             partial = b""
             for chunk in stream:
@@ -249,7 +251,7 @@ class DockerBackend:
             self._follows.discard(stop)
             stopped.set()
             for stream in streams:
-                stream.close()
+                close_stream(stream)
 
         def failed(f: Failure) -> None:
             if not stopped.is_set():
@@ -332,7 +334,7 @@ class DockerBackend:
 
     def _watch_start(self) -> None:
         if self._watch is None:
-            self._watch = _Watch()
+            self._watch = Watch()
             thread = threading.Thread(
                 target=self._follow, args=(self._watch,), name=f"docker-events-{self.name}",
                 daemon=True,
@@ -344,7 +346,7 @@ class DockerBackend:
             self._watch.close()
         self._watch = None
 
-    def _follow(self, watch: _Watch) -> None:
+    def _follow(self, watch: Watch) -> None:
         """In its own thread (it blocks for as long as the container runs): the engine's
         ``die`` events for this container.  What it saw goes to the reactor; ``None``: the
         engine, not the container, went away."""
@@ -367,7 +369,7 @@ class DockerBackend:
         if not watch.closed:
             self._reactor.callFromThread(self._followed, watch, seen, why)
 
-    def _followed(self, watch: _Watch, seen: Seen | None, why: str) -> None:
+    def _followed(self, watch: Watch, seen: Seen | None, why: str) -> None:
         if watch is not self._watch or self._stopping or not self._running:
             return
         self._watch = None
@@ -385,16 +387,3 @@ class DockerBackend:
         log.warn("model {model}: {reason}", model=self.name, reason=reason)
         if self._exit_callback is not None:
             self._exit_callback(reason)
-
-
-class _Watch:
-    """One container's event stream being followed; closing it ends the thread's read."""
-
-    def __init__(self) -> None:
-        self.stream: Any = None
-        self.closed = False
-
-    def close(self) -> None:
-        self.closed = True
-        if self.stream is not None:
-            self.stream.close()

@@ -108,7 +108,6 @@ class ProcessBackend:
         self._last_exit: str | None = None
         self._killed = 0  # stops that took SIGKILL: it ignored SIGTERM for stop_timeout
         self._stops = StopRecord()
-        self._launcher = launcher(os.getpid())  # asked here, as the daemon starts
 
     # -- IBackend -------------------------------------------------------------------------
 
@@ -129,9 +128,10 @@ class ProcessBackend:
             )
         self._open_log()
         self._tail.clear()
+        self._partial = b""  # the last run's unended line is not this one's
         self._last_exit = None
         self._stopping = False
-        argv = [*self._launcher, *self._model.cmd]
+        argv = [*launcher(os.getpid()), *self._model.cmd]
         reactor: IReactorProcess = self._reactor
         self._transport = reactor.spawnProcess(
             _ServerProtocol(self),

@@ -4,9 +4,11 @@ no process of its group is left.
 Its own session and process group let a stop reach every process the server forked (a wrapper
 script, a CUDA helper).  ``PR_SET_PDEATHSIG`` has the kernel SIGKILL it if llmswap dies
 without cleaning up.  util-linux's ``setsid`` and ``setpriv`` do both on the way to the
-server's exec; where they are missing (busybox), a Python shim does, about 10 ms later on
-every load (a Python's start).  The shim also refuses to run once llmswap is gone; ``setpriv``
-leaves that window of a millisecond open.
+server's exec, and a shell line after them refuses to run the server if llmswap died before
+``setpriv`` asked (its orphan would hold the GPU, unseen by the next daemon); where they are
+missing (busybox), a Python shim does all three, about 10 ms later on every load (a Python's
+start).  The parent is named at each start, not once: ``twistd`` forks after making the
+backends.
 """
 
 from __future__ import annotations
@@ -36,30 +38,41 @@ except OSError as e:
 """
 
 
+# After setpriv: run the server only while its parent ($0) still is (dash starts in a millisecond).
+_PARENT_CHECK = '[ "$PPID" = "$0" ] || exit 1; exec "$@"'
+
+
 def launcher(parent: int) -> list[str]:
     """What runs the server's command (appended) in its own session, to die with ``parent``."""
-    tools = _util_linux()
+    tools = util_linux()
     if tools is not None:
-        return [*tools, "--pdeathsig", "KILL", "--"]
+        return _chain(tools, parent)
     # -I -S: the model's env (a PYTHONPATH meant for vLLM) cannot reach the shim, and it
     # starts sooner (no site).
     return [sys.executable, "-I", "-S", "-c", _EXEC_SHIM, str(parent)]
 
 
+def _chain(tools: tuple[str, str, str], parent: int) -> list[str]:
+    setsid, setpriv, sh = tools
+    return [setsid, setpriv, "--pdeathsig", "KILL", "--", sh, "-c", _PARENT_CHECK, str(parent)]
+
+
 @functools.cache
-def _util_linux() -> tuple[str, str] | None:
-    """``setsid`` and a ``setpriv`` that knows ``--pdeathsig`` (util-linux 2.33 and later), on
-    llmswap's PATH.  Asked once, as the first process backend is made (a few milliseconds)."""
-    setsid, setpriv = shutil.which("setsid"), shutil.which("setpriv")
-    if not (setsid and setpriv):
+def util_linux() -> tuple[str, str, str] | None:
+    """``setsid``, a ``setpriv`` that knows ``--pdeathsig`` (util-linux 2.33 and later) and
+    ``sh``, on llmswap's PATH.  Runs them once (a few milliseconds): the daemon asks as it is
+    made, so that no load or reload asks on the reactor."""
+    setsid, setpriv, sh = shutil.which("setsid"), shutil.which("setpriv"), shutil.which("sh")
+    if not (setsid and setpriv and sh):
         return None
+    tools = (setsid, setpriv, sh)
     try:
         # setsid(1) execs in place unless it leads a process group: a spawned child does not.
-        check = [setsid, setpriv, "--pdeathsig", "KILL", "--", setpriv, "--help"]
+        check = [*_chain(tools, os.getpid()), setpriv, "--help"]
         ran = subprocess.run(check, capture_output=True, timeout=10, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
-    return (setsid, setpriv) if ran.returncode == 0 else None
+    return tools if ran.returncode == 0 else None
 
 
 def group_alive(pgid: int) -> bool:

@@ -33,7 +33,8 @@ GLOBAL = Section("", (
     Setting("health_interval", "number", 0.01,
       "seconds between readiness polls while loading; "
       "a line the backend prints is a poll at once, and one whose last readiness came with a "
-      "line is polled between its lines every 0.1 s (or this, if longer)", unit="s"),
+      "line (or whose first load this is) is polled between its lines every 0.1 s (or this, "
+      "if longer)", unit="s"),
     Setting("max_body_bytes", "number", 16 * 1024 * 1024, "larger JSON request bodies get 413",
       unit="bytes", integer=True),
     Setting("max_upload_bytes", "size", 2 * 2**30, "larger multipart (audio, image) and "

@@ -117,8 +117,8 @@ class MemoryWitness(Service):
         read.addCallback(self._start_measuring)
 
     def _start_measuring(self, _: object) -> None:
-        if not self.running:
-            return  # stopped before the kept footprints were read
+        if not self.running or (self._loop is not None and self._loop.running):
+            return  # stopped before the kept footprints were read, or started again since
         self._loop = LoopingCall(self._measure)
         self._loop.clock = self._reactor
         self._loop.start(self._every, now=True).addErrback(self._failed, "measuring")

@@ -64,13 +64,20 @@ class Endpoints:
         return endpoint
 
 
+# Seconds between a name's addresses' connection attempts.  HostnameEndpoint reports a refusal
+# only at its next attempt's tick, 0.3 s by default: a readiness poll of a backend named
+# ``localhost`` that refuses until ready (vLLM) cost 0.3 s, where an address costs 0.5 ms.  0.1 s
+# is RFC 8305's recommended least Connection Attempt Delay.
+ATTEMPT_DELAY = 0.1
+
+
 def _endpoint(reactor: Any, host: str, port: int) -> IStreamClientEndpoint:
     # HostnameEndpoint's default connect timeout, for all three.
     if isIPAddress(host):
         return TCP4ClientEndpoint(reactor, host, port, timeout=30)
     if isIPv6Address(host):
         return TCP6ClientEndpoint(reactor, host, port, timeout=30)
-    return HostnameEndpoint(reactor, host, port, timeout=30)
+    return HostnameEndpoint(reactor, host, port, timeout=30, attemptDelay=ATTEMPT_DELAY)
 
 
 def backend_agent(reactor: Any, pool: HTTPConnectionPool) -> Agent:

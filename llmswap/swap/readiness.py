@@ -11,9 +11,9 @@ answers 503 on), taken from the backend that loads and the one that serves, on a
 cores they fill.  Polled every 10 ms, two loads were half of what llmswap spent on four users'
 whole run against llama.cpp's router (docs/benchmarks.md).  Most servers say when they are
 ready ("model loaded", "Application startup complete"), so each line a starting backend prints
-is a poll at once (:class:`_Lines`), and a backend whose last readiness was told so is polled
-between its lines only every :data:`TOLD` seconds.  One whose readiness came silently, or whose
-first load this is, is polled every ``health_interval``.
+is a poll at once (:class:`_Lines`), and a backend whose last readiness was told so, or whose
+first load this is, is polled between its lines only every :data:`TOLD` seconds.  One whose
+last readiness came silently is polled every ``health_interval``.
 """
 
 from __future__ import annotations
@@ -24,9 +24,12 @@ from typing import Any
 import attrs
 from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 
 from llmswap import errors
 from llmswap.interfaces import BackendHTTP, BackendResponse
+
+log = Logger()
 
 PROBE_TIMEOUT = 5.0
 # Between the lines of a backend that says when it is ready: a guess wrong once (it became
@@ -104,30 +107,37 @@ class Readiness:
                 pause = max(interval, TOLD) if self.told else interval
                 yield lines.pause(min(pause, max(remaining, 0.0)))
         finally:
-            unfollow()
             lines.close()
+            try:
+                unfollow()
+            except Exception as e:  # a follow that cannot end must not fail a load that ended
+                log.warn("model {m}: ending its log follow: {e}", m=model, e=e)
 
 
 class _Lines:
     """A starting backend's lines, as calls to poll now: a pause between polls ends at the
-    first line (at once for :data:`BURST` lines in a row, then once an interval has passed)."""
+    first line (at once for :data:`BURST` lines in a row, then once an interval has passed).
+    A poll is called by a line only when a line ended the pause before it: one the clock ended
+    was not, however many lines came meanwhile."""
 
     def __init__(self, clock: IReactorTime, interval: float) -> None:
         self._clock = clock
         self._interval = interval
         self._credit, self._at = float(BURST), clock.seconds()
         self._heard = False  # a line came since the last poll began
+        self._by_line = False  # a line ended the last pause
         self._pausing: Deferred[None] | None = None
         self._timer: IDelayedCall | None = None
+        self._timer_by_line = False  # the timer is a line's, waiting for a credit
 
     def heard(self, _line: str) -> None:
         self._heard = True
         if self._pausing is not None:
-            self._end_at(self._due())
+            self._end_at(self._due(), by_line=True)
 
     def polled(self) -> bool:
         """A poll begins; True when a line called it (and it spends a credit)."""
-        called, self._heard = self._heard, False
+        called, self._by_line, self._heard = self._by_line, False, False
         if called:
             self._credit = self._credits() - 1
             self._at = self._clock.seconds()
@@ -136,9 +146,12 @@ class _Lines:
     def pause(self, seconds: float) -> Deferred[None]:
         """Until ``seconds`` have passed or a line calls for a poll."""
         if self._heard and self._due() <= 0:
+            self._by_line = True
             return succeed(None)
         self._pausing = Deferred(lambda _: self.close())
-        self._end_at(min(seconds, self._due()) if self._heard else seconds)
+        self._end_at(seconds, by_line=False)
+        if self._heard:
+            self._end_at(self._due(), by_line=True)
         return self._pausing
 
     def close(self) -> None:
@@ -154,24 +167,27 @@ class _Lines:
         """Seconds until a line may call a poll."""
         return max(0.0, (1 - self._credits()) * self._interval)
 
-    def _end_at(self, seconds: float) -> None:
+    def _end_at(self, seconds: float, by_line: bool) -> None:
+        """End the pause in ``seconds``, unless its timer ends it sooner."""
         if seconds <= 0:
             if self._timer is not None and self._timer.active():
                 self._timer.cancel()
             self._timer = None
-            self._end_now()
+            self._end_now(by_line)
             return
         if self._timer is not None and self._timer.active():
             if self._timer.getTime() - self._clock.seconds() <= seconds:
                 return
             self._timer.cancel()
         self._timer = self._clock.callLater(seconds, self._end)
+        self._timer_by_line = by_line
 
     def _end(self) -> None:
         self._timer = None
-        self._end_now()
+        self._end_now(self._timer_by_line)
 
-    def _end_now(self) -> None:
+    def _end_now(self, by_line: bool) -> None:
         pausing, self._pausing = self._pausing, None
         if pausing is not None:
+            self._by_line = by_line
             pausing.callback(None)
