@@ -6,6 +6,7 @@ import contextlib
 import http.client
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -25,7 +26,48 @@ PYTHON = sys.executable
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 
 
+# Ports handed out start here, below the kernel's ephemeral range (32768 by default).
+_FIRST_PORT = 20000
+_given: set[int] = set()
+
+
 def free_port() -> int:
+    """A port free now on 127.0.0.1, for a server about to bind it.  Picked below the
+    ephemeral range: a port the kernel picks (bind to 0) is one any outgoing connection may take
+    as its source before the server binds it ("Address already in use", seen in CI).  No port
+    is handed out twice in one process."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    while True:
+        if ephemeral - _FIRST_PORT < 1000:  # an unusual range: the kernel's pick it is
+            port = _kernels_pick()
+        else:
+            port = random.randrange(_FIRST_PORT, ephemeral)
+            if port in _given or not _bindable(port):
+                continue
+        if port not in _given:
+            _given.add(port)
+            return port
+
+
+def free_ports(count: int) -> tuple[int, ...]:
+    """``count`` distinct free ports."""
+    return tuple(free_port() for _ in range(count))
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _kernels_pick() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,28 +25,12 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 
+from bench.harness import free_port as free_port  # re-exported: one picker of ports
+from bench.harness import free_ports as free_ports
 from llmswap.config.config import Config, parse
 from llmswap.service import LLMSwapService, make_service
 
 FAKE = str(Path(__file__).with_name("fakebackend.py"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def free_ports(count: int) -> tuple[int, ...]:
-    """``count`` distinct free ports (each held while the next is picked)."""
-    held = [socket.socket() for _ in range(count)]
-    try:
-        for s in held:
-            s.bind(("127.0.0.1", 0))
-        return tuple(int(s.getsockname()[1]) for s in held)
-    finally:
-        for s in held:
-            s.close()
 
 
 # fake_model options that are llmswap model settings rather than fakebackend.py flags.
