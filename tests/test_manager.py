@@ -244,6 +244,15 @@ class ManagerTests(ManagerCase):
         self.assertEqual(err.headers["Retry-After"], "1")
         self.assertEqual(self.events, ["start a", "stop a", "start a", "stop a"])
 
+    def test_a_backend_that_exits_while_it_loads_fails_its_request_at_once(self) -> None:
+        self.backends["a"].healthy = False
+        waiting = self.manager.acquire("a")
+        self.clock.advance(0.05)  # between two readiness polls
+        self.backends["a"].crash()
+        err = self.failureResultOf(waiting, APIError).value  # no time passed
+        self.assertEqual(err.status, 503)
+        self.assertIn("exited with code 9", err.message)
+
     def test_stop_answers_waiting_requests_with_503(self) -> None:
         self.successResultOf(self.manager.acquire("a"))
         waiting = self.manager.acquire("b")

@@ -70,6 +70,13 @@ class Readiness:
     """One backend's waits for readiness, and what its last one taught (owned by its Slot)."""
 
     told: bool = True  # its last readiness came on a poll a line of its called (or none yet)
+    _lines: _Lines | None = attrs.field(default=None, init=False, repr=False)  # a wait's
+
+    def exited(self) -> None:
+        """Its backend exited: a wait under way looks now, not at its next poll (with
+        :data:`TOLD`, up to 0.1 s later)."""
+        if self._lines is not None:
+            self._lines.end()
 
     @inlineCallbacks
     def wait(
@@ -89,7 +96,7 @@ class Readiness:
         Fails with :class:`BackendDied` or a 504 APIError.
         """
         deadline = clock.seconds() + timeout
-        lines = _Lines(clock, interval)
+        self._lines = lines = _Lines(clock, interval)
         unfollow = follow(lines.heard)
         first = True  # ready at the first poll tells nothing of how it says so
         try:
@@ -108,6 +115,7 @@ class Readiness:
                 yield lines.pause(min(pause, max(remaining, 0.0)))
         finally:
             lines.close()
+            self._lines = None
             try:
                 unfollow()
             except Exception as e:  # a follow that cannot end must not fail a load that ended
@@ -153,6 +161,11 @@ class _Lines:
         if self._heard:
             self._end_at(self._due(), by_line=True)
         return self._pausing
+
+    def end(self) -> None:
+        """End the pause now (the backend exited)."""
+        if self._pausing is not None:
+            self._end_at(0.0, by_line=False)
 
     def close(self) -> None:
         if self._timer is not None and self._timer.active():

@@ -243,6 +243,7 @@ class Slot:
 
     def _exited(self, reason: str) -> None:
         """The backend died on its own: report it; the next request for it restarts it."""
+        self.readiness.exited()  # a load waiting for it learns at once
         if self.state in (ModelState.READY, ModelState.DRAINING, ModelState.ASLEEP):
             self.restarts.failed(self._clock.seconds(), crashed=True)
             self.set(ModelState.FAILED, f"backend {self.backend.failure_detail()}")
