@@ -41,14 +41,10 @@ def free_port() -> int:
             ephemeral = int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         ephemeral = 32768
+    below = ephemeral - _FIRST_PORT >= 1000  # else an unusual range: the kernel's pick it is
     while True:
-        if ephemeral - _FIRST_PORT < 1000:  # an unusual range: the kernel's pick it is
-            port = _kernels_pick()
-        else:
-            port = random.randrange(_FIRST_PORT, ephemeral)
-            if port in _given or not _bindable(port):
-                continue
-        if port not in _given:
+        port = random.randrange(_FIRST_PORT, ephemeral) if below else _kernels_pick()
+        if port not in _given and _bindable(port):
             _given.add(port)
             return port
 

@@ -11,6 +11,7 @@ import sys
 import sysconfig
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,14 @@ TWISTD = str(Path(sys.executable).with_name("twistd"))
 def get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=10) as r:
         return json.load(r)
+
+
+def until(condition: Callable[[], object], seconds: float, why: str) -> None:
+    """Wait for ``condition``; fail saying ``why`` after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, why
+        time.sleep(0.05)
 
 
 def wait_listening(url: str, proc: subprocess.Popen[bytes]) -> None:
@@ -84,10 +93,8 @@ def test_twistd_serves_swaps_survives_sighup_and_stops_cleanly_on_sigterm(daemon
     config["models"]["gamma"] = fake_model("gamma", ledger)
     cfg.write_text(yaml.safe_dump(config))
     proc.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 20
-    while "gamma" not in [m.id for m in client.models.list().data]:
-        assert time.monotonic() < deadline, "SIGHUP did not reload the configuration"
-        time.sleep(0.1)
+    until(lambda: "gamma" in [m.id for m in client.models.list().data], 20,
+          "SIGHUP did not reload the configuration")  # fmt: skip
     second = client.chat.completions.create(
         model="beta", messages=[{"role": "user", "content": "hi"}]
     )
@@ -119,10 +126,7 @@ def test_a_backend_leads_its_own_session_and_dies_with_a_killed_daemon(daemon: A
     assert os.getsid(backend) == backend  # a stop signals its whole group
     proc.kill()  # no clean-up: the kernel's PR_SET_PDEATHSIG must end it
     proc.wait()
-    deadline = time.monotonic() + 20
-    while live_peers(ledger):
-        assert time.monotonic() < deadline, "the backend outlived its daemon"
-        time.sleep(0.05)
+    until(lambda: not live_peers(ledger), 20, "the backend outlived its daemon")
 
 
 @pytest.mark.parametrize("tools", ["util-linux", "python shim"])
@@ -153,10 +157,7 @@ def test_a_forking_twistd_starts_backends_and_stops_them(tmp_path: Path) -> None
          "--config", str(cfg), "--listen", f"tcp:{port}:interface=127.0.0.1"],
         cwd=tmp_path, check=True, timeout=60,
     )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while not pidfile.exists():
-        assert time.monotonic() < deadline, "the daemon never wrote its pid"
-        time.sleep(0.05)
+    until(pidfile.exists, 30, "the daemon never wrote its pid")
     pid = int(pidfile.read_text())
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
@@ -169,9 +170,8 @@ def test_a_forking_twistd_starts_backends_and_stops_them(tmp_path: Path) -> None
         assert os.getsid(backend) == backend
     finally:
         os.kill(pid, signal.SIGTERM)
-    while os.path.exists(f"/proc/{pid}") or live_peers(ledger):
-        assert time.monotonic() < deadline + 60, "the daemon or its backend outlived SIGTERM"
-        time.sleep(0.05)
+    until(lambda: not os.path.exists(f"/proc/{pid}") and not live_peers(ledger), 60,
+          "the daemon or its backend outlived SIGTERM")  # fmt: skip
     assert "Traceback" not in (tmp_path / "twistd.log").read_text()
 
 

@@ -98,7 +98,7 @@ class Readiness:
         deadline = clock.seconds() + timeout
         self._lines = lines = _Lines(clock, interval)
         unfollow = follow(lines.heard)
-        first = True  # ready at the first poll tells nothing of how it says so
+        first, called = True, False  # ready at the first poll tells nothing of how it says so
         try:
             while True:
                 if not alive():
@@ -106,13 +106,13 @@ class Readiness:
                 remaining = deadline - clock.seconds()
                 if remaining <= 0:
                     raise errors.startup_timeout(model, timeout)
-                called = lines.polled()
+                lines.polling(called)
                 if (yield probe(clock, http, url, min(PROBE_TIMEOUT, remaining))):
                     self.told = called or (first and self.told)
                     return None
                 first = False
                 pause = max(interval, TOLD) if self.told else interval
-                yield lines.pause(min(pause, max(remaining, 0.0)))
+                called = yield lines.pause(min(pause, max(remaining, 0.0)))
         finally:
             lines.close()
             self._lines = None
@@ -133,29 +133,25 @@ class _Lines:
         self._interval = interval
         self._credit, self._at = float(BURST), clock.seconds()
         self._heard = False  # a line came since the last poll began
-        self._by_line = False  # a line ended the last pause
-        self._pausing: Deferred[None] | None = None
+        self._pausing: Deferred[bool] | None = None
         self._timer: IDelayedCall | None = None
-        self._timer_by_line = False  # the timer is a line's, waiting for a credit
 
     def heard(self, _line: str) -> None:
         self._heard = True
         if self._pausing is not None:
             self._end_at(self._due(), by_line=True)
 
-    def polled(self) -> bool:
-        """A poll begins; True when a line called it (and it spends a credit)."""
-        called, self._by_line, self._heard = self._by_line, False, False
+    def polling(self, called: bool) -> None:
+        """A poll begins; one a line ``called`` spends a credit."""
+        self._heard = False
         if called:
             self._credit = self._credits() - 1
             self._at = self._clock.seconds()
-        return called
 
-    def pause(self, seconds: float) -> Deferred[None]:
-        """Until ``seconds`` have passed or a line calls for a poll."""
+    def pause(self, seconds: float) -> Deferred[bool]:
+        """Until ``seconds`` have passed or a line calls for a poll: True when a line did."""
         if self._heard and self._due() <= 0:
-            self._by_line = True
-            return succeed(None)
+            return succeed(True)
         self._pausing = Deferred(lambda _: self.close())
         self._end_at(seconds, by_line=False)
         if self._heard:
@@ -192,15 +188,13 @@ class _Lines:
             if self._timer.getTime() - self._clock.seconds() <= seconds:
                 return
             self._timer.cancel()
-        self._timer = self._clock.callLater(seconds, self._end)
-        self._timer_by_line = by_line
+        self._timer = self._clock.callLater(seconds, self._end, by_line)
 
-    def _end(self) -> None:
+    def _end(self, by_line: bool) -> None:
         self._timer = None
-        self._end_now(self._timer_by_line)
+        self._end_now(by_line)
 
     def _end_now(self, by_line: bool) -> None:
         pausing, self._pausing = self._pausing, None
         if pausing is not None:
-            self._by_line = by_line
-            pausing.callback(None)
+            pausing.callback(by_line)
